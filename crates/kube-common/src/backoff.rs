@@ -1,0 +1,68 @@
+//! Capped exponential backoff, shared by the controller error policy and by retry loops.
+
+use std::time::Duration;
+
+/// `base * factor^(attempt-1)`, capped at `max`. `attempt` counts failures, starting at 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub factor: f64,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub const fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            factor: 2.0,
+            max,
+        }
+    }
+
+    /// Delay before retry number `attempt` (1 = first retry after the first failure).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(64) as i32;
+        let secs = self.base.as_secs_f64() * self.factor.powi(exp);
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+            self.max
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// An iterator of successive delays, for retry loops.
+    pub fn iter(self) -> impl Iterator<Item = Duration> {
+        (1u32..).map(move |n| self.delay(n))
+    }
+}
+
+impl Default for Backoff {
+    /// The controller default: 500 ms doubling up to 5 minutes (client-go's workqueue limiter
+    /// starts at 5 ms; a slower start keeps a failing object from spinning).
+    fn default() -> Self {
+        Self::new(Duration::from_millis(500), Duration::from_secs(300))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_and_caps() {
+        let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        let d: Vec<u64> = b.iter().take(6).map(|d| d.as_secs()).collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 10, 10]);
+        assert_eq!(b.delay(0), Duration::from_secs(1));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn cert_manager_issuance_backoff() {
+        // 1h x 2^(n-1) capped at 32h, as cert-manager's issuing controller does.
+        let b = Backoff::new(Duration::from_secs(3600), Duration::from_secs(32 * 3600));
+        assert_eq!(b.delay(1), Duration::from_secs(3600));
+        assert_eq!(b.delay(6), Duration::from_secs(32 * 3600));
+        assert_eq!(b.delay(7), Duration::from_secs(32 * 3600));
+    }
+}

@@ -1,0 +1,266 @@
+//! Controller scaffolding over kube-runtime: one [`Manager`] per process holds the client, the
+//! metrics registry, readiness and the shutdown token; [`Manager::run`] drives a
+//! `kube::runtime::Controller` with the shared error policy (per-object capped exponential
+//! backoff), reconcile metrics and cache-sync readiness.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::health::{self, HealthState, Readiness};
+use crate::{Error, args::CommonArgs, client, leader, telemetry};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    controller: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabels {
+    controller: String,
+}
+
+/// `controller_reconcile_total{controller,result}` and
+/// `controller_reconcile_duration_seconds{controller}`.
+#[derive(Clone)]
+pub struct ReconcileMetrics {
+    total: Family<ResultLabels, Counter>,
+    duration: Family<ControllerLabels, Histogram>,
+}
+
+impl ReconcileMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let total = Family::<ResultLabels, Counter>::default();
+        let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "controller_reconcile",
+            "Reconciliations by controller and result",
+            total.clone(),
+        );
+        registry.register(
+            "controller_reconcile_duration_seconds",
+            "Time taken by one reconciliation",
+            duration.clone(),
+        );
+        Self { total, duration }
+    }
+
+    fn observe(&self, controller: &str, ok: bool, seconds: f64) {
+        self.total
+            .get_or_create(&ResultLabels {
+                controller: controller.to_string(),
+                result: if ok { "success" } else { "error" }.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&ControllerLabels {
+                controller: controller.to_string(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// What every controller of a process shares.
+#[derive(Clone)]
+pub struct Manager {
+    pub client: Client,
+    /// Cancelled on SIGTERM/SIGINT (or by a test).
+    pub shutdown: CancellationToken,
+    pub readiness: Readiness,
+    registry: Arc<Mutex<Registry>>,
+    metrics: ReconcileMetrics,
+    component: String,
+    backoff: Backoff,
+}
+
+impl Manager {
+    /// For a binary: sets up tracing from the flags, builds the client, and cancels `shutdown` on
+    /// SIGTERM/SIGINT.
+    pub async fn from_args(component: &str, args: &CommonArgs) -> Result<Self, Error> {
+        telemetry::init(args.log_format, &args.log_level)?;
+        let client = client::client(args.kubeconfig.as_deref()).await?;
+        Ok(Self::new(
+            component,
+            client,
+            crate::shutdown::on_signal(),
+        ))
+    }
+
+    /// For tests and embedding: an explicit client and shutdown token.
+    pub fn new(component: &str, client: Client, shutdown: CancellationToken) -> Self {
+        let mut registry = Registry::default();
+        let metrics = ReconcileMetrics::register(&mut registry);
+        Self {
+            client,
+            shutdown,
+            readiness: Readiness::default(),
+            registry: Arc::new(Mutex::new(registry)),
+            metrics,
+            component: component.to_string(),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Replaces the per-object error backoff (default 500 ms doubling to 5 min).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Lets a component add its own metrics to the one registry `/metrics` serves.
+    pub fn register_metrics(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// OpenMetrics text of the registry (what `/metrics` serves).
+    pub fn encode_metrics(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+
+    /// An Events recorder reporting as `controller` (events.k8s.io/v1).
+    pub fn recorder(&self, controller: &str) -> Recorder {
+        Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: controller.to_string(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        )
+    }
+
+    /// Starts the `/healthz` `/readyz` `/metrics` server; returns the bound address.
+    pub async fn serve_health(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
+        let state = HealthState {
+            readiness: self.readiness.clone(),
+            registry: self.registry.clone(),
+        };
+        let (bound, _task) = health::serve(addr, state, self.shutdown.clone()).await?;
+        Ok(bound)
+    }
+
+    /// Runs `work` only while holding the component's Lease when `--leader-elect` is set,
+    /// else right away; see [`leader::run_leader_elected`].
+    pub async fn run_leader_elected<F, Fut>(
+        &self,
+        args: &crate::args::LeaderElectionArgs,
+        default_lease: &str,
+        work: F,
+    ) -> Result<(), Error>
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        if !args.leader_elect {
+            work(self.shutdown.clone()).await;
+            return Ok(());
+        }
+        let cfg = leader::LeaseConfig::from_args(args, default_lease)?;
+        leader::run_leader_elected(self.client.clone(), cfg, self.shutdown.clone(), work).await
+    }
+
+    /// Drives `controller` until `stop` (or the process shutdown) fires. Failed objects are
+    /// retried with per-object capped exponential backoff, reset by a success; `/readyz` waits
+    /// for this controller's cache to sync.
+    pub async fn run<K, Ctx, E, Fut, R>(
+        &self,
+        name: &str,
+        controller: Controller<K>,
+        reconcile: R,
+        ctx: Arc<Ctx>,
+        stop: CancellationToken,
+    ) where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Debug + Clone + Default + Eq + Hash + Unpin + Send + Sync,
+        Ctx: Send + Sync + 'static,
+        E: std::error::Error + Send + 'static,
+        Fut: Future<Output = Result<Action, E>> + Send + 'static,
+        R: Fn(Arc<K>, Arc<Ctx>) -> Fut + Send + 'static,
+    {
+        let ready = self
+            .readiness
+            .register(format!("{}/{}", self.component, name));
+        let store = controller.store();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                ready.set(true);
+            }
+        });
+
+        let failures: Arc<Mutex<HashMap<ObjectRef<K>, u32>>> = Arc::default();
+        let metrics = self.metrics.clone();
+        let backoff = self.backoff;
+        let label = name.to_string();
+        let reconcile_failures = failures.clone();
+        let reconciler = move |obj: Arc<K>, ctx: Arc<Ctx>| {
+            let started = Instant::now();
+            let fut = reconcile(obj.clone(), ctx);
+            let metrics = metrics.clone();
+            let label = label.clone();
+            let failures = reconcile_failures.clone();
+            async move {
+                let result = fut.await;
+                metrics.observe(&label, result.is_ok(), started.elapsed().as_secs_f64());
+                if result.is_ok() {
+                    failures
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&ObjectRef::from_obj(&*obj));
+                }
+                result
+            }
+        };
+        let policy_label = name.to_string();
+        let error_policy = move |obj: Arc<K>, err: &E, _ctx: Arc<Ctx>| {
+            let key = ObjectRef::from_obj(&*obj);
+            let mut map = failures.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = map.entry(key.clone()).or_insert(0);
+            *count = count.saturating_add(1);
+            let delay = backoff.delay(*count);
+            tracing::warn!(controller = %policy_label, object = %key, error = %err, attempt = *count, retry_in = ?delay, "reconcile failed");
+            Action::requeue(delay)
+        };
+
+        let process_stop = self.shutdown.clone();
+        let stop_all = async move {
+            tokio::select! {
+                _ = stop.cancelled() => {},
+                _ = process_stop.cancelled() => {},
+            }
+        };
+        let name = name.to_string();
+        controller
+            .graceful_shutdown_on(stop_all)
+            .run(reconciler, error_policy, ctx)
+            .for_each(|res| {
+                if let Err(e) = res {
+                    tracing::debug!(controller = %name, error = %e, "controller event");
+                }
+                futures::future::ready(())
+            })
+            .await;
+    }
+}

@@ -1,0 +1,19 @@
+//! The shared Kubernetes crate of every component: client set-up, shared flags, controller
+//! scaffolding, Lease leader election, the health/metrics server, tracing, shutdown and backoff.
+
+pub mod args;
+pub mod backoff;
+pub mod client;
+pub mod controller;
+mod error;
+pub mod health;
+pub mod leader;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use args::{CommonArgs, LeaderElectionArgs, LogFormat};
+pub use backoff::Backoff;
+pub use controller::Manager;
+pub use error::Error;
+pub use health::{Readiness, ReadyHandle};
+pub use kube::runtime::controller::Action;

@@ -1,0 +1,439 @@
+//! A real Kubernetes control plane on loopback: etcd + kube-apiserver v1.20.2 (token auth for an
+//! admin user, RBAC, generated service-account keys), optionally kube-controller-manager and
+//! kube-scheduler. There is no kubelet: tests play its part where pods matter.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::sync::OnceCell;
+
+use crate::paths::k8s_bin_dir;
+use crate::pki::{TestCa, key_pair_pem};
+use crate::process::{ManagedProcess, free_port, which};
+use crate::{HarnessError, Result};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const ADMIN_TOKEN_LEN: usize = 32;
+
+/// What to start besides etcd and the apiserver.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterOptions {
+    pub controller_manager: bool,
+    pub scheduler: bool,
+}
+
+/// A running control plane; everything is stopped and deleted on drop.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    apiserver_port: u16,
+    apiserver_args: Vec<String>,
+    etcd: Mutex<ManagedProcess>,
+    apiserver: Mutex<Option<ManagedProcess>>,
+    others: Mutex<Vec<ManagedProcess>>,
+    kubeconfig: PathBuf,
+    ca_pem: String,
+    /// How long `start` took, for the record.
+    pub startup: Duration,
+}
+
+static SHARED: OnceCell<Cluster> = OnceCell::const_new();
+static NAMESPACE_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// One control plane per test binary (controller-manager included), started on first use.
+    /// Tests stay independent by working in their own namespaces ([`Cluster::namespace`]).
+    pub async fn shared() -> Result<&'static Cluster> {
+        SHARED
+            .get_or_try_init(|| {
+                Cluster::start(ClusterOptions {
+                    controller_manager: true,
+                    scheduler: false,
+                })
+            })
+            .await
+    }
+
+    /// Starts a private control plane (for tests that stop or break the apiserver).
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        crate::install_crypto_provider();
+        let started = Instant::now();
+        let bin = k8s_bin_dir();
+        for name in ["kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+            if !bin.join(name).is_file() {
+                return Err(HarnessError::MissingPeer {
+                    what: name.into(),
+                    path: bin.join(name).display().to_string(),
+                });
+            }
+        }
+        let etcd_bin = which("etcd")?;
+        let dir = tempfile::Builder::new()
+            .prefix("homecluster-k8s-")
+            .tempdir()?;
+        let d = dir.path().to_path_buf();
+        let d = d.as_path();
+
+        // PKI: one CA for the serving cert, admin token, service-account signing keys.
+        let ca = TestCa::new("homecluster-test-ca")?;
+        let serving = ca.leaf(
+            "kube-apiserver",
+            &[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                "10.96.0.1",
+            ],
+        )?;
+        write(d, "ca.crt", &ca.cert_pem)?;
+        write(d, "apiserver.crt", &serving.cert_pem)?;
+        write(d, "apiserver.key", &serving.key_pem)?;
+        let (sa_key, sa_pub) = key_pair_pem()?;
+        write(d, "sa.key", &sa_key)?;
+        write(d, "sa.pub", &sa_pub)?;
+        let token = random_token()?;
+        write(
+            d,
+            "tokens.csv",
+            &format!("{token},admin,admin-uid,system:masters\n"),
+        )?;
+
+        let etcd_client = free_port()?;
+        let etcd_peer = free_port()?;
+        let etcd = ManagedProcess::spawn(
+            "etcd",
+            &etcd_bin,
+            &[
+                format!("--data-dir={}", d.join("etcd").display()),
+                "--name=default".into(),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            &d.join("etcd.log"),
+        )?;
+
+        let port = free_port()?;
+        let p = |f: &str| d.join(f).display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            "--insecure-port=0".into(),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--allow-privileged=true".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ];
+        let kubeconfig = d.join("kubeconfig");
+        write(
+            d,
+            "kubeconfig",
+            &kubeconfig_yaml(&format!("https://127.0.0.1:{port}"), &ca.cert_pem, &token),
+        )?;
+
+        let cluster = Cluster {
+            apiserver_port: port,
+            apiserver_args,
+            etcd: Mutex::new(etcd),
+            apiserver: Mutex::new(None),
+            others: Mutex::new(Vec::new()),
+            kubeconfig,
+            ca_pem: ca.cert_pem.clone(),
+            startup: Duration::ZERO,
+            dir,
+        };
+        cluster.start_apiserver().await?;
+
+        let kc = cluster.kubeconfig.display().to_string();
+        if opts.controller_manager {
+            let proc = ManagedProcess::spawn(
+                "kube-controller-manager",
+                &bin.join("kube-controller-manager"),
+                &[
+                    format!("--kubeconfig={kc}"),
+                    "--leader-elect=false".into(),
+                    "--port=0".into(),
+                    "--secure-port=0".into(),
+                    format!("--service-account-private-key-file={}", p("sa.key")),
+                    format!("--root-ca-file={}", p("ca.crt")),
+                    "--use-service-account-credentials=false".into(),
+                    "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-ttl".into(),
+                    "--v=1".into(),
+                ],
+                &[],
+                &d.join("kube-controller-manager.log"),
+            )?;
+            cluster.others.lock().map_err(poisoned)?.push(proc);
+        }
+        if opts.scheduler {
+            let proc = ManagedProcess::spawn(
+                "kube-scheduler",
+                &bin.join("kube-scheduler"),
+                &[
+                    format!("--kubeconfig={kc}"),
+                    "--leader-elect=false".into(),
+                    "--port=0".into(),
+                    "--secure-port=0".into(),
+                    "--v=1".into(),
+                ],
+                &[],
+                &d.join("kube-scheduler.log"),
+            )?;
+            cluster.others.lock().map_err(poisoned)?.push(proc);
+        }
+        if opts.controller_manager {
+            cluster.wait_controller_manager().await?;
+        }
+        let mut cluster = cluster;
+        cluster.startup = started.elapsed();
+        tracing::info!(startup = ?cluster.startup, dir = %cluster.dir.path().display(), "test control plane ready");
+        Ok(cluster)
+    }
+
+    /// Path of an admin kubeconfig for this control plane.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// PEM of the CA that signed the apiserver's serving certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.apiserver_port)
+    }
+
+    /// The directory holding logs, keys and etcd data.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// An admin client config; build as many clients as needed, one per test runtime.
+    pub async fn config(&self) -> Result<Config> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig)
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Result<Client> {
+        crate::install_crypto_provider();
+        Ok(Client::try_from(self.config().await?)?)
+    }
+
+    /// Creates a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> Result<String> {
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NAMESPACE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let api: Api<Namespace> = Api::all(self.client().await?);
+        api.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(name)
+    }
+
+    /// Stops the apiserver (SIGTERM), keeping etcd and its data.
+    pub fn stop_apiserver(&self) -> Result<()> {
+        if let Some(mut p) = self.apiserver.lock().map_err(poisoned)?.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    /// (Re)starts the apiserver on the same port with the same flags, and waits until ready.
+    pub async fn start_apiserver(&self) -> Result<()> {
+        {
+            let mut slot = self.apiserver.lock().map_err(poisoned)?;
+            if slot.is_some() {
+                return Ok(());
+            }
+            let log = self.dir.path().join("kube-apiserver.log");
+            // Keep earlier runs' output: a restart test wants both halves.
+            let log = if log.exists() {
+                self.dir
+                    .path()
+                    .join(format!("kube-apiserver.{}.log", unique()))
+            } else {
+                log
+            };
+            *slot = Some(ManagedProcess::spawn(
+                "kube-apiserver",
+                &k8s_bin_dir().join("kube-apiserver"),
+                &self.apiserver_args,
+                &[],
+                &log,
+            )?);
+        }
+        self.wait_apiserver_ready().await
+    }
+
+    async fn wait_apiserver_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let client = self.client().await?;
+        loop {
+            {
+                let mut slot = self.apiserver.lock().map_err(poisoned)?;
+                if let Some(p) = slot.as_mut() {
+                    p.check_running()?;
+                }
+                self.etcd.lock().map_err(poisoned)?.check_running()?;
+            }
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .map_err(|e| HarnessError::Http(e.to_string()))?;
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self
+                    .apiserver
+                    .lock()
+                    .map_err(poisoned)?
+                    .as_ref()
+                    .map(|p| p.log_tail(3000))
+                    .unwrap_or_default();
+                return Err(HarnessError::NotReady {
+                    what: "kube-apiserver".into(),
+                    secs: READY_TIMEOUT.as_secs(),
+                    log,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The controller-manager is working once it has made the `default` ServiceAccount.
+    async fn wait_controller_manager(&self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let api: Api<ServiceAccount> = Api::namespaced(self.client().await?, "default");
+        loop {
+            for p in self.others.lock().map_err(poisoned)?.iter_mut() {
+                p.check_running()?;
+            }
+            if api.get_opt("default").await?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self
+                    .others
+                    .lock()
+                    .map_err(poisoned)?
+                    .first()
+                    .map(|p| p.log_tail(3000))
+                    .unwrap_or_default();
+                return Err(HarnessError::NotReady {
+                    what: "kube-controller-manager".into(),
+                    secs: READY_TIMEOUT.as_secs(),
+                    log,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Ok(mut others) = self.others.lock() {
+            for p in others.iter_mut() {
+                p.kill();
+            }
+        }
+        if let Ok(mut api) = self.apiserver.lock()
+            && let Some(p) = api.as_mut()
+        {
+            p.kill();
+        }
+        if let Ok(mut etcd) = self.etcd.lock() {
+            etcd.kill();
+        }
+    }
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> HarnessError {
+    HarnessError::Http("harness lock poisoned by a panicking test".into())
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> Result<()> {
+    std::fs::write(dir.join(name), contents)?;
+    Ok(())
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn random_token() -> Result<String> {
+    let mut bytes = [0u8; ADMIN_TOKEN_LEN / 2];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// An admin kubeconfig with the CA inline, so it can be copied anywhere.
+pub fn kubeconfig_yaml(server: &str, ca_pem: &str, token: &str) -> String {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: homecluster
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: admin
+  user:
+    token: {token}
+contexts:
+- name: homecluster
+  context:
+    cluster: homecluster
+    user: admin
+current-context: homecluster
+"
+    )
+}

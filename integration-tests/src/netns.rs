@@ -1,0 +1,122 @@
+//! Network namespaces as test hosts (nodes, pods), with veth pairs and bridges, via iproute2.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::process::run;
+use crate::{HarnessError, Result};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Fails unless we are root (namespaces, veth and VXLAN need CAP_NET_ADMIN).
+pub fn require_root(what: &str) -> Result<()> {
+    if rustix::process::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(HarnessError::NotRoot(what.into()))
+    }
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates `hc<pid>-<seq>-<label>` (unique per test process), with loopback up.
+    pub fn new(label: &str) -> Result<NetNs> {
+        require_root("network namespaces")?;
+        let name = format!(
+            "hc{}-{}-{label}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `program args` inside the namespace to completion.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// One end of a veth pair: which namespace (None = the host), interface name, CIDR address.
+pub struct VethEnd<'a> {
+    pub ns: Option<&'a NetNs>,
+    pub ifname: &'a str,
+    pub addr: Option<&'a str>,
+}
+
+/// Creates a veth pair, moves each end into its namespace, addresses it and brings it up.
+pub fn veth(a: VethEnd<'_>, b: VethEnd<'_>) -> Result<()> {
+    run(
+        "ip",
+        &["link", "add", a.ifname, "type", "veth", "peer", "name", b.ifname],
+    )?;
+    for end in [&a, &b] {
+        if let Some(ns) = end.ns {
+            run("ip", &["link", "set", end.ifname, "netns", ns.name()])?;
+        }
+        let ip = |args: &[&str]| match end.ns {
+            Some(ns) => ns.ip(args),
+            None => run("ip", args),
+        };
+        if let Some(addr) = end.addr {
+            ip(&["addr", "add", addr, "dev", end.ifname])?;
+        }
+        ip(&["link", "set", end.ifname, "up"])?;
+    }
+    Ok(())
+}
+
+/// Creates a bridge in `ns` (or the host), with an optional address, and brings it up.
+pub fn bridge(ns: Option<&NetNs>, name: &str, addr: Option<&str>) -> Result<()> {
+    let ip = |args: &[&str]| match ns {
+        Some(ns) => ns.ip(args),
+        None => run("ip", args),
+    };
+    ip(&["link", "add", name, "type", "bridge"])?;
+    if let Some(addr) = addr {
+        ip(&["addr", "add", addr, "dev", name])?;
+    }
+    ip(&["link", "set", name, "up"])?;
+    Ok(())
+}
+
+/// Attaches interface `ifname` in `ns` to bridge `bridge`.
+pub fn attach(ns: Option<&NetNs>, ifname: &str, bridge: &str) -> Result<()> {
+    let args = ["link", "set", ifname, "master", bridge];
+    match ns {
+        Some(ns) => ns.ip(&args).map(drop),
+        None => run("ip", &args).map(drop),
+    }
+}

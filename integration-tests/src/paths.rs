@@ -1,0 +1,32 @@
+//! Where the set-up command puts what it builds: outside the repository, so a clean clone
+//! reuses it.
+
+use std::path::PathBuf;
+
+/// Kubernetes version of the test control plane.
+pub const K8S_VERSION: &str = "v1.20.2";
+
+/// `$HOMECLUSTER_CACHE`, else `$XDG_CACHE_HOME/homecluster`, else `~/.cache/homecluster`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HOMECLUSTER_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("homecluster")
+}
+
+/// Directory of kube-apiserver, kube-controller-manager, kube-scheduler and kubectl.
+pub fn k8s_bin_dir() -> PathBuf {
+    cache_dir().join(format!("k8s-{K8S_VERSION}")).join("bin")
+}
+
+/// The Kubernetes binaries the harness runs.
+pub const K8S_BINARIES: [&str; 4] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+];
