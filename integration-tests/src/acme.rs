@@ -45,7 +45,9 @@ pub struct Pebble {
 impl Pebble {
     pub async fn start(opts: PebbleOptions) -> Result<Pebble> {
         let challsrv_bin = which("pebble-challtestsrv")?;
-        let dir = tempfile::Builder::new().prefix("homecluster-acme-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("homecluster-acme-")
+            .tempdir()?;
         let d = dir.path();
         let ca = TestCa::new("homecluster-pebble-listener-ca")?;
         let listener = ca.leaf("pebble", &["localhost", "127.0.0.1", "pebble"])?;
@@ -110,7 +112,10 @@ impl Pebble {
         let url = format!("https://localhost:{}/roots/0", self.mgmt_port);
         let reply = http::get(&url, Some(&self.ca_pem)).await?;
         if reply.status != 200 {
-            return Err(HarnessError::Http(format!("{url}: status {}", reply.status)));
+            return Err(HarnessError::Http(format!(
+                "{url}: status {}",
+                reply.status
+            )));
         }
         Ok(reply.text())
     }
@@ -125,7 +130,11 @@ impl Pebble {
         )
         .await?;
         if reply.status != 200 {
-            return Err(HarnessError::Http(format!("{url}: status {} {}", reply.status, reply.text())));
+            return Err(HarnessError::Http(format!(
+                "{url}: status {} {}",
+                reply.status,
+                reply.text()
+            )));
         }
         Ok(())
     }
@@ -198,9 +207,12 @@ impl Pebble {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             // Any HTTP answer from the management port means it is up.
-            if http::get(&format!("http://127.0.0.1:{}/", self.challsrv_mgmt_port), None)
-                .await
-                .is_ok()
+            if http::get(
+                &format!("http://127.0.0.1:{}/", self.challsrv_mgmt_port),
+                None,
+            )
+            .await
+            .is_ok()
             {
                 return Ok(());
             }

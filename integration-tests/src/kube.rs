@@ -65,7 +65,11 @@ impl Cluster {
         crate::install_crypto_provider();
         let started = Instant::now();
         let bin = k8s_bin_dir();
-        for name in ["kube-apiserver", "kube-controller-manager", "kube-scheduler"] {
+        for name in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ] {
             if !bin.join(name).is_file() {
                 return Err(HarnessError::MissingPeer {
                     what: name.into(),

@@ -19,7 +19,9 @@ pub const SETUP_COMMAND: &str = "cargo run -p xtask -- test";
 
 #[derive(Debug, Error)]
 pub enum HarnessError {
-    #[error("{what} not found at {path}: run `{SETUP_COMMAND}` once to install and build the test peers")]
+    #[error(
+        "{what} not found at {path}: run `{SETUP_COMMAND}` once to install and build the test peers"
+    )]
     MissingPeer { what: String, path: String },
     #[error("{0}: needs root (network namespaces); run the suite as root, as CI does")]
     NotRoot(String),
@@ -30,7 +32,11 @@ pub enum HarnessError {
         source: std::io::Error,
     },
     #[error("{what} did not become ready within {secs}s; its log: {log}")]
-    NotReady { what: String, secs: u64, log: String },
+    NotReady {
+        what: String,
+        secs: u64,
+        log: String,
+    },
     #[error("{what} exited early ({status}); its log: {log}")]
     Exited {
         what: String,

@@ -76,20 +76,28 @@ pub struct VethEnd<'a> {
     pub addr: Option<&'a str>,
 }
 
-/// Creates a veth pair, moves each end into its namespace, addresses it and brings it up.
+/// Creates a veth pair, moves each end into its namespace, names, addresses and brings it up.
+/// The pair is created under temporary names, since final names like `eth0` usually exist on
+/// the host already, and renamed once inside its namespace.
 pub fn veth(a: VethEnd<'_>, b: VethEnd<'_>) -> Result<()> {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp_a = format!("hct{}x{seq}a", std::process::id() % 100_000);
+    let tmp_b = format!("hct{}x{seq}b", std::process::id() % 100_000);
     run(
         "ip",
-        &["link", "add", a.ifname, "type", "veth", "peer", "name", b.ifname],
+        &[
+            "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
+        ],
     )?;
-    for end in [&a, &b] {
-        if let Some(ns) = end.ns {
-            run("ip", &["link", "set", end.ifname, "netns", ns.name()])?;
-        }
+    for (end, tmp) in [(&a, &tmp_a), (&b, &tmp_b)] {
         let ip = |args: &[&str]| match end.ns {
             Some(ns) => ns.ip(args),
             None => run("ip", args),
         };
+        if let Some(ns) = end.ns {
+            run("ip", &["link", "set", tmp, "netns", ns.name()])?;
+        }
+        ip(&["link", "set", tmp, "name", end.ifname])?;
         if let Some(addr) = end.addr {
             ip(&["addr", "add", addr, "dev", end.ifname])?;
         }

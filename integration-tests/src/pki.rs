@@ -21,7 +21,9 @@ pub struct Leaf {
 impl TestCa {
     pub fn new(common_name: &str) -> Result<Self> {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -39,7 +41,9 @@ impl TestCa {
     /// A server certificate for DNS names and IP addresses (given as strings).
     pub fn leaf(&self, common_name: &str, sans: &[&str]) -> Result<Leaf> {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.subject_alt_names = sans
             .iter()
             .map(|s| match s.parse::<std::net::IpAddr>() {

@@ -67,12 +67,10 @@ impl ManagedProcess {
             });
         }
         let (tx, rx) = mpsc::channel();
-        spawner()
-            .send((cmd, tx))
-            .map_err(|_| HarnessError::Spawn {
-                what: name.into(),
-                source: std::io::Error::other("spawner thread gone"),
-            })?;
+        spawner().send((cmd, tx)).map_err(|_| HarnessError::Spawn {
+            what: name.into(),
+            source: std::io::Error::other("spawner thread gone"),
+        })?;
         let child = rx
             .recv()
             .map_err(|_| HarnessError::Spawn {
@@ -173,7 +171,9 @@ pub fn free_port() -> Result<u16> {
 /// Looks up `program` on $PATH, else fails naming the set-up command.
 pub fn which(program: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
         let candidate = dir.join(program);
         if candidate.is_file() {
             return Ok(candidate);

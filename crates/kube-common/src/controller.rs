@@ -28,6 +28,9 @@ use crate::backoff::Backoff;
 use crate::health::{self, HealthState, Readiness};
 use crate::{Error, args::CommonArgs, client, leader, telemetry};
 
+/// How often a controller's cache-sync state is re-checked for `/readyz`.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     controller: String,
@@ -100,11 +103,7 @@ impl Manager {
     pub async fn from_args(component: &str, args: &CommonArgs) -> Result<Self, Error> {
         telemetry::init(args.log_format, &args.log_level)?;
         let client = client::client(args.kubeconfig.as_deref()).await?;
-        Ok(Self::new(
-            component,
-            client,
-            crate::shutdown::on_signal(),
-        ))
+        Ok(Self::new(component, client, crate::shutdown::on_signal()))
     }
 
     /// For tests and embedding: an explicit client and shutdown token.
@@ -205,8 +204,18 @@ impl Manager {
             .register(format!("{}/{}", self.component, name));
         let store = controller.store();
         tokio::spawn(async move {
-            if store.wait_until_ready().await.is_ok() {
-                ready.set(true);
+            // Re-poll on a timer: kube-runtime's ready signal keeps a single waker, and the
+            // controller's own runner waits on it too, so one of two concurrent waiters is never
+            // woken. A fresh poll after the store is ready always completes.
+            loop {
+                match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+                    Ok(Ok(())) => {
+                        ready.set(true);
+                        return;
+                    }
+                    Ok(Err(_)) => return, // controller dropped before its cache synced
+                    Err(_) => {}
+                }
             }
         });
 

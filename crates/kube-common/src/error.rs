@@ -9,7 +9,9 @@ pub enum Error {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("no Kubernetes configuration found (tried $KUBECONFIG, ~/.kube/config, in-cluster): {0}")]
+    #[error(
+        "no Kubernetes configuration found (tried $KUBECONFIG, ~/.kube/config, in-cluster): {0}"
+    )]
     InferConfig(#[source] kube::config::InferConfigError),
     #[error("cannot build Kubernetes client: {0}")]
     Client(#[source] kube::Error),

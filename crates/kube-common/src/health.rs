@@ -90,7 +90,9 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
     tracing::info!(address = %local, "serving /healthz, /readyz and /metrics");
     let task = tokio::spawn(async move {
         loop {
@@ -121,7 +123,10 @@ pub async fn serve(
 
 fn route(state: &HealthState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
@@ -138,7 +143,10 @@ fn route(state: &HealthState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         "/metrics" => {
             let mut body = String::new();
-            let registry = state.registry.lock().unwrap_or_else(PoisonError::into_inner);
+            let registry = state
+                .registry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match prometheus_client::encoding::text::encode(&mut body, &registry) {
                 Ok(()) => Response::builder()
                     .header(CONTENT_TYPE, OPENMETRICS)

@@ -142,7 +142,9 @@ impl LeaderElector {
                     tracing::debug!(lease = %self.cfg.name, %holder, "lease held by another candidate");
                 }
                 Ok(Attempt::Conflict) => {}
-                Err(e) => tracing::warn!(lease = %self.cfg.name, error = %e, "acquiring lease failed"),
+                Err(e) => {
+                    tracing::warn!(lease = %self.cfg.name, error = %e, "acquiring lease failed")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
@@ -179,7 +181,9 @@ impl LeaderElector {
                     return HoldEnd::Lost;
                 }
                 Ok(Ok(Attempt::Conflict)) => {}
-                Ok(Err(e)) => tracing::warn!(lease = %self.cfg.name, error = %e, "renewing lease failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.cfg.name, error = %e, "renewing lease failed")
+                }
                 Err(_) => {
                     tracing::error!(lease = %self.cfg.name, "lease renewal timed out at the renew deadline");
                     return HoldEnd::Lost;
@@ -246,7 +250,11 @@ impl LeaderElector {
                 .and_then(|s| u64::try_from(s).ok())
                 .map(Duration::from_secs)
                 .unwrap_or(self.cfg.lease_duration);
-            let seen_at = self.observed.as_ref().map(|(_, t)| *t).unwrap_or_else(Instant::now);
+            let seen_at = self
+                .observed
+                .as_ref()
+                .map(|(_, t)| *t)
+                .unwrap_or_else(Instant::now);
             if seen_at + duration > Instant::now() {
                 return Ok(Attempt::HeldByOther(holder));
             }

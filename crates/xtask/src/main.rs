@@ -1,0 +1,172 @@
+//! `cargo run -p xtask -- test`: installs every Debian package the suite needs, builds and caches
+//! the Kubernetes v1.20.2 binaries from Debian's source package, checks formatting and lints, and
+//! runs the whole workspace test suite.
+//!
+//! `cargo run -p xtask -- up`: the same set-up, then a local control plane (etcd, apiserver,
+//! controller-manager, scheduler) with `deploy/*.yaml` applied, in the foreground until Ctrl-C.
+
+mod setup;
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use integration_tests::kube::{Cluster, ClusterOptions};
+use integration_tests::paths::k8s_bin_dir;
+
+#[derive(Parser)]
+#[command(about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the test peers, build the Kubernetes binaries (cached), lint, run every test.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. `-p kube-common -- --nocapture`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Install and build only (what `test` and `up` do first).
+    Setup,
+    /// Start a local control plane with deploy/ applied; stays up until Ctrl-C.
+    Up,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup::all(),
+        Task::Test {
+            no_lint,
+            cargo_args,
+        } => {
+            setup::all()?;
+            if !no_lint {
+                step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]))?;
+                step("cargo clippy", || {
+                    cargo(&[
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ])
+                })?;
+            }
+            let mut args = vec!["test".to_string()];
+            if !cargo_args
+                .iter()
+                .any(|a| a == "-p" || a.starts_with("--package"))
+            {
+                args.push("--workspace".into());
+            }
+            args.extend(cargo_args);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            step("cargo test", || cargo(&args))
+        }
+        Task::Up => {
+            setup::all()?;
+            up()
+        }
+    }
+}
+
+/// Runs `f`, printing how long it took.
+pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    eprintln!("==> {name}");
+    let started = Instant::now();
+    let result = f();
+    eprintln!(
+        "==> {name}: {} in {:.1}s",
+        if result.is_ok() { "done" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<std::path::PathBuf> {
+    let manifest_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .ancestors()
+        .nth(2)
+        .map(std::path::Path::to_path_buf)
+        .context("xtask must live at crates/xtask")
+}
+
+fn up() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        eprintln!("==> starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler");
+        let cluster = Cluster::start(ClusterOptions {
+            controller_manager: true,
+            scheduler: true,
+        })
+        .await
+        .context("starting the local control plane")?;
+        eprintln!(
+            "==> control plane ready in {:.1}s",
+            cluster.startup.as_secs_f64()
+        );
+        let kubectl = k8s_bin_dir().join("kubectl");
+        let kubeconfig = cluster.kubeconfig_path().display().to_string();
+        apply_deploy(&kubectl, &kubeconfig)?;
+        println!();
+        println!(
+            "Control plane is up (Kubernetes v1.20.2 on {}).",
+            cluster.server_url()
+        );
+        println!("  kubeconfig: {kubeconfig}");
+        println!(
+            "  try:        {} --kubeconfig {kubeconfig} get ns",
+            kubectl.display()
+        );
+        println!("  logs:       {}", cluster.dir().display());
+        println!("Press Ctrl-C to stop and clean up.");
+        tokio::signal::ctrl_c().await?;
+        eprintln!("==> stopping");
+        drop(cluster);
+        Ok(())
+    })
+}
+
+/// Applies the cluster-level manifests in `deploy/*.yaml` (namespaces, CRDs, RBAC, classes).
+fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
+    let mut files: Vec<_> = std::fs::read_dir("deploy")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let status = Command::new(kubectl)
+            .args(["--kubeconfig", kubeconfig, "apply", "-f"])
+            .arg(&file)
+            .status()
+            .with_context(|| format!("kubectl apply -f {}", file.display()))?;
+        if !status.success() {
+            bail!("kubectl apply -f {} failed", file.display());
+        }
+    }
+    Ok(())
+}
