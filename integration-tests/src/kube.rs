@@ -19,6 +19,9 @@ use crate::pki::{TestCa, key_pair_pem};
 use crate::process::{ManagedProcess, free_port, which};
 use crate::{HarnessError, Result};
 
+/// Temp dirs are named `homecluster-k8s-<pid>-…` so a later run can remove those of dead
+/// processes (the shared cluster lives in a `static` and is never dropped).
+const DIR_PREFIX: &str = "homecluster-k8s-";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const ADMIN_TOKEN_LEN: usize = 32;
 
@@ -78,8 +81,9 @@ impl Cluster {
             }
         }
         let etcd_bin = which("etcd")?;
+        remove_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("homecluster-k8s-")
+            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()?;
         let d = dir.path().to_path_buf();
         let d = d.as_path();
@@ -391,6 +395,25 @@ impl Drop for Cluster {
         }
         if let Ok(mut etcd) = self.etcd.lock() {
             etcd.kill();
+        }
+    }
+}
+
+/// Deletes control-plane dirs left by test processes that have exited.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

@@ -115,6 +115,9 @@ pub struct LeaderElector {
     /// The last record we saw and when (our clock): expiry is judged from this, never from the
     /// record's timestamps, so clock skew between candidates does not matter.
     observed: Option<(LeaseSpec, Instant)>,
+    /// When our last successful write was *sent*: counting the renew deadline from the send,
+    /// not the reply, keeps us on the safe side of what other candidates observed.
+    last_write: Option<Instant>,
 }
 
 impl LeaderElector {
@@ -123,6 +126,7 @@ impl LeaderElector {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
             observed: None,
+            last_write: None,
         }
     }
 
@@ -157,8 +161,8 @@ impl LeaderElector {
     /// `renew_deadline` after the last successful renewal, so the caller stops acting before
     /// any other candidate may take over (`lease_duration` later).
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> HoldEnd {
-        let mut last_renew = Instant::now();
         loop {
+            let last_renew = self.last_write.unwrap_or_else(Instant::now);
             let deadline = last_renew + self.cfg.renew_deadline;
             let next = (Instant::now() + self.cfg.retry_period).min(deadline);
             tokio::select! {
@@ -175,7 +179,7 @@ impl LeaderElector {
                 r = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()) => r,
             };
             match attempt {
-                Ok(Ok(Attempt::Held)) => last_renew = Instant::now(),
+                Ok(Ok(Attempt::Held)) => {}
                 Ok(Ok(Attempt::HeldByOther(holder))) => {
                     tracing::error!(lease = %self.cfg.name, %holder, "lease taken over by another holder");
                     return HoldEnd::Lost;
@@ -221,6 +225,7 @@ impl LeaderElector {
     /// client-go's tryAcquireOrRenew: create if absent; if another holder's record changed less
     /// than its lease duration ago, back off; else write ourselves in with optimistic concurrency.
     async fn try_acquire_or_renew(&mut self) -> Result<Attempt, kube::Error> {
+        let sent = Instant::now();
         let now = Timestamp::now();
         let Some(existing) = self.api.get_opt(&self.cfg.name).await? else {
             let lease = Lease {
@@ -234,6 +239,7 @@ impl LeaderElector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observe(created.spec.unwrap_or_default());
+                    self.last_write = Some(sent);
                     Ok(Attempt::Held)
                 }
                 Err(e) if is_conflict(&e) => Ok(Attempt::Conflict),
@@ -268,6 +274,7 @@ impl LeaderElector {
         {
             Ok(updated) => {
                 self.observe(updated.spec.unwrap_or_default());
+                self.last_write = Some(sent);
                 Ok(Attempt::Held)
             }
             Err(e) if is_conflict(&e) => Ok(Attempt::Conflict),

@@ -196,3 +196,53 @@ async fn health_ready_and_metrics_endpoints() {
         .expect("controller stops on shutdown")
         .expect("controller task");
 }
+
+#[tokio::test]
+async fn recorder_publishes_events_v1() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType};
+
+    let cluster = Cluster::shared().await.expect("test control plane");
+    let ns = cluster.namespace("events").await.expect("namespace");
+    let client = cluster.client().await.expect("client");
+    create_cm(&client, &ns, "subject", false).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("subject")
+        .await
+        .expect("configmap");
+    let mgr = Manager::new("test", client.clone(), CancellationToken::new());
+    let recorder = mgr.recorder("test-controller");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "BadConfig".into(),
+        note: Some("annotation x is invalid".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = cm.object_ref(&());
+    recorder.publish(&event, &reference).await.expect("publish");
+    // The same event again becomes a series on the same object, not a second object.
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("publish again");
+    let events = Api::<K8sEvent>::namespaced(client, &ns)
+        .list(&Default::default())
+        .await
+        .expect("list events");
+    let ours: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("BadConfig"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{:?}", events.items);
+    let e = ours[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(e.reporting_controller.as_deref(), Some("test-controller"));
+    assert_eq!(
+        e.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("subject")
+    );
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
+}
