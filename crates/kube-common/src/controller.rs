@@ -84,6 +84,37 @@ impl ReconcileMetrics {
     }
 }
 
+/// Sets `ready` once `store` has its first full list.
+fn mark_ready_when_synced<K>(store: kube::runtime::reflector::Store<K>, ready: crate::ReadyHandle)
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + Hash + Send + Sync,
+{
+    tokio::spawn(async move {
+        if wait_synced(&store).await {
+            ready.set(true);
+        }
+    });
+}
+
+/// Waits until `store` has its first full list; false if its writer went away first.
+pub async fn wait_synced<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Clone + Eq + Hash,
+{
+    // Re-poll on a timer: kube-runtime's ready signal keeps a single waker, and a controller's
+    // own runner waits on it too, so one of two concurrent waiters is never woken. A fresh
+    // poll after the store is ready always completes.
+    loop {
+        match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => {}
+        }
+    }
+}
+
 /// What every controller of a process shares.
 #[derive(Clone)]
 pub struct Manager {
@@ -181,6 +212,53 @@ impl Manager {
         leader::run_leader_elected(self.client.clone(), cfg, self.shutdown.clone(), work).await
     }
 
+    /// Keeps a cache of `K` (all objects `api` and `wc` select) until shutdown, notifying
+    /// `changed` after every change, for components that rebuild a whole view (the ingress
+    /// routing table) rather than reconcile objects one by one. `/readyz` waits for the first
+    /// full list.
+    pub fn reflect<K>(
+        &self,
+        name: &str,
+        api: kube::Api<K>,
+        wc: kube::runtime::watcher::Config,
+        dyntype: K::DynamicType,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> kube::runtime::reflector::Store<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Send + Sync,
+    {
+        use kube::runtime::WatchStreamExt;
+        let writer = kube::runtime::reflector::store::Writer::new(dyntype);
+        let store = writer.as_reader();
+        mark_ready_when_synced(
+            store.clone(),
+            self.readiness
+                .register(format!("{}/{}", self.component, name)),
+        );
+        let stream =
+            kube::runtime::reflector(writer, kube::runtime::watcher(api, wc).default_backoff());
+        let shutdown = self.shutdown.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    next = stream.next() => next,
+                };
+                match next {
+                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Err(e)) => {
+                        tracing::warn!(cache = %name, error = %e, "watch failed, retrying")
+                    }
+                    None => return,
+                }
+            }
+        });
+        store
+    }
+
     /// Drives `controller` until `stop` (or the process shutdown) fires. Failed objects are
     /// retried with per-object capped exponential backoff, reset by a success; `/readyz` waits
     /// for this controller's cache to sync.
@@ -202,22 +280,7 @@ impl Manager {
         let ready = self
             .readiness
             .register(format!("{}/{}", self.component, name));
-        let store = controller.store();
-        tokio::spawn(async move {
-            // Re-poll on a timer: kube-runtime's ready signal keeps a single waker, and the
-            // controller's own runner waits on it too, so one of two concurrent waiters is never
-            // woken. A fresh poll after the store is ready always completes.
-            loop {
-                match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
-                    Ok(Ok(())) => {
-                        ready.set(true);
-                        return;
-                    }
-                    Ok(Err(_)) => return, // controller dropped before its cache synced
-                    Err(_) => {}
-                }
-            }
-        });
+        mark_ready_when_synced(controller.store(), ready);
 
         let failures: Arc<Mutex<HashMap<ObjectRef<K>, u32>>> = Arc::default();
         let metrics = self.metrics.clone();

@@ -1,0 +1,257 @@
+//! `nginx.ingress.kubernetes.io/*` annotations of one Ingress, parsed and validated up front.
+//! A bad value is an error for the whole Ingress (the builder then keeps its last good version
+//! and raises an Event); snippet annotations are refused, never interpreted.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::values::{
+    ValueError, err, parse_bool, parse_cidrs, parse_seconds, parse_size, parse_u32,
+};
+
+pub const PREFIX: &str = "nginx.ingress.kubernetes.io/";
+
+/// Upstream protocol (`backend-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendProtocol {
+    #[default]
+    Http,
+    Https,
+    Grpc,
+    Grpcs,
+}
+
+/// A redirect answered by the proxy itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub url: String,
+    pub code: u16,
+}
+
+/// Parsed annotations; `None` means "not set, use the ConfigMap/global value".
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Annotations {
+    pub ssl_redirect: Option<bool>,
+    pub force_ssl_redirect: Option<bool>,
+    pub use_regex: bool,
+    pub rewrite_target: Option<String>,
+    pub app_root: Option<String>,
+    /// `Some(None)`: explicitly unlimited.
+    pub proxy_body_size: Option<Option<u64>>,
+    pub proxy_connect_timeout: Option<Duration>,
+    pub proxy_read_timeout: Option<Duration>,
+    pub proxy_send_timeout: Option<Duration>,
+    pub whitelist_source_range: Option<Vec<IpNet>>,
+    pub denylist_source_range: Option<Vec<IpNet>>,
+    pub backend_protocol: BackendProtocol,
+    pub permanent_redirect: Option<Redirect>,
+    pub temporal_redirect: Option<Redirect>,
+    pub upstream_vhost: Option<String>,
+    pub x_forwarded_prefix: Option<String>,
+    pub service_upstream: bool,
+    pub limit_rps: Option<u32>,
+    pub limit_connections: Option<u32>,
+}
+
+impl Annotations {
+    /// Parses every `nginx.ingress.kubernetes.io/` annotation; returns all problems at once.
+    pub fn parse(all: Option<&BTreeMap<String, String>>) -> Result<Self, Vec<ValueError>> {
+        let mut a = Annotations::default();
+        let mut errors = Vec::new();
+        let Some(all) = all else {
+            return Ok(a);
+        };
+        for (full_key, value) in all {
+            let Some(key) = full_key.strip_prefix(PREFIX) else {
+                continue;
+            };
+            if let Err(e) = a.set(key, value) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(a)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn set(&mut self, key: &str, v: &str) -> Result<(), ValueError> {
+        match key {
+            "ssl-redirect" => self.ssl_redirect = Some(parse_bool(key, v)?),
+            "force-ssl-redirect" => self.force_ssl_redirect = Some(parse_bool(key, v)?),
+            "use-regex" => self.use_regex = parse_bool(key, v)?,
+            "rewrite-target" => self.rewrite_target = Some(path_like(key, v)?),
+            "app-root" => self.app_root = Some(path_like(key, v)?),
+            "proxy-body-size" => self.proxy_body_size = Some(parse_size(key, v)?),
+            "proxy-connect-timeout" => self.proxy_connect_timeout = Some(parse_seconds(key, v)?),
+            "proxy-read-timeout" => self.proxy_read_timeout = Some(parse_seconds(key, v)?),
+            "proxy-send-timeout" => self.proxy_send_timeout = Some(parse_seconds(key, v)?),
+            "whitelist-source-range" | "allowlist-source-range" => {
+                self.whitelist_source_range = Some(parse_cidrs(key, v)?)
+            }
+            "denylist-source-range" => self.denylist_source_range = Some(parse_cidrs(key, v)?),
+            "backend-protocol" => {
+                self.backend_protocol = match v.trim().to_ascii_uppercase().as_str() {
+                    "HTTP" | "AUTO_HTTP" => BackendProtocol::Http,
+                    "HTTPS" => BackendProtocol::Https,
+                    "GRPC" => BackendProtocol::Grpc,
+                    "GRPCS" => BackendProtocol::Grpcs,
+                    _ => return Err(err(key, v, "expected HTTP, HTTPS, GRPC or GRPCS")),
+                }
+            }
+            "permanent-redirect" => {
+                let code = self.permanent_redirect.as_ref().map_or(301, |r| r.code);
+                self.permanent_redirect = Some(Redirect {
+                    url: url_like(key, v)?,
+                    code,
+                })
+            }
+            "permanent-redirect-code" => {
+                let code = redirect_code(key, v)?;
+                let url = self
+                    .permanent_redirect
+                    .take()
+                    .map(|r| r.url)
+                    .unwrap_or_default();
+                self.permanent_redirect = Some(Redirect { url, code });
+            }
+            "temporal-redirect" => {
+                let code = self.temporal_redirect.as_ref().map_or(302, |r| r.code);
+                self.temporal_redirect = Some(Redirect {
+                    url: url_like(key, v)?,
+                    code,
+                })
+            }
+            "temporal-redirect-code" => {
+                let code = redirect_code(key, v)?;
+                let url = self
+                    .temporal_redirect
+                    .take()
+                    .map(|r| r.url)
+                    .unwrap_or_default();
+                self.temporal_redirect = Some(Redirect { url, code });
+            }
+            "upstream-vhost" => self.upstream_vhost = Some(header_value(key, v)?),
+            "x-forwarded-prefix" => self.x_forwarded_prefix = Some(header_value(key, v)?),
+            "service-upstream" => self.service_upstream = parse_bool(key, v)?,
+            "limit-rps" => self.limit_rps = Some(parse_u32(key, v)?),
+            "limit-connections" => self.limit_connections = Some(parse_u32(key, v)?),
+            k if k.ends_with("-snippet") || k == "configuration-snippet" => {
+                return Err(err(
+                    key,
+                    v,
+                    "snippet annotations carry raw nginx configuration and are refused",
+                ));
+            }
+            // Annotations we do not implement yet are ignored, as upstream ignores unknown ones.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether this Ingress switches its hosts to regex matching.
+    pub fn forces_regex(&self) -> bool {
+        self.use_regex || self.rewrite_target.is_some()
+    }
+}
+
+fn path_like(key: &str, v: &str) -> Result<String, ValueError> {
+    let v = v.trim();
+    if v.is_empty() || v.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(err(
+            key,
+            v,
+            "expected a path without spaces or control characters",
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn url_like(key: &str, v: &str) -> Result<String, ValueError> {
+    let v = path_like(key, v)?;
+    if !(v.starts_with("http://") || v.starts_with("https://") || v.starts_with('/')) {
+        return Err(err(key, &v, "expected an http(s) URL or an absolute path"));
+    }
+    Ok(v)
+}
+
+fn header_value(key: &str, v: &str) -> Result<String, ValueError> {
+    let v = v.trim();
+    http::HeaderValue::from_str(v).map_err(|_| err(key, v, "not a valid header value"))?;
+    Ok(v.to_string())
+}
+
+fn redirect_code(key: &str, v: &str) -> Result<u16, ValueError> {
+    match v.trim().parse::<u16>() {
+        Ok(c) if (300..=308).contains(&c) => Ok(c),
+        _ => Err(err(key, v, "expected a redirect status 300-308")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Annotations, Vec<ValueError>> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (format!("{PREFIX}{k}"), v.to_string()))
+            .collect();
+        Annotations::parse(Some(&map))
+    }
+
+    #[test]
+    fn parses_known_annotations() {
+        let a = parse(&[
+            ("ssl-redirect", "false"),
+            ("proxy-body-size", "8m"),
+            ("proxy-read-timeout", "120"),
+            ("whitelist-source-range", "10.0.0.0/8,192.168.0.1"),
+            ("backend-protocol", "GRPC"),
+            ("permanent-redirect", "https://example.org/"),
+            ("permanent-redirect-code", "308"),
+            ("rewrite-target", "/$1"),
+        ])
+        .expect("valid");
+        assert_eq!(a.ssl_redirect, Some(false));
+        assert_eq!(a.proxy_body_size, Some(Some(8 << 20)));
+        assert_eq!(a.proxy_read_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(a.whitelist_source_range.as_ref().map(Vec::len), Some(2));
+        assert_eq!(a.backend_protocol, BackendProtocol::Grpc);
+        assert_eq!(
+            a.permanent_redirect,
+            Some(Redirect {
+                url: "https://example.org/".into(),
+                code: 308
+            })
+        );
+        assert!(a.forces_regex());
+    }
+
+    #[test]
+    fn reports_every_bad_value_and_refuses_snippets() {
+        let errs = parse(&[
+            ("ssl-redirect", "sometimes"),
+            ("proxy-body-size", "huge"),
+            ("configuration-snippet", "more_set_headers \"x: y\";"),
+            ("server-snippet", "return 200;"),
+            ("whitelist-source-range", "10.0.0.0/99"),
+        ])
+        .expect_err("invalid");
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(errs.iter().any(|e| e.message.contains("snippet")));
+    }
+
+    #[test]
+    fn other_prefixes_are_ignored() {
+        let mut map = BTreeMap::new();
+        map.insert(
+            "cert-manager.io/cluster-issuer".to_string(),
+            "x".to_string(),
+        );
+        assert_eq!(Annotations::parse(Some(&map)), Ok(Annotations::default()));
+    }
+}

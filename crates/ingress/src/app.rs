@@ -1,0 +1,116 @@
+//! Wires the controller and the data plane together (the binary and the tests both use this).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use kube_common::Manager;
+
+use crate::cli::Args;
+use crate::controller::{Caches, sync_loop};
+use crate::ingress_class::ClassSelector;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::snapshot::{Builder, Inputs, ObjectKey, Options};
+use crate::tls_store::{TlsStore, fake_certificate, server_config};
+
+/// What `start` brought up.
+pub struct Running {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub health: SocketAddr,
+    pub proxy: Arc<Proxy>,
+}
+
+fn object_key(flag: &str, value: Option<&String>) -> Result<Option<ObjectKey>> {
+    value
+        .map(|v| {
+            ObjectKey::parse(v).ok_or_else(|| anyhow!("--{flag} must be namespace/name, got {v:?}"))
+        })
+        .transpose()
+}
+
+/// Binds the listeners, starts the caches and the sync loop, and serves until shutdown.
+pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
+    let configmap = object_key("configmap", args.configmap.as_ref())?;
+    let opts = Options {
+        class: ClassSelector {
+            controller_class: args.controller_class.clone(),
+            ingress_class: args.ingress_class.clone(),
+            watch_without_class: args.watch_ingress_without_class,
+        },
+        default_backend_service: object_key(
+            "default-backend-service",
+            args.default_backend_service.as_ref(),
+        )?,
+        default_ssl_certificate: object_key(
+            "default-ssl-certificate",
+            args.default_ssl_certificate.as_ref(),
+        )?,
+    };
+    let mut metrics = None;
+    mgr.register_metrics(|r| metrics = Some(Metrics::register(r, &args.controller_class)));
+    let metrics = metrics.context("registering metrics")?;
+
+    let http_listener = TcpListener::bind((args.bind_address, args.http_port))
+        .await
+        .with_context(|| format!("binding HTTP port {}", args.http_port))?;
+    let https_listener = TcpListener::bind((args.bind_address, args.https_port))
+        .await
+        .with_context(|| format!("binding HTTPS port {}", args.https_port))?;
+    let http = http_listener.local_addr()?;
+    let https = https_listener.local_addr()?;
+
+    let fake = fake_certificate().context("generating the default certificate")?;
+    let mut builder = Builder::new(opts, fake);
+    // Until the caches sync, serve the default backend (as nginx does before its first sync).
+    let initial = builder.build(&Inputs::default());
+    let tls = Arc::new(TlsStore::new(initial.certs));
+    let proxy = Arc::new(Proxy::new(initial.snapshot, metrics.clone(), https.port()));
+    let cfg = proxy.snapshot().config.clone();
+    let acceptor = TlsAcceptor::from(server_config(
+        tls.clone(),
+        &cfg.ssl_protocols,
+        cfg.use_http2,
+    ));
+
+    let caches = Caches::start(mgr, configmap.as_ref())
+        .await
+        .context("starting watches")?;
+    tokio::spawn(sync_loop(
+        mgr.clone(),
+        caches,
+        builder,
+        proxy.clone(),
+        tls,
+        metrics,
+        mgr.recorder("nginx-ingress-controller"),
+    ));
+    tokio::spawn(crate::server::serve(
+        http_listener,
+        None,
+        proxy.clone(),
+        mgr.shutdown.clone(),
+    ));
+    tokio::spawn(crate::server::serve(
+        https_listener,
+        Some(acceptor),
+        proxy.clone(),
+        mgr.shutdown.clone(),
+    ));
+    let health_addr = args
+        .common
+        .health_address
+        .unwrap_or(SocketAddr::new(args.bind_address, args.healthz_port));
+    let health = mgr.serve_health(health_addr).await?;
+    tracing::info!(%http, %https, %health, "ingress controller serving");
+    Ok(Running {
+        http,
+        https,
+        health,
+        proxy,
+    })
+}

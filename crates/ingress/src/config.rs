@@ -1,0 +1,273 @@
+//! The controller ConfigMap (`--configmap`), with ingress-nginx's key names and defaults.
+//! Unknown keys are warned about once and ignored; a bad value rejects the whole new ConfigMap
+//! and the last good configuration stays in force.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::values::{
+    ValueError, err, parse_bool, parse_cidrs, parse_seconds, parse_size, parse_u32,
+};
+
+/// Global settings; `Default` is upstream's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub ssl_redirect: bool,
+    pub force_ssl_redirect: bool,
+    pub http_redirect_code: u16,
+    pub hsts: bool,
+    pub hsts_max_age: u64,
+    pub hsts_include_subdomains: bool,
+    pub hsts_preload: bool,
+    pub ssl_protocols: Vec<String>,
+    pub ssl_reject_handshake: bool,
+    pub use_http2: bool,
+    /// None: unlimited.
+    pub proxy_body_size: Option<u64>,
+    pub proxy_connect_timeout: Duration,
+    pub proxy_read_timeout: Duration,
+    pub proxy_send_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub keep_alive: Duration,
+    pub upstream_keepalive_connections: u32,
+    pub upstream_keepalive_timeout: Duration,
+    pub use_forwarded_headers: bool,
+    pub compute_full_forwarded_for: bool,
+    pub whitelist_source_range: Vec<IpNet>,
+    pub denylist_source_range: Vec<IpNet>,
+    pub block_cidrs: Vec<IpNet>,
+    pub limit_req_status_code: u16,
+    pub limit_conn_status_code: u16,
+    /// Total bytes of request line + headers (`large-client-header-buffers` "4 8k" → 32 KiB).
+    pub max_header_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ssl_redirect: true,
+            force_ssl_redirect: false,
+            http_redirect_code: 308,
+            hsts: true,
+            hsts_max_age: 31_536_000,
+            hsts_include_subdomains: true,
+            hsts_preload: false,
+            ssl_protocols: vec!["TLSv1.2".into(), "TLSv1.3".into()],
+            ssl_reject_handshake: false,
+            use_http2: true,
+            proxy_body_size: Some(1 << 20),
+            proxy_connect_timeout: Duration::from_secs(5),
+            proxy_read_timeout: Duration::from_secs(60),
+            proxy_send_timeout: Duration::from_secs(60),
+            client_header_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(75),
+            upstream_keepalive_connections: 320,
+            upstream_keepalive_timeout: Duration::from_secs(60),
+            use_forwarded_headers: false,
+            compute_full_forwarded_for: false,
+            whitelist_source_range: Vec::new(),
+            denylist_source_range: Vec::new(),
+            block_cidrs: Vec::new(),
+            limit_req_status_code: 503,
+            limit_conn_status_code: 503,
+            max_header_bytes: 4 * 8 * 1024,
+        }
+    }
+}
+
+/// Result of reading a ConfigMap.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: Config,
+    /// Keys we do not know (warned about, ignored).
+    pub unknown: Vec<String>,
+}
+
+/// Keys upstream has that do not change our behaviour (nginx internals); accepted silently.
+const NGINX_ONLY: &[&str] = &[
+    "worker-processes",
+    "worker-shutdown-timeout",
+    "max-worker-connections",
+    "ssl-session-cache",
+    "ssl-ciphers",
+    "server-tokens",
+    "log-format-upstream",
+    "log-format-escape-json",
+    "enable-access-log-for-default-backend",
+    "allow-snippet-annotations",
+    "annotations-risk-level",
+    "strict-validate-path-type",
+    "proxy-buffering",
+    "proxy-request-buffering",
+    "client-body-buffer-size",
+];
+
+impl Config {
+    /// Parses ConfigMap data over upstream defaults. Any bad value fails the whole map.
+    pub fn parse(data: Option<&BTreeMap<String, String>>) -> Result<Parsed, Vec<ValueError>> {
+        let mut c = Config::default();
+        let mut unknown = Vec::new();
+        let mut errors = Vec::new();
+        for (k, v) in data.into_iter().flatten() {
+            match c.set(k, v) {
+                Ok(true) => {}
+                Ok(false) => unknown.push(k.clone()),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Parsed { config: c, unknown })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Ok(false) for an unknown key.
+    fn set(&mut self, k: &str, v: &str) -> Result<bool, ValueError> {
+        match k {
+            "ssl-redirect" => self.ssl_redirect = parse_bool(k, v)?,
+            "force-ssl-redirect" => self.force_ssl_redirect = parse_bool(k, v)?,
+            "http-redirect-code" => {
+                self.http_redirect_code = match v.trim().parse() {
+                    Ok(c @ (301 | 302 | 307 | 308)) => c,
+                    _ => return Err(err(k, v, "expected 301, 302, 307 or 308")),
+                }
+            }
+            "hsts" => self.hsts = parse_bool(k, v)?,
+            "hsts-max-age" => {
+                self.hsts_max_age = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| err(k, v, "expected seconds"))?
+            }
+            "hsts-include-subdomains" => self.hsts_include_subdomains = parse_bool(k, v)?,
+            "hsts-preload" => self.hsts_preload = parse_bool(k, v)?,
+            "ssl-protocols" => {
+                let protocols: Vec<String> = v.split_whitespace().map(str::to_string).collect();
+                if protocols.is_empty()
+                    || protocols
+                        .iter()
+                        .any(|p| !matches!(p.as_str(), "TLSv1" | "TLSv1.1" | "TLSv1.2" | "TLSv1.3"))
+                {
+                    return Err(err(k, v, "expected TLS versions like \"TLSv1.2 TLSv1.3\""));
+                }
+                if !protocols.iter().any(|p| p == "TLSv1.2" || p == "TLSv1.3") {
+                    return Err(err(
+                        k,
+                        v,
+                        "TLS 1.0 and 1.1 are not supported; list TLSv1.2 or TLSv1.3",
+                    ));
+                }
+                self.ssl_protocols = protocols;
+            }
+            "ssl-reject-handshake" => self.ssl_reject_handshake = parse_bool(k, v)?,
+            "use-http2" => self.use_http2 = parse_bool(k, v)?,
+            "proxy-body-size" => self.proxy_body_size = parse_size(k, v)?,
+            "proxy-connect-timeout" => self.proxy_connect_timeout = parse_seconds(k, v)?,
+            "proxy-read-timeout" => self.proxy_read_timeout = parse_seconds(k, v)?,
+            "proxy-send-timeout" => self.proxy_send_timeout = parse_seconds(k, v)?,
+            "client-header-timeout" => self.client_header_timeout = parse_seconds(k, v)?,
+            "keep-alive" => self.keep_alive = parse_seconds(k, v)?,
+            "upstream-keepalive-connections" => {
+                self.upstream_keepalive_connections = parse_u32(k, v)?
+            }
+            "upstream-keepalive-timeout" => self.upstream_keepalive_timeout = parse_seconds(k, v)?,
+            "use-forwarded-headers" => self.use_forwarded_headers = parse_bool(k, v)?,
+            "compute-full-forwarded-for" => self.compute_full_forwarded_for = parse_bool(k, v)?,
+            "whitelist-source-range" => self.whitelist_source_range = parse_cidrs(k, v)?,
+            "denylist-source-range" => self.denylist_source_range = parse_cidrs(k, v)?,
+            "block-cidrs" => self.block_cidrs = parse_cidrs(k, v)?,
+            "limit-req-status-code" => self.limit_req_status_code = status(k, v)?,
+            "limit-conn-status-code" => self.limit_conn_status_code = status(k, v)?,
+            "large-client-header-buffers" => {
+                let mut parts = v.split_whitespace();
+                let n = parts.next().map(|n| parse_u32(k, n)).transpose()?;
+                let size = parts
+                    .next()
+                    .map(|s| parse_size(k, s))
+                    .transpose()?
+                    .flatten();
+                match (n, size) {
+                    (Some(n), Some(size)) if n > 0 => {
+                        self.max_header_bytes = (n as usize).saturating_mul(size as usize)
+                    }
+                    _ => return Err(err(k, v, "expected \"<count> <size>\", e.g. \"4 8k\"")),
+                }
+            }
+            k if NGINX_ONLY.contains(&k) => {}
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The `Strict-Transport-Security` value, if HSTS is on.
+    pub fn hsts_header(&self) -> Option<String> {
+        if !self.hsts {
+            return None;
+        }
+        let mut v = format!("max-age={}", self.hsts_max_age);
+        if self.hsts_include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.hsts_preload {
+            v.push_str("; preload");
+        }
+        Some(v)
+    }
+}
+
+fn status(k: &str, v: &str) -> Result<u16, ValueError> {
+    match v.trim().parse::<u16>() {
+        Ok(c) if (400..=599).contains(&c) => Ok(c),
+        _ => Err(err(k, v, "expected an HTTP error status 400-599")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Parsed, Vec<ValueError>> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(Some(&map))
+    }
+
+    #[test]
+    fn upstream_defaults() {
+        let c = Config::default();
+        assert!(c.ssl_redirect && !c.force_ssl_redirect && c.use_http2 && !c.ssl_reject_handshake);
+        assert_eq!(c.proxy_body_size, Some(1 << 20));
+        assert_eq!(c.proxy_connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.limit_req_status_code, 503);
+        assert_eq!(
+            c.hsts_header().as_deref(),
+            Some("max-age=31536000; includeSubDomains")
+        );
+    }
+
+    #[test]
+    fn overrides_unknown_and_errors() {
+        let p = parse(&[
+            ("ssl-redirect", "false"),
+            ("proxy-body-size", "10m"),
+            ("large-client-header-buffers", "4 16k"),
+            ("ssl-reject-handshake", "true"),
+            ("made-up-key", "1"),
+            ("worker-processes", "auto"),
+        ])
+        .expect("valid");
+        assert!(!p.config.ssl_redirect && p.config.ssl_reject_handshake);
+        assert_eq!(p.config.proxy_body_size, Some(10 << 20));
+        assert_eq!(p.config.max_header_bytes, 64 * 1024);
+        assert_eq!(p.unknown, vec!["made-up-key".to_string()]);
+        let errs = parse(&[("ssl-protocols", "TLSv1"), ("limit-req-status-code", "200")])
+            .expect_err("invalid");
+        assert_eq!(errs.len(), 2);
+    }
+}

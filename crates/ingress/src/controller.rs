@@ -1,0 +1,174 @@
+//! The sync loop: caches of every kind the routing table depends on, and on any change a new
+//! snapshot built off the request path and swapped in atomically (no reloads).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::Api;
+use kube::core::DynamicObject;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube_common::Manager;
+use kube_common::controller::wait_synced;
+use tokio::sync::Notify;
+
+use crate::endpoints::{Slice, slice_resource};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::snapshot::{Builder, Inputs, ObjectKey};
+use crate::tls_store::TlsStore;
+
+/// Caches of the watched kinds.
+pub struct Caches {
+    pub ingresses: Store<Ingress>,
+    pub classes: Store<IngressClass>,
+    pub services: Store<Service>,
+    pub slices: Store<DynamicObject>,
+    pub secrets: Store<Secret>,
+    pub configmap: Option<Store<ConfigMap>>,
+    pub changed: Arc<Notify>,
+}
+
+impl Caches {
+    /// Starts watching. Secrets are limited to `kubernetes.io/tls`, the ConfigMap to the one
+    /// named by `--configmap`.
+    pub async fn start(mgr: &Manager, configmap: Option<&ObjectKey>) -> Result<Self, kube::Error> {
+        let client = mgr.client.clone();
+        let changed = Arc::new(Notify::new());
+        let all = watcher::Config::default;
+        let slice_ar = slice_resource(&client).await?;
+        Ok(Caches {
+            ingresses: mgr.reflect(
+                "ingresses",
+                Api::all(client.clone()),
+                all(),
+                (),
+                changed.clone(),
+            ),
+            classes: mgr.reflect(
+                "ingressclasses",
+                Api::all(client.clone()),
+                all(),
+                (),
+                changed.clone(),
+            ),
+            services: mgr.reflect(
+                "services",
+                Api::all(client.clone()),
+                all(),
+                (),
+                changed.clone(),
+            ),
+            slices: mgr.reflect(
+                "endpointslices",
+                Api::all_with(client.clone(), &slice_ar),
+                all(),
+                slice_ar.clone(),
+                changed.clone(),
+            ),
+            secrets: mgr.reflect(
+                "secrets",
+                Api::all(client.clone()),
+                all().fields("type=kubernetes.io/tls"),
+                (),
+                changed.clone(),
+            ),
+            configmap: configmap.map(|key| {
+                mgr.reflect(
+                    "configmap",
+                    Api::namespaced(client.clone(), &key.namespace),
+                    all().fields(&format!("metadata.name={}", key.name)),
+                    (),
+                    changed.clone(),
+                )
+            }),
+            changed,
+        })
+    }
+
+    async fn synced(&self) {
+        wait_synced(&self.ingresses).await;
+        wait_synced(&self.classes).await;
+        wait_synced(&self.services).await;
+        wait_synced(&self.slices).await;
+        wait_synced(&self.secrets).await;
+        if let Some(cm) = &self.configmap {
+            wait_synced(cm).await;
+        }
+    }
+
+    fn inputs(&self) -> Inputs {
+        Inputs {
+            ingresses: self.ingresses.state(),
+            classes: self.classes.state(),
+            services: self.services.state(),
+            slices: self
+                .slices
+                .state()
+                .iter()
+                .filter_map(|s| Slice::from_dynamic(s))
+                .collect(),
+            secrets: self.secrets.state(),
+            configmap: self
+                .configmap
+                .as_ref()
+                .and_then(|c| c.state().into_iter().next()),
+        }
+    }
+}
+
+/// Rebuilds and swaps on every change until shutdown. `/readyz` waits for the first build.
+pub async fn sync_loop(
+    mgr: Manager,
+    caches: Caches,
+    mut builder: Builder,
+    proxy: Arc<Proxy>,
+    tls: Arc<TlsStore>,
+    metrics: Metrics,
+    recorder: Recorder,
+) {
+    let ready = mgr.readiness.register("ingress/first-sync");
+    tokio::select! {
+        _ = mgr.shutdown.cancelled() => return,
+        _ = caches.synced() => {}
+    }
+    loop {
+        let started = std::time::Instant::now();
+        let built = builder.build(&caches.inputs());
+        let generation = built.snapshot.generation;
+        tls.swap(built.certs);
+        proxy.swap(built.snapshot);
+        metrics
+            .config_last_reload_successful
+            .set(i64::from(built.config_ok));
+        if built.config_ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            metrics.config_last_reload_successful_timestamp.set(now);
+        }
+        metrics.config_hash.set(generation as i64);
+        ready.set(true);
+        tracing::debug!(generation, took = ?started.elapsed(), "routing snapshot swapped");
+        for p in built.problems {
+            tracing::warn!(object = ?p.object.name, reason = p.reason, message = %p.message, "configuration problem");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: p.reason.to_string(),
+                note: Some(p.message.chars().take(1000).collect()),
+                action: "Sync".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &p.object).await {
+                tracing::warn!(error = %e, "publishing event failed");
+            }
+        }
+        tokio::select! {
+            _ = mgr.shutdown.cancelled() => return,
+            _ = caches.changed.notified() => {}
+        }
+    }
+}

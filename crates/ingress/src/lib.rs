@@ -1,0 +1,18 @@
+//! Drop-in replacement for ingress-nginx: the controller (watch Ingresses, Services,
+//! EndpointSlices, Secrets, the ConfigMap; build a routing snapshot) and the rustls reverse
+//! proxy that serves it, in one process, with no reloads.
+
+pub mod annotations;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod endpoints;
+pub mod ingress_class;
+pub mod metrics;
+pub mod path_rules;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;
+pub mod tls_store;
+pub mod values;

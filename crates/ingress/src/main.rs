@@ -1,0 +1,15 @@
+//! `ingress-controller`: the ingress-nginx drop-in. It runs the Ingress sync loop (caches →
+//! routing snapshot) and the HTTP/HTTPS proxy in one process; every replica serves traffic.
+
+use clap::Parser;
+use ingress::cli::Args;
+use kube_common::Manager;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mgr = Manager::from_args("ingress-nginx", &args.common).await?;
+    ingress::app::start(&mgr, &args).await?;
+    mgr.shutdown.cancelled().await;
+    Ok(())
+}

@@ -1,0 +1,655 @@
+//! The data plane: one request in, one request out, decided by the current [`Snapshot`].
+//! Nothing here blocks or rebuilds: the snapshot is read with one atomic load.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::annotations::BackendProtocol;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::path_rules::{Match, normalize_host};
+use crate::snapshot::{Location, Snapshot, Target, Upstream};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const ACME_PREFIX: &str = "/.well-known/acme-challenge";
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Per-connection facts the handler needs.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
+/// Shared proxy state: the current snapshot and pooled upstream clients.
+pub struct Proxy {
+    snapshot: ArcSwap<Snapshot>,
+    http: Client<HttpConnector, Body>,
+    https: Client<HttpsConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+    h2s: Client<HttpsConnector, Body>,
+    metrics: Metrics,
+    https_port: u16,
+    request_ids: RequestIds,
+}
+
+impl Proxy {
+    pub fn new(initial: Snapshot, metrics: Metrics, https_port: u16) -> Self {
+        let cfg = initial.config.clone();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.proxy_connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let pool = |b: &mut hyper_util::client::legacy::Builder| {
+            b.pool_idle_timeout(cfg.upstream_keepalive_timeout)
+                .pool_max_idle_per_host(cfg.upstream_keepalive_connections as usize)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new());
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        pool(&mut b);
+        let http = b.build(connector.clone());
+        let mut b = Client::builder(TokioExecutor::new());
+        pool(&mut b);
+        b.http2_only(true);
+        let h2c = b.build(connector.clone());
+        // Upstream TLS is not verified, as nginx's `proxy_ssl_verify off` default.
+        let tls = upstream_tls_config();
+        let https_conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector.clone());
+        let mut b = Client::builder(TokioExecutor::new());
+        pool(&mut b);
+        let https = b.build(https_conn.clone());
+        let mut b = Client::builder(TokioExecutor::new());
+        pool(&mut b);
+        b.http2_only(true);
+        let h2s = b.build(https_conn);
+        Self {
+            snapshot: ArcSwap::from_pointee(initial),
+            http,
+            https,
+            h2c,
+            h2s,
+            metrics,
+            https_port,
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    /// Installs a new configuration generation for all following requests.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Handles one request; never fails (errors become 4xx/5xx responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let snap = self.snapshot.load_full();
+        let method = req.method().clone();
+        let host = request_host(&req)
+            .map(|h| normalize_host(&h))
+            .unwrap_or_default();
+        let (location, rewrite) = route(&snap, &host, req.uri().path());
+        let response = self
+            .serve(req, conn, &snap, &host, &location, rewrite)
+            .await;
+        self.record(&method, &host, &location, &response, started);
+        Ok(response)
+    }
+
+    fn record(
+        &self,
+        method: &Method,
+        host: &str,
+        location: &Location,
+        response: &Response<Body>,
+        started: Instant,
+    ) {
+        let (namespace, ingress) = location
+            .ingress
+            .as_ref()
+            .map(|k| (k.namespace.clone(), k.name.clone()))
+            .unwrap_or_default();
+        let service = match &location.target {
+            Target::Service(b) => b.service.clone(),
+            Target::Unavailable { service, .. } => service.clone(),
+            Target::BuiltIn404 => String::new(),
+        };
+        let labels = RequestLabels {
+            status: response.status().as_u16().to_string(),
+            method: method.as_str().to_string(),
+            path: location.path.clone(),
+            namespace,
+            ingress,
+            service,
+            host: if location.ingress.is_some() {
+                host.to_string()
+            } else {
+                String::new()
+            },
+            canary: String::new(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(len) = http_body::Body::size_hint(response.body()).exact() {
+            self.metrics
+                .response_size
+                .get_or_create(&labels)
+                .observe(len as f64);
+        }
+    }
+
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        snap: &Snapshot,
+        host: &str,
+        location: &Location,
+        rewrite: Option<String>,
+    ) -> Response<Body> {
+        let cfg = &snap.config;
+        let ann = &location.annotations;
+        let path = req.uri().path();
+        let client_ip = client_ip(req.headers(), conn.remote.ip(), cfg.use_forwarded_headers);
+
+        // Conflicting framing is a smuggling vector: refuse it outright.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "conflicting Content-Length and Transfer-Encoding\n",
+            );
+        }
+        if cfg.block_cidrs.iter().any(|n| n.contains(&client_ip)) {
+            return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
+        }
+        // HTTP-01 challenge locations are exempt from redirects and source-range limits.
+        let acme = location.path.starts_with(ACME_PREFIX);
+        if !acme {
+            let allow = ann
+                .whitelist_source_range
+                .as_ref()
+                .unwrap_or(&cfg.whitelist_source_range);
+            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&client_ip)) {
+                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
+            }
+            let deny = ann
+                .denylist_source_range
+                .as_ref()
+                .unwrap_or(&cfg.denylist_source_range);
+            if deny.iter().any(|n| n.contains(&client_ip)) {
+                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
+            }
+        }
+        if let Some(r) = ann
+            .permanent_redirect
+            .as_ref()
+            .or(ann.temporal_redirect.as_ref())
+        {
+            return redirect(r.code, &r.url);
+        }
+        if !conn.tls && !acme {
+            let force = ann.force_ssl_redirect.unwrap_or(cfg.force_ssl_redirect);
+            let ssl = location.tls && ann.ssl_redirect.unwrap_or(cfg.ssl_redirect);
+            if force || ssl {
+                let port = if self.https_port == 443 {
+                    String::new()
+                } else {
+                    format!(":{}", self.https_port)
+                };
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return redirect(cfg.http_redirect_code, &format!("https://{host}{port}{pq}"));
+            }
+        }
+        if let Some(root) = &ann.app_root
+            && path == "/"
+        {
+            return redirect(302, root);
+        }
+        let backend = match &location.target {
+            Target::BuiltIn404 => {
+                return if path == "/healthz" {
+                    plain(StatusCode::OK, "")
+                } else {
+                    plain(StatusCode::NOT_FOUND, "default backend - 404\n")
+                };
+            }
+            Target::Unavailable { .. } => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 Service Temporarily Unavailable\n",
+                );
+            }
+            Target::Service(b) => b.clone(),
+        };
+        let limit = match ann.proxy_body_size {
+            Some(l) => l,
+            None => cfg.proxy_body_size,
+        };
+        if let Some(limit) = limit
+            && content_length(req.headers()).is_some_and(|len| len > limit)
+        {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "413 Request Entity Too Large\n",
+            );
+        }
+        let Some(upstream) = backend.pick().cloned() else {
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Temporarily Unavailable\n",
+            );
+        };
+
+        let mut req = req;
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let original_host = request_host_parts(&parts).unwrap_or_default();
+        let scheme = if matches!(
+            ann.backend_protocol,
+            BackendProtocol::Https | BackendProtocol::Grpcs
+        ) {
+            "https"
+        } else {
+            "http"
+        };
+        let authority = match &upstream {
+            Upstream::Addr(a) => a.to_string(),
+            Upstream::Dns { host, port } => format!("{host}:{port}"),
+        };
+        let pq = match rewrite {
+            Some(p) => p,
+            None => parts
+                .uri
+                .path_and_query()
+                .map_or("/".into(), |p| p.as_str().to_string()),
+        };
+        let uri: Uri = match format!("{scheme}://{authority}{pq}").parse() {
+            Ok(u) => u,
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request URI\n"),
+        };
+        parts.uri = uri;
+        let grpc = matches!(
+            ann.backend_protocol,
+            BackendProtocol::Grpc | BackendProtocol::Grpcs
+        );
+        if !grpc {
+            parts.version = http::Version::HTTP_11;
+        }
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .cloned()
+            .unwrap_or_else(|| self.request_ids.next());
+        let xff = forwarded_for(
+            &parts.headers,
+            conn.remote.ip(),
+            cfg.compute_full_forwarded_for && cfg.use_forwarded_headers,
+        );
+        let proto = if conn.tls { "https" } else { "http" };
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers, upgrade);
+        headers.remove("proxy");
+        let vhost = ann.upstream_vhost.clone().unwrap_or(original_host.clone());
+        set(headers, header::HOST, &vhost);
+        set(
+            headers,
+            HeaderName::from_static("x-request-id"),
+            request_id.to_str().unwrap_or(""),
+        );
+        set(
+            headers,
+            HeaderName::from_static("x-real-ip"),
+            &client_ip.to_string(),
+        );
+        set(headers, HeaderName::from_static("x-forwarded-for"), &xff);
+        set(
+            headers,
+            HeaderName::from_static("x-forwarded-host"),
+            &original_host,
+        );
+        set(
+            headers,
+            HeaderName::from_static("x-forwarded-port"),
+            &conn.local.port().to_string(),
+        );
+        set(headers, HeaderName::from_static("x-forwarded-proto"), proto);
+        set(
+            headers,
+            HeaderName::from_static("x-forwarded-scheme"),
+            proto,
+        );
+        set(headers, HeaderName::from_static("x-scheme"), proto);
+        if let Some(prefix) = &ann.x_forwarded_prefix {
+            set(
+                headers,
+                HeaderName::from_static("x-forwarded-prefix"),
+                prefix,
+            );
+        }
+        let body: Body = match limit {
+            Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX)).boxed_unsync(),
+            None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        };
+        let out = Request::from_parts(parts, body);
+        let read_timeout = ann.proxy_read_timeout.unwrap_or(cfg.proxy_read_timeout);
+        let fut = match (scheme, grpc) {
+            ("https", false) => self.https.request(out),
+            ("https", true) => self.h2s.request(out),
+            (_, true) => self.h2c.request(out),
+            _ => self.http.request(out),
+        };
+        let mut resp = match tokio::time::timeout(read_timeout, fut).await {
+            Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Time-out\n"),
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %authority, error = %e, "upstream request failed");
+                if is_body_limit(&e) {
+                    return plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413 Request Entity Too Large\n",
+                    );
+                }
+                return plain(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
+            }
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let mut c = hyper_util::rt::TokioIo::new(c);
+                    let mut u = hyper_util::rt::TokioIo::new(u);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+            let (rparts, _) = resp.into_parts();
+            return Response::from_parts(
+                rparts,
+                Empty::new().map_err(|e| match e {}).boxed_unsync(),
+            );
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers, false);
+        if conn.tls
+            && let Some(hsts) = cfg.hsts_header()
+            && let Ok(v) = HeaderValue::from_str(&hsts)
+        {
+            rparts.headers.insert(header::STRICT_TRANSPORT_SECURITY, v);
+        }
+        Response::from_parts(
+            rparts,
+            rbody.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        )
+    }
+}
+
+/// The location for `host` + `path`, and the rewritten path+query if `rewrite-target` applies.
+pub fn route(snap: &Snapshot, host: &str, path: &str) -> (Arc<Location>, Option<String>) {
+    match snap.router.lookup(host, path) {
+        Match::Rule(rule, server) => {
+            let loc = rule.target.clone();
+            let rewrite = loc.annotations.rewrite_target.as_ref().and_then(|target| {
+                let re = server.regex_for(&rule.path)?;
+                let caps = re.captures(path)?;
+                let mut out = String::new();
+                caps.expand(target, &mut out);
+                Some(out)
+            });
+            (loc, rewrite)
+        }
+        Match::HostDefault(Some(d)) => (d.clone(), None),
+        Match::HostDefault(None) => (snap.default_location.clone(), None),
+    }
+}
+
+fn is_body_limit(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+fn request_host_parts(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Removes hop-by-hop headers (and those named in Connection); keeps Upgrade for WebSockets.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The client address: the socket peer, or the first X-Forwarded-For entry when
+/// `use-forwarded-headers` trusts the proxy in front.
+fn client_ip(headers: &HeaderMap, peer: IpAddr, trust_forwarded: bool) -> IpAddr {
+    if trust_forwarded
+        && let Some(first) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return first;
+    }
+    peer
+}
+
+fn forwarded_for(headers: &HeaderMap, peer: IpAddr, full: bool) -> String {
+    match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if full => format!("{existing}, {peer}"),
+        _ => peer.to_string(),
+    }
+}
+
+pub fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn redirect(code: u16, location: &str) -> Response<Body> {
+    let mut r = plain(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::PERMANENT_REDIRECT),
+        "",
+    );
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn upstream_tls_config() -> rustls::ClientConfig {
+    #[derive(Debug)]
+    struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth()
+}
+
+/// Unique request IDs without a syscall per request: a random per-process prefix + a counter.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            prefix: u64::from_le_bytes(seed) ^ nanos,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:016x}{n:016x}", self.prefix))
+            .unwrap_or(HeaderValue::from_static("0"))
+    }
+}

@@ -1,0 +1,81 @@
+//! Listeners: accept, terminate TLS where configured, and hand each request to the proxy.
+//! Plain HTTP speaks HTTP/1.1 (as nginx on port 80); TLS negotiates h2 or http/1.1 by ALPN.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::{ConnInfo, Proxy};
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts until `shutdown`; connections already open finish on their own.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let proxy = proxy.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let cfg = proxy.snapshot().config.clone();
+            let conn = ConnInfo {
+                remote,
+                local,
+                tls: tls.is_some(),
+            };
+            let service = service_fn(move |req| proxy.clone().handle(req, conn));
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.client_header_timeout)
+                .max_buf_size(cfg.max_header_bytes.max(8192))
+                .keep_alive(true);
+            builder.http2().timer(TokioTimer::new());
+            match tls {
+                None => {
+                    let builder = builder.http1_only();
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(tls_stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,98 @@
+//! Value syntaxes shared by annotations and ConfigMap keys (nginx's, since users copy them).
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key}: {message} (got {value:?})")]
+pub struct ValueError {
+    pub key: String,
+    pub value: String,
+    pub message: String,
+}
+
+pub fn err(key: &str, value: &str, message: &str) -> ValueError {
+    ValueError {
+        key: key.into(),
+        value: value.into(),
+        message: message.into(),
+    }
+}
+
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, ValueError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "on" | "1" | "yes" => Ok(true),
+        "false" | "off" | "0" | "no" => Ok(false),
+        _ => Err(err(key, v, "expected true or false")),
+    }
+}
+
+/// nginx sizes: `1m`, `8k`, `1g`, plain bytes; `0` means unlimited (returned as None).
+pub fn parse_size(key: &str, v: &str) -> Result<Option<u64>, ValueError> {
+    let t = v.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1024),
+        Some('m') => (&t[..t.len() - 1], 1024 * 1024),
+        Some('g') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
+        _ => (t.as_str(), 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| err(key, v, "expected a size like 1m, 8k or 1024"))?;
+    Ok(if n == 0 { None } else { n.checked_mul(mult) })
+}
+
+/// Seconds, unitless as upstream (`60`), also accepting `60s`.
+pub fn parse_seconds(key: &str, v: &str) -> Result<Duration, ValueError> {
+    let t = v.trim().trim_end_matches('s');
+    t.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| err(key, v, "expected whole seconds"))
+}
+
+pub fn parse_u32(key: &str, v: &str) -> Result<u32, ValueError> {
+    v.trim()
+        .parse()
+        .map_err(|_| err(key, v, "expected a non-negative integer"))
+}
+
+/// Comma-separated CIDRs or addresses (`10.0.0.0/8, 192.168.1.1`).
+pub fn parse_cidrs(key: &str, v: &str) -> Result<Vec<IpNet>, ValueError> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| err(key, v, &format!("{s:?} is not a CIDR or IP address")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times() {
+        assert_eq!(parse_size("k", "1m"), Ok(Some(1 << 20)));
+        assert_eq!(parse_size("k", "8k"), Ok(Some(8192)));
+        assert_eq!(parse_size("k", "100"), Ok(Some(100)));
+        assert_eq!(parse_size("k", "0"), Ok(None));
+        assert!(parse_size("k", "lots").is_err());
+        assert_eq!(parse_seconds("k", "60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_seconds("k", "5s"), Ok(Duration::from_secs(5)));
+        assert!(parse_seconds("k", "-1").is_err());
+        assert_eq!(parse_bool("k", "True"), Ok(true));
+        assert!(parse_bool("k", "maybe").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = parse_cidrs("k", "0.0.0.0/0,::/0, 10.1.2.3").expect("cidrs");
+        assert_eq!(c.len(), 3);
+        assert!(parse_cidrs("k", "10.0.0.0/33").is_err());
+        assert!(parse_cidrs("k", "").expect("empty").is_empty());
+    }
+}
