@@ -1,0 +1,417 @@
+//! Shared pieces of the ingress tests: an in-process controller against the real apiserver,
+//! echo backends, and raw HTTP/HTTPS clients that set Host and SNI freely.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ingress::app::Running;
+use ingress::cli::Args;
+use integration_tests::kube::Cluster;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::core::DynamicObject;
+use kube::{Api, Client};
+use kube_common::Manager;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub struct Env {
+    pub client: Client,
+    pub ns: String,
+    pub running: Running,
+    pub shutdown: CancellationToken,
+    pub mgr: Manager,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A controller in this process, watching the shared test cluster, listening on free ports.
+pub async fn env(prefix: &str, extra_args: &[&str]) -> Env {
+    let cluster = Cluster::shared().await.expect("test control plane");
+    let client = cluster.client().await.expect("client");
+    let ns = cluster.namespace(prefix).await.expect("namespace");
+    ensure_class(&client, "nginx", "k8s.io/ingress-nginx").await;
+    let mut args = vec![
+        "ingress-controller",
+        "--http-port=0",
+        "--https-port=0",
+        "--healthz-port=0",
+        "--bind-address=127.0.0.1",
+        "--leader-elect=false",
+    ];
+    args.extend_from_slice(extra_args);
+    let args = Args::parse_from(args);
+    let shutdown = CancellationToken::new();
+    let mgr = Manager::new("ingress-nginx", client.clone(), shutdown.clone());
+    let running = ingress::app::start(&mgr, &args)
+        .await
+        .expect("controller starts");
+    eventually("controller ready", Duration::from_secs(30), || async {
+        mgr.readiness.is_ready()
+    })
+    .await;
+    Env {
+        client,
+        ns,
+        running,
+        shutdown,
+        mgr,
+    }
+}
+
+pub async fn ensure_class(client: &Client, name: &str, controller: &str) {
+    let api: Api<IngressClass> = Api::all(client.clone());
+    let class: IngressClass = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": name}, "spec": {"controller": controller}
+    }))
+    .expect("class");
+    match api.create(&PostParams::default(), &class).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating IngressClass: {e}"),
+    }
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An HTTP backend answering with its name, the path it saw, and the request headers.
+pub async fn backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    let headers: BTreeMap<String, String> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    let uri = req.uri().to_string();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    let reply =
+                        json!({"backend": name, "uri": uri, "headers": headers, "body_len": body});
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(reply.to_string()))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A Service without selector plus an EndpointSlice (in the API version the server serves)
+/// pointing at `addrs`, all ready unless listed in `not_ready`.
+pub async fn service(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    addrs: &[SocketAddr],
+    not_ready: &[SocketAddr],
+) {
+    let port = addrs.first().map(|a| a.port()).unwrap_or(8080);
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let _ = api.create(&PostParams::default(), &svc).await;
+    set_endpoints(client, ns, name, addrs, not_ready).await;
+}
+
+pub async fn set_endpoints(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    addrs: &[SocketAddr],
+    not_ready: &[SocketAddr],
+) {
+    let ar = ingress::endpoints::slice_resource(client)
+        .await
+        .expect("slice api");
+    let port = addrs
+        .first()
+        .or(not_ready.first())
+        .map(|a| a.port())
+        .unwrap_or(8080);
+    let endpoints: Vec<Value> =
+        addrs
+            .iter()
+            .map(|a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}}))
+            .chain(not_ready.iter().map(
+                |a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": false}}),
+            ))
+            .collect();
+    let slice = json!({
+        "apiVersion": ar.api_version, "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-slice"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    api.patch(
+        &format!("{name}-slice"),
+        &PatchParams::apply("ingress-tests").force(),
+        &Patch::Apply(slice),
+    )
+    .await
+    .expect("apply EndpointSlice");
+}
+
+/// Server-side applies an Ingress given as JSON (metadata.namespace is filled in).
+pub async fn apply_ingress(client: &Client, ns: &str, mut ingress: Value) -> Ingress {
+    ingress["apiVersion"] = json!("networking.k8s.io/v1");
+    ingress["kind"] = json!("Ingress");
+    ingress["metadata"]["namespace"] = json!(ns);
+    let name = ingress["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let api: Api<Ingress> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply("ingress-tests").force(),
+        &Patch::Apply(ingress),
+    )
+    .await
+    .expect("apply Ingress")
+}
+
+/// A simple Ingress: one host, one path, one service port `http`.
+pub fn simple_ingress(name: &str, host: &str, path: &str, path_type: &str, service: &str) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {"ingressClassName": "nginx", "rules": [{"host": host, "http": {"paths": [
+            {"path": path, "pathType": path_type,
+             "backend": {"service": {"name": service, "port": {"name": "http"}}}}
+        ]}}]}
+    })
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    /// DER of the server's leaf certificate (TLS only).
+    pub peer_cert: Option<Vec<u8>>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn backend(&self) -> String {
+        self.json()["backend"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Plain HTTP/1.1 request with an explicit Host header.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
+    request(addr, host, path, "GET", &[], Bytes::new()).await
+}
+
+pub async fn request(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    send(
+        TokioIo::new(stream),
+        host,
+        path,
+        method,
+        headers,
+        body,
+        None,
+    )
+    .await
+}
+
+async fn send<I>(
+    io: I,
+    host: &str,
+    path: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    peer_cert: Option<Vec<u8>>,
+) -> Reply
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(body)).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+        peer_cert,
+    }
+}
+
+/// HTTPS request with SNI `sni`; `ca_pem` None accepts any certificate (to inspect it).
+pub async fn tls_get(
+    addr: SocketAddr,
+    sni: &str,
+    path: &str,
+    ca_pem: Option<&str>,
+) -> Result<Reply, std::io::Error> {
+    let config = client_config(ca_pem);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = TcpStream::connect(addr).await?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    let tls = connector.connect(name, stream).await?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec());
+    Ok(send(TokioIo::new(tls), sni, path, "GET", &[], Bytes::new(), cert).await)
+}
+
+fn client_config(ca_pem: Option<&str>) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    match ca_pem {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c.expect("ca pem")).expect("ca");
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth(),
+    }
+}
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Writes raw bytes, returns whatever the server answers before closing or a short timeout.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

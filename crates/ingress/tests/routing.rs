@@ -1,0 +1,241 @@
+//! Routing against the real kube-apiserver: Ingress + Service + EndpointSlice in, traffic out.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn routes_host_and_path_with_upstream_headers() {
+    let env = env("route", &[]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("web", &host, "/app", "Prefix", "web"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("route served", WAIT, || async {
+        get(http, &host, "/app/x").await.status == 200
+    })
+    .await;
+
+    let r = get(http, &host, "/app/x?q=1").await;
+    let j = r.json();
+    assert_eq!(j["backend"], "web");
+    assert_eq!(j["uri"], "/app/x?q=1");
+    let h = &j["headers"];
+    assert_eq!(h["host"], host.as_str());
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], host.as_str());
+    assert_eq!(h["x-forwarded-port"], http.port().to_string());
+    assert_eq!(h["x-request-id"].as_str().map(str::len), Some(32));
+    // Element-wise prefix: /appx is not under /app.
+    assert_eq!(get(http, &host, "/appx").await.status, 404);
+    // Unknown host: the built-in default backend.
+    let r = get(http, "nothing.example", "/").await;
+    assert_eq!(
+        (r.status, r.body.as_ref()),
+        (404, &b"default backend - 404\n"[..])
+    );
+    assert_eq!(get(http, "nothing.example", "/healthz").await.status, 200);
+
+    // `Proxy` is stripped (httpoxy); a given X-Request-ID is kept.
+    let r = request(
+        http,
+        &host,
+        "/app",
+        "GET",
+        &[("proxy", "http://evil"), ("x-request-id", "abc")],
+        Default::default(),
+    )
+    .await;
+    assert!(r.json()["headers"].get("proxy").is_none());
+    assert_eq!(r.json()["headers"]["x-request-id"], "abc");
+    // Conflicting framing (sent raw: HTTP clients refuse to write it) cannot smuggle a second
+    // request: Transfer-Encoding frames it, Content-Length is dropped, the connection closes.
+    let raw = format!(
+        "POST /app HTTP/1.1\r\nHost: {host}\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    );
+    let reply = raw_exchange(http, raw.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("connection: close"), "{reply}");
+    assert!(!reply.contains("content-length\":\"40"), "{reply}");
+    assert!(!reply.contains("/smuggled"), "{reply}");
+    let raw = format!("POST /app HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip\r\n\r\n");
+    assert!(
+        raw_exchange(http, raw.as_bytes())
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+}
+
+#[tokio::test]
+async fn endpoints_follow_slices_round_robin_ready_only() {
+    let env = env("eps", &[]).await;
+    let (a, b) = (backend("a").await, backend("b").await);
+    // Two endpoints need two IPs: 127.0.0.1 and 127.0.0.2 both reach loopback backends only if
+    // the backend binds all of 127/8; ours bind 127.0.0.1, so use distinct ports per slice.
+    service(&env.client, &env.ns, "svc", &[a], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("svc", &host, "/", "Prefix", "svc"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("a served", WAIT, || async {
+        get(http, &host, "/").await.backend() == "a"
+    })
+    .await;
+
+    // Endpoint change: b replaces a, without touching the Ingress.
+    set_endpoints(&env.client, &env.ns, "svc", &[b], &[]).await;
+    eventually("b served", WAIT, || async {
+        get(http, &host, "/").await.backend() == "b"
+    })
+    .await;
+
+    // Not ready: no endpoints left → 503.
+    set_endpoints(&env.client, &env.ns, "svc", &[], &[b]).await;
+    eventually("503 without ready endpoints", WAIT, || async {
+        get(http, &host, "/").await.status == 503
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn class_selection() {
+    let env = env("class", &[]).await;
+    let b = backend("c").await;
+    service(&env.client, &env.ns, "c", &[b], &[]).await;
+    ensure_class(&env.client, "someone-else", "example.com/other").await;
+    let ns = env.ns.clone();
+    let mk = |name: &str, class: serde_json::Value, annotation: Option<&str>| {
+        let mut ing = simple_ingress(name, &format!("{name}.{ns}.example"), "/", "Prefix", "c");
+        if class.is_null() {
+            ing["spec"]
+                .as_object_mut()
+                .expect("spec")
+                .remove("ingressClassName");
+        } else {
+            ing["spec"]["ingressClassName"] = class;
+        }
+        if let Some(a) = annotation {
+            ing["metadata"]["annotations"] = json!({"kubernetes.io/ingress.class": a});
+        }
+        ing
+    };
+    apply_ingress(&env.client, &env.ns, mk("by-class", json!("nginx"), None)).await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        mk("other-class", json!("someone-else"), None),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        mk("by-annotation", serde_json::Value::Null, Some("nginx")),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        mk("other-annotation", serde_json::Value::Null, Some("traefik")),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        mk("no-class", serde_json::Value::Null, None),
+    )
+    .await;
+    let http = env.running.http;
+    let host = |n: &str| format!("{n}.{}.example", env.ns);
+    eventually("classed served", WAIT, || async {
+        get(http, &host("by-class"), "/").await.status == 200
+    })
+    .await;
+    assert_eq!(get(http, &host("by-annotation"), "/").await.status, 200);
+    assert_eq!(get(http, &host("other-class"), "/").await.status, 404);
+    assert_eq!(get(http, &host("other-annotation"), "/").await.status, 404);
+    assert_eq!(get(http, &host("no-class"), "/").await.status, 404);
+
+    // --watch-ingress-without-class picks up the unclassed one (a second controller).
+    let open = env_with_ns(&env, &["--watch-ingress-without-class"]).await;
+    eventually("unclassed served", WAIT, || async {
+        get(open.running.http, &host("no-class"), "/").await.status == 200
+    })
+    .await;
+    assert_eq!(
+        get(open.running.http, &host("other-annotation"), "/")
+            .await
+            .status,
+        404
+    );
+}
+
+/// Another controller instance on the same cluster.
+async fn env_with_ns(_env: &Env, args: &[&str]) -> Env {
+    env("class2", args).await
+}
+
+#[tokio::test]
+async fn invalid_ingress_keeps_last_good_version_and_raises_event() {
+    let env = env("invalid", &[]).await;
+    let b = backend("v").await;
+    service(&env.client, &env.ns, "v", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("v", &host, "/good", "Prefix", "v"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("good served", WAIT, || async {
+        get(http, &host, "/good").await.status == 200
+    })
+    .await;
+    // A bad annotation value and a snippet: the new version is refused, the old one stays.
+    let mut bad = simple_ingress("v", &host, "/new", "Prefix", "v");
+    bad["metadata"]["annotations"] = json!({
+        "nginx.ingress.kubernetes.io/proxy-body-size": "lots",
+        "nginx.ingress.kubernetes.io/configuration-snippet": "return 200;"
+    });
+    apply_ingress(&env.client, &env.ns, bad).await;
+    let events =
+        kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
+    eventually("InvalidIngress event", WAIT, || async {
+        events
+            .list(&Default::default())
+            .await
+            .map(|l| {
+                l.items.iter().any(|e| {
+                    e.reason.as_deref() == Some("InvalidIngress")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("proxy-body-size") && n.contains("snippet"))
+                })
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(
+        get(http, &host, "/good").await.status,
+        200,
+        "last good version still served"
+    );
+    assert_eq!(get(http, &host, "/new").await.status, 404);
+}
