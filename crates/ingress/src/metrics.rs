@@ -7,6 +7,41 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A counter exposed under its bare name, as client_golang's text format does
+/// (`nginx_ingress_controller_requests`, not `..._requests_total`), so dashboards written for
+/// ingress-nginx keep matching. OpenMetrics requires `_total` on typed counters, so it is
+/// exposed as `unknown`; Prometheus ingests it as untyped and `rate()` works on it as before.
+#[derive(Clone, Debug, Default)]
+pub struct BareCounter(Counter);
+
+impl BareCounter {
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for BareCounter {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Unknown;
+}
+
+impl prometheus_client::encoding::EncodeMetric for BareCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Unknown
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub status: String,
@@ -38,7 +73,7 @@ pub struct BuildLabels {
 /// The proxy's metric families.
 #[derive(Clone)]
 pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
+    pub requests: Family<RequestLabels, BareCounter>,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub response_size: Family<RequestLabels, Histogram>,
     pub ssl_certificate_info: Family<CertLabels, Gauge>,
@@ -121,5 +156,33 @@ impl Metrics {
             })
             .set(1);
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_counter_keeps_the_upstream_name() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry, "k8s.io/ingress-nginx");
+        m.requests
+            .get_or_create(&RequestLabels {
+                status: "200".into(),
+                method: "GET".into(),
+                path: "/".into(),
+                namespace: "ns".into(),
+                ingress: "i".into(),
+                service: "s".into(),
+                host: "h".into(),
+                canary: String::new(),
+            })
+            .inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(text.contains("nginx_ingress_controller_requests{status=\"200\",method=\"GET\""), "{text}");
+        assert!(!text.contains("nginx_ingress_controller_requests_total"), "{text}");
+        assert!(text.contains("nginx_ingress_controller_build_info{"), "{text}");
     }
 }
