@@ -126,11 +126,12 @@ pub fn service_port<'a>(
     number: Option<i32>,
 ) -> Option<&'a ServicePort> {
     let ports = service.spec.as_ref()?.ports.as_ref()?;
-    ports.iter().find(|p| match (name, number) {
-        (Some(n), _) => p.name.as_deref() == Some(n),
-        (None, Some(num)) => p.port == num,
-        (None, None) => false,
-    })
+    match (name, number) {
+        (Some(n), _) => ports.iter().find(|p| p.name.as_deref() == Some(n)),
+        (None, Some(num)) => ports.iter().find(|p| p.port == num),
+        // `--default-backend-service` names no port: upstream takes the first.
+        (None, None) => ports.first(),
+    }
 }
 
 /// Ready endpoint addresses for `port` of the Service, from its slices.
