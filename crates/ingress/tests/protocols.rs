@@ -1,0 +1,206 @@
+//! HTTP/2 from clients (ALPN), gRPC to an h2c backend with trailers, and WebSocket upgrades.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// An h2c (prior knowledge) backend replying like a gRPC server: one message, then trailers.
+async fn grpc_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let version = format!("{:?}", req.version());
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = vec![
+                        Ok::<_, Infallible>(Frame::data(Bytes::from(version))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let body = StreamBody::new(futures::stream::iter(frames));
+                    let mut resp = Response::new(body);
+                    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/1.1 backend that accepts an Upgrade and then echoes bytes.
+async fn upgrade_backend() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = on.await {
+                            let mut io = TokioIo::new(up);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut resp = Response::new(Full::new(Bytes::new()));
+                    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("websocket"));
+                    resp.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn h2_client_config() -> rustls::ClientConfig {
+    // Trust nothing in particular: this test is about protocols, the fake cert is fine.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    #[derive(Debug)]
+    struct Any(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Any(provider)))
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"h2".to_vec()];
+    c
+}
+
+#[tokio::test]
+async fn http2_clients_and_grpc_backends() {
+    let env = env("h2", &[]).await;
+    let web = backend("web").await;
+    let grpc = grpc_backend().await;
+    service(&env.client, &env.ns, "web", &[web], &[]).await;
+    service(&env.client, &env.ns, "grpc", &[grpc], &[]).await;
+    let host = format!("{}.example", env.ns);
+    let mut ing = simple_ingress("web", &host, "/", "Prefix", "web");
+    ing["spec"]["rules"][0]["http"]["paths"].as_array_mut().expect("paths").push(json!(
+        {"path": "/svc.Echo", "pathType": "Prefix", "backend": {"service": {"name": "grpc", "port": {"name": "http"}}}}));
+    apply_ingress(&env.client, &env.ns, ing).await;
+    let mut grpc_ing = simple_ingress("grpc", &format!("grpc.{host}"), "/", "Prefix", "grpc");
+    grpc_ing["metadata"]["annotations"] = json!({"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"});
+    apply_ingress(&env.client, &env.ns, grpc_ing).await;
+    let https = env.running.https;
+    eventually("served", WAIT, || async {
+        tls_get(https, &host, "/", None).await.is_ok_and(|r| r.status == 200)
+    })
+    .await;
+
+    let h2 = |sni: String| async move {
+        let stream = TcpStream::connect(https).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(h2_client_config()))
+            .connect(rustls::pki_types::ServerName::try_from(sni).expect("name"), stream)
+            .await
+            .expect("tls");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        sender
+    };
+    // Plain HTTP/2 request to an HTTP/1.1 backend.
+    let mut sender = h2(host.clone()).await;
+    let req = Request::get(format!("https://{host}/hello")).body(Full::new(Bytes::new())).expect("req");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(j["backend"], "web");
+    assert_eq!(j["headers"]["host"], host.as_str());
+
+    // gRPC: HTTP/2 end to end, trailers passed through.
+    let ghost = format!("grpc.{host}");
+    eventually("grpc host served", WAIT, || async {
+        tls_get(https, &ghost, "/", None).await.is_ok()
+    })
+    .await;
+    let mut sender = h2(ghost.clone()).await;
+    let req = Request::post(format!("https://{ghost}/svc.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .expect("req");
+    let resp = sender.send_request(req).await.expect("grpc response");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(collected.to_bytes().as_ref(), b"HTTP/2.0", "backend reached over HTTP/2");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let env = env("ws", &[]).await;
+    let up = upgrade_backend().await;
+    service(&env.client, &env.ns, "ws", &[up], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(&env.client, &env.ns, simple_ingress("ws", &host, "/", "Prefix", "ws")).await;
+    let http = env.running.http;
+    eventually("route", WAIT, || async { get(http, &host, "/").await.status != 404 }).await;
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let head = format!(
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).await.expect("read 101");
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    for msg in [&b"ping"[..], b"second message"] {
+        s.write_all(msg).await.expect("write");
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(&buf[..n], msg);
+    }
+}
