@@ -181,8 +181,17 @@ mod tests {
             .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        assert!(text.contains("nginx_ingress_controller_requests{status=\"200\",method=\"GET\""), "{text}");
-        assert!(!text.contains("nginx_ingress_controller_requests_total"), "{text}");
-        assert!(text.contains("nginx_ingress_controller_build_info{"), "{text}");
+        assert!(
+            text.contains("nginx_ingress_controller_requests{status=\"200\",method=\"GET\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("nginx_ingress_controller_requests_total"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nginx_ingress_controller_build_info{"),
+            "{text}"
+        );
     }
 }

@@ -27,45 +27,109 @@ async fn rewrite_regex_redirects_body_size_and_source_ranges() {
         simple_ingress("rewrite", &host("rw"), "/api(/|$)(.*)", "ImplementationSpecific", "web"),
         json!({"nginx.ingress.kubernetes.io/rewrite-target": "/$2", "nginx.ingress.kubernetes.io/x-forwarded-prefix": "/api"}),
     )).await;
-    apply_ingress(&env.client, &env.ns, with_annotations(
-        simple_ingress("approot", &host("ar"), "/", "Prefix", "web"),
-        json!({"nginx.ingress.kubernetes.io/app-root": "/app1"}),
-    )).await;
-    apply_ingress(&env.client, &env.ns, with_annotations(
-        simple_ingress("moved", &host("mv"), "/", "Prefix", "web"),
-        json!({"nginx.ingress.kubernetes.io/permanent-redirect": "https://elsewhere.example/",
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("approot", &host("ar"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/app-root": "/app1"}),
+        ),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("moved", &host("mv"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/permanent-redirect": "https://elsewhere.example/",
                "nginx.ingress.kubernetes.io/permanent-redirect-code": "308"}),
-    )).await;
-    apply_ingress(&env.client, &env.ns, with_annotations(
-        simple_ingress("small", &host("sm"), "/", "Prefix", "web"),
-        json!({"nginx.ingress.kubernetes.io/proxy-body-size": "10"}),
-    )).await;
+        ),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("small", &host("sm"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/proxy-body-size": "10"}),
+        ),
+    )
+    .await;
     let mut private = with_annotations(
         simple_ingress("private", &host("pv"), "/", "Prefix", "web"),
         json!({"nginx.ingress.kubernetes.io/whitelist-source-range": "10.0.0.0/8"}),
     );
-    private["spec"]["rules"][0]["http"]["paths"].as_array_mut().expect("paths").push(json!(
+    private["spec"]["rules"][0]["http"]["paths"]
+        .as_array_mut()
+        .expect("paths")
+        .push(json!(
         {"path": "/.well-known/acme-challenge/t", "pathType": "Exact",
          "backend": {"service": {"name": "web", "port": {"name": "http"}}}}));
     apply_ingress(&env.client, &env.ns, private).await;
 
-    eventually("rewrite served", WAIT, || async { get(http, &host("rw"), "/api/v1/items").await.status == 200 }).await;
+    eventually("rewrite served", WAIT, || async {
+        get(http, &host("rw"), "/api/v1/items").await.status == 200
+    })
+    .await;
     let r = get(http, &host("rw"), "/API/v1/items?x=1").await;
-    assert_eq!(r.json()["uri"], "/v1/items", "case-insensitive regex, capture group 2 rewritten");
+    assert_eq!(
+        r.json()["uri"],
+        "/v1/items",
+        "case-insensitive regex, capture group 2 rewritten"
+    );
     assert_eq!(r.json()["headers"]["x-forwarded-prefix"], "/api");
-    eventually("app-root", WAIT, || async { get(http, &host("ar"), "/").await.status == 302 }).await;
-    assert_eq!(get(http, &host("ar"), "/").await.headers["location"], "/app1");
+    eventually("app-root", WAIT, || async {
+        get(http, &host("ar"), "/").await.status == 302
+    })
+    .await;
+    assert_eq!(
+        get(http, &host("ar"), "/").await.headers["location"],
+        "/app1"
+    );
     assert_eq!(get(http, &host("ar"), "/app1").await.status, 200);
-    eventually("permanent redirect", WAIT, || async { get(http, &host("mv"), "/x").await.status == 308 }).await;
-    assert_eq!(get(http, &host("mv"), "/x").await.headers["location"], "https://elsewhere.example/");
-    eventually("small served", WAIT, || async { get(http, &host("sm"), "/").await.status == 200 }).await;
-    let big = request(http, &host("sm"), "/", "POST", &[], bytes::Bytes::from(vec![b'x'; 11])).await;
+    eventually("permanent redirect", WAIT, || async {
+        get(http, &host("mv"), "/x").await.status == 308
+    })
+    .await;
+    assert_eq!(
+        get(http, &host("mv"), "/x").await.headers["location"],
+        "https://elsewhere.example/"
+    );
+    eventually("small served", WAIT, || async {
+        get(http, &host("sm"), "/").await.status == 200
+    })
+    .await;
+    let big = request(
+        http,
+        &host("sm"),
+        "/",
+        "POST",
+        &[],
+        bytes::Bytes::from(vec![b'x'; 11]),
+    )
+    .await;
     assert_eq!(big.status, 413);
-    let ok = request(http, &host("sm"), "/", "POST", &[], bytes::Bytes::from(vec![b'x'; 10])).await;
+    let ok = request(
+        http,
+        &host("sm"),
+        "/",
+        "POST",
+        &[],
+        bytes::Bytes::from(vec![b'x'; 10]),
+    )
+    .await;
     assert_eq!(ok.status, 200);
-    eventually("private denied", WAIT, || async { get(http, &host("pv"), "/").await.status == 403 }).await;
-    assert_eq!(get(http, &host("pv"), "/.well-known/acme-challenge/t").await.status, 200,
-        "HTTP-01 challenge paths are exempt from source-range limits");
+    eventually("private denied", WAIT, || async {
+        get(http, &host("pv"), "/").await.status == 403
+    })
+    .await;
+    assert_eq!(
+        get(http, &host("pv"), "/.well-known/acme-challenge/t")
+            .await
+            .status,
+        200,
+        "HTTP-01 challenge paths are exempt from source-range limits"
+    );
 }
 
 #[tokio::test]
@@ -76,22 +140,41 @@ async fn merge_oldest_wins_and_default_backends() {
     service(&env.client, &env.ns, "new", &[b], &[]).await;
     let host = format!("{}.example", env.ns);
     let http = env.running.http;
-    apply_ingress(&env.client, &env.ns, simple_ingress("first", &host, "/shared", "Prefix", "old")).await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("first", &host, "/shared", "Prefix", "old"),
+    )
+    .await;
     // creationTimestamp has one-second resolution: make the second Ingress clearly younger.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut second = simple_ingress("second", &host, "/shared", "Prefix", "new");
     second["spec"]["rules"][0]["http"]["paths"].as_array_mut().expect("paths").push(json!(
         {"path": "/only-new", "pathType": "Exact", "backend": {"service": {"name": "new", "port": {"name": "http"}}}}));
-    second["spec"]["defaultBackend"] = json!({"service": {"name": "new", "port": {"name": "http"}}});
+    second["spec"]["defaultBackend"] =
+        json!({"service": {"name": "new", "port": {"name": "http"}}});
     apply_ingress(&env.client, &env.ns, second).await;
-    eventually("merged", WAIT, || async { get(http, &host, "/only-new").await.backend() == "new" }).await;
-    assert_eq!(get(http, &host, "/shared/x").await.backend(), "old", "the oldest Ingress wins a conflict");
-    assert_eq!(get(http, &host, "/unmatched").await.backend(), "new", "spec.defaultBackend serves the host's unmatched paths");
+    eventually("merged", WAIT, || async {
+        get(http, &host, "/only-new").await.backend() == "new"
+    })
+    .await;
+    assert_eq!(
+        get(http, &host, "/shared/x").await.backend(),
+        "old",
+        "the oldest Ingress wins a conflict"
+    );
+    assert_eq!(
+        get(http, &host, "/unmatched").await.backend(),
+        "new",
+        "spec.defaultBackend serves the host's unmatched paths"
+    );
 }
 
 #[tokio::test]
 async fn default_backend_service_flag() {
-    let cluster = integration_tests::kube::Cluster::shared().await.expect("cluster");
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
     let client = cluster.client().await.expect("client");
     let ns = cluster.namespace("defbe").await.expect("ns");
     let b = backend("custom-default").await;

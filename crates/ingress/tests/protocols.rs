@@ -36,7 +36,10 @@ async fn grpc_backend() -> std::net::SocketAddr {
                     ];
                     let body = StreamBody::new(futures::stream::iter(frames));
                     let mut resp = Response::new(body);
-                    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                    resp.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
                     Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -70,8 +73,10 @@ async fn upgrade_backend() -> std::net::SocketAddr {
                     });
                     let mut resp = Response::new(Full::new(Bytes::new()));
                     *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                    resp.headers_mut().insert("upgrade", http::HeaderValue::from_static("websocket"));
-                    resp.headers_mut().insert("connection", http::HeaderValue::from_static("upgrade"));
+                    resp.headers_mut()
+                        .insert("upgrade", http::HeaderValue::from_static("websocket"));
+                    resp.headers_mut()
+                        .insert("connection", http::HeaderValue::from_static("upgrade"));
                     Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -90,14 +95,41 @@ fn h2_client_config() -> rustls::ClientConfig {
     #[derive(Debug)]
     struct Any(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for Any {
-        fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         }
-        fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
-        fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -126,30 +158,39 @@ async fn http2_clients_and_grpc_backends() {
         {"path": "/svc.Echo", "pathType": "Prefix", "backend": {"service": {"name": "grpc", "port": {"name": "http"}}}}));
     apply_ingress(&env.client, &env.ns, ing).await;
     let mut grpc_ing = simple_ingress("grpc", &format!("grpc.{host}"), "/", "Prefix", "grpc");
-    grpc_ing["metadata"]["annotations"] = json!({"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"});
+    grpc_ing["metadata"]["annotations"] =
+        json!({"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"});
     apply_ingress(&env.client, &env.ns, grpc_ing).await;
     let https = env.running.https;
     eventually("served", WAIT, || async {
-        tls_get(https, &host, "/", None).await.is_ok_and(|r| r.status == 200)
+        tls_get(https, &host, "/", None)
+            .await
+            .is_ok_and(|r| r.status == 200)
     })
     .await;
 
     let h2 = |sni: String| async move {
         let stream = TcpStream::connect(https).await.expect("connect");
         let tls = tokio_rustls::TlsConnector::from(Arc::new(h2_client_config()))
-            .connect(rustls::pki_types::ServerName::try_from(sni).expect("name"), stream)
+            .connect(
+                rustls::pki_types::ServerName::try_from(sni).expect("name"),
+                stream,
+            )
             .await
             .expect("tls");
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2 handshake");
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
         tokio::spawn(conn);
         sender
     };
     // Plain HTTP/2 request to an HTTP/1.1 backend.
     let mut sender = h2(host.clone()).await;
-    let req = Request::get(format!("https://{host}/hello")).body(Full::new(Bytes::new())).expect("req");
+    let req = Request::get(format!("https://{host}/hello"))
+        .body(Full::new(Bytes::new()))
+        .expect("req");
     let resp = sender.send_request(req).await.expect("response");
     assert_eq!(resp.version(), http::Version::HTTP_2);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -173,8 +214,15 @@ async fn http2_clients_and_grpc_backends() {
     assert_eq!(resp.status(), 200);
     let collected = resp.into_body().collect().await.expect("body");
     let trailers = collected.trailers().cloned().expect("trailers");
-    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
-    assert_eq!(collected.to_bytes().as_ref(), b"HTTP/2.0", "backend reached over HTTP/2");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    assert_eq!(
+        collected.to_bytes().as_ref(),
+        b"HTTP/2.0",
+        "backend reached over HTTP/2"
+    );
 }
 
 #[tokio::test]
@@ -183,9 +231,17 @@ async fn websocket_upgrade_is_tunnelled() {
     let up = upgrade_backend().await;
     service(&env.client, &env.ns, "ws", &[up], &[]).await;
     let host = format!("{}.example", env.ns);
-    apply_ingress(&env.client, &env.ns, simple_ingress("ws", &host, "/", "Prefix", "ws")).await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("ws", &host, "/", "Prefix", "ws"),
+    )
+    .await;
     let http = env.running.http;
-    eventually("route", WAIT, || async { get(http, &host, "/").await.status != 404 }).await;
+    eventually("route", WAIT, || async {
+        get(http, &host, "/").await.status != 404
+    })
+    .await;
     let mut s = TcpStream::connect(http).await.expect("connect");
     let head = format!(
         "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

@@ -23,7 +23,11 @@ async fn tls_secret(client: &kube::Client, ns: &str, name: &str, cert: &str, key
     }))
     .expect("secret");
     Api::<Secret>::namespaced(client.clone(), ns)
-        .patch(name, &PatchParams::apply("ingress-tests").force(), &Patch::Apply(secret))
+        .patch(
+            name,
+            &PatchParams::apply("ingress-tests").force(),
+            &Patch::Apply(secret),
+        )
         .await
         .expect("apply secret");
 }
@@ -34,8 +38,10 @@ fn tls_ingress(host: &str, secret: &str) -> serde_json::Value {
     ing["spec"]["rules"][0]["http"]["paths"]
         .as_array_mut()
         .expect("paths")
-        .push(json!({"path": "/.well-known/acme-challenge/tok", "pathType": "ImplementationSpecific",
-                     "backend": {"service": {"name": "web", "port": {"name": "http"}}}}));
+        .push(
+            json!({"path": "/.well-known/acme-challenge/tok", "pathType": "ImplementationSpecific",
+                     "backend": {"service": {"name": "web", "port": {"name": "http"}}}}),
+        );
     ing
 }
 
@@ -54,19 +60,30 @@ async fn sni_certificates_rotation_redirects_and_fake_default() {
 
     // Our certificate for our SNI name, verified against the CA.
     eventually("certificate served", WAIT, || async {
-        tls_get(https, &host, "/", Some(&ca.cert_pem)).await.is_ok_and(|r| r.status == 200)
+        tls_get(https, &host, "/", Some(&ca.cert_pem))
+            .await
+            .is_ok_and(|r| r.status == 200)
     })
     .await;
-    let r = tls_get(https, &host, "/", Some(&ca.cert_pem)).await.expect("https");
+    let r = tls_get(https, &host, "/", Some(&ca.cert_pem))
+        .await
+        .expect("https");
     assert_eq!(r.json()["headers"]["x-forwarded-proto"], "https");
     assert_eq!(
-        r.headers.get("strict-transport-security").and_then(|v| v.to_str().ok()),
+        r.headers
+            .get("strict-transport-security")
+            .and_then(|v| v.to_str().ok()),
         Some("max-age=31536000; includeSubDomains")
     );
     // Any other name: the fake certificate.
-    let other = tls_get(https, "unknown.example", "/", None).await.expect("https");
+    let other = tls_get(https, "unknown.example", "/", None)
+        .await
+        .expect("https");
     let der = other.peer_cert.expect("peer cert");
-    assert!(contains(&der, b"Kubernetes Ingress Controller Fake Certificate"));
+    assert!(contains(
+        &der,
+        b"Kubernetes Ingress Controller Fake Certificate"
+    ));
     assert_eq!(other.status, 404);
 
     // HTTP is redirected (308) because the Ingress has tls; the ACME path is not.
@@ -82,30 +99,48 @@ async fn sni_certificates_rotation_redirects_and_fake_default() {
     // Rotation: a new certificate in the same Secret is served on new handshakes.
     let ca2 = TestCa::new("test-ca-2").expect("ca2");
     let leaf2 = ca2.leaf(&host, &[&host]).expect("leaf2");
-    tls_secret(&env.client, &env.ns, "cert", &leaf2.cert_pem, &leaf2.key_pem).await;
+    tls_secret(
+        &env.client,
+        &env.ns,
+        "cert",
+        &leaf2.cert_pem,
+        &leaf2.key_pem,
+    )
+    .await;
     eventually("rotated certificate", WAIT, || async {
-        tls_get(https, &host, "/", Some(&ca2.cert_pem)).await.is_ok()
+        tls_get(https, &host, "/", Some(&ca2.cert_pem))
+            .await
+            .is_ok()
     })
     .await;
 
     // An invalid Secret (key of another certificate) keeps the last good one and raises an Event.
     tls_secret(&env.client, &env.ns, "cert", &leaf.cert_pem, &leaf2.key_pem).await;
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
     eventually("InvalidCertificate event", WAIT, || async {
         events
             .list(&Default::default())
             .await
-            .map(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("InvalidCertificate")))
+            .map(|l| {
+                l.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("InvalidCertificate"))
+            })
             .unwrap_or(false)
     })
     .await;
-    let r = tls_get(https, &host, "/", Some(&ca2.cert_pem)).await.expect("last good cert kept");
+    let r = tls_get(https, &host, "/", Some(&ca2.cert_pem))
+        .await
+        .expect("last good cert kept");
     assert_eq!(r.status, 200);
 }
 
 #[tokio::test]
 async fn configmap_reject_handshake_and_bad_values() {
-    let cluster = integration_tests::kube::Cluster::shared().await.expect("cluster");
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
     let client = cluster.client().await.expect("client");
     let cm_ns = cluster.namespace("cm").await.expect("ns");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &cm_ns);
@@ -119,9 +154,13 @@ async fn configmap_reject_handshake_and_bad_values() {
                 "data": data
             }))
             .expect("cm");
-            cms.patch("ingress-nginx-controller", &PatchParams::apply("ingress-tests").force(), &Patch::Apply(cm))
-                .await
-                .expect("apply cm");
+            cms.patch(
+                "ingress-nginx-controller",
+                &PatchParams::apply("ingress-tests").force(),
+                &Patch::Apply(cm),
+            )
+            .await
+            .expect("apply cm");
         }
     };
     apply(json!({"ssl-reject-handshake": "true", "ssl-redirect": "false"})).await;
@@ -151,19 +190,38 @@ async fn configmap_reject_handshake_and_bad_values() {
         events
             .list(&Default::default())
             .await
-            .map(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("InvalidConfiguration")))
+            .map(|l| {
+                l.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("InvalidConfiguration"))
+            })
             .unwrap_or(false)
     })
     .await;
-    assert_eq!(get(http, &host, "/").await.status, 200, "last good config kept");
+    assert_eq!(
+        get(http, &host, "/").await.status,
+        200,
+        "last good config kept"
+    );
     let metrics = env.mgr.encode_metrics().expect("metrics");
-    assert!(metrics.contains("nginx_ingress_controller_config_last_reload_successful 0"), "{metrics}");
+    assert!(
+        metrics.contains("nginx_ingress_controller_config_last_reload_successful 0"),
+        "{metrics}"
+    );
 
     // A good value again takes effect.
     apply(json!({"ssl-reject-handshake": "false", "ssl-redirect": "true"})).await;
-    eventually("redirect back on", WAIT, || async { get(http, &host, "/").await.status == 308 }).await;
-    let r = tls_get(https, "unknown.example", "/", None).await.expect("fake cert again");
-    assert!(contains(&r.peer_cert.expect("cert"), b"Kubernetes Ingress Controller Fake Certificate"));
+    eventually("redirect back on", WAIT, || async {
+        get(http, &host, "/").await.status == 308
+    })
+    .await;
+    let r = tls_get(https, "unknown.example", "/", None)
+        .await
+        .expect("fake cert again");
+    assert!(contains(
+        &r.peer_cert.expect("cert"),
+        b"Kubernetes Ingress Controller Fake Certificate"
+    ));
     let metrics = env.mgr.encode_metrics().expect("metrics");
     for name in [
         "nginx_ingress_controller_requests",

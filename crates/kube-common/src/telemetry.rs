@@ -13,6 +13,7 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), Error> {
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

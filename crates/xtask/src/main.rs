@@ -5,6 +5,7 @@
 //! `cargo run -p xtask -- up`: the same set-up, then a local control plane (etcd, apiserver,
 //! controller-manager, scheduler) with `deploy/*.yaml` applied, in the foreground until Ctrl-C.
 
+mod seed;
 mod setup;
 
 use std::process::Command;
@@ -76,7 +77,8 @@ fn main() -> Result<()> {
         }
         Task::Up => {
             setup::all()?;
-            up()
+            let bin_dir = seed::build_binaries()?;
+            up(&bin_dir)
         }
     }
 }
@@ -115,7 +117,7 @@ fn workspace_root() -> Result<std::path::PathBuf> {
         .context("xtask must live at crates/xtask")
 }
 
-fn up() -> Result<()> {
+fn up(bin_dir: &std::path::Path) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         eprintln!("==> starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler");
@@ -132,6 +134,18 @@ fn up() -> Result<()> {
         let kubectl = k8s_bin_dir().join("kubectl");
         let kubeconfig = cluster.kubeconfig_path().display().to_string();
         apply_deploy(&kubectl, &kubeconfig)?;
+        let client = cluster.client().await?;
+        seed::frontend(&client).await.context("starting the frontend replicas")?;
+        let ingress = seed::start_ingress(&cluster, bin_dir)?;
+        if let Err(e) = seed::wait_served().await {
+            let slices = Command::new(&kubectl)
+                .args(["--kubeconfig", &kubeconfig, "get", "endpointslices,pods", "-A", "-o", "wide"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            bail!("{e}\n{slices}\ningress-controller log:\n{}", ingress.log_tail(4000));
+        }
+        let (host, http, https) = (seed::HOST, seed::HTTP_PORT, seed::HTTPS_PORT);
         println!();
         println!(
             "Control plane is up (Kubernetes v1.20.2 on {}).",
@@ -143,6 +157,11 @@ fn up() -> Result<()> {
             kubectl.display()
         );
         println!("  logs:       {}", cluster.dir().display());
+        println!();
+        println!("household-task-manager through the ingress controller (two frontend replicas):");
+        println!("  curl -i --resolve {host}:{http}:127.0.0.1 http://{host}:{http}/      # 308 to HTTPS");
+        println!("  curl -k --resolve {host}:{https}:127.0.0.1 https://{host}:{https}/   # fake cert until cert-manager");
+        println!("  metrics: curl http://127.0.0.1:10254/metrics");
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
@@ -151,21 +170,19 @@ fn up() -> Result<()> {
     })
 }
 
-/// Applies the cluster-level manifests in `deploy/*.yaml` (namespaces, CRDs, RBAC, classes).
+/// Applies `deploy/namespaces.yaml`, then everything under `deploy/`.
 fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
-    let mut files: Vec<_> = std::fs::read_dir("deploy")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    for file in files {
+    for args in [
+        vec!["apply", "-f", "deploy/namespaces.yaml"],
+        vec!["apply", "-R", "-f", "deploy/"],
+    ] {
         let status = Command::new(kubectl)
-            .args(["--kubeconfig", kubeconfig, "apply", "-f"])
-            .arg(&file)
+            .args(["--kubeconfig", kubeconfig])
+            .args(&args)
             .status()
-            .with_context(|| format!("kubectl apply -f {}", file.display()))?;
+            .with_context(|| format!("kubectl {}", args.join(" ")))?;
         if !status.success() {
-            bail!("kubectl apply -f {} failed", file.display());
+            bail!("kubectl {} failed", args.join(" "));
         }
     }
     Ok(())

@@ -1,0 +1,164 @@
+//! The seed cluster for `up`: the components as local processes, and the kubelet's part for the
+//! sample app (Nodes, Pods with a Ready status, and the replicas themselves on loopback).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use integration_tests::kube::Cluster;
+use integration_tests::process::ManagedProcess;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub const HOST: &str = "household-task-mgr.duckdns.org";
+pub const HTTP_PORT: u16 = 18080;
+pub const HTTPS_PORT: u16 = 18443;
+const FRONTEND_PORT: u16 = 18081;
+const NODES: [&str; 3] = ["pi-1", "pi-2", "pi-3"];
+
+/// Builds the component binaries `up` runs.
+pub fn build_binaries() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "ingress",
+            "--bin",
+            "ingress-controller",
+        ])
+        .status()
+        .context("cargo build ingress-controller")?;
+    if !status.success() {
+        bail!("building ingress-controller failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    Ok(target.join("debug"))
+}
+
+/// Starts the ingress controller against `cluster`.
+pub fn start_ingress(cluster: &Cluster, bin_dir: &Path) -> Result<ManagedProcess> {
+    let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    ManagedProcess::spawn(
+        "ingress-controller",
+        &bin_dir.join("ingress-controller"),
+        &[
+            format!("--kubeconfig={kubeconfig}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--http-port={HTTP_PORT}"),
+            format!("--https-port={HTTPS_PORT}"),
+            "--healthz-port=10254".into(),
+            "--configmap=ingress-nginx/ingress-nginx-controller".into(),
+            "--publish-service=ingress-nginx/ingress-nginx-controller".into(),
+            "--leader-election-namespace=ingress-nginx".into(),
+        ],
+        &[],
+        &cluster.dir().join("ingress-controller.log"),
+    )
+    .context("starting ingress-controller")
+}
+
+/// Two frontend replicas on 127.0.0.1 and 127.0.0.2, registered as Ready Pods on pi nodes.
+pub async fn frontend(client: &Client) -> Result<()> {
+    for (i, ip) in ["127.0.0.1", "127.0.0.2"].into_iter().enumerate() {
+        let addr: SocketAddr = format!("{ip}:{FRONTEND_PORT}").parse()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding frontend replica {addr}"))?;
+        tokio::spawn(serve_replica(listener, i));
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    for name in NODES {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/arch": "arm64", "kubernetes.io/hostname": name}}
+        }))?;
+        match nodes.create(&PostParams::default(), &node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "household-task-manager");
+    for (i, ip) in ["127.0.0.1", "127.0.0.2"].into_iter().enumerate() {
+        let name = format!("frontend-{i}");
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "household-task-manager", "labels": {"app": "frontend"}},
+            "spec": {"nodeName": NODES[i], "containers": [{"name": "frontend", "image": "household-task-manager/frontend",
+                     "ports": [{"containerPort": FRONTEND_PORT, "name": "http"}]}]}
+        }))?;
+        pods.patch(
+            &name,
+            &PatchParams::apply("homecluster-up").force(),
+            &Patch::Apply(pod),
+        )
+        .await?;
+        // The kubelet's part: the Pod runs and is Ready at its address.
+        let status = json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]
+        }});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await?;
+    }
+    Ok(())
+}
+
+/// A minimal frontend replica: a fixed page naming the replica.
+async fn serve_replica(listener: TcpListener, replica: usize) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut seen = Vec::new();
+            // Read the request head; the body of a GET is empty.
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("household-task-manager frontend, replica {replica}\n");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Waits until the proxy serves the household host over HTTPS.
+pub async fn wait_served() -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "2",
+                "--resolve",
+                &format!("{HOST}:{HTTPS_PORT}:127.0.0.1"),
+                &format!("https://{HOST}:{HTTPS_PORT}/"),
+            ])
+            .output();
+        if let Ok(out) = out
+            && String::from_utf8_lossy(&out.stdout).contains("frontend, replica")
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the ingress controller did not serve {HOST} within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
