@@ -80,6 +80,35 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     let caches = Caches::start(mgr, configmap.as_ref())
         .await
         .context("starting watches")?;
+    let (generations, generation_rx) = tokio::sync::watch::channel(0u64);
+    if let Some(publish) = object_key("publish-service", args.publish_service.as_ref())? {
+        let (ingresses, services) = (caches.ingresses.clone(), caches.services.clone());
+        let (mgr2, proxy2, le) = (mgr.clone(), proxy.clone(), args.common.leader_election.clone());
+        let election_id = args.election_id.clone();
+        tokio::spawn(async move {
+            // Every replica keeps serving; only the Lease holder writes status. After losing
+            // the Lease, stand as a candidate again.
+            while !mgr2.shutdown.is_cancelled() {
+                let result = mgr2
+                    .run_leader_elected(&le, &election_id, |leading| {
+                        crate::status::publish_loop(
+                            mgr2.client.clone(),
+                            publish.clone(),
+                            ingresses.clone(),
+                            services.clone(),
+                            proxy2.clone(),
+                            generation_rx.clone(),
+                            leading,
+                        )
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "status leader election ended");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        });
+    }
     tokio::spawn(sync_loop(
         mgr.clone(),
         caches,
@@ -88,6 +117,7 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         tls,
         metrics,
         mgr.recorder("nginx-ingress-controller"),
+        generations,
     ));
     tokio::spawn(crate::server::serve(
         http_listener,

@@ -128,6 +128,7 @@ pub async fn sync_loop(
     tls: Arc<TlsStore>,
     metrics: Metrics,
     recorder: Recorder,
+    generations: tokio::sync::watch::Sender<u64>,
 ) {
     let ready = mgr.readiness.register("ingress/first-sync");
     tokio::select! {
@@ -152,6 +153,7 @@ pub async fn sync_loop(
         }
         metrics.config_hash.set(generation as i64);
         ready.set(true);
+        generations.send_replace(generation);
         tracing::debug!(generation, took = ?started.elapsed(), "routing snapshot swapped");
         for p in built.problems {
             tracing::warn!(object = ?p.object.name, reason = p.reason, message = %p.message, "configuration problem");

@@ -14,5 +14,6 @@ pub mod path_rules;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;
+pub mod status;
 pub mod tls_store;
 pub mod values;

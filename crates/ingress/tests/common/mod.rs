@@ -55,8 +55,10 @@ pub async fn env(prefix: &str, extra_args: &[&str]) -> Env {
         "--https-port=0",
         "--healthz-port=0",
         "--bind-address=127.0.0.1",
-        "--leader-elect=false",
     ];
+    if !extra_args.iter().any(|a| a.starts_with("--leader-elect=")) {
+        args.push("--leader-elect=false");
+    }
     args.extend_from_slice(extra_args);
     let args = Args::parse_from(args);
     let shutdown = CancellationToken::new();
