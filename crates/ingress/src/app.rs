@@ -19,6 +19,8 @@ use crate::tls_store::{TlsStore, fake_certificate, server_config};
 
 /// What `start` brought up.
 pub struct Running {
+    /// The admission webhook's address, when `--validating-webhook` is set.
+    pub webhook: Option<SocketAddr>,
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub health: SocketAddr,
@@ -80,10 +82,20 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     let caches = Caches::start(mgr, configmap.as_ref())
         .await
         .context("starting watches")?;
+    let webhook = match &args.validating_webhook {
+        None => None,
+        Some(addr) => {
+            Some(start_webhook(mgr, args, addr, &caches, &proxy, &opts_class(args)).await?)
+        }
+    };
     let (generations, generation_rx) = tokio::sync::watch::channel(0u64);
     if let Some(publish) = object_key("publish-service", args.publish_service.as_ref())? {
         let (ingresses, services) = (caches.ingresses.clone(), caches.services.clone());
-        let (mgr2, proxy2, le) = (mgr.clone(), proxy.clone(), args.common.leader_election.clone());
+        let (mgr2, proxy2, le) = (
+            mgr.clone(),
+            proxy.clone(),
+            args.common.leader_election.clone(),
+        );
         let election_id = args.election_id.clone();
         tokio::spawn(async move {
             // Every replica keeps serving; only the Lease holder writes status. After losing
@@ -138,9 +150,61 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     let health = mgr.serve_health(health_addr).await?;
     tracing::info!(%http, %https, %health, "ingress controller serving");
     Ok(Running {
+        webhook,
         http,
         https,
         health,
         proxy,
     })
+}
+
+fn opts_class(args: &Args) -> ClassSelector {
+    ClassSelector {
+        controller_class: args.controller_class.clone(),
+        ingress_class: args.ingress_class.clone(),
+        watch_without_class: args.watch_ingress_without_class,
+    }
+}
+
+/// `--validating-webhook` (`:8443` or `IP:PORT`) with its certificate and key files.
+async fn start_webhook(
+    mgr: &Manager,
+    args: &Args,
+    addr: &str,
+    caches: &Caches,
+    proxy: &Arc<Proxy>,
+    class: &ClassSelector,
+) -> Result<SocketAddr> {
+    let addr: SocketAddr = if let Some(port) = addr.strip_prefix(':') {
+        SocketAddr::new(
+            args.bind_address,
+            port.parse().context("--validating-webhook port")?,
+        )
+    } else {
+        addr.parse()
+            .context("--validating-webhook must be :PORT or IP:PORT")?
+    };
+    let (Some(cert), Some(key)) = (
+        &args.validating_webhook_certificate,
+        &args.validating_webhook_key,
+    ) else {
+        anyhow::bail!(
+            "--validating-webhook needs --validating-webhook-certificate and --validating-webhook-key"
+        );
+    };
+    let cert_pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let key_pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    let loaded = crate::tls_store::load_pem(&cert_pem, &key_pem).context("webhook certificate")?;
+    let mut table = crate::tls_store::CertTable::new(loaded.key);
+    table.reject_unknown = false;
+    let store = Arc::new(TlsStore::new(table));
+    let tls = server_config(store, &["TLSv1.2".into(), "TLSv1.3".into()], false);
+    let validator = crate::webhook::Validator {
+        class: class.clone(),
+        classes: caches.classes.clone(),
+        proxy: proxy.clone(),
+    };
+    let bound = crate::webhook::serve(addr, tls, validator, mgr.shutdown.clone()).await?;
+    tracing::info!(address = %bound, "validating webhook serving");
+    Ok(bound)
 }

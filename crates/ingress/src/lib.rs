@@ -17,3 +17,4 @@ pub mod snapshot;
 pub mod status;
 pub mod tls_store;
 pub mod values;
+pub mod webhook;

@@ -77,7 +77,8 @@ pub async fn publish_loop(
     leading: CancellationToken,
 ) {
     loop {
-        let Some(service) = services.get(&ObjectRef::new(&publish.name).within(&publish.namespace)) else {
+        let Some(service) = services.get(&ObjectRef::new(&publish.name).within(&publish.namespace))
+        else {
             tracing::warn!(service = %publish, "--publish-service not found; Ingress status not updated");
             if wait(&mut generations, &leading).await {
                 continue;
@@ -136,10 +137,17 @@ mod tests {
 
     #[test]
     fn address_preference() {
-        let lb = svc(json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]},
-            "status": {"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}, {"hostname": "lb.example"}]}}}));
-        assert_eq!(addresses(&lb), vec![json!({"ip": "5.6.7.8"}), json!({"hostname": "lb.example"})]);
-        let ext = svc(json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]}}));
+        let lb = svc(
+            json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "5.6.7.8"}, {"hostname": "lb.example"}]}}}),
+        );
+        assert_eq!(
+            addresses(&lb),
+            vec![json!({"ip": "5.6.7.8"}), json!({"hostname": "lb.example"})]
+        );
+        let ext = svc(
+            json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.1", "externalIPs": ["1.2.3.4"]}}),
+        );
         assert_eq!(addresses(&ext), vec![json!({"ip": "1.2.3.4"})]);
         let cip = svc(json!({"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.1"}}));
         assert_eq!(addresses(&cip), vec![json!({"ip": "10.0.0.1"})]);

@@ -242,7 +242,9 @@ async fn invalid_ingress_keeps_last_good_version_and_raises_event() {
 
 #[tokio::test]
 async fn publish_service_address_goes_to_ingress_status() {
-    let cluster = integration_tests::kube::Cluster::shared().await.expect("cluster");
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
     let client = cluster.client().await.expect("client");
     let ns = cluster.namespace("publish").await.expect("ns");
     let b = backend("p").await;
@@ -256,25 +258,42 @@ async fn publish_service_address_goes_to_ingress_status() {
     let lease_ns = format!("--leader-election-namespace={ns}");
     let env = env("publish2", &[&publish, "--leader-elect=true", &lease_ns]).await;
     let host = format!("{}.example", env.ns);
-    apply_ingress(&env.client, &env.ns, simple_ingress("mine", &host, "/", "Prefix", "p")).await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("mine", &host, "/", "Prefix", "p"),
+    )
+    .await;
     let mut other = simple_ingress("theirs", &format!("other.{host}"), "/", "Prefix", "p");
     other["spec"]["ingressClassName"] = json!("someone-else");
     ensure_class(&env.client, "someone-else", "example.com/other").await;
     apply_ingress(&env.client, &env.ns, other).await;
-    let api = kube::Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(env.client.clone(), &env.ns);
+    let api = kube::Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(
+        env.client.clone(),
+        &env.ns,
+    );
     let status_ip = |name: &'static str| {
         let api = api.clone();
         async move {
-            api.get(name).await.ok().and_then(|i| {
-                i.status?.load_balancer?.ingress?.first()?.ip.clone()
-            })
+            api.get(name)
+                .await
+                .ok()
+                .and_then(|i| i.status?.load_balancer?.ingress?.first()?.ip.clone())
         }
     };
-    eventually("status published", WAIT, || async { status_ip("mine").await.as_deref() == Some(cluster_ip.as_str()) }).await;
-    assert_eq!(status_ip("theirs").await, None, "another class's Ingress is left alone");
-    let lease = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(env.client.clone(), &ns)
-        .get("ingress-nginx-leader")
-        .await
-        .expect("status writer holds the election-id Lease");
+    eventually("status published", WAIT, || async {
+        status_ip("mine").await.as_deref() == Some(cluster_ip.as_str())
+    })
+    .await;
+    assert_eq!(
+        status_ip("theirs").await,
+        None,
+        "another class's Ingress is left alone"
+    );
+    let lease =
+        kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(env.client.clone(), &ns)
+            .get("ingress-nginx-leader")
+            .await
+            .expect("status writer holds the election-id Lease");
     assert!(lease.spec.and_then(|s| s.holder_identity).is_some());
 }
