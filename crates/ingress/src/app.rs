@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 use kube_common::Manager;
 
 use crate::cli::Args;
-use crate::controller::{Caches, sync_loop};
+use crate::controller::{Caches, Outputs, sync_loop};
 use crate::ingress_class::ClassSelector;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -125,11 +125,13 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         mgr.clone(),
         caches,
         builder,
-        proxy.clone(),
-        tls,
-        metrics,
-        mgr.recorder("nginx-ingress-controller"),
-        generations,
+        Outputs {
+            proxy: proxy.clone(),
+            tls,
+            metrics,
+            recorder: mgr.recorder("nginx-ingress-controller"),
+            generations,
+        },
     ));
     tokio::spawn(crate::server::serve(
         http_listener,

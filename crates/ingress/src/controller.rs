@@ -119,17 +119,25 @@ impl Caches {
     }
 }
 
+/// Where a new generation goes: the proxy, the certificate store, the metrics, and the
+/// status writer (which waits for generations).
+pub struct Outputs {
+    pub proxy: Arc<Proxy>,
+    pub tls: Arc<TlsStore>,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub generations: tokio::sync::watch::Sender<u64>,
+}
+
 /// Rebuilds and swaps on every change until shutdown. `/readyz` waits for the first build.
-pub async fn sync_loop(
-    mgr: Manager,
-    caches: Caches,
-    mut builder: Builder,
-    proxy: Arc<Proxy>,
-    tls: Arc<TlsStore>,
-    metrics: Metrics,
-    recorder: Recorder,
-    generations: tokio::sync::watch::Sender<u64>,
-) {
+pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: Outputs) {
+    let Outputs {
+        proxy,
+        tls,
+        metrics,
+        recorder,
+        generations,
+    } = out;
     let ready = mgr.readiness.register("ingress/first-sync");
     tokio::select! {
         _ = mgr.shutdown.cancelled() => return,

@@ -56,14 +56,13 @@ pub fn addresses(service: &Service) -> Vec<Value> {
 }
 
 fn current(ingress: &Ingress) -> Value {
-    let entries = ingress
+    ingress
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
         .map(|v| serde_json::to_value(v).unwrap_or(Value::Null))
-        .unwrap_or_else(|| json!([]));
-    entries
+        .unwrap_or_else(|| json!([]))
 }
 
 /// Runs while `leading` is not cancelled; rechecks on every new snapshot generation.
