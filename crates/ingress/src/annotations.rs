@@ -52,7 +52,24 @@ pub struct Annotations {
     pub x_forwarded_prefix: Option<String>,
     pub service_upstream: bool,
     pub limit_rps: Option<u32>,
+    /// Burst = rate × this; upstream's default is 5.
+    pub limit_burst_multiplier: Option<u32>,
     pub limit_connections: Option<u32>,
+    /// Clients exempt from limit-rps / limit-connections.
+    pub limit_whitelist: Vec<IpNet>,
+    /// Some when `enable-cors` is true.
+    pub cors: Option<crate::cors::Cors>,
+    /// `auth-type: basic` with its Secret (`name` or `namespace/name`) and realm.
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// `auth-type: basic` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub secret: String,
+    pub realm: String,
+    /// `auth-file` (key `auth` holds an htpasswd file) or `auth-map` (user → hash keys).
+    pub map: bool,
 }
 
 impl Annotations {
@@ -63,6 +80,7 @@ impl Annotations {
         let Some(all) = all else {
             return Ok(a);
         };
+        let get = |k: &str| lookup(all, k);
         for (full_key, value) in all {
             let Some(key) = full_key.strip_prefix(PREFIX) else {
                 continue;
@@ -70,6 +88,44 @@ impl Annotations {
             if let Err(e) = a.set(key, value) {
                 errors.push(e);
             }
+        }
+        // Grouped annotations: read together once the switches are known.
+        if a.cors.is_some()
+            && let Err(e) = a.set_cors(all)
+        {
+            errors.push(e);
+        }
+        match get("auth-type") {
+            None => {}
+            Some("basic") => match get("auth-secret") {
+                Some(secret) if !secret.trim().is_empty() => {
+                    let map = match get("auth-secret-type").unwrap_or("auth-file") {
+                        "auth-file" => false,
+                        "auth-map" => true,
+                        other => {
+                            errors.push(err(
+                                "auth-secret-type",
+                                other,
+                                "expected auth-file or auth-map",
+                            ));
+                            false
+                        }
+                    };
+                    a.basic_auth = Some(BasicAuth {
+                        secret: secret.trim().to_string(),
+                        realm: get("auth-realm")
+                            .unwrap_or("Authentication Required")
+                            .to_string(),
+                        map,
+                    });
+                }
+                _ => errors.push(err("auth-secret", "", "auth-type basic needs auth-secret")),
+            },
+            Some(other) => errors.push(err(
+                "auth-type",
+                other,
+                "only basic is supported (digest is not)",
+            )),
         }
         if errors.is_empty() {
             Ok(a)
@@ -139,6 +195,19 @@ impl Annotations {
             "service-upstream" => self.service_upstream = parse_bool(key, v)?,
             "limit-rps" => self.limit_rps = Some(parse_u32(key, v)?),
             "limit-connections" => self.limit_connections = Some(parse_u32(key, v)?),
+            "limit-burst-multiplier" => self.limit_burst_multiplier = Some(parse_u32(key, v)?),
+            "limit-whitelist" | "limit-allowlist" => self.limit_whitelist = parse_cidrs(key, v)?,
+            "enable-cors" => {
+                self.cors = parse_bool(key, v)?.then(crate::cors::Cors::default);
+            }
+            // Read in `set_cors` / with auth-type once the switch is known.
+            "cors-allow-origin"
+            | "cors-allow-methods"
+            | "cors-allow-headers"
+            | "cors-expose-headers"
+            | "cors-allow-credentials"
+            | "cors-max-age" => {}
+            "auth-type" | "auth-secret" | "auth-realm" | "auth-secret-type" => {}
             k if k.ends_with("-snippet") || k == "configuration-snippet" => {
                 return Err(err(
                     key,
@@ -152,10 +221,52 @@ impl Annotations {
         Ok(())
     }
 
+    fn set_cors(&mut self, all: &BTreeMap<String, String>) -> Result<(), ValueError> {
+        let get = |k: &str| lookup(all, k);
+        let Some(cors) = self.cors.as_mut() else {
+            return Ok(());
+        };
+        if let Some(v) = get("cors-allow-origin") {
+            cors.allow_origin = v
+                .split(',')
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect();
+            if cors.allow_origin.is_empty() {
+                return Err(err(
+                    "cors-allow-origin",
+                    v,
+                    "expected * or a list of origins",
+                ));
+            }
+        }
+        if let Some(v) = get("cors-allow-methods") {
+            cors.allow_methods = header_value("cors-allow-methods", v)?;
+        }
+        if let Some(v) = get("cors-allow-headers") {
+            cors.allow_headers = header_value("cors-allow-headers", v)?;
+        }
+        if let Some(v) = get("cors-expose-headers") {
+            cors.expose_headers = header_value("cors-expose-headers", v)?;
+        }
+        if let Some(v) = get("cors-allow-credentials") {
+            cors.allow_credentials = parse_bool("cors-allow-credentials", v)?;
+        }
+        if let Some(v) = get("cors-max-age") {
+            cors.max_age = parse_u32("cors-max-age", v)?;
+        }
+        Ok(())
+    }
+
     /// Whether this Ingress switches its hosts to regex matching.
     pub fn forces_regex(&self) -> bool {
         self.use_regex || self.rewrite_target.is_some()
     }
+}
+
+/// An annotation value by its short name.
+fn lookup<'a>(all: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    all.get(&format!("{PREFIX}{key}")).map(String::as_str)
 }
 
 fn path_like(key: &str, v: &str) -> Result<String, ValueError> {
@@ -229,6 +340,39 @@ mod tests {
             })
         );
         assert!(a.forces_regex());
+    }
+
+    #[test]
+    fn cors_and_basic_auth() {
+        let a = parse(&[
+            ("enable-cors", "true"),
+            (
+                "cors-allow-origin",
+                "https://a.example, https://*.b.example",
+            ),
+            ("cors-max-age", "60"),
+            ("auth-type", "basic"),
+            ("auth-secret", "users"),
+        ])
+        .expect("valid");
+        let cors = a.cors.expect("cors on");
+        assert_eq!(cors.allow_origin.len(), 2);
+        assert_eq!(cors.max_age, 60);
+        assert_eq!(
+            a.basic_auth,
+            Some(BasicAuth {
+                secret: "users".into(),
+                realm: "Authentication Required".into(),
+                map: false
+            })
+        );
+        assert!(parse(&[("auth-type", "basic")]).is_err());
+        assert!(parse(&[("auth-type", "digest"), ("auth-secret", "x")]).is_err());
+        // cors-* without enable-cors changes nothing.
+        assert_eq!(
+            parse(&[("cors-max-age", "junk")]).expect("ignored").cors,
+            None
+        );
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Starts watching. Secrets are limited to `kubernetes.io/tls`, the ConfigMap to the one
-    /// named by `--configmap`.
+    /// Starts watching. Secrets are all watched (TLS and basic-auth Secrets of any type, as
+    /// upstream); the ConfigMap only the one named by `--configmap`.
     pub async fn start(mgr: &Manager, configmap: Option<&ObjectKey>) -> Result<Self, kube::Error> {
         let client = mgr.client.clone();
         let changed = Arc::new(Notify::new());
@@ -71,7 +71,7 @@ impl Caches {
             secrets: mgr.reflect(
                 "secrets",
                 Api::all(client.clone()),
-                all().fields("type=kubernetes.io/tls"),
+                all(),
                 (),
                 changed.clone(),
             ),

@@ -4,14 +4,17 @@
 
 pub mod annotations;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod cors;
 pub mod endpoints;
 pub mod ingress_class;
 pub mod metrics;
 pub mod path_rules;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
 pub mod snapshot;
 pub mod status;

@@ -21,7 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::annotations::BackendProtocol;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::path_rules::{Match, normalize_host};
-use crate::snapshot::{Location, Snapshot, Target, Upstream};
+use crate::ratelimit::{ConnLimiter, RateLimiter};
+use crate::snapshot::{AuthUsers, Location, Snapshot, Target, Upstream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -48,6 +49,53 @@ pub struct Proxy {
     metrics: Metrics,
     https_port: u16,
     request_ids: RequestIds,
+    limits: Limits,
+}
+
+/// Limiter state per location, kept across configuration generations.
+#[derive(Default)]
+struct Limits {
+    rate: std::sync::Mutex<std::collections::HashMap<String, Arc<RateLimiter>>>,
+    conn: std::sync::Mutex<std::collections::HashMap<String, Arc<ConnLimiter>>>,
+}
+
+impl Limits {
+    fn key(location: &Location) -> String {
+        let ingress = location
+            .ingress
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_default();
+        format!("{ingress}|{}|{}", location.host, location.path)
+    }
+
+    fn rate(&self, location: &Location, rps: u32, burst: u32) -> Arc<RateLimiter> {
+        let mut map = self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = map
+            .entry(Self::key(location))
+            .or_insert_with(|| Arc::new(RateLimiter::new(rps, burst)));
+        if !entry.same_settings(rps, burst) {
+            *entry = Arc::new(RateLimiter::new(rps, burst));
+        }
+        entry.clone()
+    }
+
+    fn conn(&self, location: &Location, limit: u32) -> Arc<ConnLimiter> {
+        let mut map = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = map
+            .entry(Self::key(location))
+            .or_insert_with(|| Arc::new(ConnLimiter::new(limit)));
+        if entry.limit() != limit {
+            *entry = Arc::new(ConnLimiter::new(limit));
+        }
+        entry.clone()
+    }
 }
 
 impl Proxy {
@@ -94,6 +142,7 @@ impl Proxy {
             metrics,
             https_port,
             request_ids: RequestIds::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -197,24 +246,9 @@ impl Proxy {
         if cfg.block_cidrs.iter().any(|n| n.contains(&client_ip)) {
             return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
         }
-        // HTTP-01 challenge locations are exempt from redirects and source-range limits.
+        // nginx's phase order: rewrite (redirects, CORS preflight), preaccess (limits), access
+        // (source ranges, basic auth). HTTP-01 challenge locations skip redirects and access.
         let acme = location.path.starts_with(ACME_PREFIX);
-        if !acme {
-            let allow = ann
-                .whitelist_source_range
-                .as_ref()
-                .unwrap_or(&cfg.whitelist_source_range);
-            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&client_ip)) {
-                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
-            }
-            let deny = ann
-                .denylist_source_range
-                .as_ref()
-                .unwrap_or(&cfg.denylist_source_range);
-            if deny.iter().any(|n| n.contains(&client_ip)) {
-                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
-            }
-        }
         if let Some(r) = ann
             .permanent_redirect
             .as_ref()
@@ -239,6 +273,79 @@ impl Proxy {
             && path == "/"
         {
             return redirect(302, root);
+        }
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_string);
+        if let Some(cors) = &ann.cors
+            && req.method() == Method::OPTIONS
+        {
+            let mut r = plain(StatusCode::NO_CONTENT, "");
+            cors.preflight_headers(origin.as_deref(), r.headers_mut());
+            return r;
+        }
+        let exempt = ann.limit_whitelist.iter().any(|n| n.contains(&client_ip));
+        let _conn_slot = match (&ann.limit_connections, exempt) {
+            (Some(limit), false) => match self.limits.conn(location, *limit).acquire(client_ip) {
+                Some(slot) => Some(slot),
+                None => return status_only(cfg.limit_conn_status_code),
+            },
+            _ => None,
+        };
+        if let (Some(rps), false) = (ann.limit_rps, exempt) {
+            let limiter = self
+                .limits
+                .rate(location, rps, ann.limit_burst_multiplier.unwrap_or(5));
+            if !limiter.allow(client_ip, Instant::now()) {
+                return status_only(cfg.limit_req_status_code);
+            }
+        }
+        if !acme {
+            let allow = ann
+                .whitelist_source_range
+                .as_ref()
+                .unwrap_or(&cfg.whitelist_source_range);
+            if !allow.is_empty() && !allow.iter().any(|n| n.contains(&client_ip)) {
+                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
+            }
+            let deny = ann
+                .denylist_source_range
+                .as_ref()
+                .unwrap_or(&cfg.denylist_source_range);
+            if deny.iter().any(|n| n.contains(&client_ip)) {
+                return plain(StatusCode::FORBIDDEN, "403 Forbidden\n");
+            }
+            match &location.auth {
+                None => {}
+                Some(AuthUsers::Unavailable) => {
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "503 Service Temporarily Unavailable\n",
+                    );
+                }
+                Some(AuthUsers::Users(users)) => {
+                    let header = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    if !users.check_header(header) {
+                        let mut r = plain(StatusCode::UNAUTHORIZED, "401 Authorization Required\n");
+                        let realm = ann
+                            .basic_auth
+                            .as_ref()
+                            .map_or("Authentication Required", |b| b.realm.as_str());
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "Basic realm=\"{}\"",
+                            realm.replace('"', "")
+                        )) {
+                            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                        }
+                        return r;
+                    }
+                }
+            }
         }
         let backend = match &location.target {
             Target::BuiltIn404 => {
@@ -407,6 +514,9 @@ impl Proxy {
         }
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
+        if let Some(cors) = &ann.cors {
+            cors.response_headers(origin.as_deref(), &mut rparts.headers);
+        }
         if conn.tls
             && let Some(hsts) = cfg.hsts_header()
             && let Ok(v) = HeaderValue::from_str(&hsts)
@@ -559,6 +669,12 @@ pub fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+fn status_only(code: u16) -> Response<Body> {
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "");
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     r
 }
 

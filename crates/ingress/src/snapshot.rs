@@ -109,6 +109,16 @@ pub struct Location {
     pub annotations: Arc<Annotations>,
     /// The defining Ingress lists this host under `tls` (ssl-redirect applies).
     pub tls: bool,
+    /// Basic auth users, when the Ingress asks for it.
+    pub auth: Option<AuthUsers>,
+}
+
+/// Users for `auth-type: basic`; `Unavailable` when the Secret is missing or unusable (then
+/// every request is refused, as nginx refuses when its auth file is missing).
+#[derive(Clone, Debug)]
+pub enum AuthUsers {
+    Users(Arc<crate::auth::Htpasswd>),
+    Unavailable,
 }
 
 /// One configuration generation.
@@ -238,6 +248,44 @@ pub fn validate(ingress: &Ingress) -> Result<Arc<Annotations>, Vec<String>> {
         Some(a) if problems.is_empty() => Ok(Arc::new(a)),
         _ => Err(problems),
     }
+}
+
+/// Reads the users of `auth-secret` (same namespace only, as upstream's default).
+fn auth_users(
+    ns: &str,
+    basic: &crate::annotations::BasicAuth,
+    secrets: &HashMap<ObjectKey, &Secret>,
+) -> Result<crate::auth::Htpasswd, String> {
+    let (secret_ns, name) = match basic.secret.split_once('/') {
+        Some((n, name)) => (n, name),
+        None => (ns, basic.secret.as_str()),
+    };
+    if secret_ns != ns {
+        return Err(format!(
+            "auth-secret {} is in another namespace; cross-namespace references are not allowed",
+            basic.secret
+        ));
+    }
+    let key = ObjectKey {
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    let secret = secrets
+        .get(&key)
+        .ok_or_else(|| format!("auth-secret {key} not found; requests are refused"))?;
+    let data = secret.data.clone().unwrap_or_default();
+    let text = if basic.map {
+        data.iter()
+            .map(|(user, hash)| format!("{user}:{}", String::from_utf8_lossy(&hash.0).trim()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        let auth = data
+            .get("auth")
+            .ok_or_else(|| format!("auth-secret {key} has no key \"auth\""))?;
+        String::from_utf8_lossy(&auth.0).into_owned()
+    };
+    crate::auth::Htpasswd::parse(&text).map_err(|e| format!("auth-secret {key}: {e}"))
 }
 
 fn key_of<K: Resource>(obj: &K) -> ObjectKey {
@@ -514,6 +562,7 @@ impl Builder {
             },
             annotations: Arc::default(),
             tls: false,
+            auth: None,
         });
 
         let mut host_rules: BTreeMap<String, Vec<PathRule<Arc<Location>>>> = BTreeMap::new();
@@ -562,6 +611,16 @@ impl Builder {
                 }
             }
             let rules = spec.rules.as_deref().unwrap_or_default();
+            let auth = ann
+                .basic_auth
+                .as_ref()
+                .map(|basic| match auth_users(ns, basic, &secrets) {
+                    Ok(users) => AuthUsers::Users(Arc::new(users)),
+                    Err(msg) => {
+                        self.report(&mut problems, ing.as_ref(), "InvalidAuthSecret", msg);
+                        AuthUsers::Unavailable
+                    }
+                });
             if let Some(b) = &spec.default_backend {
                 let loc = Arc::new(Location {
                     ingress: Some(key.clone()),
@@ -571,6 +630,7 @@ impl Builder {
                     target: target_for(ns, b, ann.service_upstream),
                     annotations: ann.clone(),
                     tls: false,
+                    auth: auth.clone(),
                 });
                 if rules.is_empty() {
                     catch_all_default.get_or_insert(loc);
@@ -600,6 +660,7 @@ impl Builder {
                         target: target_for(ns, &path.backend, ann.service_upstream),
                         annotations: ann.clone(),
                         tls: tls_hosts.contains(&host),
+                        auth: auth.clone(),
                     });
                     host_rules.entry(host.clone()).or_default().push(PathRule {
                         path: p,

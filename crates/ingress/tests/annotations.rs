@@ -187,3 +187,157 @@ async fn default_backend_service_flag() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn cors_basic_auth_and_rate_limits() {
+    use base64::Engine;
+    let env = env("policies", &[]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let ns = env.ns.clone();
+    let host = |p: &str| format!("{p}.{ns}.example");
+    let http = env.running.http;
+    // htpasswd -nbm foo bar style user (apr1), as `htpasswd -c auth foo` writes.
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "basic-auth", "namespace": env.ns},
+        "stringData": {"auth": "foo:$apr1$abcdefgh$FBwExRW4dCc8aL.OvjpIE1\n"}
+    })).expect("secret");
+    kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(env.client.clone(), &env.ns)
+        .create(&Default::default(), &secret)
+        .await
+        .expect("auth secret");
+
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("cors", &host("cors"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/enable-cors": "true",
+               "nginx.ingress.kubernetes.io/cors-allow-origin": "https://app.example.com"}),
+        ),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("auth", &host("auth"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/auth-type": "basic",
+               "nginx.ingress.kubernetes.io/auth-secret": "basic-auth",
+               "nginx.ingress.kubernetes.io/auth-realm": "Household"}),
+        ),
+    )
+    .await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("limited", &host("rl"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/limit-rps": "1",
+               "nginx.ingress.kubernetes.io/limit-burst-multiplier": "2"}),
+        ),
+    )
+    .await;
+
+    eventually("cors served", WAIT, || async {
+        get(http, &host("cors"), "/").await.status == 200
+    })
+    .await;
+    let pre = request(
+        http,
+        &host("cors"),
+        "/",
+        "OPTIONS",
+        &[("origin", "https://app.example.com")],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(
+        pre.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(
+        pre.headers["access-control-allow-methods"],
+        "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+    );
+    let r = request(
+        http,
+        &host("cors"),
+        "/",
+        "GET",
+        &[("origin", "https://app.example.com")],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let r = request(
+        http,
+        &host("cors"),
+        "/",
+        "GET",
+        &[("origin", "https://evil.example")],
+        Default::default(),
+    )
+    .await;
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+
+    eventually("auth enforced", WAIT, || async {
+        get(http, &host("auth"), "/").await.status == 401
+    })
+    .await;
+    let r = get(http, &host("auth"), "/").await;
+    assert_eq!(r.headers["www-authenticate"], "Basic realm=\"Household\"");
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("foo:password")
+    );
+    let bad = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("foo:nope")
+    );
+    assert_eq!(
+        request(
+            http,
+            &host("auth"),
+            "/",
+            "GET",
+            &[("authorization", &good)],
+            Default::default()
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        request(
+            http,
+            &host("auth"),
+            "/",
+            "GET",
+            &[("authorization", &bad)],
+            Default::default()
+        )
+        .await
+        .status,
+        401
+    );
+
+    eventually("limited served", WAIT, || async {
+        get(http, &host("rl"), "/").await.status == 200
+    })
+    .await;
+    // Burst 2 (1 rps x 2): some of a quick run of 6 must be refused with 503.
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(get(http, &host("rl"), "/").await.status);
+    }
+    assert!(codes.contains(&503), "{codes:?}");
+    assert!(
+        codes.iter().filter(|c| **c == 200).count() <= 3,
+        "{codes:?}"
+    );
+}
