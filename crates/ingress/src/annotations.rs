@@ -61,6 +61,23 @@ pub struct Annotations {
     pub cors: Option<crate::cors::Cors>,
     /// `auth-type: basic` with its Secret (`name` or `namespace/name`) and realm.
     pub basic_auth: Option<BasicAuth>,
+    /// `affinity: cookie` and its `session-cookie-*` settings.
+    pub affinity: Option<CookieAffinity>,
+}
+
+/// Sticky sessions by cookie (ingress-nginx's `affinity: cookie`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CookieAffinity {
+    pub name: String,
+    pub path: String,
+    pub domain: Option<String>,
+    pub max_age: Option<u64>,
+    pub expires: Option<u64>,
+    pub samesite: Option<String>,
+    pub secure: bool,
+    /// `affinity-mode: persistent` keeps clients on their upstream even when it is busy;
+    /// both modes behave the same here (no load-based rebalancing yet).
+    pub persistent: bool,
 }
 
 /// `auth-type: basic` settings.
@@ -94,6 +111,70 @@ impl Annotations {
             && let Err(e) = a.set_cors(all)
         {
             errors.push(e);
+        }
+        match get("affinity") {
+            None => {}
+            Some("cookie") => {
+                let num = |k: &str| -> Result<Option<u64>, ValueError> {
+                    get(k)
+                        .map(|v| {
+                            v.trim()
+                                .parse::<u64>()
+                                .map_err(|_| err(k, v, "expected seconds"))
+                        })
+                        .transpose()
+                };
+                let samesite = match get("session-cookie-samesite") {
+                    None => None,
+                    Some(v @ ("Strict" | "Lax" | "None")) => Some(v.to_string()),
+                    Some(v) => {
+                        errors.push(err(
+                            "session-cookie-samesite",
+                            v,
+                            "expected Strict, Lax or None",
+                        ));
+                        None
+                    }
+                };
+                let secure = match get("session-cookie-secure")
+                    .map(|v| parse_bool("session-cookie-secure", v))
+                {
+                    Some(Err(e)) => {
+                        errors.push(e);
+                        false
+                    }
+                    Some(Ok(b)) => b,
+                    None => false,
+                };
+                let cookie_name = get("session-cookie-name").unwrap_or("INGRESSCOOKIE");
+                if cookie_name.is_empty()
+                    || !cookie_name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    errors.push(err(
+                        "session-cookie-name",
+                        cookie_name,
+                        "expected a cookie name",
+                    ));
+                }
+                match (num("session-cookie-max-age"), num("session-cookie-expires")) {
+                    (Ok(max_age), Ok(expires)) => {
+                        a.affinity = Some(CookieAffinity {
+                            name: cookie_name.to_string(),
+                            path: get("session-cookie-path").unwrap_or("/").to_string(),
+                            domain: get("session-cookie-domain").map(str::to_string),
+                            max_age,
+                            expires,
+                            samesite,
+                            secure,
+                            persistent: get("affinity-mode") == Some("persistent"),
+                        })
+                    }
+                    (Err(e), _) | (_, Err(e)) => errors.push(e),
+                }
+            }
+            Some(other) => errors.push(err("affinity", other, "only cookie is supported")),
         }
         match get("auth-type") {
             None => {}
@@ -208,6 +289,8 @@ impl Annotations {
             | "cors-allow-credentials"
             | "cors-max-age" => {}
             "auth-type" | "auth-secret" | "auth-realm" | "auth-secret-type" => {}
+            "affinity" | "affinity-mode" => {}
+            k if k.starts_with("session-cookie-") => {}
             k if k.ends_with("-snippet") || k == "configuration-snippet" => {
                 return Err(err(
                     key,

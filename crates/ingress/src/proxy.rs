@@ -375,7 +375,18 @@ impl Proxy {
                 "413 Request Entity Too Large\n",
             );
         }
-        let Some(upstream) = backend.pick().cloned() else {
+        let mut set_cookie = None;
+        let picked = match &ann.affinity {
+            None => backend.pick().cloned(),
+            Some(aff) => {
+                let current = cookie_value(req.headers(), &aff.name);
+                backend.pick_sticky(current.as_deref()).map(|(u, new_id)| {
+                    set_cookie = new_id.map(|id| affinity_cookie(aff, id, conn.tls));
+                    u.clone()
+                })
+            }
+        };
+        let Some(upstream) = picked else {
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Temporarily Unavailable\n",
@@ -516,6 +527,11 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers, false);
         if let Some(cors) = &ann.cors {
             cors.response_headers(origin.as_deref(), &mut rparts.headers);
+        }
+        if let Some(cookie) = set_cookie
+            && let Ok(v) = HeaderValue::from_str(&cookie)
+        {
+            rparts.headers.append(header::SET_COOKIE, v);
         }
         if conn.tls
             && let Some(hsts) = cfg.hsts_header()
@@ -670,6 +686,40 @@ pub fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// The value of cookie `name` in the request, if any.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn affinity_cookie(aff: &crate::annotations::CookieAffinity, id: &str, tls: bool) -> String {
+    let mut c = format!("{}={id}; Path={}", aff.name, aff.path);
+    if let Some(d) = &aff.domain {
+        c.push_str(&format!("; Domain={d}"));
+    }
+    if let Some(m) = aff.max_age {
+        c.push_str(&format!("; Max-Age={m}"));
+    }
+    if let Some(e) = aff.expires {
+        let at = std::time::SystemTime::now() + std::time::Duration::from_secs(e);
+        c.push_str(&format!("; Expires={}", httpdate::fmt_http_date(at)));
+    }
+    if let Some(s) = &aff.samesite {
+        c.push_str(&format!("; SameSite={s}"));
+    }
+    if aff.secure || (tls && aff.samesite.as_deref() == Some("None")) {
+        c.push_str("; Secure");
+    }
+    c.push_str("; HttpOnly");
+    c
 }
 
 fn status_only(code: u16) -> Response<Body> {

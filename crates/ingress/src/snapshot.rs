@@ -62,7 +62,19 @@ pub struct Backend {
     pub namespace: String,
     pub service: String,
     pub upstreams: Vec<Upstream>,
+    /// Stable per-upstream ids for affinity cookies (the same on every replica).
+    ids: Vec<String>,
     next: AtomicUsize,
+}
+
+fn upstream_id(u: &Upstream) -> String {
+    use sha1::Digest;
+    let text = match u {
+        Upstream::Addr(a) => a.to_string(),
+        Upstream::Dns { host, port } => format!("{host}:{port}"),
+    };
+    let digest = sha1::Sha1::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Backend {
@@ -70,9 +82,25 @@ impl Backend {
         Self {
             namespace: namespace.into(),
             service: service.into(),
+            ids: upstreams.iter().map(upstream_id).collect(),
             upstreams,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The upstream a session cookie names, if it is still an endpoint; else the next one in
+    /// round-robin order with its id (to be set as the new cookie).
+    pub fn pick_sticky(&self, cookie: Option<&str>) -> Option<(&Upstream, Option<&str>)> {
+        if let Some(id) = cookie
+            && let Some(i) = self.ids.iter().position(|x| x == id)
+        {
+            return self.upstreams.get(i).map(|u| (u, None));
+        }
+        if self.upstreams.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
+        Some((&self.upstreams[i], self.ids.get(i).map(String::as_str)))
     }
 
     /// The next upstream in round-robin order.

@@ -297,3 +297,82 @@ async fn publish_service_address_goes_to_ingress_status() {
             .expect("status writer holds the election-id Lease");
     assert!(lease.spec.and_then(|s| s.holder_identity).is_some());
 }
+
+/// features/load_balancing.feature: requests spread over all ready endpoints; with
+/// `affinity: cookie` a client sticks to one.
+#[tokio::test]
+async fn round_robin_and_cookie_affinity() {
+    let env = env("lb", &[]).await;
+    let (a, b) = backend_pair("a", "b").await;
+    service(&env.client, &env.ns, "pair", &[a, b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("rr", &host, "/", "Prefix", "pair"),
+    )
+    .await;
+    let mut sticky = simple_ingress("sticky", &format!("sticky.{host}"), "/", "Prefix", "pair");
+    sticky["metadata"]["annotations"] = json!({
+        "nginx.ingress.kubernetes.io/affinity": "cookie",
+        "nginx.ingress.kubernetes.io/session-cookie-name": "route",
+        "nginx.ingress.kubernetes.io/session-cookie-max-age": "172800"
+    });
+    apply_ingress(&env.client, &env.ns, sticky).await;
+    let http = env.running.http;
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        *seen
+            .entry(get(http, &host, "/").await.backend())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5), "{seen:?}");
+    assert_eq!(seen.get("b"), Some(&5), "{seen:?}");
+
+    let shost = format!("sticky.{host}");
+    eventually("sticky served", WAIT, || async {
+        get(http, &shost, "/").await.status == 200
+    })
+    .await;
+    let first = get(http, &shost, "/").await;
+    let cookie = first.headers["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    assert!(
+        cookie.starts_with("route=")
+            && cookie.contains("Max-Age=172800")
+            && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().expect("pair").to_string();
+    for _ in 0..6 {
+        let r = request(
+            http,
+            &shost,
+            "/",
+            "GET",
+            &[("cookie", &pair)],
+            Default::default(),
+        )
+        .await;
+        assert_eq!(r.backend(), first.backend(), "sticks to one upstream");
+        assert!(r.headers.get("set-cookie").is_none());
+    }
+    // A cookie naming an upstream that is gone: a new one is chosen and set.
+    let r = request(
+        http,
+        &shost,
+        "/",
+        "GET",
+        &[("cookie", "route=0000000000000000")],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.get("set-cookie").is_some());
+}

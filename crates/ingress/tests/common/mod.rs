@@ -114,6 +114,25 @@ pub async fn backend(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
+    serve_echo(name, listener)
+}
+
+/// Two echo backends on 127.0.0.1 and 127.0.0.2 with the same port, so that one
+/// EndpointSlice port can list both (as two pods of one Service).
+pub async fn backend_pair(a: &'static str, b: &'static str) -> (SocketAddr, SocketAddr) {
+    for _ in 0..20 {
+        let first = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let port = first.local_addr().expect("addr").port();
+        if let Ok(second) = TcpListener::bind(("127.0.0.2", port)).await {
+            return (serve_echo(a, first), serve_echo(b, second));
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+fn serve_echo(name: &'static str, listener: TcpListener) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
