@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use kube_common::Manager;
 
@@ -73,11 +72,11 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     let tls = Arc::new(TlsStore::new(initial.certs));
     let proxy = Arc::new(Proxy::new(initial.snapshot, metrics.clone(), https.port()));
     let cfg = proxy.snapshot().config.clone();
-    let acceptor = TlsAcceptor::from(server_config(
+    let tls_config = Arc::new(arc_swap::ArcSwap::new(server_config(
         tls.clone(),
         &cfg.ssl_protocols,
         cfg.use_http2,
-    ));
+    )));
 
     let caches = Caches::start(mgr, configmap.as_ref())
         .await
@@ -128,6 +127,7 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         Outputs {
             proxy: proxy.clone(),
             tls,
+            tls_config: tls_config.clone(),
             metrics,
             recorder: mgr.recorder("nginx-ingress-controller"),
             generations,
@@ -141,7 +141,7 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     ));
     tokio::spawn(crate::server::serve(
         https_listener,
-        Some(acceptor),
+        Some(tls_config.clone()),
         proxy.clone(),
         mgr.shutdown.clone(),
     ));

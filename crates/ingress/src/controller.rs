@@ -124,6 +124,8 @@ impl Caches {
 pub struct Outputs {
     pub proxy: Arc<Proxy>,
     pub tls: Arc<TlsStore>,
+    /// The listener's rustls config, rebuilt when `ssl-protocols` or `use-http2` change.
+    pub tls_config: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
     pub metrics: Metrics,
     pub recorder: Recorder,
     pub generations: tokio::sync::watch::Sender<u64>,
@@ -134,10 +136,12 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
     let Outputs {
         proxy,
         tls,
+        tls_config,
         metrics,
         recorder,
         generations,
     } = out;
+    let mut tls_settings = None;
     let ready = mgr.readiness.register("ingress/first-sync");
     tokio::select! {
         _ = mgr.shutdown.cancelled() => return,
@@ -148,6 +152,18 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
         let built = builder.build(&caches.inputs());
         let generation = built.snapshot.generation;
         tls.swap(built.certs);
+        let settings = (
+            built.snapshot.config.ssl_protocols.clone(),
+            built.snapshot.config.use_http2,
+        );
+        if tls_settings.as_ref() != Some(&settings) {
+            tls_config.store(crate::tls_store::server_config(
+                tls.clone(),
+                &settings.0,
+                settings.1,
+            ));
+            tls_settings = Some(settings);
+        }
         proxy.swap(built.snapshot);
         metrics
             .config_last_reload_successful

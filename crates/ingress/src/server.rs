@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,7 +19,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepts until `shutdown`; connections already open finish on their own.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
 ) {
@@ -65,7 +66,9 @@ pub async fn serve(
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 }
-                Some(acceptor) => {
+                Some(config) => {
+                    // The current settings (ssl-protocols, use-http2) for each new connection.
+                    let acceptor = TlsAcceptor::from(config.load_full());
                     let Ok(Ok(tls_stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     else {
