@@ -63,6 +63,8 @@ pub struct Annotations {
     pub basic_auth: Option<BasicAuth>,
     /// `affinity: cookie` and its `session-cookie-*` settings.
     pub affinity: Option<CookieAffinity>,
+    /// `custom-headers`: a ConfigMap (`name` or `namespace/name`) of response headers.
+    pub custom_headers: Option<String>,
 }
 
 /// Sticky sessions by cookie (ingress-nginx's `affinity: cookie`).
@@ -273,6 +275,7 @@ impl Annotations {
             }
             "upstream-vhost" => self.upstream_vhost = Some(header_value(key, v)?),
             "x-forwarded-prefix" => self.x_forwarded_prefix = Some(header_value(key, v)?),
+            "custom-headers" => self.custom_headers = Some(path_like(key, v)?),
             "service-upstream" => self.service_upstream = parse_bool(key, v)?,
             "limit-rps" => self.limit_rps = Some(parse_u32(key, v)?),
             "limit-connections" => self.limit_connections = Some(parse_u32(key, v)?),

@@ -27,13 +27,15 @@ pub struct Caches {
     pub services: Store<Service>,
     pub slices: Store<DynamicObject>,
     pub secrets: Store<Secret>,
-    pub configmap: Option<Store<ConfigMap>>,
+    /// All ConfigMaps: the controller's (`--configmap`) and those `custom-headers` names.
+    pub configmaps: Store<ConfigMap>,
+    pub configmap: Option<ObjectKey>,
     pub changed: Arc<Notify>,
 }
 
 impl Caches {
-    /// Starts watching. Secrets are all watched (TLS and basic-auth Secrets of any type, as
-    /// upstream); the ConfigMap only the one named by `--configmap`.
+    /// Starts watching. Secrets and ConfigMaps are watched in all namespaces, as upstream does
+    /// (TLS and basic-auth Secrets of any type; the controller ConfigMap and `custom-headers`).
     pub async fn start(mgr: &Manager, configmap: Option<&ObjectKey>) -> Result<Self, kube::Error> {
         let client = mgr.client.clone();
         let changed = Arc::new(Notify::new());
@@ -75,15 +77,14 @@ impl Caches {
                 (),
                 changed.clone(),
             ),
-            configmap: configmap.map(|key| {
-                mgr.reflect(
-                    "configmap",
-                    Api::namespaced(client.clone(), &key.namespace),
-                    all().fields(&format!("metadata.name={}", key.name)),
-                    (),
-                    changed.clone(),
-                )
-            }),
+            configmaps: mgr.reflect(
+                "configmaps",
+                Api::all(client.clone()),
+                all(),
+                (),
+                changed.clone(),
+            ),
+            configmap: configmap.cloned(),
             changed,
         })
     }
@@ -94,9 +95,7 @@ impl Caches {
         wait_synced(&self.services).await;
         wait_synced(&self.slices).await;
         wait_synced(&self.secrets).await;
-        if let Some(cm) = &self.configmap {
-            wait_synced(cm).await;
-        }
+        wait_synced(&self.configmaps).await;
     }
 
     fn inputs(&self) -> Inputs {
@@ -111,10 +110,11 @@ impl Caches {
                 .filter_map(|s| Slice::from_dynamic(s))
                 .collect(),
             secrets: self.secrets.state(),
-            configmap: self
-                .configmap
-                .as_ref()
-                .and_then(|c| c.state().into_iter().next()),
+            configmap: self.configmap.as_ref().and_then(|k| {
+                self.configmaps
+                    .get(&kube::runtime::reflector::ObjectRef::new(&k.name).within(&k.namespace))
+            }),
+            configmaps: self.configmaps.state(),
         }
     }
 }
@@ -176,6 +176,18 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
             metrics.config_last_reload_successful_timestamp.set(now);
         }
         metrics.config_hash.set(generation as i64);
+        metrics.ssl_certificate_info.clear();
+        for c in &built.cert_info {
+            metrics
+                .ssl_certificate_info
+                .get_or_create(&crate::metrics::CertLabels {
+                    host: c.host.clone(),
+                    secret_name: c.secret.name.clone(),
+                    namespace: c.secret.namespace.clone(),
+                    identifier: c.fingerprint.clone(),
+                })
+                .set(1);
+        }
         ready.set(true);
         generations.send_replace(generation);
         tracing::debug!(generation, took = ?started.elapsed(), "routing snapshot swapped");

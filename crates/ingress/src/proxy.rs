@@ -439,8 +439,37 @@ impl Proxy {
             conn.remote.ip(),
             cfg.compute_full_forwarded_for && cfg.use_forwarded_headers,
         );
-        let proto = if conn.tls { "https" } else { "http" };
+        // Behind a trusted load balancer (`use-forwarded-headers`), its scheme and port are
+        // passed on, as ingress-nginx does.
+        let incoming = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let original_xff = incoming("x-forwarded-for");
+        let (proto, port) = if cfg.use_forwarded_headers {
+            (
+                incoming("x-forwarded-proto")
+                    .unwrap_or_else(|| if conn.tls { "https" } else { "http" }.into()),
+                incoming("x-forwarded-port").unwrap_or_else(|| conn.local.port().to_string()),
+            )
+        } else {
+            (
+                if conn.tls { "https" } else { "http" }.to_string(),
+                conn.local.port().to_string(),
+            )
+        };
+        let proto = proto.as_str();
         let headers = &mut parts.headers;
+        if let Some(xff) = &original_xff {
+            set(
+                headers,
+                HeaderName::from_static("x-original-forwarded-for"),
+                xff,
+            );
+        }
         strip_hop_by_hop(headers, upgrade);
         headers.remove("proxy");
         let vhost = ann.upstream_vhost.clone().unwrap_or(original_host.clone());
@@ -461,11 +490,7 @@ impl Proxy {
             HeaderName::from_static("x-forwarded-host"),
             &original_host,
         );
-        set(
-            headers,
-            HeaderName::from_static("x-forwarded-port"),
-            &conn.local.port().to_string(),
-        );
+        set(headers, HeaderName::from_static("x-forwarded-port"), &port);
         set(headers, HeaderName::from_static("x-forwarded-proto"), proto);
         set(
             headers,
@@ -527,6 +552,9 @@ impl Proxy {
         strip_hop_by_hop(&mut rparts.headers, false);
         if let Some(cors) = &ann.cors {
             cors.response_headers(origin.as_deref(), &mut rparts.headers);
+        }
+        for (name, value) in location.add_headers.iter() {
+            rparts.headers.insert(name.clone(), value.clone());
         }
         if let Some(cookie) = set_cookie
             && let Ok(v) = HeaderValue::from_str(&cookie)

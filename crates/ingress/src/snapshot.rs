@@ -139,6 +139,8 @@ pub struct Location {
     pub tls: bool,
     /// Basic auth users, when the Ingress asks for it.
     pub auth: Option<AuthUsers>,
+    /// Response headers from the `custom-headers` ConfigMap.
+    pub add_headers: Arc<Vec<(http::HeaderName, http::HeaderValue)>>,
 }
 
 /// Users for `auth-type: basic`; `Unavailable` when the Secret is missing or unusable (then
@@ -177,6 +179,8 @@ pub struct Inputs {
     pub slices: Vec<Slice>,
     pub secrets: Vec<Arc<Secret>>,
     pub configmap: Option<Arc<ConfigMap>>,
+    /// Every ConfigMap, for `custom-headers`.
+    pub configmaps: Vec<Arc<ConfigMap>>,
 }
 
 /// Controller flags that shape the build.
@@ -187,8 +191,26 @@ pub struct Options {
     pub default_ssl_certificate: Option<ObjectKey>,
 }
 
+/// One served certificate, for `nginx_ingress_controller_ssl_certificate_info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    pub host: String,
+    pub secret: ObjectKey,
+    /// SHA-1 of the leaf certificate (hex).
+    pub fingerprint: String,
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    use sha1::Digest;
+    sha1::Sha1::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The result of one build.
 pub struct Built {
+    pub cert_info: Vec<CertInfo>,
     pub snapshot: Snapshot,
     pub certs: CertTable,
     /// New problems (not reported for this object version before).
@@ -276,6 +298,39 @@ pub fn validate(ingress: &Ingress) -> Result<Arc<Annotations>, Vec<String>> {
         Some(a) if problems.is_empty() => Ok(Arc::new(a)),
         _ => Err(problems),
     }
+}
+
+/// Reads the headers of a `custom-headers` ConfigMap (same namespace only).
+fn custom_headers(
+    ns: &str,
+    reference: &str,
+    configmaps: &HashMap<ObjectKey, &ConfigMap>,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
+    let (cm_ns, name) = reference.split_once('/').unwrap_or((ns, reference));
+    if cm_ns != ns {
+        return Err(format!(
+            "custom-headers {reference} is in another namespace; cross-namespace references are not allowed"
+        ));
+    }
+    let key = ObjectKey {
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    let cm = configmaps
+        .get(&key)
+        .ok_or_else(|| format!("custom-headers ConfigMap {key} not found"))?;
+    cm.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("custom-headers {key}: {k:?} is not a header name"))?;
+            let value = http::HeaderValue::from_str(v).map_err(|_| {
+                format!("custom-headers {key}: value of {k:?} is not a header value")
+            })?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 /// Reads the users of `auth-secret` (same namespace only, as upstream's default).
@@ -399,6 +454,11 @@ impl Builder {
         }
         let config = Arc::new(self.last_good_config.clone());
 
+        let configmaps: HashMap<ObjectKey, &ConfigMap> = inputs
+            .configmaps
+            .iter()
+            .map(|c| (key_of(c.as_ref()), c.as_ref()))
+            .collect();
         let services: HashMap<ObjectKey, &Service> = inputs
             .services
             .iter()
@@ -591,6 +651,7 @@ impl Builder {
             annotations: Arc::default(),
             tls: false,
             auth: None,
+            add_headers: Arc::default(),
         });
 
         let mut host_rules: BTreeMap<String, Vec<PathRule<Arc<Location>>>> = BTreeMap::new();
@@ -598,6 +659,7 @@ impl Builder {
         let mut host_default: HashMap<String, Arc<Location>> = HashMap::new();
         let mut catch_all_default: Option<Arc<Location>> = None;
         let mut in_effect = Vec::new();
+        let mut cert_info = Vec::new();
         for (ing, ann) in &effective {
             let key = key_of(ing.as_ref());
             in_effect.push(key.clone());
@@ -625,6 +687,11 @@ impl Builder {
                 };
                 for host in tls.hosts.iter().flatten() {
                     let host = host.to_ascii_lowercase();
+                    cert_info.push(CertInfo {
+                        host: host.clone(),
+                        secret: secret_key.clone(),
+                        fingerprint: fingerprint(&cert.leaf_der),
+                    });
                     match host.strip_prefix("*.") {
                         Some(suffix) => {
                             certs
@@ -639,6 +706,16 @@ impl Builder {
                 }
             }
             let rules = spec.rules.as_deref().unwrap_or_default();
+            let add_headers = match &ann.custom_headers {
+                None => Arc::default(),
+                Some(reference) => match custom_headers(ns, reference, &configmaps) {
+                    Ok(h) => Arc::new(h),
+                    Err(msg) => {
+                        self.report(&mut problems, ing.as_ref(), "InvalidCustomHeaders", msg);
+                        Arc::default()
+                    }
+                },
+            };
             let auth = ann
                 .basic_auth
                 .as_ref()
@@ -659,6 +736,7 @@ impl Builder {
                     annotations: ann.clone(),
                     tls: false,
                     auth: auth.clone(),
+                    add_headers: add_headers.clone(),
                 });
                 if rules.is_empty() {
                     catch_all_default.get_or_insert(loc);
@@ -689,6 +767,7 @@ impl Builder {
                         annotations: ann.clone(),
                         tls: tls_hosts.contains(&host),
                         auth: auth.clone(),
+                        add_headers: add_headers.clone(),
                     });
                     host_rules.entry(host.clone()).or_default().push(PathRule {
                         path: p,
@@ -731,6 +810,7 @@ impl Builder {
             certs,
             problems,
             config_ok,
+            cert_info,
         }
     }
 }

@@ -376,3 +376,56 @@ async fn round_robin_and_cookie_affinity() {
     assert_eq!(r.status, 200);
     assert!(r.headers.get("set-cookie").is_some());
 }
+
+#[tokio::test]
+async fn forwarded_headers_from_a_trusted_balancer() {
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
+    let client = cluster.client().await.expect("client");
+    let cm_ns = cluster.namespace("fwd-cm").await.expect("ns");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ctl", "namespace": cm_ns},
+        "data": {"use-forwarded-headers": "true", "compute-full-forwarded-for": "true"}
+    }))
+    .expect("cm");
+    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &cm_ns)
+        .create(&Default::default(), &cm)
+        .await
+        .expect("configmap");
+    let flag = format!("--configmap={cm_ns}/ctl");
+    let env = env("fwd", &[&flag]).await;
+    let b = backend("f").await;
+    service(&env.client, &env.ns, "f", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("f", &host, "/", "Prefix", "f"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    let r = request(
+        http,
+        &host,
+        "/",
+        "GET",
+        &[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+        ],
+        Default::default(),
+    )
+    .await;
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-real-ip"], "203.0.113.7");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-original-forwarded-for"], "203.0.113.7");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-port"], "443");
+}
