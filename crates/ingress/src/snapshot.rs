@@ -507,8 +507,14 @@ impl Builder {
                     service_port(service, port_name, port_number)
                         .and_then(|p| u16::try_from(p.port).ok())
                 });
+                // Loopback targets are refused (as upstream): an ExternalName must not turn the
+                // proxy into a way to reach the controller's own local ports.
+                let loopback = host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified());
                 match port {
-                    Some(port) if !host.is_empty() && host != "localhost" => {
+                    Some(port) if !host.is_empty() && !loopback => {
                         vec![Upstream::Dns { host, port }]
                     }
                     _ => Vec::new(),
@@ -812,5 +818,110 @@ impl Builder {
             config_ok,
             cert_info,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn build(objects: serde_json::Value) -> Built {
+        let mut inputs = Inputs::default();
+        for o in objects.as_array().expect("array") {
+            match o["kind"].as_str() {
+                Some("Ingress") => inputs.ingresses.push(Arc::new(
+                    serde_json::from_value(o.clone()).expect("ingress"),
+                )),
+                Some("Service") => inputs.services.push(Arc::new(
+                    serde_json::from_value(o.clone()).expect("service"),
+                )),
+                Some("IngressClass") => inputs
+                    .classes
+                    .push(Arc::new(serde_json::from_value(o.clone()).expect("class"))),
+                _ => panic!("unexpected {o}"),
+            }
+        }
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        Builder::new(Options::default(), fake).build(&inputs)
+    }
+
+    fn ingress(service: &str, annotations: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+               "metadata": {"name": "i", "namespace": "ns", "annotations": annotations},
+               "spec": {"ingressClassName": "nginx", "rules": [{"host": "a.example", "http": {"paths": [
+                   {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": service, "port": {"number": 80}}}}]}}]}})
+    }
+
+    fn class() -> serde_json::Value {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+               "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}})
+    }
+
+    fn upstreams(built: &Built) -> Option<Vec<Upstream>> {
+        match built.snapshot.router.lookup("a.example", "/") {
+            crate::path_rules::Match::Rule(r, _) => match &r.target.target {
+                Target::Service(b) => Some(b.upstreams.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn external_name_and_service_upstream() {
+        let ext = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": "ns"},
+                         "spec": {"type": "ExternalName", "externalName": "db.example.org"}});
+        let built = build(json!([class(), ext, ingress("ext", json!({}))]));
+        assert_eq!(
+            upstreams(&built),
+            Some(vec![Upstream::Dns {
+                host: "db.example.org".into(),
+                port: 80
+            }])
+        );
+
+        for loopback in ["localhost", "127.0.0.1", "::1"] {
+            let ext = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": "ns"},
+                             "spec": {"type": "ExternalName", "externalName": loopback}});
+            let built = build(json!([class(), ext, ingress("ext", json!({}))]));
+            assert_eq!(upstreams(&built), Some(vec![]), "{loopback} refused");
+        }
+
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
+                         "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080}]}});
+        let built = build(json!([
+            class(),
+            svc,
+            ingress(
+                "web",
+                json!({"nginx.ingress.kubernetes.io/service-upstream": "true"})
+            )
+        ]));
+        assert_eq!(
+            upstreams(&built),
+            Some(vec![Upstream::Addr("10.96.0.10:80".parse().expect("addr"))])
+        );
+    }
+
+    #[test]
+    fn missing_service_is_unavailable_and_bad_ingress_is_skipped() {
+        let built = build(json!([class(), ingress("nope", json!({}))]));
+        assert!(matches!(
+            built.snapshot.router.lookup("a.example", "/"),
+            crate::path_rules::Match::Rule(r, _) if matches!(r.target.target, Target::Unavailable { .. })
+        ));
+        let built = build(json!([
+            class(),
+            ingress(
+                "web",
+                json!({"nginx.ingress.kubernetes.io/ssl-redirect": "sometimes"})
+            )
+        ]));
+        assert_eq!(built.problems.len(), 1);
+        assert!(
+            built.snapshot.ingresses.is_empty(),
+            "no valid version to keep"
+        );
     }
 }

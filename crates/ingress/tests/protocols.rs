@@ -260,3 +260,113 @@ async fn websocket_upgrade_is_tunnelled() {
         assert_eq!(&buf[..n], msg);
     }
 }
+
+/// An HTTPS backend with a self-signed certificate (nginx does not verify upstreams by default).
+async fn https_backend() -> std::net::SocketAddr {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["backend.local".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let loaded =
+        ingress::tls_store::load_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .expect("load");
+    let mut table = ingress::tls_store::CertTable::new(loaded.key);
+    table.reject_unknown = false;
+    let store = Arc::new(ingress::tls_store::TlsStore::new(table));
+    let config = ingress::tls_store::server_config(store, &["TLSv1.3".into()], false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = service_fn(|_req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"{\"backend\":\"tls\"}",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A backend whose `/slow` answers after 1.5 s.
+async fn slow_backend(name: &'static str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                        "{{\"backend\":\"{name}\"}}"
+                    )))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstreams_header_limits_and_in_flight_requests_across_endpoint_changes() {
+    let env = env("misc", &[]).await;
+    let tls = https_backend().await;
+    let (old, new) = (slow_backend("old").await, slow_backend("new").await);
+    service(&env.client, &env.ns, "tls", &[tls], &[]).await;
+    service(&env.client, &env.ns, "moving", &[old], &[]).await;
+    let host = format!("{}.example", env.ns);
+    let mut ing = simple_ingress("tls", &host, "/", "Prefix", "tls");
+    ing["metadata"]["annotations"] =
+        json!({"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS"});
+    apply_ingress(&env.client, &env.ns, ing).await;
+    let mhost = format!("moving.{host}");
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("moving", &mhost, "/", "Prefix", "moving"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("https upstream", WAIT, || async {
+        get(http, &host, "/").await.backend() == "tls"
+    })
+    .await;
+
+    // Request headers beyond large-client-header-buffers (4 x 8k) are refused.
+    let big = "x".repeat(40 * 1024);
+    let raw = format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {big}\r\n\r\n");
+    let reply = raw_exchange(http, raw.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+
+    // An in-flight request finishes on its endpoint while the endpoints change under it.
+    eventually("old served", WAIT, || async {
+        get(http, &mhost, "/").await.backend() == "old"
+    })
+    .await;
+    let in_flight = tokio::spawn(async move { get(http, &mhost, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    set_endpoints(&env.client, &env.ns, "moving", &[new], &[]).await;
+    let mhost2 = format!("moving.{host}");
+    eventually("new served", WAIT, || async {
+        get(http, &mhost2, "/").await.backend() == "new"
+    })
+    .await;
+    let r = in_flight.await.expect("in-flight request");
+    assert_eq!((r.status, r.backend()), (200, "old".to_string()));
+}
