@@ -20,5 +20,6 @@ pub mod server;
 pub mod snapshot;
 pub mod status;
 pub mod tls_store;
+pub mod upstream;
 pub mod values;
 pub mod webhook;

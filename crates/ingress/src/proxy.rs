@@ -14,22 +14,18 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::annotations::BackendProtocol;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::path_rules::{Match, normalize_host};
 use crate::ratelimit::{ConnLimiter, RateLimiter};
 use crate::snapshot::{AuthUsers, Location, Snapshot, Target, Upstream};
+use crate::upstream::{PoolSettings, Upstreams};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge";
-
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Per-connection facts the handler needs.
 #[derive(Clone, Copy, Debug)]
@@ -42,10 +38,7 @@ pub struct ConnInfo {
 /// Shared proxy state: the current snapshot and pooled upstream clients.
 pub struct Proxy {
     snapshot: ArcSwap<Snapshot>,
-    http: Client<HttpConnector, Body>,
-    https: Client<HttpsConnector, Body>,
-    h2c: Client<HttpConnector, Body>,
-    h2s: Client<HttpsConnector, Body>,
+    upstreams: Upstreams,
     metrics: Metrics,
     https_port: u16,
     request_ids: RequestIds,
@@ -100,45 +93,9 @@ impl Limits {
 
 impl Proxy {
     pub fn new(initial: Snapshot, metrics: Metrics, https_port: u16) -> Self {
-        let cfg = initial.config.clone();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.proxy_connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
-        let pool = |b: &mut hyper_util::client::legacy::Builder| {
-            b.pool_idle_timeout(cfg.upstream_keepalive_timeout)
-                .pool_max_idle_per_host(cfg.upstream_keepalive_connections as usize)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new());
-        };
-        let mut b = Client::builder(TokioExecutor::new());
-        pool(&mut b);
-        let http = b.build(connector.clone());
-        let mut b = Client::builder(TokioExecutor::new());
-        pool(&mut b);
-        b.http2_only(true);
-        let h2c = b.build(connector.clone());
-        // Upstream TLS is not verified, as nginx's `proxy_ssl_verify off` default.
-        let tls = upstream_tls_config();
-        let https_conn = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(connector.clone());
-        let mut b = Client::builder(TokioExecutor::new());
-        pool(&mut b);
-        let https = b.build(https_conn.clone());
-        let mut b = Client::builder(TokioExecutor::new());
-        pool(&mut b);
-        b.http2_only(true);
-        let h2s = b.build(https_conn);
         Self {
             snapshot: ArcSwap::from_pointee(initial),
-            http,
-            https,
-            h2c,
-            h2s,
+            upstreams: Upstreams::default(),
             metrics,
             https_port,
             request_ids: RequestIds::new(),
@@ -511,12 +468,14 @@ impl Proxy {
         };
         let out = Request::from_parts(parts, body);
         let read_timeout = ann.proxy_read_timeout.unwrap_or(cfg.proxy_read_timeout);
-        let fut = match (scheme, grpc) {
-            ("https", false) => self.https.request(out),
-            ("https", true) => self.h2s.request(out),
-            (_, true) => self.h2c.request(out),
-            _ => self.http.request(out),
-        };
+        let clients = self.upstreams.get(PoolSettings {
+            connect_timeout: ann
+                .proxy_connect_timeout
+                .unwrap_or(cfg.proxy_connect_timeout),
+            keepalive_timeout: cfg.upstream_keepalive_timeout,
+            keepalive_connections: cfg.upstream_keepalive_connections,
+        });
+        let fut = clients.request(scheme == "https", grpc, out);
         let mut resp = match tokio::time::timeout(read_timeout, fut).await {
             Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Time-out\n"),
             Ok(Err(e)) => {
@@ -765,59 +724,6 @@ fn redirect(code: u16, location: &str) -> Response<Body> {
         r.headers_mut().insert(header::LOCATION, v);
     }
     r
-}
-
-fn upstream_tls_config() -> rustls::ClientConfig {
-    #[derive(Debug)]
-    struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for NoVerify {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &rustls::pki_types::CertificateDer<'_>,
-            dss: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &rustls::pki_types::CertificateDer<'_>,
-            dss: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth()
 }
 
 /// Unique request IDs without a syscall per request: a random per-process prefix + a counter.

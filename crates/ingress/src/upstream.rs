@@ -1,0 +1,182 @@
+//! Upstream connection pools (nginx's `upstream` keepalive): pooled HTTP/1.1, HTTP/2 (gRPC),
+//! and TLS clients, built per pool setting so ConfigMap changes (`upstream-keepalive-*`,
+//! `proxy-connect-timeout`) and per-Ingress `proxy-connect-timeout` apply without a restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::proxy::Body;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Settings that need their own pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub keepalive_connections: u32,
+}
+
+/// The four clients of one pool setting.
+pub struct Clients {
+    http: Client<HttpConnector, Body>,
+    https: Client<HttpsConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+    h2s: Client<HttpsConnector, Body>,
+}
+
+impl Clients {
+    fn new(s: PoolSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(s.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let builder = |h2: bool| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(s.keepalive_timeout)
+                .pool_max_idle_per_host(s.keepalive_connections as usize)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2);
+            b
+        };
+        // Upstream certificates are not verified, as nginx's `proxy_ssl_verify off` default.
+        let https_conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(upstream_tls_config())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector.clone());
+        Self {
+            http: builder(false).build(connector.clone()),
+            h2c: builder(true).build(connector),
+            https: builder(false).build(https_conn.clone()),
+            h2s: builder(true).build(https_conn),
+        }
+    }
+
+    /// Sends `req` with the client for its scheme and protocol.
+    pub fn request(&self, tls: bool, h2: bool, req: http::Request<Body>) -> ResponseFuture {
+        match (tls, h2) {
+            (false, false) => self.http.request(req),
+            (false, true) => self.h2c.request(req),
+            (true, false) => self.https.request(req),
+            (true, true) => self.h2s.request(req),
+        }
+    }
+}
+
+/// Pools by setting; the most recently used setting is read without a lock.
+#[derive(Default)]
+pub struct Upstreams {
+    last: ArcSwap<Option<(PoolSettings, Arc<Clients>)>>,
+    all: Mutex<HashMap<PoolSettings, Arc<Clients>>>,
+}
+
+/// Pools kept for settings no longer in use are dropped past this many.
+const MAX_POOLS: usize = 16;
+
+impl Upstreams {
+    pub fn get(&self, s: PoolSettings) -> Arc<Clients> {
+        if let Some((settings, clients)) = self.last.load().as_ref()
+            && *settings == s
+        {
+            return clients.clone();
+        }
+        let clients = {
+            let mut all = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+            if all.len() >= MAX_POOLS && !all.contains_key(&s) {
+                all.clear();
+            }
+            all.entry(s)
+                .or_insert_with(|| Arc::new(Clients::new(s)))
+                .clone()
+        };
+        self.last.store(Arc::new(Some((s, clients.clone()))));
+        clients
+    }
+}
+
+fn upstream_tls_config() -> rustls::ClientConfig {
+    #[derive(Debug)]
+    struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for NoVerify {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pool_per_setting() {
+        let u = Upstreams::default();
+        let a = PoolSettings {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_connections: 320,
+        };
+        let b = PoolSettings {
+            connect_timeout: Duration::from_secs(1),
+            ..a
+        };
+        let (a1, b1, a2) = (u.get(a), u.get(b), u.get(a));
+        assert!(Arc::ptr_eq(&a1, &a2), "same setting, same pool");
+        assert!(
+            !Arc::ptr_eq(&a1, &b1),
+            "per-Ingress connect timeout gets its own pool"
+        );
+    }
+}
