@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod path_rules;
 pub mod proxy;
 pub mod ratelimit;
+pub mod send_timeout;
 pub mod server;
 pub mod snapshot;
 pub mod status;

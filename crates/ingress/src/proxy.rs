@@ -466,6 +466,9 @@ impl Proxy {
             Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX)).boxed_unsync(),
             None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         };
+        let progress = Arc::new(crate::send_timeout::Progress::default());
+        let body = crate::send_timeout::Tracked::new(body, progress.clone()).boxed_unsync();
+        let send_timeout = ann.proxy_send_timeout.unwrap_or(cfg.proxy_send_timeout);
         let out = Request::from_parts(parts, body);
         let read_timeout = ann.proxy_read_timeout.unwrap_or(cfg.proxy_read_timeout);
         let clients = self.upstreams.get(PoolSettings {
@@ -476,7 +479,14 @@ impl Proxy {
             keepalive_connections: cfg.upstream_keepalive_connections,
         });
         let fut = clients.request(scheme == "https", grpc, out);
-        let mut resp = match tokio::time::timeout(read_timeout, fut).await {
+        let sending = tokio::time::timeout(read_timeout, fut);
+        let outcome = tokio::select! {
+            r = sending => r,
+            () = progress.stalled(send_timeout) => {
+                return plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Time-out\n");
+            }
+        };
+        let mut resp = match outcome {
             Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Time-out\n"),
             Ok(Err(e)) => {
                 tracing::debug!(upstream = %authority, error = %e, "upstream request failed");
