@@ -257,3 +257,112 @@ async fn tls12_handshake(addr: std::net::SocketAddr, sni: &str) -> Result<(), st
         Ok(_) => Ok(()),
     }
 }
+
+#[tokio::test]
+async fn default_ssl_certificate_force_redirect_and_rotation_keeps_open_connections() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
+    let client = cluster.client().await.expect("client");
+    let ns = cluster.namespace("defcert").await.expect("ns");
+    let ca = TestCa::new("default-ca").expect("ca");
+    let def = ca
+        .leaf("default.example", &["default.example"])
+        .expect("leaf");
+    tls_secret(&client, &ns, "default-cert", &def.cert_pem, &def.key_pem).await;
+    let flag = format!("--default-ssl-certificate={ns}/default-cert");
+    let env = env("defcert2", &[&flag]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    let (https, http) = (env.running.https, env.running.http);
+
+    // Unknown names get the --default-ssl-certificate, not the fake one.
+    eventually("default certificate", WAIT, || async {
+        tls_get(https, "default.example", "/", Some(&ca.cert_pem))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    // force-ssl-redirect redirects even without tls on the Ingress.
+    let mut ing = simple_ingress("forced", &host, "/", "Prefix", "web");
+    ing["metadata"]["annotations"] =
+        json!({"nginx.ingress.kubernetes.io/force-ssl-redirect": "true"});
+    apply_ingress(&env.client, &env.ns, ing).await;
+    eventually("forced redirect", WAIT, || async {
+        get(http, &host, "/").await.status == 308
+    })
+    .await;
+
+    // A connection opened before a certificate rotation keeps working after it.
+    let leaf = ca.leaf(&host, &[&host]).expect("leaf");
+    tls_secret(&env.client, &env.ns, "site", &leaf.cert_pem, &leaf.key_pem).await;
+    let mut with_tls = simple_ingress("forced", &host, "/", "Prefix", "web");
+    with_tls["spec"]["tls"] = json!([{"hosts": [host], "secretName": "site"}]);
+    apply_ingress(&env.client, &env.ns, with_tls).await;
+    eventually("site certificate", WAIT, || async {
+        tls_get(https, &host, "/", Some(&ca.cert_pem))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(https)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(host.clone()).expect("name"),
+            stream,
+        )
+        .await
+        .expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let send = |sender: &mut hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>| {
+        let req = http::Request::get("/")
+            .header("host", host.as_str())
+            .body(Full::new(bytes::Bytes::new()))
+            .expect("req");
+        sender.send_request(req)
+    };
+    assert_eq!(send(&mut sender).await.expect("before").status(), 200);
+    let ca2 = TestCa::new("rotated-ca").expect("ca2");
+    let leaf2 = ca2.leaf(&host, &[&host]).expect("leaf2");
+    tls_secret(
+        &env.client,
+        &env.ns,
+        "site",
+        &leaf2.cert_pem,
+        &leaf2.key_pem,
+    )
+    .await;
+    eventually("rotated", WAIT, || async {
+        tls_get(https, &host, "/", Some(&ca2.cert_pem))
+            .await
+            .is_ok()
+    })
+    .await;
+    sender.ready().await.expect("connection still open");
+    let after = send(&mut sender)
+        .await
+        .expect("after rotation on the same connection");
+    assert_eq!(after.status(), 200);
+    let _ = after.into_body().collect().await;
+}
