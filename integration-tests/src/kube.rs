@@ -99,7 +99,7 @@ impl Cluster {
                 "kubernetes.default",
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
-                "10.96.0.1",
+                "127.96.0.1",
             ],
         )?;
         write(d, "ca.crt", &ca.cert_pem)?;
@@ -150,7 +150,10 @@ impl Cluster {
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            // A loopback service range: ClusterIPs are then reachable on this machine without
+            // kube-proxy (a test binds its backend on the ClusterIP), and no test traffic ever
+            // leaves loopback.
+            "--service-cluster-ip-range=127.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),

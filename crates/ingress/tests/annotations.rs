@@ -341,3 +341,96 @@ async fn cors_basic_auth_and_rate_limits() {
         "{codes:?}"
     );
 }
+
+#[tokio::test]
+async fn service_upstream_external_name_and_more_annotations() {
+    let env = env("more", &[]).await;
+    let ns = env.ns.clone();
+    let host = |p: &str| format!("{p}.{ns}.example");
+    let http = env.running.http;
+
+    // service-upstream: the ClusterIP itself is the upstream (the test cluster's service range
+    // is loopback, so a backend can listen on the ClusterIP without kube-proxy).
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "cip", "namespace": env.ns},
+        "spec": {"ports": [{"name": "http", "port": 18099, "targetPort": 18099, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    let svc =
+        kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(env.client.clone(), &env.ns)
+            .create(&Default::default(), &svc)
+            .await
+            .expect("service");
+    let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).expect("cluster ip");
+    let listener = tokio::net::TcpListener::bind((cluster_ip.as_str(), 18099))
+        .await
+        .expect("bind ClusterIP");
+    serve_echo_on(listener, "cluster-ip");
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("cip", &host("cip"), "/", "Prefix", "cip"),
+            json!({"nginx.ingress.kubernetes.io/service-upstream": "true",
+               "nginx.ingress.kubernetes.io/upstream-vhost": "internal.example"}),
+        ),
+    )
+    .await;
+    eventually("ClusterIP upstream", WAIT, || async {
+        get(http, &host("cip"), "/").await.backend() == "cluster-ip"
+    })
+    .await;
+    assert_eq!(
+        get(http, &host("cip"), "/").await.json()["headers"]["host"],
+        "internal.example"
+    );
+
+    // ExternalName pointing at loopback is refused (503), as upstream refuses it.
+    let ext: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": env.ns},
+        "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"name": "http", "port": 18099}]}
+    })).expect("service");
+    kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(env.client.clone(), &env.ns)
+        .create(&Default::default(), &ext)
+        .await
+        .expect("external name service");
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("ext", &host("ext"), "/", "Prefix", "ext"),
+    )
+    .await;
+    eventually("ExternalName refused", WAIT, || async {
+        get(http, &host("ext"), "/").await.status == 503
+    })
+    .await;
+
+    // temporal-redirect, denylist-source-range, limit-connections.
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    apply_ingress(&env.client, &env.ns, with_annotations(
+        simple_ingress("tmp", &host("tmp"), "/", "Prefix", "web"),
+        json!({"nginx.ingress.kubernetes.io/temporal-redirect": "https://maintenance.example/"}),
+    )).await;
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        with_annotations(
+            simple_ingress("deny", &host("deny"), "/", "Prefix", "web"),
+            json!({"nginx.ingress.kubernetes.io/denylist-source-range": "127.0.0.0/8"}),
+        ),
+    )
+    .await;
+    eventually("temporal redirect", WAIT, || async {
+        get(http, &host("tmp"), "/").await.status == 302
+    })
+    .await;
+    assert_eq!(
+        get(http, &host("tmp"), "/").await.headers["location"],
+        "https://maintenance.example/"
+    );
+    eventually("denied", WAIT, || async {
+        get(http, &host("deny"), "/").await.status == 403
+    })
+    .await;
+}

@@ -370,3 +370,29 @@ async fn https_upstreams_header_limits_and_in_flight_requests_across_endpoint_ch
     let r = in_flight.await.expect("in-flight request");
     assert_eq!((r.status, r.backend()), (200, "old".to_string()));
 }
+
+#[tokio::test]
+async fn limit_connections_counts_concurrent_requests_per_client() {
+    let env = env("conn", &[]).await;
+    let slow = slow_backend("slow").await;
+    service(&env.client, &env.ns, "slow", &[slow], &[]).await;
+    let host = format!("{}.example", env.ns);
+    let mut ing = simple_ingress("slow", &host, "/", "Prefix", "slow");
+    ing["metadata"]["annotations"] = json!({"nginx.ingress.kubernetes.io/limit-connections": "1"});
+    apply_ingress(&env.client, &env.ns, ing).await;
+    let http = env.running.http;
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    let h = host.clone();
+    let first = tokio::spawn(async move { get(http, &h, "/slow").await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(http, &host, "/").await.status,
+        503,
+        "second concurrent request refused"
+    );
+    assert_eq!(first.await.expect("first"), 200);
+    assert_eq!(get(http, &host, "/").await.status, 200, "slot released");
+}

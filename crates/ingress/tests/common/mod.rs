@@ -132,6 +132,11 @@ pub async fn backend_pair(a: &'static str, b: &'static str) -> (SocketAddr, Sock
     panic!("no port free on both 127.0.0.1 and 127.0.0.2");
 }
 
+/// Serves the echo backend on an already bound listener.
+pub fn serve_echo_on(listener: TcpListener, name: &'static str) -> SocketAddr {
+    serve_echo(name, listener)
+}
+
 fn serve_echo(name: &'static str, listener: TcpListener) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
