@@ -12,6 +12,7 @@ pub mod cors;
 pub mod endpoints;
 pub mod fuzzing;
 pub mod ingress_class;
+pub mod keepalive;
 pub mod metrics;
 pub mod path_rules;
 pub mod proxy;

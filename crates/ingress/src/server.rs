@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::keepalive::{Activity, Tracked};
 use crate::proxy::{ConnInfo, Proxy};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,35 +51,72 @@ pub async fn serve(
                 local,
                 tls: tls.is_some(),
             };
-            let service = service_fn(move |req| proxy.clone().handle(req, conn));
+            let activity = Arc::new(Activity::default());
+            let in_service = activity.clone();
+            let service = service_fn(move |req| {
+                let guard = in_service.enter();
+                let fut = proxy.clone().handle(req, conn);
+                async move {
+                    let response = fut.await;
+                    drop(guard);
+                    response
+                }
+            });
+            let keep_alive = cfg.keep_alive;
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(cfg.client_header_timeout)
                 .max_buf_size(cfg.max_header_bytes.max(8192))
-                .keep_alive(true);
+                // keep-alive: 0 turns keep-alive off, as in nginx.
+                .keep_alive(!keep_alive.is_zero());
             builder.http2().timer(TokioTimer::new());
             match tls {
                 None => {
                     let builder = builder.http1_only();
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+                    let conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
+                    until_idle(conn, &activity, keep_alive).await;
                 }
                 Some(config) => {
                     // The current settings (ssl-protocols, use-http2) for each new connection.
                     let acceptor = TlsAcceptor::from(config.load_full());
+                    let tracked = Tracked::new(stream, activity.clone());
                     let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tracked)).await
                     else {
                         return;
                     };
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                        .await;
+                    let conn = Box::pin(
+                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service),
+                    );
+                    until_idle(conn, &activity, keep_alive).await;
                 }
             }
         });
+    }
+}
+
+/// A serving connection, boxed: spelling its type out keeps the spawned future `Send` (the
+/// compiler cannot prove it for the unnamed type through a generic).
+type Connection<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
+            + Send
+            + 'a,
+    >,
+>;
+
+/// Drives a connection until it ends or has been idle for `keep_alive` (dropping it closes it).
+async fn until_idle(conn: Connection<'_>, activity: &Activity, keep_alive: Duration) {
+    let mut conn = conn;
+    if keep_alive.is_zero() {
+        let _ = conn.await;
+        return;
+    }
+    tokio::select! {
+        _ = &mut conn => {}
+        () = activity.idle_for(keep_alive) => {}
     }
 }

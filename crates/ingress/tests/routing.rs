@@ -429,3 +429,56 @@ async fn forwarded_headers_from_a_trusted_balancer() {
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["x-forwarded-port"], "443");
 }
+
+#[tokio::test]
+async fn keep_alive_closes_idle_client_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = integration_tests::kube::Cluster::shared()
+        .await
+        .expect("cluster");
+    let client = cluster.client().await.expect("client");
+    let cm_ns = cluster.namespace("ka-cm").await.expect("ns");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ctl", "namespace": cm_ns},
+        "data": {"keep-alive": "1"}
+    }))
+    .expect("cm");
+    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &cm_ns)
+        .create(&Default::default(), &cm)
+        .await
+        .expect("configmap");
+    let flag = format!("--configmap={cm_ns}/ctl");
+    let env = env("ka", &[&flag]).await;
+    let b = backend("k").await;
+    service(&env.client, &env.ns, "k", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("k", &host, "/", "Prefix", "k"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+
+    let mut s = tokio::net::TcpStream::connect(http).await.expect("connect");
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..3 {
+        // Requests 0.5 s apart keep the connection open.
+        s.write_all(req.as_bytes()).await.expect("write");
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Idle past keep-alive: the proxy closes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "idle connection closed by the proxy");
+}
