@@ -103,7 +103,9 @@ impl Upstreams {
     }
 }
 
-fn upstream_tls_config() -> rustls::ClientConfig {
+/// A client config that accepts any server certificate: nginx's `proxy_ssl_verify off` default
+/// for upstreams (also used by tests that inspect whatever certificate is served).
+pub fn upstream_tls_config() -> rustls::ClientConfig {
     #[derive(Debug)]
     struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for NoVerify {

@@ -207,13 +207,23 @@ async fn cors_basic_auth_and_rate_limits() {
         .await
         .expect("auth secret");
 
+    let headers: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extra-headers", "namespace": env.ns},
+        "data": {"X-Household": "yes", "Cache-Control": "no-store"}
+    }))
+    .expect("configmap");
+    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), &env.ns)
+        .create(&Default::default(), &headers)
+        .await
+        .expect("custom headers configmap");
     apply_ingress(
         &env.client,
         &env.ns,
         with_annotations(
             simple_ingress("cors", &host("cors"), "/", "Prefix", "web"),
             json!({"nginx.ingress.kubernetes.io/enable-cors": "true",
-               "nginx.ingress.kubernetes.io/cors-allow-origin": "https://app.example.com"}),
+               "nginx.ingress.kubernetes.io/cors-allow-origin": "https://app.example.com",
+               "nginx.ingress.kubernetes.io/custom-headers": "extra-headers"}),
         ),
     )
     .await;
@@ -274,6 +284,11 @@ async fn cors_basic_auth_and_rate_limits() {
         r.headers["access-control-allow-origin"],
         "https://app.example.com"
     );
+    assert_eq!(
+        r.headers["x-household"], "yes",
+        "custom-headers on the response"
+    );
+    assert_eq!(r.headers["cache-control"], "no-store");
     let r = request(
         http,
         &host("cors"),

@@ -379,21 +379,11 @@ async fn round_robin_and_cookie_affinity() {
 
 #[tokio::test]
 async fn forwarded_headers_from_a_trusted_balancer() {
-    let cluster = integration_tests::kube::Cluster::shared()
-        .await
-        .expect("cluster");
-    let client = cluster.client().await.expect("client");
-    let cm_ns = cluster.namespace("fwd-cm").await.expect("ns");
-    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ctl", "namespace": cm_ns},
-        "data": {"use-forwarded-headers": "true", "compute-full-forwarded-for": "true"}
-    }))
-    .expect("cm");
-    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &cm_ns)
-        .create(&Default::default(), &cm)
-        .await
-        .expect("configmap");
-    let flag = format!("--configmap={cm_ns}/ctl");
+    let flag = controller_configmap(
+        "cm",
+        json!({"use-forwarded-headers": "true", "compute-full-forwarded-for": "true"}),
+    )
+    .await;
     let env = env("fwd", &[&flag]).await;
     let b = backend("f").await;
     service(&env.client, &env.ns, "f", &[b], &[]).await;
@@ -433,21 +423,7 @@ async fn forwarded_headers_from_a_trusted_balancer() {
 #[tokio::test]
 async fn keep_alive_closes_idle_client_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cluster = integration_tests::kube::Cluster::shared()
-        .await
-        .expect("cluster");
-    let client = cluster.client().await.expect("client");
-    let cm_ns = cluster.namespace("ka-cm").await.expect("ns");
-    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ctl", "namespace": cm_ns},
-        "data": {"keep-alive": "1"}
-    }))
-    .expect("cm");
-    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &cm_ns)
-        .create(&Default::default(), &cm)
-        .await
-        .expect("configmap");
-    let flag = format!("--configmap={cm_ns}/ctl");
+    let flag = controller_configmap("cm", json!({"keep-alive": "1"})).await;
     let env = env("ka", &[&flag]).await;
     let b = backend("k").await;
     service(&env.client, &env.ns, "k", &[b], &[]).await;

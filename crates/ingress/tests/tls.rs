@@ -134,6 +134,11 @@ async fn sni_certificates_rotation_redirects_and_fake_default() {
         .await
         .expect("last good cert kept");
     assert_eq!(r.status, 200);
+    let metrics = env.mgr.encode_metrics().expect("metrics");
+    let info = format!(
+        "nginx_ingress_controller_ssl_certificate_info{{host=\"{host}\",secret_name=\"cert\""
+    );
+    assert!(metrics.contains(&info), "{info} missing in:\n{metrics}");
 }
 
 #[tokio::test]
@@ -222,6 +227,10 @@ async fn configmap_reject_handshake_and_bad_values() {
     let r = tls_get(https, "unknown.example", "/", None)
         .await
         .expect("fake cert again");
+    assert!(
+        tls12_handshake(https, &host).await.is_err(),
+        "TLS 1.2 off after ssl-protocols: TLSv1.3, without a restart"
+    );
     assert!(contains(
         &r.peer_cert.expect("cert"),
         b"Kubernetes Ingress Controller Fake Certificate"
