@@ -78,6 +78,23 @@ pub fn annotations_and_config(data: &[u8]) {
     }
 }
 
+/// Input: a client byte stream, fed to the request-framing scanner in uneven pieces; the
+/// scanner must never panic and never yield more verdicts than request heads it could see.
+pub fn framing(data: &[u8]) {
+    use std::sync::Arc;
+    let verdicts = Arc::new(crate::framing::Verdicts::default());
+    let mut scanner = crate::framing::Scanner::new(verdicts.clone());
+    let split = data.first().map_or(1, |b| usize::from(*b % 7) + 1);
+    for piece in data.chunks(split) {
+        scanner.feed(piece);
+    }
+    let heads = data.windows(4).filter(|w| *w == b"\r\n\r\n").count();
+    let mut n = 0;
+    while n <= heads + 1 && verdicts.next() {
+        n += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +108,8 @@ mod tests {
         annotations_and_config(b"proxy-body-size=8m\nssl-redirect=maybe\nlimit-rps=99999999999\n");
         annotations_and_config(b"enable-cors=true\ncors-allow-origin=\nauth-type=basic\n");
         annotations_and_config(b"large-client-header-buffers=4 99999999999g\nhsts-max-age=-1\n");
+        framing(b"\x03POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET / HTTP/1.1\r\n\r\n");
+        framing(b"\x01POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n");
+        framing(b"");
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod controller;
 pub mod cors;
 pub mod endpoints;
+pub mod framing;
 pub mod fuzzing;
 pub mod ingress_class;
 pub mod keepalive;

@@ -12,8 +12,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::framing::{Scanned, Verdicts};
 use crate::keepalive::{Activity, Tracked};
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{ConnInfo, Proxy, plain};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,11 +54,21 @@ pub async fn serve(
             };
             let activity = Arc::new(Activity::default());
             let in_service = activity.clone();
-            let service = service_fn(move |req| {
+            let verdicts = Arc::new(Verdicts::default());
+            let framing = verdicts.clone();
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let guard = in_service.enter();
-                let fut = proxy.clone().handle(req, conn);
+                // HTTP/1 only: one verdict per request head, in order.
+                let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
+                let proxy = proxy.clone();
                 async move {
-                    let response = fut.await;
+                    if conflict {
+                        return Ok(plain(
+                            http::StatusCode::BAD_REQUEST,
+                            "400 Bad Request: both Content-Length and Transfer-Encoding\n",
+                        ));
+                    }
+                    let response = proxy.handle(req, conn).await;
                     drop(guard);
                     response
                 }
@@ -75,7 +86,10 @@ pub async fn serve(
             match tls {
                 None => {
                     let builder = builder.http1_only();
-                    let io = TokioIo::new(Tracked::new(stream, activity.clone()));
+                    let io = TokioIo::new(Scanned::new(
+                        Tracked::new(stream, activity.clone()),
+                        verdicts,
+                    ));
                     let conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
                     until_idle(conn, &activity, keep_alive).await;
                 }
@@ -88,9 +102,20 @@ pub async fn serve(
                     else {
                         return;
                     };
-                    let conn = Box::pin(
-                        builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service),
-                    );
+                    // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
+                    let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol()
+                        == Some(b"h2")
+                    {
+                        Box::pin(
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service),
+                        )
+                    } else {
+                        Box::pin(builder.serve_connection_with_upgrades(
+                            TokioIo::new(Scanned::new(tls_stream, verdicts)),
+                            service,
+                        ))
+                    };
                     until_idle(conn, &activity, keep_alive).await;
                 }
             }

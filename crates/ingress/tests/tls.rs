@@ -93,6 +93,31 @@ async fn sni_certificates_rotation_redirects_and_fake_default() {
         r.headers.get("location").and_then(|v| v.to_str().ok()),
         Some(format!("https://{host}:{}/page?x=1", https.port()).as_str())
     );
+    // Conflicting framing is refused over TLS (HTTP/1.1) too.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut config = ingress::upstream::upstream_tls_config();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let stream = tokio::net::TcpStream::connect(https)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, stream)
+            .await
+            .expect("tls");
+        let raw = format!(
+            "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        );
+        tls.write_all(raw.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 1024];
+        let n = tls.read(&mut buf).await.expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
     let r = get(http, &host, "/.well-known/acme-challenge/tok").await;
     assert_eq!(r.status, 200, "challenge path exempt from ssl-redirect");
 

@@ -422,3 +422,13 @@ pub async fn controller_configmap(prefix: &str, data: Value) -> String {
         .expect("create configmap");
     format!("--configmap={ns}/ingress-nginx-controller")
 }
+
+/// Writes raw bytes and reads until the server closes (or 5 s pass).
+pub async fn raw_exchange_all(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,314 @@
+//! Conflicting request framing (nginx answers 400 to a request carrying both Content-Length and
+//! Transfer-Encoding). hyper accepts such a request, framed by Transfer-Encoding, and drops the
+//! Content-Length header before the handler sees it, so the check has to look at the bytes:
+//! this wrapper follows the HTTP/1 request stream as hyper reads it (heads parsed with
+//! httparse, bodies skipped by their framing) and queues one verdict per request head, which
+//! the handler takes in order. On anything it does not follow (HTTP/2, upgrades, parse errors)
+//! it stops and records nothing more; hyper's own handling then stands.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Heads longer than this are not followed (hyper refuses them anyway).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+
+/// Per-connection verdicts, one per request head: true = both Content-Length and
+/// Transfer-Encoding were present.
+#[derive(Debug, Default)]
+pub struct Verdicts(Mutex<VecDeque<bool>>);
+
+impl Verdicts {
+    /// The verdict for the next request handled on this connection.
+    pub fn next(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+            .unwrap_or(false)
+    }
+
+    fn push(&self, conflict: bool) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(conflict);
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head(Vec<u8>),
+    Body(u64),
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    ChunkCrlf(u8),
+    /// Trailer section: length of the current line.
+    Trailers(usize),
+    /// Not followed any more.
+    Stopped,
+}
+
+/// Follows the request framing of one HTTP/1 connection.
+#[derive(Debug)]
+pub struct Scanner {
+    state: State,
+    verdicts: Arc<Verdicts>,
+}
+
+impl Scanner {
+    pub fn new(verdicts: Arc<Verdicts>) -> Self {
+        Self {
+            state: State::Head(Vec::new()),
+            verdicts,
+        }
+    }
+
+    /// Feeds bytes as they are read from the client.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Stopped => return,
+                State::Head(buf) => {
+                    // Skip blank lines between requests, as HTTP/1 servers do.
+                    if buf.is_empty() {
+                        let skip = data
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let start = buf.len().saturating_sub(3);
+                    let take = data.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
+                    buf.extend_from_slice(&data[..take]);
+                    let Some(end) = find(&buf[start..], b"\r\n\r\n").map(|i| start + i + 4) else {
+                        data = &data[take..];
+                        if buf.len() > MAX_HEAD {
+                            self.state = State::Stopped;
+                        }
+                        continue;
+                    };
+                    // Bytes after the head belong to the body or the next request.
+                    let extra = buf.len() - end;
+                    let head = std::mem::take(buf);
+                    data = &data[take - extra..];
+                    self.state = self.after_head(&head[..end]);
+                }
+                State::Body(n) => {
+                    let k = (*n).min(data.len() as u64) as usize;
+                    *n -= k as u64;
+                    data = &data[k..];
+                    if *n == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::ChunkSize(line) => match data.iter().position(|b| *b == b'\n') {
+                    None => {
+                        line.extend_from_slice(data);
+                        data = &[];
+                        if line.len() > 1024 {
+                            self.state = State::Stopped;
+                        }
+                    }
+                    Some(i) => {
+                        line.extend_from_slice(&data[..i]);
+                        data = &data[i + 1..];
+                        let text = String::from_utf8_lossy(line);
+                        let hex = text.split([';', '\r']).next().unwrap_or("").trim();
+                        self.state = match u64::from_str_radix(hex, 16) {
+                            Ok(0) => State::Trailers(0),
+                            Ok(size) => State::ChunkData(size),
+                            Err(_) => State::Stopped,
+                        };
+                    }
+                },
+                State::ChunkData(n) => {
+                    let k = (*n).min(data.len() as u64) as usize;
+                    *n -= k as u64;
+                    data = &data[k..];
+                    if *n == 0 {
+                        self.state = State::ChunkCrlf(2);
+                    }
+                }
+                State::ChunkCrlf(left) => {
+                    let k = usize::from(*left).min(data.len());
+                    *left -= k as u8;
+                    data = &data[k..];
+                    if *left == 0 {
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                }
+                State::Trailers(line_len) => {
+                    let b = data[0];
+                    data = &data[1..];
+                    match b {
+                        b'\n' if *line_len == 0 => self.state = State::Head(Vec::new()),
+                        b'\n' => *line_len = 0,
+                        b'\r' => {}
+                        _ => *line_len += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    fn after_head(&mut self, head: &[u8]) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+            return State::Stopped;
+        }
+        let mut content_length = None;
+        let mut te = None::<String>;
+        let mut upgrade = req.method == Some("CONNECT");
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                content_length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .or(Some(u64::MAX));
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = Some(String::from_utf8_lossy(h.value).to_ascii_lowercase());
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        self.verdicts.push(content_length.is_some() && te.is_some());
+        if upgrade {
+            return State::Stopped;
+        }
+        match (te, content_length) {
+            (Some(te), _) if te.split(',').next_back().map(str::trim) == Some("chunked") => {
+                State::ChunkSize(Vec::new())
+            }
+            // hyper answers 400 and closes.
+            (Some(_), _) => State::Stopped,
+            (None, Some(u64::MAX)) => State::Stopped,
+            (None, Some(n)) if n > 0 => State::Body(n),
+            _ => State::Head(Vec::new()),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An I/O stream whose incoming bytes are followed by a [`Scanner`].
+pub struct Scanned<S> {
+    inner: S,
+    scanner: Scanner,
+}
+
+impl<S> Scanned<S> {
+    pub fn new(inner: S, verdicts: Arc<Verdicts>) -> Self {
+        Self {
+            inner,
+            scanner: Scanner::new(verdicts),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let new = buf.filled()[before..].to_vec();
+            self.scanner.feed(&new);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Scanned<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts_of(chunks: &[&[u8]]) -> Vec<bool> {
+        let v = Arc::new(Verdicts::default());
+        let mut s = Scanner::new(v.clone());
+        for c in chunks {
+            s.feed(c);
+        }
+        let mut out = Vec::new();
+        while let Some(x) = v.0.lock().expect("lock").pop_front() {
+            out.push(x);
+        }
+        out
+    }
+
+    #[test]
+    fn follows_keep_alive_requests_with_bodies() {
+        let stream = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts_of(&[stream]), vec![false, false, false, true]);
+        // Byte by byte gives the same answer.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(verdicts_of(&bytes), vec![false, false, false, true]);
+    }
+
+    #[test]
+    fn body_text_that_looks_like_a_head_is_not_a_head() {
+        let body = b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut stream = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        stream.extend_from_slice(body);
+        stream.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(verdicts_of(&[&stream]), vec![false, false]);
+    }
+
+    #[test]
+    fn stops_on_http2_and_upgrades() {
+        assert!(verdicts_of(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).is_empty());
+        let up = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nGET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            verdicts_of(&[up]),
+            vec![false],
+            "tunnel bytes are not requests"
+        );
+    }
+}
