@@ -159,9 +159,112 @@ impl Metrics {
     }
 }
 
+/// A response body that observes the request duration and response size once, when it ends
+/// (or is dropped early, e.g. by a client that went away).
+pub struct Metered<B> {
+    inner: B,
+    started: std::time::Instant,
+    bytes: u64,
+    duration: Histogram,
+    size: Histogram,
+    done: bool,
+}
+
+impl<B> Metered<B> {
+    pub fn new(
+        inner: B,
+        started: std::time::Instant,
+        duration: Histogram,
+        size: Histogram,
+    ) -> Self {
+        Self {
+            inner,
+            started,
+            bytes: 0,
+            duration,
+            size,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.duration.observe(self.started.elapsed().as_secs_f64());
+            self.size.observe(self.bytes as f64);
+        }
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B> http_body::Body for Metered<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => self.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn metered_body_observes_size_at_the_end() {
+        use http_body_util::BodyExt;
+        let duration = Histogram::new(TIME_BUCKETS.iter().copied());
+        let size = Histogram::new(SIZE_BUCKETS.iter().copied());
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"12345"));
+        let metered = Metered::new(
+            body,
+            std::time::Instant::now(),
+            duration.clone(),
+            size.clone(),
+        );
+        let collected = metered.collect().await.expect("body").to_bytes();
+        assert_eq!(collected.len(), 5);
+        let mut registry = Registry::default();
+        registry.register("size", "size", size);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains("size_sum 5.0") && text.contains("size_count 1"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn request_counter_keeps_the_upstream_name() {

@@ -128,18 +128,19 @@ impl Proxy {
         let response = self
             .serve(req, conn, &snap, &host, &location, rewrite)
             .await;
-        self.record(&method, &host, &location, &response, started);
-        Ok(response)
+        Ok(self.record(&method, &host, &location, response, started))
     }
 
+    /// Counts the request now and measures duration and size when the response body ends,
+    /// as nginx's `$request_time` and `$bytes_sent` do.
     fn record(
         &self,
         method: &Method,
         host: &str,
         location: &Location,
-        response: &Response<Body>,
+        response: Response<Body>,
         started: Instant,
-    ) {
+    ) -> Response<Body> {
         let (namespace, ingress) = location
             .ingress
             .as_ref()
@@ -165,16 +166,11 @@ impl Proxy {
             canary: String::new(),
         };
         self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(len) = http_body::Body::size_hint(response.body()).exact() {
-            self.metrics
-                .response_size
-                .get_or_create(&labels)
-                .observe(len as f64);
-        }
+        let duration = self.metrics.request_duration.get_or_create(&labels).clone();
+        let size = self.metrics.response_size.get_or_create(&labels).clone();
+        let (parts, body) = response.into_parts();
+        let metered = crate::metrics::Metered::new(body, started, duration, size);
+        Response::from_parts(parts, metered.boxed_unsync())
     }
 
     async fn serve(

@@ -48,6 +48,21 @@ async fn routes_host_and_path_with_upstream_headers() {
         (404, &b"default backend - 404\n"[..])
     );
     assert_eq!(get(http, "nothing.example", "/healthz").await.status, 200);
+    // Duration and size are measured when the body ends (as nginx's $request_time/$bytes_sent).
+    let metrics = env.mgr.encode_metrics().expect("metrics");
+    let size_line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("nginx_ingress_controller_response_size_sum{status=\"200\"")
+                && l.contains(&format!("host=\"{host}\""))
+        })
+        .unwrap_or_else(|| panic!("no response_size for {host} in:\n{metrics}"));
+    let sum: f64 = size_line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("sum");
+    assert!(sum > 100.0, "{size_line}");
 
     // `Proxy` is stripped (httpoxy); a given X-Request-ID is kept.
     let r = request(
