@@ -85,6 +85,13 @@ impl Scanner {
                         if data.is_empty() {
                             return;
                         }
+                        // Common case: the whole head arrived in one read; parse it in place.
+                        if let Some(end) = find(data, b"\r\n\r\n").map(|i| i + 4) {
+                            let (head, rest) = data.split_at(end);
+                            self.state = self.after_head(head);
+                            data = rest;
+                            continue;
+                        }
                     }
                     let start = buf.len().saturating_sub(3);
                     let take = data.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
@@ -224,10 +231,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let new = buf.filled()[before..].to_vec();
-            self.scanner.feed(&new);
+            this.scanner.feed(&buf.filled()[before..]);
         }
         r
     }
