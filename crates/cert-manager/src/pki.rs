@@ -52,7 +52,9 @@ impl KeySpec {
             "ECDSA" => match size.unwrap_or(256) {
                 s @ (256 | 384) => Ok(Self::Ecdsa(s)),
                 // ring signs with P-256 and P-384 only.
-                s => Err(PkiError::Unsupported(format!("ECDSA key size {s} (256 and 384 are supported)"))),
+                s => Err(PkiError::Unsupported(format!(
+                    "ECDSA key size {s} (256 and 384 are supported)"
+                ))),
             },
             "Ed25519" => Ok(Self::Ed25519),
             other => Err(PkiError::Unsupported(format!("algorithm {other:?}"))),
@@ -108,7 +110,8 @@ impl PrivateKey {
 
     /// Parses PKCS#1, SEC1 or PKCS#8 PEM.
     pub fn from_pem(pem: &[u8]) -> Result<Self, PkiError> {
-        let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| PkiError::InvalidKey(e.to_string()))?;
+        let der =
+            PrivateKeyDer::from_pem_slice(pem).map_err(|e| PkiError::InvalidKey(e.to_string()))?;
         let pkcs8 = match der {
             PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
             PrivateKeyDer::Pkcs1(k) => RsaKey::from_pkcs1_der(k.secret_pkcs1_der())
@@ -151,7 +154,9 @@ impl PrivateKey {
             KeySpec::Rsa(_) if !pkcs8 => {
                 let key = RsaKey::from_pkcs8_der(&self.pkcs8)
                     .map_err(|e| PkiError::InvalidKey(e.to_string()))?;
-                let der = key.to_pkcs1_der().map_err(|e| PkiError::InvalidKey(e.to_string()))?;
+                let der = key
+                    .to_pkcs1_der()
+                    .map_err(|e| PkiError::InvalidKey(e.to_string()))?;
                 Ok(pem_block("RSA PRIVATE KEY", der.as_bytes()))
             }
             KeySpec::Ecdsa(_) if !pkcs8 => match sec1_from_pkcs8(&self.pkcs8) {
@@ -311,7 +316,11 @@ impl Names {
         let ips = |v: &[String]| {
             let mut v: Vec<String> = v
                 .iter()
-                .map(|s| s.parse::<IpAddr>().map(|ip| ip.to_string()).unwrap_or_else(|_| s.clone()))
+                .map(|s| {
+                    s.parse::<IpAddr>()
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_else(|_| s.clone())
+                })
                 .collect();
             v.sort();
             v.dedup();
@@ -449,7 +458,9 @@ pub fn pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
     let certs = certs.map_err(|e| PkiError::InvalidCertificate(e.to_string()))?;
     if certs.is_empty() {
-        return Err(PkiError::InvalidCertificate("no certificate in PEM data".into()));
+        return Err(PkiError::InvalidCertificate(
+            "no certificate in PEM data".into(),
+        ));
     }
     Ok(certs)
 }
@@ -471,7 +482,9 @@ pub fn leaf_info(pem: &[u8]) -> Result<LeafInfo, PkiError> {
     let mut is_ca = false;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
-            ParsedExtension::SubjectAlternativeName(san) => add_general_names(&mut names, &san.general_names),
+            ParsedExtension::SubjectAlternativeName(san) => {
+                add_general_names(&mut names, &san.general_names)
+            }
             ParsedExtension::AuthorityKeyIdentifier(aki) => {
                 authority_key_id = aki.key_identifier.as_ref().map(|k| k.0.to_vec())
             }
@@ -510,7 +523,10 @@ mod tests {
     fn spec(alg: &str, size: Option<i32>) -> CertificateSpec {
         CertificateSpec {
             secret_name: "s".into(),
-            issuer_ref: IssuerRef { name: "i".into(), ..Default::default() },
+            issuer_ref: IssuerRef {
+                name: "i".into(),
+                ..Default::default()
+            },
             common_name: Some("example.test".into()),
             dns_names: Some(vec!["example.test".into(), "www.example.test".into()]),
             ip_addresses: Some(vec!["10.0.0.1".into()]),
@@ -533,11 +549,17 @@ mod tests {
         assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{pem}");
         let back = PrivateKey::from_pem(pem.as_bytes()).unwrap();
         assert_eq!(back.kind, KeySpec::Rsa(2048));
-        assert_eq!(back.public_key_der().unwrap(), key.public_key_der().unwrap());
+        assert_eq!(
+            back.public_key_der().unwrap(),
+            key.public_key_der().unwrap()
+        );
         let csr = csr_pem(&s, &key).unwrap();
         let (names, spki) = parse_csr(csr.as_bytes()).unwrap();
         assert_eq!(spki, key.public_key_der().unwrap());
-        assert!(Names::from_spec(&s).differences(&names).is_empty(), "{names:?}");
+        assert!(
+            Names::from_spec(&s).differences(&names).is_empty(),
+            "{names:?}"
+        );
     }
 
     #[test]
@@ -551,10 +573,16 @@ mod tests {
             assert_eq!(KeySpec::from_spec(&s).unwrap(), kind);
             let key = PrivateKey::generate(kind).unwrap();
             let pem = key.to_pem(false).unwrap();
-            assert!(pem.starts_with(&format!("-----BEGIN {label}-----")), "{pem}");
+            assert!(
+                pem.starts_with(&format!("-----BEGIN {label}-----")),
+                "{pem}"
+            );
             let back = PrivateKey::from_pem(pem.as_bytes()).unwrap();
             assert_eq!(back.kind, kind);
-            assert_eq!(back.public_key_der().unwrap(), key.public_key_der().unwrap());
+            assert_eq!(
+                back.public_key_der().unwrap(),
+                key.public_key_der().unwrap()
+            );
             let pkcs8 = key.to_pem(true).unwrap();
             assert!(pkcs8.starts_with("-----BEGIN PRIVATE KEY-----"));
             csr_pem(&s, &key).unwrap();
@@ -567,7 +595,9 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(PrivateKey::from_pem(b"nonsense").is_err());
-        assert!(leaf_info(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
+        assert!(
+            leaf_info(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err()
+        );
         assert!(parse_csr(b"").is_err());
     }
 }

@@ -5,11 +5,14 @@ pub mod args;
 pub mod backoff;
 pub mod client;
 pub mod controller;
+pub mod discovery;
 mod error;
 pub mod health;
 pub mod leader;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use args::{CommonArgs, LeaderElectionArgs, LogFormat};
 pub use backoff::Backoff;

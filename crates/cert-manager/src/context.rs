@@ -1,0 +1,20 @@
+//! What every controller of `cert-manager controller` shares.
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::Recorder;
+
+use crate::cli::ControllerArgs;
+use crate::http01::Solver;
+use crate::issuers::Accounts;
+use crate::metrics::Metrics;
+
+pub struct Context {
+    pub client: Client,
+    pub args: Arc<ControllerArgs>,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub accounts: Accounts,
+    pub solver: Solver,
+}
