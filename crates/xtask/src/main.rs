@@ -5,6 +5,7 @@
 //! `cargo run -p xtask -- up`: the same set-up, then a local control plane (etcd, apiserver,
 //! controller-manager, scheduler) with `deploy/*.yaml` applied, in the foreground until Ctrl-C.
 
+mod bench;
 mod seed;
 mod setup;
 
@@ -38,6 +39,14 @@ enum Task {
     Setup,
     /// Start a local control plane with deploy/ applied; stays up until Ctrl-C.
     Up,
+    /// Benchmarks (`bench proxy [-- bench-proxy flags]`): writes benches/results/.
+    Bench {
+        /// What to benchmark: `proxy`.
+        what: String,
+        /// Extra flags for the harness, e.g. `--rounds 5 --seconds 10 --no-pin`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,6 +84,10 @@ fn main() -> Result<()> {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             step("cargo test", || cargo(&args))
         }
+        Task::Bench { what, args } => match what.as_str() {
+            "proxy" => bench::proxy(&args),
+            other => bail!("unknown benchmark {other:?} (known: proxy)"),
+        },
         Task::Up => {
             setup::all()?;
             let bin_dir = seed::build_binaries()?;

@@ -24,6 +24,13 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "ca-certificates",
+    // Proxy benchmark peers and load generators (benches/, its smoke test runs in the suite).
+    "nginx",
+    "haproxy",
+    "wrk",
+    "nghttp2-client",
+    // The pingora benchmark peer's zlib-ng build.
+    "cmake",
 ];
 
 /// The deb-src entry this project adds when the machine has none.
@@ -31,7 +38,44 @@ const DEB_SRC_FILE: &str = "/etc/apt/sources.list.d/homecluster-deb-src.sources"
 
 pub fn all() -> Result<()> {
     step("Debian packages", packages)?;
+    step("oha (benchmark load generator)", oha)?;
     step(&format!("Kubernetes {K8S_VERSION} binaries"), k8s_binaries)
+}
+
+/// The oha version the benchmarks use, installed once into the cache dir.
+const OHA_VERSION: &str = "1.16.0";
+
+fn oha() -> Result<()> {
+    let root = cache_dir().join("oha");
+    let bin = root.join("bin/oha");
+    let current = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(OHA_VERSION))
+        .unwrap_or(false);
+    if current {
+        eprintln!("    cached in {}", bin.display());
+        return Ok(());
+    }
+    eprintln!("    cargo install oha {OHA_VERSION} (about 6 minutes on 2 cores, once)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "install",
+            "--locked",
+            "oha",
+            "--version",
+            OHA_VERSION,
+            "--root",
+        ])
+        .arg(&root)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("cargo install oha")?;
+    if !status.success() {
+        bail!("cargo install oha failed");
+    }
+    Ok(())
 }
 
 fn packages() -> Result<()> {

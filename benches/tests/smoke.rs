@@ -1,0 +1,103 @@
+//! The benchmark's smoke variant: every scenario against every peer for about a second, one
+//! round, so the harness never rots. It asserts only that figures came out and that the result
+//! files can be written; it judges no figure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use benches::peers::PeerKind;
+use benches::{Options, Programs};
+use integration_tests::process::which;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("benches lives in the workspace root")
+}
+
+/// The debug ingress-controller next to this test's own target dir; `cargo test --workspace`
+/// has built it already, a narrower run builds it here.
+fn ingress_controller() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("ingress-controller");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "ingress", "--bin", "ingress-controller"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building ingress-controller failed");
+    }
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_produces_figures() {
+    let oha = benches::oha_path();
+    assert!(
+        oha.is_file(),
+        "oha not found at {}: run `{}` once",
+        oha.display(),
+        integration_tests::SETUP_COMMAND
+    );
+    let tool = |name: &str| which(name).unwrap_or_else(|e| panic!("{e}"));
+    let programs = Programs {
+        ingress_controller: ingress_controller(),
+        backend: PathBuf::from(env!("CARGO_BIN_EXE_bench-backend")),
+        // Cached outside the repository: after the first build this is a freshness check.
+        pingora: Ok(benches::build_pingora(&workspace_root()).unwrap_or_else(|e| panic!("{e}"))),
+        nginx: tool("nginx"),
+        haproxy: tool("haproxy"),
+        wrk: tool("wrk"),
+        h2load: tool("h2load"),
+        oha,
+    };
+    let opts = Options::smoke(programs);
+    let results = benches::run(&opts).await.unwrap_or_else(|e| panic!("{e}"));
+
+    let peers = [
+        PeerKind::IngressController,
+        PeerKind::Nginx,
+        PeerKind::Haproxy,
+        PeerKind::Pingora,
+        PeerKind::Direct,
+    ];
+    assert!(results.skipped.is_empty(), "skipped: {:?}", results.skipped);
+    for s in results.throughput.iter().chain(&results.latency) {
+        for kind in peers {
+            let p = s
+                .get(kind)
+                .unwrap_or_else(|| panic!("{} has no {} figures", s.id, kind.name()));
+            assert!(
+                p.value.median > 0.0,
+                "{} {}: no figure ({p:?})",
+                s.id,
+                kind.name()
+            );
+        }
+    }
+    for r in &results.resources {
+        assert!(r.peak_rss_mib > 0.0 && r.cpu_seconds > 0.0, "{r:?}");
+    }
+    assert_eq!(results.propagation.len(), 3);
+    for p in &results.propagation {
+        assert!(p.edits > 0 && p.from_request_ms.median > 0.0, "{p:?}");
+    }
+    let under_load = results.edits_under_load.as_ref().expect("edits under load");
+    assert!(under_load.requests > 0);
+    assert!(!results.targets.is_empty());
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (md, json) = results.write(dir.path()).expect("writing results");
+    let md = std::fs::read_to_string(md).expect("markdown");
+    assert!(md.contains("| h2-64k | pingora |"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("json")).expect("valid JSON");
+    assert!(json["machine"]["cores"].as_u64().unwrap_or(0) > 0);
+}

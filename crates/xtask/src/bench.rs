@@ -1,0 +1,52 @@
+//! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
+//! wrk, nghttp2-client; oha), builds the ingress controller and the harness in release mode,
+//! then runs `bench-proxy`, which builds the pingora peer (cached) and writes
+//! `benches/results/proxy.{md,json}`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, setup, step};
+
+pub fn proxy(extra: &[String]) -> Result<()> {
+    setup::all()?;
+    step(
+        "cargo build --release (ingress-controller, benches)",
+        || {
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "ingress",
+                "--bin",
+                "ingress-controller",
+                "-p",
+                "benches",
+                "--bins",
+            ])
+        },
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join("release");
+    let root = std::env::current_dir()?;
+    step("bench-proxy", || {
+        let status = Command::new(target.join("bench-proxy"))
+            .arg(format!(
+                "--ingress-controller={}",
+                target.join("ingress-controller").display()
+            ))
+            .arg(format!("--root={}", root.display()))
+            .arg(format!("--out={}", root.join("benches/results").display()))
+            .args(extra)
+            .status()
+            .context("running bench-proxy")?;
+        if !status.success() {
+            bail!("bench-proxy failed ({status})");
+        }
+        Ok(())
+    })
+}
