@@ -17,4 +17,5 @@ pub struct Context {
     pub metrics: Metrics,
     pub accounts: Accounts,
     pub solver: Solver,
+    pub self_checks: crate::challenges::SelfChecks,
 }

@@ -1,0 +1,238 @@
+//! ACME Challenges (HTTP-01): present the token, self-check the public path, tell the ACME
+//! server to validate, record the outcome and clean up (upstream's acmechallenges controller).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use instant_acme::{AuthorizationStatus, ChallengeStatus as AcmeChallengeStatus, ChallengeType};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::api::{Challenge, ChallengeStatus, Order};
+use crate::context::Context;
+use crate::http01::Http01Error;
+use crate::issuers::{self, IssuerError};
+
+pub const FINALIZER: &str = "acme.cert-manager.io/finalizer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Issuer(#[from] IssuerError),
+    #[error(transparent)]
+    Http01(#[from] Http01Error),
+    #[error("ACME: {0}")]
+    Acme(#[from] instant_acme::Error),
+}
+
+/// Self-check passes so far, per Challenge uid (in memory: a restart starts counting again).
+#[derive(Default)]
+pub struct SelfChecks(Mutex<HashMap<String, u32>>);
+
+impl SelfChecks {
+    fn pass(&self, uid: &str) -> u32 {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uid.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn reset(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(state, "valid" | "invalid" | "expired" | "errored")
+}
+
+async fn patch_status(ctx: &Context, ch: &Challenge, status: &ChallengeStatus) -> Result<(), kube::Error> {
+    let api: Api<Challenge> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+    let body = json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Challenge", "status": status });
+    api.patch_status(&ch.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await?;
+    Ok(())
+}
+
+async fn set_finalizers(ctx: &Context, ch: &Challenge, finalizers: Vec<String>) -> Result<(), kube::Error> {
+    let api: Api<Challenge> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": ch.resource_version() } });
+    api.patch(&ch.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, ch: &Challenge, type_: EventType, reason: &str, note: String) {
+    let _ = ctx
+        .recorder
+        .publish(
+            &Event { type_, reason: reason.into(), note: Some(note), action: "Solve".into(), secondary: None },
+            &ch.object_ref(&()),
+        )
+        .await;
+}
+
+pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, ChallengeError> {
+    ctx.metrics.sync_call("challenges");
+    let uid = ch.uid().unwrap_or_default();
+    if ch.meta().deletion_timestamp.is_some() {
+        ctx.solver.cleanup(&ctx.client, &ch).await?;
+        ctx.self_checks.reset(&uid);
+        let rest: Vec<String> = ch.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+        if rest.len() != ch.finalizers().len() {
+            set_finalizers(&ctx, &ch, rest).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let mut status = ch.status.clone().unwrap_or_default();
+    let state = status.state.clone().unwrap_or_default();
+    if is_final(&state) {
+        if status.presented == Some(true) {
+            ctx.solver.cleanup(&ctx.client, &ch).await?;
+            status.presented = Some(false);
+            status.processing = Some(false);
+            patch_status(&ctx, &ch, &status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !ch.finalizers().iter().any(|f| f == FINALIZER) {
+        let mut f = ch.finalizers().to_vec();
+        f.push(FINALIZER.into());
+        set_finalizers(&ctx, &ch, f).await?;
+        return Ok(Action::await_change());
+    }
+    if ch.spec.type_ != "HTTP-01" || ch.spec.solver.http01.is_none() {
+        status.reason = Some("Only HTTP-01 challenges are supported by this implementation".into());
+        status.state = Some("errored".into());
+        patch_status(&ctx, &ch, &status).await?;
+        return Ok(Action::await_change());
+    }
+
+    if status.presented != Some(true) {
+        if let Err(e) = ctx.solver.present(&ctx.client, &ch).await {
+            status.reason = Some(format!("Error presenting challenge: {e}"));
+            status.processing = Some(true);
+            patch_status(&ctx, &ch, &status).await?;
+            event(&ctx, &ch, EventType::Warning, "PresentError", format!("Error presenting challenge: {e}")).await;
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+        status.presented = Some(true);
+        status.presented_at = Some(crate::time::now());
+        status.processing = Some(true);
+        status.state = Some("pending".into());
+        status.reason = Some("Waiting for HTTP-01 challenge propagation".into());
+        patch_status(&ctx, &ch, &status).await?;
+        event(&ctx, &ch, EventType::Normal, "Presented", format!("Presented challenge using HTTP-01 challenge mechanism")).await;
+        return Ok(Action::requeue(Duration::ZERO));
+    } else {
+        // A restart (or a deleted Service/Ingress) must not leave the token unanswered.
+        ctx.solver.add(&ch.spec.token, &ch.spec.dns_name, &ch.spec.key);
+    }
+
+    let issuer = issuers::resolve(&ctx, &ch.namespace().unwrap_or_default(), &ch.spec.issuer_ref).await?;
+    let Some(issuer) = issuer else {
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let account = issuers::account(&ctx, &issuer).await?;
+
+    // Has the ACME server been told already? Look at the authorization.
+    let Some(order_url) = order_url(&ctx, &ch).await? else {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
+    let mut acme_order = account.order(order_url).await?;
+    let mut authzs = acme_order.authorizations();
+    let mut found = None;
+    while let Some(a) = authzs.next().await {
+        let mut a = a?;
+        if a.url() != ch.spec.authorization_url {
+            continue;
+        }
+        let authz_status = a.status;
+        let challenge = a.challenge(ChallengeType::Http01);
+        let (ch_status, error) = match &challenge {
+            Some(c) => (Some(c.status), c.error.as_ref().map(|e| e.to_string())),
+            None => (None, None),
+        };
+        if authz_status == AuthorizationStatus::Pending && ch_status == Some(AcmeChallengeStatus::Pending) {
+            // Not accepted yet: self-check first (unless the solver says to just wait).
+            let wait = ch.spec.solver.wait_instead_of_self_check.as_deref().and_then(|d| crate::time::parse_go_duration(d).ok());
+            if let Some(wait) = wait {
+                let presented = status.presented_at.as_deref().and_then(crate::time::parse_secs).unwrap_or(0);
+                let due = presented + wait.as_secs() as i64;
+                let now = crate::time::now_secs();
+                if now < due {
+                    return Ok(Action::requeue(Duration::from_secs((due - now) as u64)));
+                }
+            } else {
+                match ctx.solver.self_check(&ch).await {
+                    Ok(()) => {
+                        let passes = ctx.self_checks.pass(&uid);
+                        if passes < ctx.args.acme_http01_self_check_passes {
+                            return Ok(Action::requeue(ctx.args.acme_http01_self_check_interval));
+                        }
+                    }
+                    Err(e) => {
+                        ctx.self_checks.reset(&uid);
+                        let reason = format!("Waiting for HTTP-01 challenge propagation: {e}");
+                        if status.reason.as_deref() != Some(reason.as_str()) {
+                            status.reason = Some(reason);
+                            patch_status(&ctx, &ch, &status).await?;
+                        }
+                        return Ok(Action::requeue(ctx.args.acme_http01_self_check_interval));
+                    }
+                }
+            }
+            if let Some(mut c) = challenge {
+                c.set_ready().await?;
+            }
+            ctx.self_checks.reset(&uid);
+            status.reason = Some("Waiting for authorization to be valid".into());
+            status.state = Some("processing".into());
+            patch_status(&ctx, &ch, &status).await?;
+            return Ok(Action::requeue(Duration::from_millis(250)));
+        }
+        found = Some((authz_status, error));
+        break;
+    }
+    let Some((authz_status, error)) = found else {
+        status.state = Some("errored".into());
+        status.reason = Some("authorization not found in the ACME order".into());
+        patch_status(&ctx, &ch, &status).await?;
+        return Ok(Action::await_change());
+    };
+    match authz_status {
+        AuthorizationStatus::Valid => {
+            status.state = Some("valid".into());
+            status.reason = Some("Successfully authorized domain".into());
+            status.processing = Some(false);
+            event(&ctx, &ch, EventType::Normal, "DomainVerified", format!("Domain {:?} verified with \"HTTP-01\" validation", ch.spec.dns_name)).await;
+        }
+        AuthorizationStatus::Pending => {
+            return Ok(Action::requeue(Duration::from_millis(250)));
+        }
+        other => {
+            let detail = error.unwrap_or_else(|| format!("authorization is {other:?}"));
+            status.state = Some("invalid".into());
+            status.reason = Some(format!("Error accepting authorization: {detail}"));
+            status.processing = Some(false);
+            event(&ctx, &ch, EventType::Warning, "Failed", detail).await;
+        }
+    }
+    ctx.solver.cleanup(&ctx.client, &ch).await?;
+    status.presented = Some(false);
+    patch_status(&ctx, &ch, &status).await?;
+    Ok(Action::await_change())
+}
+
+async fn order_url(ctx: &Context, ch: &Challenge) -> Result<Option<String>, kube::Error> {
+    let Some(owner) = ch.owner_references().iter().find(|o| o.kind == "Order") else {
+        return Ok(None);
+    };
+    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+    Ok(api.get_opt(&owner.name).await?.and_then(|o| o.status.and_then(|s| s.url)))
+}
