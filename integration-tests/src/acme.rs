@@ -15,6 +15,8 @@ pub struct PebbleOptions {
     pub tls_port: u16,
     /// Extra environment, e.g. `PEBBLE_VA_NOSLEEP=1`, `PEBBLE_WFE_NONCEREJECT=50`.
     pub env: Vec<(String, String)>,
+    /// `certificateValidityPeriod` in seconds (pebble's default is five years).
+    pub validity_secs: Option<u64>,
 }
 
 impl Default for PebbleOptions {
@@ -23,6 +25,7 @@ impl Default for PebbleOptions {
             http_port: 5002,
             tls_port: 5001,
             env: vec![("PEBBLE_VA_NOSLEEP".into(), "1".into())],
+            validity_secs: None,
         }
     }
 }
@@ -103,6 +106,11 @@ impl Pebble {
         format!("https://localhost:{}/dir", self.acme_port)
     }
 
+    /// challtestsrv's DNS server (what pebble resolves names with; every name is 127.0.0.1).
+    pub fn dns_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.dns_port))
+    }
+
     pub fn options(&self) -> &PebbleOptions {
         &self.opts
     }
@@ -155,7 +163,7 @@ impl Pebble {
     async fn start_pebble(&mut self) -> Result<()> {
         let pebble_bin = which("pebble")?;
         let d = self.dir.path();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "pebble": {
                 "listenAddress": format!("127.0.0.1:{}", self.acme_port),
                 "managementListenAddress": format!("127.0.0.1:{}", self.mgmt_port),
@@ -167,6 +175,9 @@ impl Pebble {
                 "externalAccountBindingRequired": false
             }
         });
+        if let Some(v) = self.opts.validity_secs {
+            config["pebble"]["certificateValidityPeriod"] = v.into();
+        }
         std::fs::write(d.join("pebble-config.json"), config.to_string())?;
         self.starts += 1;
         let log = d.join(format!("pebble.{}.log", self.starts));

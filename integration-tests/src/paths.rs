@@ -20,7 +20,8 @@ pub fn cache_dir() -> PathBuf {
 
 /// Directory of kube-apiserver, kube-controller-manager, kube-scheduler and kubectl.
 pub fn k8s_bin_dir() -> PathBuf {
-    cache_dir().join(format!("k8s-{K8S_VERSION}")).join("bin")
+    // "-2": rebuilt with reflect2 1.0.2 (see xtask's setup); older caches crash on CRDs.
+    cache_dir().join(format!("k8s-{K8S_VERSION}-2")).join("bin")
 }
 
 /// The Kubernetes binaries the harness runs.

@@ -127,7 +127,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
         status.state = Some("pending".into());
         status.reason = Some("Waiting for HTTP-01 challenge propagation".into());
         patch_status(&ctx, &ch, &status).await?;
-        event(&ctx, &ch, EventType::Normal, "Presented", format!("Presented challenge using HTTP-01 challenge mechanism")).await;
+        event(&ctx, &ch, EventType::Normal, "Presented", "Presented challenge using HTTP-01 challenge mechanism".to_string()).await;
         return Ok(Action::requeue(Duration::ZERO));
     } else {
         // A restart (or a deleted Service/Ingress) must not leave the token unanswered.

@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Certificates, CertificateRequests, Orders, Challenges, Issuers and the ingress-shim.
-    Controller(cert_manager::cli::ControllerArgs),
+    Controller(Box<cert_manager::cli::ControllerArgs>),
     /// Injects CA bundles into webhook configurations, CRDs and APIServices.
     Cainjector(cert_manager::cainjector::Args),
     /// Validating (and mutating) admission webhook for the cert-manager kinds.

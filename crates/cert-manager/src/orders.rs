@@ -84,6 +84,10 @@ pub async fn reconcile(order: Arc<Order>, ctx: Arc<Context>) -> Result<Action, O
     let account = issuers::account(&ctx, &issuer).await?;
 
     let result = step(&ctx, &order, &issuer, &account, &mut status).await;
+    if matches!(result, Err(OrderError::Acme(_))) {
+        // The server may have lost the account (e.g. a restarted test CA): set it up afresh.
+        ctx.accounts.invalidate(&issuer);
+    }
     match result {
         Ok(action) => {
             if order.status.as_ref() != Some(&status) {

@@ -107,7 +107,7 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
         return Ok(Action::await_change());
     };
     if !issuer.is_ready() {
-        let msg = format!("Referenced issuer does not have a Ready status condition");
+        let msg = "Referenced issuer does not have a Ready status condition".to_string();
         patch_status(&ctx, &cr, with_condition(&cr, pending(msg))).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }

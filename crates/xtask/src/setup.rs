@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "ca-certificates",
+    // reflect2 1.0.2: the Kubernetes 1.20 tree vendors 1.0.1, which crashes under Go ≥ 1.18.
+    "golang-github-modern-go-reflect2-dev",
     // Proxy benchmark peers and load generators (benches/, its smoke test runs in the suite).
     "nginx",
     "haproxy",
@@ -126,6 +128,7 @@ fn k8s_binaries() -> Result<()> {
         "    building in {} (about 5 minutes on 2 cores)",
         tree.display()
     );
+    patch_reflect2(&tree)?;
     let gopath = tree.join(".go");
     let what: Vec<String> = K8S_BINARIES.iter().map(|b| format!("cmd/{b}")).collect();
     let status = Command::new("make")
@@ -154,6 +157,35 @@ fn k8s_binaries() -> Result<()> {
     // The tree and Go caches take ~2.5 GB; the binaries are all we keep.
     let _ = std::fs::remove_dir_all(&src_root);
     eprintln!("    cached in {}", bin.display());
+    Ok(())
+}
+
+/// Replaces the vendored github.com/modern-go/reflect2 v1.0.1 with Debian's 1.0.2. With Go ≥ 1.18
+/// (bookworm has 1.19), 1.0.1's `mapiterinit` link has the wrong signature and kube-apiserver
+/// segfaults when it encodes a map, e.g. on the first custom resource it decodes. 1.0.2 is the
+/// upstream fix (the same API), so nothing else in the tree changes.
+fn patch_reflect2(tree: &Path) -> Result<()> {
+    let debian = Path::new("/usr/share/gocode/src/github.com/modern-go/reflect2");
+    let vendored = tree.join("vendor/github.com/modern-go/reflect2");
+    if !debian.join("go_above_118.go").is_file() {
+        bail!("{} lacks go_above_118.go (package golang-github-modern-go-reflect2-dev)", debian.display());
+    }
+    let is_source = |p: &Path| matches!(p.extension().and_then(|e| e.to_str()), Some("go" | "s"));
+    for entry in std::fs::read_dir(&vendored)? {
+        let path = entry?.path();
+        if is_source(&path) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    for entry in std::fs::read_dir(debian)? {
+        let path = entry?.path();
+        if is_source(&path)
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, vendored.join(name))?;
+        }
+    }
+    eprintln!("    vendored reflect2 replaced with Debian's 1.0.2");
     Ok(())
 }
 

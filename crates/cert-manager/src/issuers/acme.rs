@@ -156,6 +156,12 @@ impl Accounts {
             .map(|(_, a)| a.clone())
     }
 
+    /// Forgets an issuer's account, e.g. after the ACME server said it does not know it.
+    pub fn invalidate(&self, issuer: &ResolvedIssuer) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(&issuer.cache_key());
+    }
+
     fn store(&self, issuer: &ResolvedIssuer, account: Account) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.insert(issuer.cache_key(), (issuer.fingerprint(), account));
