@@ -12,13 +12,13 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    Certificate, CertificateRequest, CertificateRequestSpec, CertificateStatus, Condition, condition,
-    new_condition, set_condition,
+    Certificate, CertificateRequest, CertificateRequestSpec, CertificateStatus, Condition,
+    condition, new_condition, set_condition,
 };
 use crate::context::Context;
 use crate::pki::{KeySpec, Names, PrivateKey};
@@ -40,28 +40,51 @@ pub const ISSUING: &str = "Issuing";
 pub const READY: &str = "Ready";
 const NEXT_KEY_LABEL: &str = "cert-manager.io/next-private-key";
 /// Annotation prefixes not copied from a Certificate to its requests (as upstream).
-const NOT_COPIED: &[&str] = &["kubectl.kubernetes.io/", "fluxcd.io/", "argocd.argoproj.io/"];
+const NOT_COPIED: &[&str] = &[
+    "kubectl.kubernetes.io/",
+    "fluxcd.io/",
+    "argocd.argoproj.io/",
+];
 
 fn conditions(status: &CertificateStatus) -> &[Condition] {
     status.conditions.as_deref().unwrap_or(&[])
 }
 
-async fn patch_status(ctx: &Context, cert: &Certificate, status: &CertificateStatus) -> Result<(), kube::Error> {
-    let api: Api<Certificate> = Api::namespaced(ctx.client.clone(), &cert.namespace().unwrap_or_default());
-    let body = json!({ "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "status": status });
-    api.patch_status(&cert.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await?;
+async fn patch_status(
+    ctx: &Context,
+    cert: &Certificate,
+    status: &CertificateStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<Certificate> =
+        Api::namespaced(ctx.client.clone(), &cert.namespace().unwrap_or_default());
+    let body =
+        json!({ "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "status": status });
+    api.patch_status(
+        &cert.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
-async fn event(ctx: &Context, cert: &Certificate, type_: EventType, reason: &str, note: String) {
-    let _ = ctx
-        .recorder
-        .publish(
-            &Event { type_, reason: reason.into(), note: Some(note), action: "Issue".into(), secondary: None },
-            &cert.object_ref(&()),
-        )
-        .await;
+async fn event(
+    ctx: &Context,
+    cert: &Certificate,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    crate::events::publish(
+        &ctx.recorder,
+        &cert.object_ref(&()),
+        type_,
+        reason,
+        action,
+        note,
+    )
+    .await;
 }
 
 fn set(status: &mut CertificateStatus, c: Condition, generation: Option<i64>) {
@@ -81,7 +104,10 @@ fn remove(status: &mut CertificateStatus, type_: &str) {
 /// When a failed issuance may be retried: `min(min·2^(n−1), max)` after the last failure.
 pub fn backoff_until(status: &CertificateStatus, min: Duration, max: Duration) -> Option<i64> {
     let n = status.failed_issuance_attempts.filter(|n| *n > 0)?;
-    let last = status.last_failure_time.as_deref().and_then(crate::time::parse_secs)?;
+    let last = status
+        .last_failure_time
+        .as_deref()
+        .and_then(crate::time::parse_secs)?;
     let factor = 2u32.saturating_pow((n - 1).min(30) as u32);
     let delay = min.saturating_mul(factor).min(max);
     Some(last + delay.as_secs() as i64)
@@ -89,7 +115,8 @@ pub fn backoff_until(status: &CertificateStatus, min: Duration, max: Duration) -
 
 /// Whether a request still asks for what the spec asks for (names, issuer, duration, key kind).
 fn request_matches_spec(cr: &CertificateRequest, cert: &Certificate) -> bool {
-    let Some((names, _)) = requests::csr_of(cr).and_then(|pem| crate::pki::parse_csr(&pem).ok()) else {
+    let Some((names, _)) = requests::csr_of(cr).and_then(|pem| crate::pki::parse_csr(&pem).ok())
+    else {
         return false;
     };
     Names::from_spec(&cert.spec).differences(&names).is_empty()
@@ -98,8 +125,19 @@ fn request_matches_spec(cr: &CertificateRequest, cert: &Certificate) -> bool {
         && cr.spec.duration == cert.spec.duration
 }
 
-pub async fn reconcile(cert: Arc<Certificate>, ctx: Arc<Context>) -> Result<Action, CertificateError> {
+pub async fn reconcile(
+    cert: Arc<Certificate>,
+    ctx: Arc<Context>,
+) -> Result<Action, CertificateError> {
     ctx.metrics.sync_call("certificates");
+    // Work from the stored object, not the cache: an owned object's event can arrive before
+    // our own last status write is in the cache, and acting on that would repeat work.
+    let api: Api<Certificate> =
+        Api::namespaced(ctx.client.clone(), &cert.namespace().unwrap_or_default());
+    let Some(cert) = api.get_opt(&cert.name_any()).await? else {
+        ctx.metrics.forget_certificate(&cert);
+        return Ok(Action::await_change());
+    };
     let result = sync(&cert, &ctx).await;
     if result.is_err() {
         ctx.metrics.sync_error("certificates");
@@ -145,7 +183,9 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         let mut requeue_at = None;
         if let Some(v) = policies::evaluate(TRIGGER_CHAIN, &input) {
             let next_cr = crs.get_opt(&next_name).await?;
-            let spec_unchanged = next_cr.as_ref().is_some_and(|cr| request_matches_spec(cr, cert));
+            let spec_unchanged = next_cr
+                .as_ref()
+                .is_some_and(|cr| request_matches_spec(cr, cert));
             let until = backoff_until(
                 &status,
                 ctx.args.certificate_request_minimum_backoff_duration,
@@ -158,15 +198,34 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
                     if let Some(cr) = next_cr {
                         delete_request(&crs, &cr).await?;
                     }
-                    set(&mut status, new_condition(ISSUING, true, v.reason, v.message.clone()), generation);
-                    readiness(cert, &input, &mut status, leaf.as_ref(), renewal, generation);
+                    set(
+                        &mut status,
+                        new_condition(ISSUING, true, v.reason, v.message.clone()),
+                        generation,
+                    );
+                    readiness(
+                        cert,
+                        &input,
+                        &mut status,
+                        leaf.as_ref(),
+                        renewal,
+                        generation,
+                    );
                     patch_status(ctx, cert, &status).await?;
-                    event(ctx, cert, EventType::Normal, "Issuing", v.message).await;
-                    return Ok(Action::requeue(Duration::ZERO));
+                    tracing::info!(certificate = %name, namespace = %ns, check = v.check, reason = v.reason, "issuing");
+                    event(ctx, cert, EventType::Normal, "Issuing", v.reason, v.message).await;
+                    return Ok(Action::requeue(Duration::from_millis(100)));
                 }
             }
         }
-        readiness(cert, &input, &mut status, leaf.as_ref(), renewal, generation);
+        readiness(
+            cert,
+            &input,
+            &mut status,
+            leaf.as_ref(),
+            renewal,
+            generation,
+        );
         if cert.status.as_ref() != Some(&status) {
             patch_status(ctx, cert, &status).await?;
         }
@@ -191,7 +250,16 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         None => {
             let kind = match KeySpec::from_spec(&cert.spec) {
                 Ok(k) => k,
-                Err(e) => return fail(ctx, cert, status, &format!("Failed to generate private key: {e}"), generation).await,
+                Err(e) => {
+                    return fail(
+                        ctx,
+                        cert,
+                        status,
+                        &format!("Failed to generate private key: {e}"),
+                        generation,
+                    )
+                    .await;
+                }
             };
             let reuse = cert
                 .spec
@@ -221,7 +289,16 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
     let Some(cr) = crs.get_opt(&next_name).await? else {
         let csr = match crate::pki::csr_pem(&cert.spec, &key) {
             Ok(c) => c,
-            Err(e) => return fail(ctx, cert, status, &format!("Failed to build the CSR: {e}"), generation).await,
+            Err(e) => {
+                return fail(
+                    ctx,
+                    cert,
+                    status,
+                    &format!("Failed to build the CSR: {e}"),
+                    generation,
+                )
+                .await;
+            }
         };
         let mut annotations: BTreeMap<String, String> = cert
             .annotations()
@@ -230,8 +307,14 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         annotations.insert("cert-manager.io/certificate-name".into(), name.clone());
-        annotations.insert("cert-manager.io/certificate-revision".into(), (revision + 1).to_string());
-        annotations.insert("cert-manager.io/private-key-secret-name".into(), key_secret.clone());
+        annotations.insert(
+            "cert-manager.io/certificate-revision".into(),
+            (revision + 1).to_string(),
+        );
+        annotations.insert(
+            "cert-manager.io/private-key-secret-name".into(),
+            key_secret.clone(),
+        );
         let mut cr = CertificateRequest::new(
             &next_name,
             CertificateRequestSpec {
@@ -239,12 +322,9 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
                 issuer_ref: cert.spec.issuer_ref.clone(),
                 request: base64::engine::general_purpose::STANDARD.encode(csr.as_bytes()),
                 is_ca: cert.spec.is_ca,
-                usages: Some(
-                    cert.spec
-                        .usages
-                        .clone()
-                        .unwrap_or_else(|| vec!["digital signature".into(), "key encipherment".into()]),
-                ),
+                usages: Some(cert.spec.usages.clone().unwrap_or_else(|| {
+                    vec!["digital signature".into(), "key encipherment".into()]
+                })),
                 ..Default::default()
             },
         );
@@ -254,7 +334,15 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         cr.metadata.owner_references = cert.controller_owner_ref(&()).map(|o| vec![o]);
         match crs.create(&PostParams::default(), &cr).await {
             Ok(_) => {
-                event(ctx, cert, EventType::Normal, "Requested", format!("Created new CertificateRequest resource {next_name:?}")).await;
+                event(
+                    ctx,
+                    cert,
+                    EventType::Normal,
+                    "Requested",
+                    "Request",
+                    format!("Created new CertificateRequest resource {next_name:?}"),
+                )
+                .await;
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e.into()),
@@ -263,7 +351,9 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
     };
 
     // A request for another key or an older spec is replaced.
-    let cr_key = requests::csr_of(&cr).and_then(|pem| crate::pki::parse_csr(&pem).ok()).map(|(_, pk)| pk);
+    let cr_key = requests::csr_of(&cr)
+        .and_then(|pem| crate::pki::parse_csr(&pem).ok())
+        .map(|(_, pk)| pk);
     if cr_key != key.public_key_der().ok() || !request_matches_spec(&cr, cert) {
         delete_request(&crs, &cr).await?;
         return Ok(Action::requeue(Duration::from_millis(200)));
@@ -283,10 +373,26 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
             .and_then(|s| s.ca.as_deref())
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
             .and_then(|b| String::from_utf8(b).ok());
-        match secrets::write(&ctx.client, cert, &key, &chain, ca.as_deref(), ctx.args.enable_certificate_owner_ref).await {
+        match secrets::write(
+            &ctx.client,
+            cert,
+            &key,
+            &chain,
+            ca.as_deref(),
+            ctx.args.enable_certificate_owner_ref,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(SecretError::Invalid(e)) => {
-                return fail(ctx, cert, status, &format!("The issued certificate is not usable: {e}"), generation).await;
+                return fail(
+                    ctx,
+                    cert,
+                    status,
+                    &format!("The issued certificate is not usable: {e}"),
+                    generation,
+                )
+                .await;
             }
             Err(SecretError::Kube(e)) => return Err(e.into()),
         }
@@ -303,11 +409,29 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
             status.not_after = Some(crate::time::format_secs(l.not_after));
             status.renewal_time = Some(crate::time::format_secs(renewal));
         }
-        set(&mut status, new_condition(READY, true, "Ready", "Certificate is up to date and has not expired"), generation);
+        set(
+            &mut status,
+            new_condition(
+                READY,
+                true,
+                "Ready",
+                "Certificate is up to date and has not expired",
+            ),
+            generation,
+        );
         patch_status(ctx, cert, &status).await?;
-        event(ctx, cert, EventType::Normal, "Issuing", "The certificate has been successfully issued".into()).await;
+        tracing::info!(certificate = %name, namespace = %ns, revision = revision + 1, "issued");
+        event(
+            ctx,
+            cert,
+            EventType::Normal,
+            "Issuing",
+            "Issued",
+            "The certificate has been successfully issued".into(),
+        )
+        .await;
         prune_requests(&crs, cert, revision + 1).await?;
-        return Ok(Action::requeue(Duration::ZERO));
+        return Ok(Action::requeue(Duration::from_millis(100)));
     }
     if requests::is_final(&cr) {
         let msg = requests::failure_message(&cr).unwrap_or_default();
@@ -335,9 +459,21 @@ async fn fail(
 ) -> Result<Action, CertificateError> {
     status.failed_issuance_attempts = Some(status.failed_issuance_attempts.unwrap_or(0) + 1);
     status.last_failure_time = Some(crate::time::now());
-    set(&mut status, new_condition(ISSUING, false, "Failed", message), generation);
+    set(
+        &mut status,
+        new_condition(ISSUING, false, "Failed", message),
+        generation,
+    );
     patch_status(ctx, cert, &status).await?;
-    event(ctx, cert, EventType::Warning, "Failed", message.to_string()).await;
+    event(
+        ctx,
+        cert,
+        EventType::Warning,
+        "Failed",
+        "Fail",
+        message.to_string(),
+    )
+    .await;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
@@ -351,10 +487,19 @@ fn readiness(
     generation: Option<i64>,
 ) {
     match policies::evaluate(READINESS_CHAIN, input) {
-        Some(v) => set(status, new_condition(READY, false, v.reason, v.message), generation),
+        Some(v) => set(
+            status,
+            new_condition(READY, false, v.reason, v.message),
+            generation,
+        ),
         None => set(
             status,
-            new_condition(READY, true, "Ready", "Certificate is up to date and has not expired"),
+            new_condition(
+                READY,
+                true,
+                "Ready",
+                "Certificate is up to date and has not expired",
+            ),
             generation,
         ),
     }
@@ -389,13 +534,20 @@ async fn next_key(
         .map(|k| (k, name.to_string())))
 }
 
-async fn store_next_key(secrets_api: &Api<Secret>, cert: &Certificate, key: &PrivateKey) -> Result<String, CertificateError> {
+async fn store_next_key(
+    secrets_api: &Api<Secret>,
+    cert: &Certificate,
+    key: &PrivateKey,
+) -> Result<String, CertificateError> {
     let secret = Secret {
         metadata: ObjectMeta {
             generate_name: Some(format!("{}-", cert.name_any())),
             labels: Some(BTreeMap::from([
                 (NEXT_KEY_LABEL.to_string(), "true".to_string()),
-                ("controller.cert-manager.io/fao".to_string(), "true".to_string()),
+                (
+                    "controller.cert-manager.io/fao".to_string(),
+                    "true".to_string(),
+                ),
             ])),
             owner_references: cert.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
@@ -418,8 +570,14 @@ async fn delete_secret(api: &Api<Secret>, name: &str) -> Result<(), kube::Error>
     }
 }
 
-async fn delete_request(api: &Api<CertificateRequest>, cr: &CertificateRequest) -> Result<(), kube::Error> {
-    match api.delete(&cr.name_any(), &DeleteParams::background()).await {
+async fn delete_request(
+    api: &Api<CertificateRequest>,
+    cr: &CertificateRequest,
+) -> Result<(), kube::Error> {
+    match api
+        .delete(&cr.name_any(), &DeleteParams::background())
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e),
@@ -427,12 +585,23 @@ async fn delete_request(api: &Api<CertificateRequest>, cr: &CertificateRequest) 
 }
 
 /// Keeps the newest `revisionHistoryLimit` (default 1) requests of this Certificate.
-async fn prune_requests(api: &Api<CertificateRequest>, cert: &Certificate, current: i32) -> Result<(), kube::Error> {
-    let limit = cert.spec.revision_history_limit.filter(|l| *l > 0).unwrap_or(1);
+async fn prune_requests(
+    api: &Api<CertificateRequest>,
+    cert: &Certificate,
+    current: i32,
+) -> Result<(), kube::Error> {
+    let limit = cert
+        .spec
+        .revision_history_limit
+        .filter(|l| *l > 0)
+        .unwrap_or(1);
     let uid = cert.uid().unwrap_or_default();
     let list = api.list(&ListParams::default()).await?;
     for cr in list {
-        let owned = cr.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true));
+        let owned = cr
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true));
         let rev = cr
             .annotations()
             .get("cert-manager.io/certificate-revision")
@@ -460,7 +629,10 @@ mod tests {
             };
             backoff_until(&s, min, max).unwrap() / 3600
         };
-        assert_eq!([at(1), at(2), at(3), at(6), at(7), at(40)], [1, 2, 4, 32, 32, 32]);
+        assert_eq!(
+            [at(1), at(2), at(3), at(6), at(7), at(40)],
+            [1, 2, 4, 32, 32, 32]
+        );
         assert_eq!(backoff_until(&CertificateStatus::default(), min, max), None);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use instant_acme::{AuthorizationStatus, ChallengeStatus as AcmeChallengeStatus, ChallengeType};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -52,38 +52,70 @@ fn is_final(state: &str) -> bool {
     matches!(state, "valid" | "invalid" | "expired" | "errored")
 }
 
-async fn patch_status(ctx: &Context, ch: &Challenge, status: &ChallengeStatus) -> Result<(), kube::Error> {
-    let api: Api<Challenge> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
-    let body = json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Challenge", "status": status });
-    api.patch_status(&ch.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await?;
+async fn patch_status(
+    ctx: &Context,
+    ch: &Challenge,
+    status: &ChallengeStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<Challenge> =
+        Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+    let body =
+        json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Challenge", "status": status });
+    api.patch_status(
+        &ch.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
-async fn set_finalizers(ctx: &Context, ch: &Challenge, finalizers: Vec<String>) -> Result<(), kube::Error> {
-    let api: Api<Challenge> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+async fn set_finalizers(
+    ctx: &Context,
+    ch: &Challenge,
+    finalizers: Vec<String>,
+) -> Result<(), kube::Error> {
+    let api: Api<Challenge> =
+        Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
     let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": ch.resource_version() } });
-    api.patch(&ch.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
+    api.patch(
+        &ch.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
     Ok(())
 }
 
 async fn event(ctx: &Context, ch: &Challenge, type_: EventType, reason: &str, note: String) {
-    let _ = ctx
-        .recorder
-        .publish(
-            &Event { type_, reason: reason.into(), note: Some(note), action: "Solve".into(), secondary: None },
-            &ch.object_ref(&()),
-        )
-        .await;
+    crate::events::publish(
+        &ctx.recorder,
+        &ch.object_ref(&()),
+        type_,
+        reason,
+        reason,
+        note,
+    )
+    .await;
 }
 
 pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, ChallengeError> {
     ctx.metrics.sync_call("challenges");
+    let api: Api<Challenge> =
+        Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
+    let Some(ch) = api.get_opt(&ch.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
     let uid = ch.uid().unwrap_or_default();
     if ch.meta().deletion_timestamp.is_some() {
         ctx.solver.cleanup(&ctx.client, &ch).await?;
         ctx.self_checks.reset(&uid);
-        let rest: Vec<String> = ch.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+        let rest: Vec<String> = ch
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
         if rest.len() != ch.finalizers().len() {
             set_finalizers(&ctx, &ch, rest).await?;
         }
@@ -118,7 +150,14 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             status.reason = Some(format!("Error presenting challenge: {e}"));
             status.processing = Some(true);
             patch_status(&ctx, &ch, &status).await?;
-            event(&ctx, &ch, EventType::Warning, "PresentError", format!("Error presenting challenge: {e}")).await;
+            event(
+                &ctx,
+                &ch,
+                EventType::Warning,
+                "PresentError",
+                format!("Error presenting challenge: {e}"),
+            )
+            .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
         status.presented = Some(true);
@@ -127,14 +166,27 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
         status.state = Some("pending".into());
         status.reason = Some("Waiting for HTTP-01 challenge propagation".into());
         patch_status(&ctx, &ch, &status).await?;
-        event(&ctx, &ch, EventType::Normal, "Presented", "Presented challenge using HTTP-01 challenge mechanism".to_string()).await;
-        return Ok(Action::requeue(Duration::ZERO));
+        event(
+            &ctx,
+            &ch,
+            EventType::Normal,
+            "Presented",
+            "Presented challenge using HTTP-01 challenge mechanism".to_string(),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_millis(50)));
     } else {
         // A restart (or a deleted Service/Ingress) must not leave the token unanswered.
-        ctx.solver.add(&ch.spec.token, &ch.spec.dns_name, &ch.spec.key);
+        ctx.solver
+            .add(&ch.spec.token, &ch.spec.dns_name, &ch.spec.key);
     }
 
-    let issuer = issuers::resolve(&ctx, &ch.namespace().unwrap_or_default(), &ch.spec.issuer_ref).await?;
+    let issuer = issuers::resolve(
+        &ctx,
+        &ch.namespace().unwrap_or_default(),
+        &ch.spec.issuer_ref,
+    )
+    .await?;
     let Some(issuer) = issuer else {
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
@@ -158,11 +210,22 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             Some(c) => (Some(c.status), c.error.as_ref().map(|e| e.to_string())),
             None => (None, None),
         };
-        if authz_status == AuthorizationStatus::Pending && ch_status == Some(AcmeChallengeStatus::Pending) {
+        if authz_status == AuthorizationStatus::Pending
+            && ch_status == Some(AcmeChallengeStatus::Pending)
+        {
             // Not accepted yet: self-check first (unless the solver says to just wait).
-            let wait = ch.spec.solver.wait_instead_of_self_check.as_deref().and_then(|d| crate::time::parse_go_duration(d).ok());
+            let wait = ch
+                .spec
+                .solver
+                .wait_instead_of_self_check
+                .as_deref()
+                .and_then(|d| crate::time::parse_go_duration(d).ok());
             if let Some(wait) = wait {
-                let presented = status.presented_at.as_deref().and_then(crate::time::parse_secs).unwrap_or(0);
+                let presented = status
+                    .presented_at
+                    .as_deref()
+                    .and_then(crate::time::parse_secs)
+                    .unwrap_or(0);
                 let due = presented + wait.as_secs() as i64;
                 let now = crate::time::now_secs();
                 if now < due {
@@ -177,6 +240,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
                         }
                     }
                     Err(e) => {
+                        tracing::debug!(challenge = %ch.name_any(), error = %e, "self-check failed");
                         ctx.self_checks.reset(&uid);
                         let reason = format!("Waiting for HTTP-01 challenge propagation: {e}");
                         if status.reason.as_deref() != Some(reason.as_str()) {
@@ -190,6 +254,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             if let Some(mut c) = challenge {
                 c.set_ready().await?;
             }
+            tracing::info!(challenge = %ch.name_any(), domain = %ch.spec.dns_name, "self-check passed, ACME server asked to validate");
             ctx.self_checks.reset(&uid);
             status.reason = Some("Waiting for authorization to be valid".into());
             status.state = Some("processing".into());
@@ -210,7 +275,17 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             status.state = Some("valid".into());
             status.reason = Some("Successfully authorized domain".into());
             status.processing = Some(false);
-            event(&ctx, &ch, EventType::Normal, "DomainVerified", format!("Domain {:?} verified with \"HTTP-01\" validation", ch.spec.dns_name)).await;
+            event(
+                &ctx,
+                &ch,
+                EventType::Normal,
+                "DomainVerified",
+                format!(
+                    "Domain {:?} verified with \"HTTP-01\" validation",
+                    ch.spec.dns_name
+                ),
+            )
+            .await;
         }
         AuthorizationStatus::Pending => {
             return Ok(Action::requeue(Duration::from_millis(250)));
@@ -234,5 +309,8 @@ async fn order_url(ctx: &Context, ch: &Challenge) -> Result<Option<String>, kube
         return Ok(None);
     };
     let api: Api<Order> = Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
-    Ok(api.get_opt(&owner.name).await?.and_then(|o| o.status.and_then(|s| s.url)))
+    Ok(api
+        .get_opt(&owner.name)
+        .await?
+        .and_then(|o| o.status.and_then(|s| s.url)))
 }

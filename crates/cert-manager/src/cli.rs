@@ -57,12 +57,13 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = 80)]
     pub acme_http01_self_check_port: u16,
 
-    /// Passes of the self-check needed before the ACME server is asked to validate.
-    #[arg(long, default_value_t = 5)]
+    /// Passes of the self-check needed before the ACME server is asked to validate
+    /// (upstream: 5, 2 s apart).
+    #[arg(long, default_value_t = 3)]
     pub acme_http01_self_check_passes: u32,
 
     /// Pause between self-check passes.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub acme_http01_self_check_interval: Duration,
 
     /// First delay after a failed issuance; doubles per failure.

@@ -53,11 +53,17 @@ pub async fn start(mgr: &Manager, args: &ControllerArgs) -> anyhow::Result<Runni
         solver,
         self_checks: Default::default(),
     });
-    let (mgr2, ctx2, le) = (mgr.clone(), ctx.clone(), args.common.leader_election.clone());
+    let (mgr2, ctx2, le) = (
+        mgr.clone(),
+        ctx.clone(),
+        args.common.leader_election.clone(),
+    );
     tokio::spawn(async move {
         while !mgr2.shutdown.is_cancelled() {
             let result = mgr2
-                .run_leader_elected(&le, LEASE_NAME, |leading| run_controllers(mgr2.clone(), ctx2.clone(), leading))
+                .run_leader_elected(&le, LEASE_NAME, |leading| {
+                    run_controllers(mgr2.clone(), ctx2.clone(), leading)
+                })
                 .await;
             if let Err(e) = result {
                 tracing::warn!(error = %e, "leader election ended; standing as a candidate again");
@@ -65,7 +71,10 @@ pub async fn start(mgr: &Manager, args: &ControllerArgs) -> anyhow::Result<Runni
             }
         }
     });
-    Ok(Running { context: ctx, metrics_address })
+    Ok(Running {
+        context: ctx,
+        metrics_address,
+    })
 }
 
 async fn run_controllers(mgr: Manager, ctx: Arc<Context>, stop: CancellationToken) {
@@ -102,17 +111,62 @@ async fn run_controllers(mgr: Manager, ctx: Arc<Context>, stop: CancellationToke
     let cluster_issuers = Controller::new(Api::<ClusterIssuer>::all(client.clone()), wc());
 
     tokio::join!(
-        mgr.run("certificates", certificates, crate::certificates::reconcile, ctx.clone(), stop.clone()),
-        mgr.run("certificaterequests", requests, crate::requests::reconcile, ctx.clone(), stop.clone()),
-        mgr.run("orders", orders, crate::orders::reconcile, ctx.clone(), stop.clone()),
-        mgr.run("challenges", challenges, crate::challenges::reconcile, ctx.clone(), stop.clone()),
-        mgr.run("ingress-shim", shim, crate::ingress_shim::reconcile, ctx.clone(), stop.clone()),
-        mgr.run("issuers", issuers_ctl, reconcile_issuer, ctx.clone(), stop.clone()),
-        mgr.run("clusterissuers", cluster_issuers, reconcile_cluster_issuer, ctx.clone(), stop.clone()),
+        mgr.run(
+            "certificates",
+            certificates,
+            crate::certificates::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "certificaterequests",
+            requests,
+            crate::requests::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "orders",
+            orders,
+            crate::orders::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "challenges",
+            challenges,
+            crate::challenges::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "ingress-shim",
+            shim,
+            crate::ingress_shim::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "issuers",
+            issuers_ctl,
+            reconcile_issuer,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "clusterissuers",
+            cluster_issuers,
+            reconcile_cluster_issuer,
+            ctx.clone(),
+            stop.clone()
+        ),
     );
 }
 
-async fn reconcile_issuer(obj: Arc<Issuer>, ctx: Arc<Context>) -> Result<kube::runtime::controller::Action, issuers::IssuerError> {
+async fn reconcile_issuer(
+    obj: Arc<Issuer>,
+    ctx: Arc<Context>,
+) -> Result<kube::runtime::controller::Action, issuers::IssuerError> {
     let ns = kube::ResourceExt::namespace(&*obj).unwrap_or_default();
     let resolved = ResolvedIssuer {
         kind: "Issuer",

@@ -591,11 +591,12 @@ async fn serve(listener: TcpListener, tokens: Tokens, shutdown: CancellationToke
                 let tokens = tokens.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&tokens, &req)) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
                 .http1()
-                .header_read_timeout(Duration::from_secs(32))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(32));
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{Certificate, CertificatePrivateKey, CertificateSpec, IssuerRef, SecretTemplate, X509Subject};
+use crate::api::{
+    Certificate, CertificatePrivateKey, CertificateSpec, IssuerRef, SecretTemplate, X509Subject,
+};
 use crate::context::Context;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +40,16 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 /// The issuer an Ingress asks for, or why its annotations are contradictory.
-pub fn issuer_for(annotations: &BTreeMap<String, String>, defaults: &IssuerRef, auto: &[String]) -> Result<Option<IssuerRef>, String> {
+pub fn issuer_for(
+    annotations: &BTreeMap<String, String>,
+    defaults: &IssuerRef,
+    auto: &[String],
+) -> Result<Option<IssuerRef>, String> {
     let issuer = annotations.get(ISSUER);
     let cluster = annotations.get(CLUSTER_ISSUER);
-    let auto_on = auto.iter().any(|a| annotations.get(a).and_then(|v| parse_bool(v)) == Some(true));
+    let auto_on = auto
+        .iter()
+        .any(|a| annotations.get(a).and_then(|v| parse_bool(v)) == Some(true));
     if issuer.is_none() && cluster.is_none() && !auto_on {
         return Ok(None);
     }
@@ -61,13 +69,19 @@ pub fn issuer_for(annotations: &BTreeMap<String, String>, defaults: &IssuerRef, 
         r.group = Some(g.clone());
     }
     if issuer.is_some() && cluster.is_some() {
-        return Err(format!("both {ISSUER:?} and {CLUSTER_ISSUER:?} may not be set"));
+        return Err(format!(
+            "both {ISSUER:?} and {CLUSTER_ISSUER:?} may not be set"
+        ));
     }
     if cluster.is_some() && annotations.contains_key(ISSUER_GROUP) {
-        return Err(format!("both {CLUSTER_ISSUER:?} and {ISSUER_GROUP:?} may not be set"));
+        return Err(format!(
+            "both {CLUSTER_ISSUER:?} and {ISSUER_GROUP:?} may not be set"
+        ));
     }
     if cluster.is_some() && annotations.contains_key(ISSUER_KIND) {
-        return Err(format!("both {CLUSTER_ISSUER:?} and {ISSUER_KIND:?} may not be set"));
+        return Err(format!(
+            "both {CLUSTER_ISSUER:?} and {ISSUER_KIND:?} may not be set"
+        ));
     }
     if r.name.is_empty() {
         return Err("failed to determine issuer name to be used for ingress resource".into());
@@ -76,13 +90,18 @@ pub fn issuer_for(annotations: &BTreeMap<String, String>, defaults: &IssuerRef, 
 }
 
 fn csv(v: &str) -> Vec<String> {
-    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Applies the `cert-manager.io/*` annotations to the Certificate spec, or says which is bad.
 pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Result<(), String> {
     let get = |k: &str| a.get(&format!("cert-manager.io/{k}")).map(String::as_str);
-    let bad = |k: &str, why: &str| format!("{:?} annotation: {why}", format!("cert-manager.io/{k}"));
+    let bad =
+        |k: &str, why: &str| format!("{:?} annotation: {why}", format!("cert-manager.io/{k}"));
     if let Some(cn) = get("common-name") {
         if cn.len() > 64 {
             return Err(bad("common-name", "must be 64 bytes or fewer"));
@@ -107,7 +126,10 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
     let mut any_subject = false;
     for (key, field) in [
         ("subject-organizations", &mut subject.organizations),
-        ("subject-organizationalunits", &mut subject.organizational_units),
+        (
+            "subject-organizationalunits",
+            &mut subject.organizational_units,
+        ),
         ("subject-countries", &mut subject.countries),
         ("subject-provinces", &mut subject.provinces),
         ("subject-localities", &mut subject.localities),
@@ -134,21 +156,26 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
         spec.duration = Some(v.into());
     }
     if let Some(v) = get("renew-before") {
-        let d = crate::time::parse_go_duration(v).map_err(|e| bad("renew-before", &e.to_string()))?;
+        let d =
+            crate::time::parse_go_duration(v).map_err(|e| bad("renew-before", &e.to_string()))?;
         if d.as_secs() < 300 {
             return Err(bad("renew-before", "must be at least 5m"));
         }
         spec.renew_before = Some(v.into());
     }
     if let Some(v) = get("renew-before-percentage") {
-        let p: i32 = v.parse().map_err(|_| bad("renew-before-percentage", "not an integer"))?;
+        let p: i32 = v
+            .parse()
+            .map_err(|_| bad("renew-before-percentage", "not an integer"))?;
         spec.renew_before_percentage = Some(p);
     }
     if let Some(v) = get("usages") {
         spec.usages = Some(csv(v));
     }
     if let Some(v) = get("revision-history-limit") {
-        let l: i32 = v.parse().map_err(|_| bad("revision-history-limit", "not an integer"))?;
+        let l: i32 = v
+            .parse()
+            .map_err(|_| bad("revision-history-limit", "not an integer"))?;
         if l < 1 {
             return Err(bad("revision-history-limit", "must be at least 1"));
         }
@@ -158,7 +185,10 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
     let mut any_pk = false;
     if let Some(v) = get("private-key-algorithm") {
         if !matches!(v, "RSA" | "ECDSA" | "Ed25519") {
-            return Err(bad("private-key-algorithm", "must be RSA, ECDSA or Ed25519"));
+            return Err(bad(
+                "private-key-algorithm",
+                "must be RSA, ECDSA or Ed25519",
+            ));
         }
         pk.algorithm = Some(v.into());
         any_pk = true;
@@ -171,13 +201,18 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
         any_pk = true;
     }
     if let Some(v) = get("private-key-size") {
-        let s: i32 = v.parse().map_err(|_| bad("private-key-size", "not an integer"))?;
+        let s: i32 = v
+            .parse()
+            .map_err(|_| bad("private-key-size", "not an integer"))?;
         pk.size = Some(s);
         any_pk = true;
     }
     if let Some(v) = get("private-key-rotation-policy") {
         if !matches!(v, "Never" | "Always") {
-            return Err(bad("private-key-rotation-policy", "must be Never or Always"));
+            return Err(bad(
+                "private-key-rotation-policy",
+                "must be Never or Always",
+            ));
         }
         pk.rotation_policy = Some(v.into());
         any_pk = true;
@@ -186,10 +221,19 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
         spec.private_key = Some(pk);
     }
     if let Some(v) = get("secret-template") {
-        let t: SecretTemplate = serde_json::from_str(v).map_err(|e| bad("secret-template", &e.to_string()))?;
-        let keys = t.annotations.iter().flatten().chain(t.labels.iter().flatten()).map(|(k, _)| k);
+        let t: SecretTemplate =
+            serde_json::from_str(v).map_err(|e| bad("secret-template", &e.to_string()))?;
+        let keys = t
+            .annotations
+            .iter()
+            .flatten()
+            .chain(t.labels.iter().flatten())
+            .map(|(k, _)| k);
         if keys.clone().any(|k| k.starts_with("cert-manager.io/")) {
-            return Err(bad("secret-template", "keys may not start with cert-manager.io/"));
+            return Err(bad(
+                "secret-template",
+                "keys may not start with cert-manager.io/",
+            ));
         }
         spec.secret_template = Some(t);
     }
@@ -197,41 +241,67 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
 }
 
 async fn event(ctx: &Context, ing: &Ingress, type_: EventType, reason: &str, note: String) {
-    let _ = ctx
-        .recorder
-        .publish(
-            &Event { type_, reason: reason.into(), note: Some(note), action: "Sync".into(), secondary: None },
-            &ing.object_ref(&()),
-        )
-        .await;
+    // One series per message: BadConfig events differ in what is wrong.
+    let action = format!("Sync{:08x}", crate::names::fnv32a(note.as_bytes()));
+    crate::events::publish(
+        &ctx.recorder,
+        &ing.object_ref(&()),
+        type_,
+        reason,
+        &action,
+        note,
+    )
+    .await;
 }
 
 /// The Certificates an Ingress asks for (empty when it asks for none), or a BadConfig message.
-pub fn desired(ing: &Ingress, ctx_defaults: &IssuerRef, auto: &[String], extra: &[String]) -> Result<Vec<Certificate>, String> {
+pub fn desired(
+    ing: &Ingress,
+    ctx_defaults: &IssuerRef,
+    auto: &[String],
+    extra: &[String],
+) -> Result<Vec<Certificate>, String> {
     let a = ing.annotations();
     let Some(issuer) = issuer_for(a, ctx_defaults, auto)? else {
         return Ok(Vec::new());
     };
     let mut out: Vec<Certificate> = Vec::new();
     let mut skipped = Vec::new();
-    for (i, tls) in ing.spec.as_ref().and_then(|s| s.tls.clone()).unwrap_or_default().into_iter().enumerate() {
+    for (i, tls) in ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.tls.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         let hosts = tls.hosts.unwrap_or_default();
         let secret = tls.secret_name.unwrap_or_default();
         if hosts.is_empty() {
-            skipped.push(format!("Skipped a TLS block: spec.tls[{i}].hosts: Required value"));
+            skipped.push(format!(
+                "Skipped a TLS block: spec.tls[{i}].hosts: Required value"
+            ));
             continue;
         }
         if secret.is_empty() {
-            skipped.push(format!("Skipped a TLS block: spec.tls[{i}].secretName: Required value"));
+            skipped.push(format!(
+                "Skipped a TLS block: spec.tls[{i}].secretName: Required value"
+            ));
             continue;
         }
         if out.iter().any(|c| c.spec.secret_name == secret) {
-            return Err(format!("spec.tls[{i}].secretName: Duplicate value: {secret:?}"));
+            return Err(format!(
+                "spec.tls[{i}].secretName: Duplicate value: {secret:?}"
+            ));
         }
         let mut dns = Vec::new();
         let mut ips = Vec::new();
         for h in hosts {
-            let list = if h.parse::<std::net::IpAddr>().is_ok() { &mut ips } else { &mut dns };
+            let list = if h.parse::<std::net::IpAddr>().is_ok() {
+                &mut ips
+            } else {
+                &mut dns
+            };
             if !list.contains(&h) {
                 list.push(h);
             }
@@ -250,11 +320,16 @@ pub fn desired(ing: &Ingress, ctx_defaults: &IssuerRef, auto: &[String], extra: 
         let mut labels = ing.labels().clone();
         labels.remove("applyset.kubernetes.io/part-of");
         cert.metadata.labels = Some(labels);
-        let mut ann: BTreeMap<String, String> =
-            extra.iter().filter_map(|k| a.get(k).map(|v| (k.clone(), v.clone()))).collect();
+        let mut ann: BTreeMap<String, String> = extra
+            .iter()
+            .filter_map(|k| a.get(k).map(|v| (k.clone(), v.clone())))
+            .collect();
         if a.get(EDIT_IN_PLACE).and_then(|v| parse_bool(v)) == Some(true) {
             ann.insert(crate::orders::OVERRIDE_INGRESS_NAME.into(), ing.name_any());
-            ann.insert("cert-manager.io/issue-temporary-certificate".into(), "true".into());
+            ann.insert(
+                "cert-manager.io/issue-temporary-certificate".into(),
+                "true".into(),
+            );
         }
         if let Some(c) = a.get(INGRESS_CLASS) {
             ann.insert(crate::orders::OVERRIDE_INGRESS_CLASS.into(), c.clone());
@@ -274,7 +349,9 @@ pub fn desired(ing: &Ingress, ctx_defaults: &IssuerRef, auto: &[String], extra: 
 
 pub async fn reconcile(ing: Arc<Ingress>, ctx: Arc<Context>) -> Result<Action, ShimError> {
     ctx.metrics.sync_call("ingress-shim");
-    if ing.meta().deletion_timestamp.is_some() || ing.finalizers().iter().any(|f| f == "foregroundDeletion") {
+    if ing.meta().deletion_timestamp.is_some()
+        || ing.finalizers().iter().any(|f| f == "foregroundDeletion")
+    {
         return Ok(Action::await_change());
     }
     let defaults = IssuerRef {
@@ -282,17 +359,26 @@ pub async fn reconcile(ing: Arc<Ingress>, ctx: Arc<Context>) -> Result<Action, S
         kind: Some(ctx.args.default_issuer_kind.clone()),
         group: Some(ctx.args.default_issuer_group.clone()),
     };
-    let want = match desired(&ing, &defaults, &ctx.args.auto_certificate_annotations, &ctx.args.extra_certificate_annotations) {
+    let want = match desired(
+        &ing,
+        &defaults,
+        &ctx.args.auto_certificate_annotations,
+        &ctx.args.extra_certificate_annotations,
+    ) {
         Ok(w) => w,
         Err(msg) => {
             event(&ctx, &ing, EventType::Warning, "BadConfig", msg).await;
             return Ok(Action::await_change());
         }
     };
-    let has_issuer = issuer_for(ing.annotations(), &defaults, &ctx.args.auto_certificate_annotations)
-        .ok()
-        .flatten()
-        .is_some();
+    let has_issuer = issuer_for(
+        ing.annotations(),
+        &defaults,
+        &ctx.args.auto_certificate_annotations,
+    )
+    .ok()
+    .flatten()
+    .is_some();
     if !has_issuer {
         return Ok(Action::await_change());
     }
@@ -303,35 +389,71 @@ pub async fn reconcile(ing: Arc<Ingress>, ctx: Arc<Context>) -> Result<Action, S
         let name = cert.name_any();
         match api.get_opt(&name).await? {
             Some(existing) => {
-                let ours = existing.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true));
+                let ours = existing
+                    .owner_references()
+                    .iter()
+                    .any(|o| o.uid == uid && o.controller == Some(true));
                 if !ours {
                     tracing::info!(certificate = %name, "certificate resource is not owned by this object, refusing to update it");
                     continue;
                 }
                 if existing.spec != cert.spec
                     || existing.labels() != cert.labels()
-                    || cert.annotations().iter().any(|(k, v)| existing.annotations().get(k) != Some(v))
+                    || cert
+                        .annotations()
+                        .iter()
+                        .any(|(k, v)| existing.annotations().get(k) != Some(v))
                 {
                     apply(&api, cert).await?;
-                    event(&ctx, &ing, EventType::Normal, "UpdateCertificate", format!("Successfully updated Certificate {name:?}")).await;
+                    event(
+                        &ctx,
+                        &ing,
+                        EventType::Normal,
+                        "UpdateCertificate",
+                        format!("Successfully updated Certificate {name:?}"),
+                    )
+                    .await;
                 }
             }
             None => {
                 apply(&api, cert).await?;
-                event(&ctx, &ing, EventType::Normal, "CreateCertificate", format!("Successfully created Certificate {name:?}")).await;
+                event(
+                    &ctx,
+                    &ing,
+                    EventType::Normal,
+                    "CreateCertificate",
+                    format!("Successfully created Certificate {name:?}"),
+                )
+                .await;
             }
         }
     }
     // Certificates this Ingress made for TLS entries it no longer has.
     for existing in api.list(&ListParams::default()).await? {
-        let ours = existing.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true));
+        let ours = existing
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true));
         if ours && !want.iter().any(|w| w.name_any() == existing.name_any()) {
-            match api.delete(&existing.name_any(), &DeleteParams::background()).await {
+            match api
+                .delete(&existing.name_any(), &DeleteParams::background())
+                .await
+            {
                 Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
-            event(&ctx, &ing, EventType::Normal, "DeleteCertificate", format!("Successfully deleted unrequired Certificate {:?}", existing.name_any())).await;
+            event(
+                &ctx,
+                &ing,
+                EventType::Normal,
+                "DeleteCertificate",
+                format!(
+                    "Successfully deleted unrequired Certificate {:?}",
+                    existing.name_any()
+                ),
+            )
+            .await;
         }
     }
     Ok(Action::await_change())
@@ -344,8 +466,12 @@ async fn apply(api: &Api<Certificate>, cert: &Certificate) -> Result<(), kube::E
     if let Some(m) = body["metadata"].as_object_mut() {
         m.remove("resourceVersion");
     }
-    api.patch(&cert.name_any(), &PatchParams::apply("cert-manager-ingress-shim").force(), &Patch::Apply(body))
-        .await?;
+    api.patch(
+        &cert.name_any(),
+        &PatchParams::apply("cert-manager-ingress-shim").force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
@@ -360,21 +486,39 @@ mod tests {
                 name: Some("web".into()),
                 namespace: Some("ns".into()),
                 uid: Some("u1".into()),
-                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-                labels: Some(BTreeMap::from([("app".into(), "web".into()), ("applyset.kubernetes.io/part-of".into(), "x".into())])),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                labels: Some(BTreeMap::from([
+                    ("app".into(), "web".into()),
+                    ("applyset.kubernetes.io/part-of".into(), "x".into()),
+                ])),
                 ..Default::default()
             },
-            spec: Some(IngressSpec { tls: Some(tls), ..Default::default() }),
+            spec: Some(IngressSpec {
+                tls: Some(tls),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     fn tls(hosts: &[&str], secret: &str) -> IngressTLS {
-        IngressTLS { hosts: Some(hosts.iter().map(|s| s.to_string()).collect()), secret_name: Some(secret.into()) }
+        IngressTLS {
+            hosts: Some(hosts.iter().map(|s| s.to_string()).collect()),
+            secret_name: Some(secret.into()),
+        }
     }
 
     fn defaults() -> IssuerRef {
-        IssuerRef { name: String::new(), kind: Some("Issuer".into()), group: Some("cert-manager.io".into()) }
+        IssuerRef {
+            name: String::new(),
+            kind: Some("Issuer".into()),
+            group: Some("cert-manager.io".into()),
+        }
     }
 
     fn auto() -> Vec<String> {
@@ -385,36 +529,113 @@ mod tests {
     fn household_ingress_becomes_one_certificate() {
         let ing = ingress(
             &[("cert-manager.io/cluster-issuer", "letsencrypt-prod")],
-            vec![tls(&["household-task-mgr.duckdns.org", "household-task-mgr.duckdns.org"], "household-task-manager-tls")],
+            vec![tls(
+                &[
+                    "household-task-mgr.duckdns.org",
+                    "household-task-mgr.duckdns.org",
+                ],
+                "household-task-manager-tls",
+            )],
         );
         let certs = desired(&ing, &defaults(), &auto(), &[]).unwrap();
         assert_eq!(certs.len(), 1);
         let c = &certs[0];
         assert_eq!(c.name_any(), "household-task-manager-tls");
-        assert_eq!(c.spec.dns_names.as_deref(), Some(&["household-task-mgr.duckdns.org".to_string()][..]));
-        assert_eq!(c.spec.issuer_ref, IssuerRef { name: "letsencrypt-prod".into(), kind: Some("ClusterIssuer".into()), group: Some("cert-manager.io".into()) });
-        assert_eq!(c.spec.usages.as_deref().unwrap(), ["digital signature", "key encipherment"]);
+        assert_eq!(
+            c.spec.dns_names.as_deref(),
+            Some(&["household-task-mgr.duckdns.org".to_string()][..])
+        );
+        assert_eq!(
+            c.spec.issuer_ref,
+            IssuerRef {
+                name: "letsencrypt-prod".into(),
+                kind: Some("ClusterIssuer".into()),
+                group: Some("cert-manager.io".into())
+            }
+        );
+        assert_eq!(
+            c.spec.usages.as_deref().unwrap(),
+            ["digital signature", "key encipherment"]
+        );
         assert_eq!(c.labels().get("app").map(String::as_str), Some("web"));
         assert!(!c.labels().contains_key("applyset.kubernetes.io/part-of"));
         let owner = &c.owner_references()[0];
-        assert_eq!((owner.kind.as_str(), owner.controller, owner.uid.as_str()), ("Ingress", Some(true), "u1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller, owner.uid.as_str()),
+            ("Ingress", Some(true), "u1")
+        );
     }
 
     #[test]
     fn issuer_annotation_rules() {
-        let a = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let a = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
         assert_eq!(issuer_for(&a(&[]), &defaults(), &auto()), Ok(None));
-        assert!(issuer_for(&a(&[(ISSUER, "a"), (CLUSTER_ISSUER, "b")]), &defaults(), &auto()).is_err());
-        assert!(issuer_for(&a(&[(CLUSTER_ISSUER, "b"), (ISSUER_KIND, "X")]), &defaults(), &auto()).is_err());
-        assert!(issuer_for(&a(&[(CLUSTER_ISSUER, "b"), (ISSUER_GROUP, "x.io")]), &defaults(), &auto()).is_err());
+        assert!(
+            issuer_for(
+                &a(&[(ISSUER, "a"), (CLUSTER_ISSUER, "b")]),
+                &defaults(),
+                &auto()
+            )
+            .is_err()
+        );
+        assert!(
+            issuer_for(
+                &a(&[(CLUSTER_ISSUER, "b"), (ISSUER_KIND, "X")]),
+                &defaults(),
+                &auto()
+            )
+            .is_err()
+        );
+        assert!(
+            issuer_for(
+                &a(&[(CLUSTER_ISSUER, "b"), (ISSUER_GROUP, "x.io")]),
+                &defaults(),
+                &auto()
+            )
+            .is_err()
+        );
         // tls-acme needs a default issuer name.
-        assert!(issuer_for(&a(&[("kubernetes.io/tls-acme", "true")]), &defaults(), &auto()).is_err());
+        assert!(
+            issuer_for(
+                &a(&[("kubernetes.io/tls-acme", "true")]),
+                &defaults(),
+                &auto()
+            )
+            .is_err()
+        );
         let mut d = defaults();
         d.name = "le".into();
-        assert_eq!(issuer_for(&a(&[("kubernetes.io/tls-acme", "true")]), &d, &auto()).unwrap().unwrap().name, "le");
-        assert_eq!(issuer_for(&a(&[("kubernetes.io/tls-acme", "false")]), &d, &auto()), Ok(None));
-        let ext = issuer_for(&a(&[(ISSUER, "x"), (ISSUER_KIND, "AWSPCAIssuer"), (ISSUER_GROUP, "awspca.cert-manager.io")]), &d, &auto()).unwrap().unwrap();
-        assert_eq!((ext.kind(), ext.group()), ("AWSPCAIssuer", "awspca.cert-manager.io"));
+        assert_eq!(
+            issuer_for(&a(&[("kubernetes.io/tls-acme", "true")]), &d, &auto())
+                .unwrap()
+                .unwrap()
+                .name,
+            "le"
+        );
+        assert_eq!(
+            issuer_for(&a(&[("kubernetes.io/tls-acme", "false")]), &d, &auto()),
+            Ok(None)
+        );
+        let ext = issuer_for(
+            &a(&[
+                (ISSUER, "x"),
+                (ISSUER_KIND, "AWSPCAIssuer"),
+                (ISSUER_GROUP, "awspca.cert-manager.io"),
+            ]),
+            &d,
+            &auto(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (ext.kind(), ext.group()),
+            ("AWSPCAIssuer", "awspca.cert-manager.io")
+        );
     }
 
     #[test]
@@ -436,13 +657,34 @@ mod tests {
         );
         let c = &desired(&ing, &defaults(), &auto(), &[]).unwrap()[0];
         assert_eq!(c.spec.common_name.as_deref(), Some("a.test"));
-        assert_eq!(c.spec.ip_addresses.as_deref(), Some(&["10.0.0.1".to_string()][..]));
+        assert_eq!(
+            c.spec.ip_addresses.as_deref(),
+            Some(&["10.0.0.1".to_string()][..])
+        );
         assert_eq!(c.spec.private_key.as_ref().unwrap().size, Some(384));
         assert_eq!(c.spec.revision_history_limit, Some(3));
-        assert_eq!(c.spec.usages.as_deref().unwrap(), ["server auth", "digital signature"]);
-        assert_eq!(c.annotations().get(crate::orders::OVERRIDE_INGRESS_NAME).map(String::as_str), Some("web"));
-        assert_eq!(c.annotations().get("cert-manager.io/issue-temporary-certificate").map(String::as_str), Some("true"));
-        assert_eq!(c.annotations().get(crate::orders::OVERRIDE_INGRESS_CLASS).map(String::as_str), Some("public"));
+        assert_eq!(
+            c.spec.usages.as_deref().unwrap(),
+            ["server auth", "digital signature"]
+        );
+        assert_eq!(
+            c.annotations()
+                .get(crate::orders::OVERRIDE_INGRESS_NAME)
+                .map(String::as_str),
+            Some("web")
+        );
+        assert_eq!(
+            c.annotations()
+                .get("cert-manager.io/issue-temporary-certificate")
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            c.annotations()
+                .get(crate::orders::OVERRIDE_INGRESS_CLASS)
+                .map(String::as_str),
+            Some("public")
+        );
 
         for (k, v) in [
             ("cert-manager.io/duration", "30m"),
@@ -451,15 +693,28 @@ mod tests {
             ("cert-manager.io/private-key-algorithm", "DSA"),
             ("cert-manager.io/revision-history-limit", "0"),
             ("cert-manager.io/ip-sans", "not-an-ip"),
-            ("cert-manager.io/secret-template", "{\"labels\":{\"cert-manager.io/x\":\"y\"}}"),
+            (
+                "cert-manager.io/secret-template",
+                "{\"labels\":{\"cert-manager.io/x\":\"y\"}}",
+            ),
             ("cert-manager.io/secret-template", "{\"unknown\":1"),
         ] {
-            let ing = ingress(&[(CLUSTER_ISSUER, "le"), (k, v)], vec![tls(&["a.test"], "a-tls")]);
+            let ing = ingress(
+                &[(CLUSTER_ISSUER, "le"), (k, v)],
+                vec![tls(&["a.test"], "a-tls")],
+            );
             assert!(desired(&ing, &defaults(), &auto(), &[]).is_err(), "{k}={v}");
         }
-        let dup = ingress(&[(CLUSTER_ISSUER, "le")], vec![tls(&["a.test"], "x"), tls(&["b.test"], "x")]);
+        let dup = ingress(
+            &[(CLUSTER_ISSUER, "le")],
+            vec![tls(&["a.test"], "x"), tls(&["b.test"], "x")],
+        );
         assert!(desired(&dup, &defaults(), &auto(), &[]).is_err());
         let no_hosts = ingress(&[(CLUSTER_ISSUER, "le")], vec![tls(&[], "x")]);
-        assert!(desired(&no_hosts, &defaults(), &auto(), &[]).unwrap_err().contains("Skipped a TLS block"));
+        assert!(
+            desired(&no_hosts, &defaults(), &auto(), &[])
+                .unwrap_err()
+                .contains("Skipped a TLS block")
+        );
     }
 }

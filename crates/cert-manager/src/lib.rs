@@ -17,10 +17,11 @@ pub mod webhook;
 
 /// Field manager of everything written with server-side apply (upstream's user-agent prefix).
 pub const FIELD_MANAGER: &str = "cert-manager-certificates-issuing";
-pub mod names;
 pub mod certificates;
 pub mod challenges;
+pub mod events;
 pub mod ingress_shim;
+pub mod names;
 pub mod orders;
 pub mod policies;
 pub mod requests;

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use instant_acme::{AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus as AcmeStatus};
+use instant_acme::{
+    AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus as AcmeStatus,
+};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{
-    AcmeAuthorization, AcmeChallenge, AcmeChallengeSolver, Challenge, ChallengeSpec, Order, OrderStatus,
+    AcmeAuthorization, AcmeChallenge, AcmeChallengeSolver, Challenge, ChallengeSpec, Order,
+    OrderStatus,
 };
 use crate::context::Context;
 use crate::issuers::{self, IssuerError};
@@ -30,7 +33,8 @@ pub enum OrderError {
 
 pub const OVERRIDE_INGRESS_NAME: &str = "acme.cert-manager.io/http01-override-ingress-name";
 pub const OVERRIDE_INGRESS_CLASS: &str = "acme.cert-manager.io/http01-override-ingress-class";
-pub const OVERRIDE_INGRESS_CLASS_NAME: &str = "acme.cert-manager.io/http01-override-ingress-ingressclassname";
+pub const OVERRIDE_INGRESS_CLASS_NAME: &str =
+    "acme.cert-manager.io/http01-override-ingress-ingressclassname";
 
 fn is_final(state: &str) -> bool {
     matches!(state, "valid" | "invalid" | "expired" | "errored")
@@ -57,11 +61,21 @@ fn authz_state(s: AuthorizationStatus) -> &'static str {
     }
 }
 
-async fn patch_status(ctx: &Context, order: &Order, status: &OrderStatus) -> Result<(), kube::Error> {
-    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
-    let body = json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Order", "status": status });
-    api.patch_status(&order.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await?;
+async fn patch_status(
+    ctx: &Context,
+    order: &Order,
+    status: &OrderStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<Order> =
+        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let body =
+        json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Order", "status": status });
+    api.patch_status(
+        &order.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
@@ -72,6 +86,14 @@ fn is_acme_rejection(e: &instant_acme::Error) -> bool {
 
 pub async fn reconcile(order: Arc<Order>, ctx: Arc<Context>) -> Result<Action, OrderError> {
     ctx.metrics.sync_call("orders");
+    // The stored object, not the cache: a Challenge event can arrive before our last status
+    // write (the order URL) is cached, and a stale view would open a second ACME order.
+    let api: Api<Order> =
+        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let Some(order) = api.get_opt(&order.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let order = Arc::new(order);
     let mut status = order.status.clone().unwrap_or_default();
     let state = status.state.clone().unwrap_or_default();
     if is_final(&state) {
@@ -137,6 +159,7 @@ async fn step(
                 new = new.profile(p);
             }
             let o = account.new_order(&new).await?;
+            tracing::info!(order = %order.name_any(), url = %o.url(), "ACME order created");
             status.url = Some(o.url().to_string());
             o
         }
@@ -208,7 +231,9 @@ async fn step(
             let csr = base64::engine::general_purpose::STANDARD
                 .decode(order.spec.request.trim())
                 .ok()
-                .and_then(|pem| rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(&pem).ok());
+                .and_then(|pem| {
+                    rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(&pem).ok()
+                });
             let Some(csr) = csr else {
                 status.state = Some("errored".into());
                 status.reason = Some("Failed to decode the CSR in spec.request".into());
@@ -219,7 +244,9 @@ async fn step(
             status.state = Some(state_name(acme_order.state().status).into());
             fetch_certificate(&mut acme_order, status).await
         }
-        AcmeStatus::Processing | AcmeStatus::Valid => fetch_certificate(&mut acme_order, status).await,
+        AcmeStatus::Processing | AcmeStatus::Valid => {
+            fetch_certificate(&mut acme_order, status).await
+        }
         AcmeStatus::Invalid => {
             status.reason = Some(
                 acme_order
@@ -244,7 +271,8 @@ async fn fetch_certificate(
 ) -> Result<Action, OrderError> {
     match acme_order.certificate().await? {
         Some(chain) => {
-            status.certificate = Some(base64::engine::general_purpose::STANDARD.encode(chain.as_bytes()));
+            status.certificate =
+                Some(base64::engine::general_purpose::STANDARD.encode(chain.as_bytes()));
             status.state = Some("valid".into());
             Ok(Action::await_change())
         }
@@ -262,19 +290,32 @@ async fn ensure_challenges(
 ) -> Result<(), OrderError> {
     let ns = order.namespace().unwrap_or_default();
     let api: Api<Challenge> = Api::namespaced(ctx.client.clone(), &ns);
-    let solvers = issuer.acme().and_then(|a| a.solvers.clone()).unwrap_or_default();
+    let solvers = issuer
+        .acme()
+        .and_then(|a| a.solvers.clone())
+        .unwrap_or_default();
     for authz in authorizations {
         if authz.initial_state.as_deref() != Some("pending") {
             // Reused valid authorizations need no challenge (as upstream).
             continue;
         }
         let domain = authz.identifier.clone().unwrap_or_default();
-        let Some(solver) = select_solver(&solvers, &domain, authz.wildcard.unwrap_or(false), order.labels()) else {
+        let Some(solver) = select_solver(
+            &solvers,
+            &domain,
+            authz.wildcard.unwrap_or(false),
+            order.labels(),
+        ) else {
             tracing::warn!(order = %order.name_any(), %domain, "no HTTP-01 solver matches this domain");
             continue;
         };
         let solver = apply_overrides(solver, order.annotations());
-        let Some(ch) = authz.challenges.iter().flatten().find(|c| c.type_ == "http-01") else {
+        let Some(ch) = authz
+            .challenges
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "http-01")
+        else {
             continue;
         };
         let name = crate::names::compute_name(
@@ -319,7 +360,11 @@ pub fn select_solver(
     wildcard: bool,
     labels: &BTreeMap<String, String>,
 ) -> Option<AcmeChallengeSolver> {
-    let full = if wildcard { format!("*.{domain}") } else { domain.to_string() };
+    let full = if wildcard {
+        format!("*.{domain}")
+    } else {
+        domain.to_string()
+    };
     let mut best: Option<(u64, &AcmeChallengeSolver)> = None;
     for s in solvers.iter().filter(|s| s.http01.is_some()) {
         let sel = s.selector.clone().unwrap_or_default();
@@ -362,13 +407,19 @@ pub fn select_solver(
 }
 
 /// The Order's (from the Certificate's) annotations override the solver's Ingress settings.
-fn apply_overrides(mut solver: AcmeChallengeSolver, annotations: &BTreeMap<String, String>) -> AcmeChallengeSolver {
+fn apply_overrides(
+    mut solver: AcmeChallengeSolver,
+    annotations: &BTreeMap<String, String>,
+) -> AcmeChallengeSolver {
     let Some(http) = solver.http01.as_mut() else {
         return solver;
     };
     let ing = http.ingress.get_or_insert_with(Default::default);
     if let Some(name) = annotations.get(OVERRIDE_INGRESS_NAME) {
-        *ing = crate::api::AcmeChallengeSolverHttp01Ingress { name: Some(name.clone()), ..ing.clone() };
+        *ing = crate::api::AcmeChallengeSolverHttp01Ingress {
+            name: Some(name.clone()),
+            ..ing.clone()
+        };
         ing.class = None;
         ing.ingress_class_name = None;
     } else if let Some(class) = annotations.get(OVERRIDE_INGRESS_CLASS) {
@@ -403,22 +454,60 @@ mod tests {
     }
 
     fn class(s: &AcmeChallengeSolver) -> String {
-        s.http01.as_ref().unwrap().ingress.as_ref().unwrap().ingress_class_name.clone().unwrap_or_default()
+        s.http01
+            .as_ref()
+            .unwrap()
+            .ingress
+            .as_ref()
+            .unwrap()
+            .ingress_class_name
+            .clone()
+            .unwrap_or_default()
     }
 
     #[test]
     fn most_specific_solver_wins() {
         let solvers = vec![
             solver("default", None),
-            solver("zone", Some(CertificateDnsNameSelector { dns_zones: Some(vec!["example.org".into()]), ..Default::default() })),
-            solver("subzone", Some(CertificateDnsNameSelector { dns_zones: Some(vec!["www.example.org".into()]), ..Default::default() })),
-            solver("name", Some(CertificateDnsNameSelector { dns_names: Some(vec!["a.www.example.org".into()]), ..Default::default() })),
+            solver(
+                "zone",
+                Some(CertificateDnsNameSelector {
+                    dns_zones: Some(vec!["example.org".into()]),
+                    ..Default::default()
+                }),
+            ),
+            solver(
+                "subzone",
+                Some(CertificateDnsNameSelector {
+                    dns_zones: Some(vec!["www.example.org".into()]),
+                    ..Default::default()
+                }),
+            ),
+            solver(
+                "name",
+                Some(CertificateDnsNameSelector {
+                    dns_names: Some(vec!["a.www.example.org".into()]),
+                    ..Default::default()
+                }),
+            ),
         ];
         let none = BTreeMap::new();
-        assert_eq!(class(&select_solver(&solvers, "a.www.example.org", false, &none).unwrap()), "name");
-        assert_eq!(class(&select_solver(&solvers, "b.www.example.org", false, &none).unwrap()), "subzone");
-        assert_eq!(class(&select_solver(&solvers, "x.example.org", false, &none).unwrap()), "zone");
-        assert_eq!(class(&select_solver(&solvers, "other.test", false, &none).unwrap()), "default");
+        assert_eq!(
+            class(&select_solver(&solvers, "a.www.example.org", false, &none).unwrap()),
+            "name"
+        );
+        assert_eq!(
+            class(&select_solver(&solvers, "b.www.example.org", false, &none).unwrap()),
+            "subzone"
+        );
+        assert_eq!(
+            class(&select_solver(&solvers, "x.example.org", false, &none).unwrap()),
+            "zone"
+        );
+        assert_eq!(
+            class(&select_solver(&solvers, "other.test", false, &none).unwrap()),
+            "default"
+        );
         assert!(select_solver(&solvers[1..2], "other.test", false, &none).is_none());
     }
 
@@ -428,7 +517,10 @@ mod tests {
         let a = BTreeMap::from([(OVERRIDE_INGRESS_NAME.to_string(), "web".to_string())]);
         let out = apply_overrides(s.clone(), &a);
         let ing = out.http01.unwrap().ingress.unwrap();
-        assert_eq!((ing.name.as_deref(), ing.ingress_class_name), (Some("web"), None));
+        assert_eq!(
+            (ing.name.as_deref(), ing.ingress_class_name),
+            (Some("web"), None)
+        );
         let a = BTreeMap::from([(OVERRIDE_INGRESS_CLASS.to_string(), "public".to_string())]);
         let ing = apply_overrides(s, &a).http01.unwrap().ingress.unwrap();
         assert_eq!(ing.class.as_deref(), Some("public"));

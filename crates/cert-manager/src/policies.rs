@@ -52,11 +52,26 @@ pub const TRIGGER_CHAIN: &[(&str, Check)] = &[
     ("SecretDoesNotExist", secret_does_not_exist),
     ("SecretIsMissingData", secret_is_missing_data),
     ("SecretPublicKeysDiffer", secret_public_keys_differ),
-    ("SecretIssuerAnnotationsNotUpToDate", secret_issuer_annotations_not_up_to_date),
-    ("SecretCertificateNameAnnotationsMismatch", secret_certificate_name_mismatch),
-    ("SecretPrivateKeyMatchesSpec", secret_private_key_matches_spec),
-    ("CurrentCertificateRequestNotValidForSpec", current_request_not_valid_for_spec),
-    ("CurrentCertificateNearingExpiry", current_certificate_nearing_expiry),
+    (
+        "SecretIssuerAnnotationsNotUpToDate",
+        secret_issuer_annotations_not_up_to_date,
+    ),
+    (
+        "SecretCertificateNameAnnotationsMismatch",
+        secret_certificate_name_mismatch,
+    ),
+    (
+        "SecretPrivateKeyMatchesSpec",
+        secret_private_key_matches_spec,
+    ),
+    (
+        "CurrentCertificateRequestNotValidForSpec",
+        current_request_not_valid_for_spec,
+    ),
+    (
+        "CurrentCertificateNearingExpiry",
+        current_certificate_nearing_expiry,
+    ),
 ];
 
 /// The readiness chain: the same checks, but an expired certificate is reported as such and a
@@ -65,11 +80,26 @@ pub const READINESS_CHAIN: &[(&str, Check)] = &[
     ("SecretDoesNotExist", secret_does_not_exist),
     ("SecretIsMissingData", secret_is_missing_data),
     ("SecretPublicKeysDiffer", secret_public_keys_differ),
-    ("SecretIssuerAnnotationsNotUpToDate", secret_issuer_annotations_not_up_to_date),
-    ("SecretCertificateNameAnnotationsMismatch", secret_certificate_name_mismatch),
-    ("SecretPrivateKeyMatchesSpec", secret_private_key_matches_spec),
-    ("CurrentCertificateRequestNotValidForSpec", current_request_not_valid_for_spec),
-    ("CurrentCertificateHasExpired", current_certificate_has_expired),
+    (
+        "SecretIssuerAnnotationsNotUpToDate",
+        secret_issuer_annotations_not_up_to_date,
+    ),
+    (
+        "SecretCertificateNameAnnotationsMismatch",
+        secret_certificate_name_mismatch,
+    ),
+    (
+        "SecretPrivateKeyMatchesSpec",
+        secret_private_key_matches_spec,
+    ),
+    (
+        "CurrentCertificateRequestNotValidForSpec",
+        current_request_not_valid_for_spec,
+    ),
+    (
+        "CurrentCertificateHasExpired",
+        current_certificate_has_expired,
+    ),
 ];
 
 /// The first violation of `chain`, if any.
@@ -83,28 +113,51 @@ pub fn evaluate(chain: &[(&'static str, Check)], input: &Input<'_>) -> Option<Vi
 }
 
 fn violation(reason: &'static str, message: impl Into<String>) -> Option<Violation> {
-    Some(Violation { check: "", reason, message: message.into() })
+    Some(Violation {
+        check: "",
+        reason,
+        message: message.into(),
+    })
 }
 
 fn leaf(input: &Input<'_>) -> Option<LeafInfo> {
-    input.secret?.tls_crt.as_deref().and_then(|c| crate::pki::leaf_info(c).ok())
+    input
+        .secret?
+        .tls_crt
+        .as_deref()
+        .and_then(|c| crate::pki::leaf_info(c).ok())
 }
 
 fn key(input: &Input<'_>) -> Option<PrivateKey> {
-    input.secret?.tls_key.as_deref().and_then(|k| PrivateKey::from_pem(k).ok())
+    input
+        .secret?
+        .tls_key
+        .as_deref()
+        .and_then(|k| PrivateKey::from_pem(k).ok())
 }
 
 fn secret_does_not_exist(input: &Input<'_>) -> Option<Violation> {
-    input.secret.is_none().then_some(()).and_then(|_| violation(DOES_NOT_EXIST, "Issuing certificate as Secret does not exist"))
+    input.secret.is_none().then_some(()).and_then(|_| {
+        violation(
+            DOES_NOT_EXIST,
+            "Issuing certificate as Secret does not exist",
+        )
+    })
 }
 
 fn secret_is_missing_data(input: &Input<'_>) -> Option<Violation> {
     let s = input.secret?;
     if s.tls_key.as_deref().is_none_or(<[u8]>::is_empty) {
-        return violation(MISSING_DATA, "Issuing certificate as Secret does not contain a private key");
+        return violation(
+            MISSING_DATA,
+            "Issuing certificate as Secret does not contain a private key",
+        );
     }
     if s.tls_crt.as_deref().is_none_or(<[u8]>::is_empty) {
-        return violation(MISSING_DATA, "Issuing certificate as Secret does not contain a certificate");
+        return violation(
+            MISSING_DATA,
+            "Issuing certificate as Secret does not contain a certificate",
+        );
     }
     None
 }
@@ -112,14 +165,27 @@ fn secret_is_missing_data(input: &Input<'_>) -> Option<Violation> {
 fn secret_public_keys_differ(input: &Input<'_>) -> Option<Violation> {
     let s = input.secret?;
     let Some(key) = key(input) else {
-        return violation(INVALID_KEY_PAIR, "Issuing certificate as Secret contains an invalid private key");
+        return violation(
+            INVALID_KEY_PAIR,
+            "Issuing certificate as Secret contains an invalid private key",
+        );
     };
-    let Some(leaf) = s.tls_crt.as_deref().and_then(|c| crate::pki::leaf_info(c).ok()) else {
-        return violation(INVALID_CERTIFICATE, "Issuing certificate as Secret contains an invalid certificate");
+    let Some(leaf) = s
+        .tls_crt
+        .as_deref()
+        .and_then(|c| crate::pki::leaf_info(c).ok())
+    else {
+        return violation(
+            INVALID_CERTIFICATE,
+            "Issuing certificate as Secret contains an invalid certificate",
+        );
     };
     match key.public_key_der() {
         Ok(pk) if pk == leaf.public_key_der => None,
-        _ => violation(INVALID_KEY_PAIR, "Issuing certificate as Secret contains a private key that does not match the certificate"),
+        _ => violation(
+            INVALID_KEY_PAIR,
+            "Issuing certificate as Secret contains a private key that does not match the certificate",
+        ),
     }
 }
 
@@ -150,7 +216,9 @@ fn secret_certificate_name_mismatch(input: &Input<'_>) -> Option<Violation> {
     match a.get("cert-manager.io/certificate-name") {
         Some(n) if *n != name => violation(
             INCORRECT_CERTIFICATE,
-            format!("Secret was issued for \"{n}\". If this message is not transient, you might have two conflicting Certificates pointing to the same secret."),
+            format!(
+                "Secret was issued for \"{n}\". If this message is not transient, you might have two conflicting Certificates pointing to the same secret."
+            ),
         ),
         _ => None,
     }
@@ -168,7 +236,13 @@ fn secret_private_key_matches_spec(input: &Input<'_>) -> Option<Violation> {
     if wrong.is_empty() {
         None
     } else {
-        violation(SECRET_MISMATCH, format!("Existing private key is not up to date for spec: [{}]", wrong.join(" ")))
+        violation(
+            SECRET_MISMATCH,
+            format!(
+                "Existing private key is not up to date for spec: [{}]",
+                wrong.join(" ")
+            ),
+        )
     }
 }
 
@@ -177,11 +251,15 @@ fn current_request_not_valid_for_spec(input: &Input<'_>) -> Option<Violation> {
     let want = Names::from_spec(spec);
     let mut diff: Vec<&str> = match input.current_request {
         Some(cr) => {
-            let mut d = match crate::requests::csr_of(cr).and_then(|pem| crate::pki::parse_csr(&pem).ok()) {
+            let mut d = match crate::requests::csr_of(cr)
+                .and_then(|pem| crate::pki::parse_csr(&pem).ok())
+            {
                 Some((names, _)) => want.differences(&names),
                 None => vec!["spec.request"],
             };
-            if cr.spec.issuer_ref.name != spec.issuer_ref.name || cr.spec.issuer_ref.kind() != spec.issuer_ref.kind() {
+            if cr.spec.issuer_ref.name != spec.issuer_ref.name
+                || cr.spec.issuer_ref.kind() != spec.issuer_ref.kind()
+            {
                 d.push("spec.issuerRef");
             }
             if cr.spec.duration.as_deref().unwrap_or("") != spec.duration.as_deref().unwrap_or("")
@@ -221,7 +299,10 @@ fn current_request_not_valid_for_spec(input: &Input<'_>) -> Option<Violation> {
     } else {
         violation(
             REQUEST_CHANGED,
-            format!("Fields on existing CertificateRequest resource not up to date: [{}]", diff.join(" ")),
+            format!(
+                "Fields on existing CertificateRequest resource not up to date: [{}]",
+                diff.join(" ")
+            ),
         )
     }
 }
@@ -229,13 +310,24 @@ fn current_request_not_valid_for_spec(input: &Input<'_>) -> Option<Violation> {
 fn current_certificate_nearing_expiry(input: &Input<'_>) -> Option<Violation> {
     let leaf = leaf(input)?;
     if leaf.not_after <= input.now {
-        return violation(EXPIRED, format!("Certificate expired on {}", crate::time::format_secs(leaf.not_after)));
+        return violation(
+            EXPIRED,
+            format!(
+                "Certificate expired on {}",
+                crate::time::format_secs(leaf.not_after)
+            ),
+        );
     }
-    let renewal = input.renewal_time.unwrap_or_else(|| renewal_time(input.cert, &leaf));
+    let renewal = input
+        .renewal_time
+        .unwrap_or_else(|| renewal_time(input.cert, &leaf));
     if renewal <= input.now {
         return violation(
             RENEWING,
-            format!("Renewing certificate as renewal was scheduled at {}", crate::time::format_secs(renewal)),
+            format!(
+                "Renewing certificate as renewal was scheduled at {}",
+                crate::time::format_secs(renewal)
+            ),
         );
     }
     None
@@ -244,7 +336,13 @@ fn current_certificate_nearing_expiry(input: &Input<'_>) -> Option<Violation> {
 fn current_certificate_has_expired(input: &Input<'_>) -> Option<Violation> {
     let leaf = leaf(input)?;
     (leaf.not_after <= input.now).then_some(()).and_then(|_| {
-        violation(EXPIRED, format!("Certificate expired on {}", crate::time::format_secs(leaf.not_after)))
+        violation(
+            EXPIRED,
+            format!(
+                "Certificate expired on {}",
+                crate::time::format_secs(leaf.not_after)
+            ),
+        )
     })
 }
 
@@ -284,7 +382,11 @@ mod tests {
     fn spec() -> CertificateSpec {
         CertificateSpec {
             secret_name: "web-tls".into(),
-            issuer_ref: IssuerRef { name: "le".into(), kind: Some("ClusterIssuer".into()), group: None },
+            issuer_ref: IssuerRef {
+                name: "le".into(),
+                kind: Some("ClusterIssuer".into()),
+                group: None,
+            },
             dns_names: Some(vec!["a.test".into()]),
             ..Default::default()
         }
@@ -293,24 +395,47 @@ mod tests {
     /// A self-signed certificate for the names with a key of the given kind, valid [nb, na].
     fn issued(names: &[&str], kind: KeySpec, nb: i64, na: i64) -> (Vec<u8>, Vec<u8>) {
         let key = PrivateKey::generate(kind).unwrap();
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         params.not_before = time::OffsetDateTime::from_unix_timestamp(nb).unwrap();
         params.not_after = time::OffsetDateTime::from_unix_timestamp(na).unwrap();
         let c = params.self_signed(&key.key_pair().unwrap()).unwrap();
-        (c.pem().into_bytes(), key.to_pem(false).unwrap().into_bytes())
+        (
+            c.pem().into_bytes(),
+            key.to_pem(false).unwrap().into_bytes(),
+        )
     }
 
     fn annotations(name: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("cert-manager.io/issuer-name".to_string(), name.to_string()),
-            ("cert-manager.io/issuer-kind".to_string(), "ClusterIssuer".to_string()),
-            ("cert-manager.io/issuer-group".to_string(), "cert-manager.io".to_string()),
-            ("cert-manager.io/certificate-name".to_string(), "web".to_string()),
+            (
+                "cert-manager.io/issuer-kind".to_string(),
+                "ClusterIssuer".to_string(),
+            ),
+            (
+                "cert-manager.io/issuer-group".to_string(),
+                "cert-manager.io".to_string(),
+            ),
+            (
+                "cert-manager.io/certificate-name".to_string(),
+                "web".to_string(),
+            ),
         ])
     }
 
     fn run(c: &Certificate, s: Option<&SecretData>, now: i64) -> Option<Violation> {
-        evaluate(TRIGGER_CHAIN, &Input { cert: c, secret: s, current_request: None, now, renewal_time: None })
+        evaluate(
+            TRIGGER_CHAIN,
+            &Input {
+                cert: c,
+                secret: s,
+                current_request: None,
+                now,
+                renewal_time: None,
+            },
+        )
     }
 
     #[test]
@@ -325,27 +450,55 @@ mod tests {
 
         let (crt, key) = issued(&["a.test"], ec, now - 100, now + 9000);
         let (_, other_key) = issued(&["a.test"], ec, now - 100, now + 9000);
-        let mismatched = SecretData { tls_crt: Some(crt.clone()), tls_key: Some(other_key), annotations: annotations("le") };
-        assert_eq!(run(&c, Some(&mismatched), now).unwrap().check, "SecretPublicKeysDiffer");
+        let mismatched = SecretData {
+            tls_crt: Some(crt.clone()),
+            tls_key: Some(other_key),
+            annotations: annotations("le"),
+        };
+        assert_eq!(
+            run(&c, Some(&mismatched), now).unwrap().check,
+            "SecretPublicKeysDiffer"
+        );
 
-        let wrong_issuer = SecretData { tls_crt: Some(crt.clone()), tls_key: Some(key.clone()), annotations: annotations("other") };
+        let wrong_issuer = SecretData {
+            tls_crt: Some(crt.clone()),
+            tls_key: Some(key.clone()),
+            annotations: annotations("other"),
+        };
         let v = run(&c, Some(&wrong_issuer), now).unwrap();
         assert_eq!(v.reason, INCORRECT_ISSUER);
-        assert!(v.message.contains("ClusterIssuer.cert-manager.io/other"), "{}", v.message);
+        assert!(
+            v.message.contains("ClusterIssuer.cert-manager.io/other"),
+            "{}",
+            v.message
+        );
 
         // Default spec asks for RSA; this key is ECDSA.
-        let good = SecretData { tls_crt: Some(crt.clone()), tls_key: Some(key.clone()), annotations: annotations("le") };
-        assert_eq!(run(&c, Some(&good), now).unwrap().check, "SecretPrivateKeyMatchesSpec");
+        let good = SecretData {
+            tls_crt: Some(crt.clone()),
+            tls_key: Some(key.clone()),
+            annotations: annotations("le"),
+        };
+        assert_eq!(
+            run(&c, Some(&good), now).unwrap().check,
+            "SecretPrivateKeyMatchesSpec"
+        );
 
         let mut ec_spec = spec();
-        ec_spec.private_key = Some(crate::api::CertificatePrivateKey { algorithm: Some("ECDSA".into()), ..Default::default() });
+        ec_spec.private_key = Some(crate::api::CertificatePrivateKey {
+            algorithm: Some("ECDSA".into()),
+            ..Default::default()
+        });
         let c = cert(ec_spec.clone());
         assert_eq!(run(&c, Some(&good), now), None);
 
         let mut more_names = ec_spec.clone();
         more_names.dns_names = Some(vec!["a.test".into(), "b.test".into()]);
         let v = run(&cert(more_names), Some(&good), now).unwrap();
-        assert_eq!((v.check, v.reason), ("CurrentCertificateRequestNotValidForSpec", REQUEST_CHANGED));
+        assert_eq!(
+            (v.check, v.reason),
+            ("CurrentCertificateRequestNotValidForSpec", REQUEST_CHANGED)
+        );
         assert!(v.message.contains("spec.dnsNames"));
 
         // Two thirds through the 9100 s lifetime → renewing.
@@ -354,7 +507,13 @@ mod tests {
         let v = run(&c, Some(&good), now + 9001).unwrap();
         assert_eq!(v.reason, EXPIRED);
         // Readiness: due renewal is still Ready; expiry is not.
-        let input = Input { cert: &c, secret: Some(&good), current_request: None, now: now + 6100, renewal_time: None };
+        let input = Input {
+            cert: &c,
+            secret: Some(&good),
+            current_request: None,
+            now: now + 6100,
+            renewal_time: None,
+        };
         assert_eq!(evaluate(READINESS_CHAIN, &input), None);
     }
 

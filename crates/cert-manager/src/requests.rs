@@ -28,17 +28,27 @@ pub const DENIED: &str = "Denied";
 
 /// The request's PEM CSR (base64 in the API).
 pub fn csr_of(cr: &CertificateRequest) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD.decode(cr.spec.request.trim()).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(cr.spec.request.trim())
+        .ok()
 }
 
 fn cond<'a>(cr: &'a CertificateRequest, t: &str) -> Option<&'a Condition> {
-    cr.status.as_ref()?.conditions.as_deref().and_then(|c| condition(c, t))
+    cr.status
+        .as_ref()?
+        .conditions
+        .as_deref()
+        .and_then(|c| condition(c, t))
 }
 
 /// Ready=True (Issued) or Ready=False with a terminal reason.
 pub fn is_final(cr: &CertificateRequest) -> bool {
     cond(cr, READY).is_some_and(|c| {
-        c.is_true() || matches!(c.reason.as_deref(), Some("Failed") | Some("Denied") | Some("InvalidRequest"))
+        c.is_true()
+            || matches!(
+                c.reason.as_deref(),
+                Some("Failed") | Some("Denied") | Some("InvalidRequest")
+            )
     })
 }
 
@@ -47,18 +57,29 @@ pub fn is_issued(cr: &CertificateRequest) -> bool {
 }
 
 pub fn failure_message(cr: &CertificateRequest) -> Option<String> {
-    cond(cr, READY).filter(|c| !c.is_true()).and_then(|c| c.message.clone())
+    cond(cr, READY)
+        .filter(|c| !c.is_true())
+        .and_then(|c| c.message.clone())
 }
 
-async fn patch_status(ctx: &Context, cr: &CertificateRequest, status: CertificateRequestStatus) -> Result<(), kube::Error> {
-    let api: Api<CertificateRequest> = Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
+async fn patch_status(
+    ctx: &Context,
+    cr: &CertificateRequest,
+    status: CertificateRequestStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<CertificateRequest> =
+        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
     let body = json!({
         "apiVersion": "cert-manager.io/v1",
         "kind": "CertificateRequest",
         "status": status,
     });
-    api.patch_status(&cr.name_any(), &PatchParams::apply(crate::FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await?;
+    api.patch_status(
+        &cr.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
     Ok(())
 }
 
@@ -70,9 +91,18 @@ fn with_condition(cr: &CertificateRequest, c: Condition) -> CertificateRequestSt
     status
 }
 
-pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result<Action, RequestError> {
+pub async fn reconcile(
+    cr: Arc<CertificateRequest>,
+    ctx: Arc<Context>,
+) -> Result<Action, RequestError> {
     ctx.metrics.sync_call("certificaterequests");
     let ns = cr.namespace().unwrap_or_default();
+    let Some(cr) = Api::<CertificateRequest>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&cr.name_any())
+        .await?
+    else {
+        return Ok(Action::await_change());
+    };
     if cr.spec.issuer_ref.group() != GROUP || is_final(&cr) {
         // External issuers handle their own requests.
         return Ok(Action::await_change());
@@ -81,13 +111,26 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
     if cond(&cr, APPROVED).is_none() && cond(&cr, DENIED).is_none() {
         let status = with_condition(
             &cr,
-            new_condition(APPROVED, true, "cert-manager.io", "Certificate request has been approved by cert-manager.io"),
+            new_condition(
+                APPROVED,
+                true,
+                "cert-manager.io",
+                "Certificate request has been approved by cert-manager.io",
+            ),
         );
         patch_status(&ctx, &cr, status).await?;
         return Ok(Action::await_change());
     }
     if cond(&cr, DENIED).is_some_and(Condition::is_true) {
-        let mut status = with_condition(&cr, new_condition(READY, false, "Denied", "The CertificateRequest was denied by an approval controller"));
+        let mut status = with_condition(
+            &cr,
+            new_condition(
+                READY,
+                false,
+                "Denied",
+                "The CertificateRequest was denied by an approval controller",
+            ),
+        );
         status.failure_time = Some(crate::time::now());
         patch_status(&ctx, &cr, status).await?;
         return Ok(Action::await_change());
@@ -97,7 +140,12 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
     }
     let pending = |msg: String| new_condition(READY, false, "Pending", msg);
     let Some(issuer) = issuers::resolve(&ctx, &ns, &cr.spec.issuer_ref).await? else {
-        let msg = format!("Referenced \"{}\" not found: {} \"{}\" not found", cr.spec.issuer_ref.kind(), cr.spec.issuer_ref.kind(), cr.spec.issuer_ref.name);
+        let msg = format!(
+            "Referenced \"{}\" not found: {} \"{}\" not found",
+            cr.spec.issuer_ref.kind(),
+            cr.spec.issuer_ref.kind(),
+            cr.spec.issuer_ref.name
+        );
         patch_status(&ctx, &cr, with_condition(&cr, pending(msg))).await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
@@ -112,7 +160,15 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let Some((names, _)) = csr_of(&cr).and_then(|pem| crate::pki::parse_csr(&pem).ok()) else {
-        let mut status = with_condition(&cr, new_condition(READY, false, "Failed", "Failed to decode CSR in spec.request"));
+        let mut status = with_condition(
+            &cr,
+            new_condition(
+                READY,
+                false,
+                "Failed",
+                "Failed to decode CSR in spec.request",
+            ),
+        );
         status.failure_time = Some(crate::time::now());
         patch_status(&ctx, &cr, status).await?;
         return Ok(Action::await_change());
@@ -125,7 +181,11 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
         common_name: names.common_name.clone(),
         dns_names: Some(names.dns_names.clone()).filter(|d| !d.is_empty()),
         ip_addresses: Some(names.ip_addresses.clone()).filter(|d| !d.is_empty()),
-        duration: cr.spec.duration.clone().filter(|_| acme.enable_duration_feature.unwrap_or(false)),
+        duration: cr
+            .spec
+            .duration
+            .clone()
+            .filter(|_| acme.enable_duration_feature.unwrap_or(false)),
         profile: acme.profile.clone(),
         replaces: None,
     };
@@ -147,27 +207,47 @@ pub async fn reconcile(cr: Arc<CertificateRequest>, ctx: Arc<Context>) -> Result
             }
         }
     };
-    let state = order.status.as_ref().and_then(|s| s.state.clone()).unwrap_or_default();
+    let state = order
+        .status
+        .as_ref()
+        .and_then(|s| s.state.clone())
+        .unwrap_or_default();
     match state.as_str() {
         "valid" => {
             let Some(chain) = order.status.as_ref().and_then(|s| s.certificate.clone()) else {
                 return Ok(Action::requeue(Duration::from_secs(1)));
             };
-            let mut status = with_condition(&cr, new_condition(READY, true, "Issued", "Certificate fetched from issuer successfully"));
+            let mut status = with_condition(
+                &cr,
+                new_condition(
+                    READY,
+                    true,
+                    "Issued",
+                    "Certificate fetched from issuer successfully",
+                ),
+            );
             status.certificate = Some(chain);
             patch_status(&ctx, &cr, status).await?;
             Ok(Action::await_change())
         }
         "invalid" | "errored" | "expired" => {
-            let reason = order.status.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
-            let msg = format!("Failed to wait for order resource \"{order_name}\" to become ready: order is in \"{state}\" state: {reason}");
+            let reason = order
+                .status
+                .as_ref()
+                .and_then(|s| s.reason.clone())
+                .unwrap_or_default();
+            let msg = format!(
+                "Failed to wait for order resource \"{order_name}\" to become ready: order is in \"{state}\" state: {reason}"
+            );
             let mut status = with_condition(&cr, new_condition(READY, false, "Failed", msg));
             status.failure_time = Some(crate::time::now());
             patch_status(&ctx, &cr, status).await?;
             Ok(Action::await_change())
         }
         _ => {
-            let msg = format!("Waiting on certificate issuance from order {ns}/{order_name}: \"{state}\"");
+            let msg = format!(
+                "Waiting on certificate issuance from order {ns}/{order_name}: \"{state}\""
+            );
             if cond(&cr, READY).and_then(|c| c.message.as_deref()) != Some(msg.as_str()) {
                 patch_status(&ctx, &cr, with_condition(&cr, pending(msg))).await?;
             }

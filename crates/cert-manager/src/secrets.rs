@@ -51,19 +51,48 @@ fn join_csv(values: &[String]) -> String {
 pub fn annotations(cert: &Certificate, leaf: &LeafInfo) -> BTreeMap<String, String> {
     let r = &cert.spec.issuer_ref;
     let mut a = BTreeMap::from([
-        ("cert-manager.io/certificate-name".to_string(), cert.name_any()),
+        (
+            "cert-manager.io/certificate-name".to_string(),
+            cert.name_any(),
+        ),
         ("cert-manager.io/issuer-name".to_string(), r.name.clone()),
-        ("cert-manager.io/issuer-kind".to_string(), r.kind().to_string()),
-        ("cert-manager.io/issuer-group".to_string(), r.group().to_string()),
-        ("cert-manager.io/common-name".to_string(), leaf.names.common_name.clone().unwrap_or_default()),
-        ("cert-manager.io/alt-names".to_string(), join_csv(&leaf.names.dns_names)),
-        ("cert-manager.io/ip-sans".to_string(), join_csv(&leaf.names.ip_addresses)),
-        ("cert-manager.io/uri-sans".to_string(), join_csv(&leaf.names.uris)),
+        (
+            "cert-manager.io/issuer-kind".to_string(),
+            r.kind().to_string(),
+        ),
+        (
+            "cert-manager.io/issuer-group".to_string(),
+            r.group().to_string(),
+        ),
+        (
+            "cert-manager.io/common-name".to_string(),
+            leaf.names.common_name.clone().unwrap_or_default(),
+        ),
+        (
+            "cert-manager.io/alt-names".to_string(),
+            join_csv(&leaf.names.dns_names),
+        ),
+        (
+            "cert-manager.io/ip-sans".to_string(),
+            join_csv(&leaf.names.ip_addresses),
+        ),
+        (
+            "cert-manager.io/uri-sans".to_string(),
+            join_csv(&leaf.names.uris),
+        ),
     ]);
     if !leaf.names.emails.is_empty() {
-        a.insert("cert-manager.io/email-sans".into(), join_csv(&leaf.names.emails));
+        a.insert(
+            "cert-manager.io/email-sans".into(),
+            join_csv(&leaf.names.emails),
+        );
     }
-    if let Some(t) = cert.spec.secret_template.as_ref().and_then(|t| t.annotations.clone()) {
+    if let Some(t) = cert
+        .spec
+        .secret_template
+        .as_ref()
+        .and_then(|t| t.annotations.clone())
+    {
         for (k, v) in t {
             a.entry(k).or_insert(v);
         }
@@ -80,10 +109,15 @@ pub async fn write(
     ca_pem: Option<&str>,
     owner_ref: bool,
 ) -> Result<(), SecretError> {
-    let leaf = crate::pki::leaf_info(chain_pem.as_bytes()).map_err(|e| SecretError::Invalid(e.to_string()))?;
-    let public = key.public_key_der().map_err(|e| SecretError::Invalid(e.to_string()))?;
+    let leaf = crate::pki::leaf_info(chain_pem.as_bytes())
+        .map_err(|e| SecretError::Invalid(e.to_string()))?;
+    let public = key
+        .public_key_der()
+        .map_err(|e| SecretError::Invalid(e.to_string()))?;
     if public != leaf.public_key_der {
-        return Err(SecretError::Invalid("the certificate does not match the private key".into()));
+        return Err(SecretError::Invalid(
+            "the certificate does not match the private key".into(),
+        ));
     }
     let key_pem = key
         .to_pem(crate::pki::pkcs8_requested(&cert.spec))
@@ -92,8 +126,16 @@ pub async fn write(
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let existing = api.get_opt(&cert.spec.secret_name).await?;
 
-    let mut labels = BTreeMap::from([("controller.cert-manager.io/fao".to_string(), "true".to_string())]);
-    if let Some(t) = cert.spec.secret_template.as_ref().and_then(|t| t.labels.clone()) {
+    let mut labels = BTreeMap::from([(
+        "controller.cert-manager.io/fao".to_string(),
+        "true".to_string(),
+    )]);
+    if let Some(t) = cert
+        .spec
+        .secret_template
+        .as_ref()
+        .and_then(|t| t.labels.clone())
+    {
         for (k, v) in t {
             labels.entry(k).or_insert(v);
         }

@@ -10,13 +10,19 @@ use base64::Engine;
 use common::*;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-async fn app_ingress(client: &kube::Client, ns: &str, host: &str, secret: &str, annotations: serde_json::Value) -> Ingress {
+async fn app_ingress(
+    client: &kube::Client,
+    ns: &str,
+    host: &str,
+    secret: &str,
+    annotations: serde_json::Value,
+) -> Ingress {
     let ing: Ingress = serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
@@ -47,23 +53,40 @@ async fn ingress_annotation_to_served_certificate() {
     let host = format!("app.{ns}.test");
 
     let started = Instant::now();
-    app_ingress(&client, &ns, &host, "app-tls", json!({"cert-manager.io/cluster-issuer": issuer})).await;
+    app_ingress(
+        &client,
+        &ns,
+        &host,
+        "app-tls",
+        json!({"cert-manager.io/cluster-issuer": issuer}),
+    )
+    .await;
     let leaf = wait_for("certificate served for the SNI name", LIMIT, || async {
-        served_leaf(shared.ingress_https, &host, &shared.root_pem).await.ok()
+        served_leaf(shared.ingress_https, &host, &shared.root_pem)
+            .await
+            .ok()
     })
     .await;
     let elapsed = started.elapsed();
-    println!("Ingress created → certificate served by the proxy: {:.0} ms", elapsed.as_secs_f64() * 1000.0);
+    println!(
+        "Ingress created → certificate served by the proxy: {:.0} ms",
+        elapsed.as_secs_f64() * 1000.0
+    );
     assert!(!leaf.is_empty());
 
     // The Certificate the shim made, and its status.
-    let cert = wait_for("Certificate Ready", LIMIT, || certificate_ready(&client, &ns, "app-tls")).await;
+    let cert = wait_for("Certificate Ready", LIMIT, || {
+        certificate_ready(&client, &ns, "app-tls")
+    })
+    .await;
     assert_eq!(cert.spec.dns_names.as_deref(), Some(&[host.clone()][..]));
     assert_eq!(cert.spec.issuer_ref.kind.as_deref(), Some("ClusterIssuer"));
     assert_eq!(cert.owner_references()[0].kind, "Ingress");
     let status = cert.status.clone().expect("status");
     assert_eq!(status.revision, Some(1));
-    assert!(status.not_after.is_some() && status.renewal_time.is_some() && status.not_before.is_some());
+    assert!(
+        status.not_after.is_some() && status.renewal_time.is_some() && status.not_before.is_some()
+    );
     assert!(condition(&status.conditions, "Issuing").is_none());
 
     // The Secret, exactly as upstream writes it.
@@ -71,9 +94,15 @@ async fn ingress_annotation_to_served_certificate() {
     assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"));
     let data = s.data.clone().expect("data");
     let crt = String::from_utf8(data["tls.crt"].0.clone()).expect("pem");
-    assert!(crt.matches("BEGIN CERTIFICATE").count() >= 2, "leaf then chain:\n{crt}");
+    assert!(
+        crt.matches("BEGIN CERTIFICATE").count() >= 2,
+        "leaf then chain:\n{crt}"
+    );
     let key = String::from_utf8(data["tls.key"].0.clone()).expect("pem");
-    assert!(key.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "RSA PKCS#1 by default");
+    assert!(
+        key.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "RSA PKCS#1 by default"
+    );
     assert!(!data.contains_key("ca.crt"), "ACME issuers return no CA");
     let a = s.annotations();
     for (k, v) in [
@@ -84,33 +113,80 @@ async fn ingress_annotation_to_served_certificate() {
         ("cert-manager.io/alt-names", host.as_str()),
         ("cert-manager.io/ip-sans", ""),
         ("cert-manager.io/uri-sans", ""),
-        ("cert-manager.io/common-name", ""),
+        // Pebble (like Let's Encrypt) puts the first name in the subject CN.
+        ("cert-manager.io/common-name", host.as_str()),
     ] {
         assert_eq!(a.get(k).map(String::as_str), Some(v), "annotation {k}");
     }
-    assert_eq!(s.labels().get("controller.cert-manager.io/fao").map(String::as_str), Some("true"));
-    let managers: Vec<_> = s.managed_fields().iter().filter_map(|m| m.manager.clone()).collect();
-    assert!(managers.iter().any(|m| m == "cert-manager-certificates-issuing"), "{managers:?}");
+    assert_eq!(
+        s.labels()
+            .get("controller.cert-manager.io/fao")
+            .map(String::as_str),
+        Some("true")
+    );
+    let managers: Vec<_> = s
+        .managed_fields()
+        .iter()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        managers
+            .iter()
+            .any(|m| m == "cert-manager-certificates-issuing"),
+        "{managers:?}"
+    );
 
     // The request, approved; the order valid; the issuer registered.
-    let cr = Api::<CertificateRequest>::namespaced(client.clone(), &ns).get("app-tls-1").await.expect("request");
+    let cr = Api::<CertificateRequest>::namespaced(client.clone(), &ns)
+        .get("app-tls-1")
+        .await
+        .expect("request");
     let cr_status = cr.status.expect("cr status");
-    assert_eq!(condition(&cr_status.conditions, "Approved").map(|c| c.reason.clone()), Some(Some("cert-manager.io".into())));
+    assert_eq!(
+        condition(&cr_status.conditions, "Approved").map(|c| c.reason.clone()),
+        Some(Some("cert-manager.io".into()))
+    );
     assert!(condition(&cr_status.conditions, "Ready").is_some_and(|c| c.is_true()));
-    let orders = Api::<Order>::namespaced(client.clone(), &ns).list(&Default::default()).await.expect("orders");
-    assert!(orders.items.iter().any(|o| o.status.as_ref().and_then(|s| s.state.as_deref()) == Some("valid")));
-    let ci = Api::<ClusterIssuer>::all(client.clone()).get(&issuer).await.expect("issuer");
+    let orders = Api::<Order>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("orders");
+    assert!(
+        orders
+            .items
+            .iter()
+            .any(|o| o.status.as_ref().and_then(|s| s.state.as_deref()) == Some("valid"))
+    );
+    let ci = Api::<ClusterIssuer>::all(client.clone())
+        .get(&issuer)
+        .await
+        .expect("issuer");
     let ci_status = ci.status.expect("issuer status");
     let ready = condition(&ci_status.conditions, "Ready").expect("Ready");
-    assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("True", Some("ACMEAccountRegistered")));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("True", Some("ACMEAccountRegistered"))
+    );
     let acme = ci_status.acme.expect("acme status");
-    assert!(acme.uri.unwrap_or_default().starts_with("https://localhost:"));
-    assert_eq!(acme.last_registered_email.as_deref(), Some("admin@example.test"));
+    assert!(
+        acme.uri
+            .unwrap_or_default()
+            .starts_with("https://localhost:")
+    );
+    assert_eq!(
+        acme.last_registered_email.as_deref(),
+        Some("admin@example.test")
+    );
 
     // Challenge resources are cleaned up.
     eventually("solver Ingress removed", LIMIT, || async {
-        let list = Api::<Ingress>::namespaced(client.clone(), &ns).list(&Default::default()).await.expect("list");
-        list.items.iter().all(|i| !i.name_any().starts_with("cm-acme-http-solver-"))
+        let list = Api::<Ingress>::namespaced(client.clone(), &ns)
+            .list(&Default::default())
+            .await
+            .expect("list");
+        list.items
+            .iter()
+            .all(|i| !i.name_any().starts_with("cm-acme-http-solver-"))
     })
     .await;
 
@@ -146,14 +222,23 @@ async fn ingress_annotation_to_served_certificate() {
         .await
         .expect("patch ingress");
     eventually("stale Certificate deleted", LIMIT, || async {
-        Api::<Certificate>::namespaced(client.clone(), &ns).get_opt("app-tls").await.expect("get").is_none()
+        Api::<Certificate>::namespaced(client.clone(), &ns)
+            .get_opt("app-tls")
+            .await
+            .expect("get")
+            .is_none()
     })
     .await;
-    assert!(secret(&client, &ns, "app-tls").await.is_some(), "the Secret is not owned and stays");
+    assert!(
+        secret(&client, &ns, "app-tls").await.is_some(),
+        "the Secret is not owned and stays"
+    );
 }
 
 async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
-    let reply = integration_tests::http::get(&format!("http://{addr}/metrics"), None).await.expect("metrics");
+    let reply = integration_tests::http::get(&format!("http://{addr}/metrics"), None)
+        .await
+        .expect("metrics");
     reply.text()
 }
 
@@ -176,7 +261,9 @@ async fn short_lived_certificate_renews_without_downtime() {
     )
     .await;
     let first = wait_for("first certificate served", LIMIT, || async {
-        served_leaf(shared.ingress_https, &host, &shared.root_pem).await.ok()
+        served_leaf(shared.ingress_https, &host, &shared.root_pem)
+            .await
+            .ok()
     })
     .await;
     // Handshake continuously until the served certificate changes; none may fail.
@@ -185,12 +272,17 @@ async fn short_lived_certificate_renews_without_downtime() {
     let second = loop {
         let leaf = served_leaf(shared.ingress_https, &host, &shared.root_pem)
             .await
-            .unwrap_or_else(|e| panic!("handshake failed during renewal after {handshakes} good ones: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("handshake failed during renewal after {handshakes} good ones: {e}")
+            });
         handshakes += 1;
         if leaf != first {
             break leaf;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "no renewal within 90 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no renewal within 90 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_ne!(first, second);
@@ -200,10 +292,23 @@ async fn short_lived_certificate_renews_without_downtime() {
     })
     .await;
     let events = events_for(&client, &ns, "renew-tls").await;
-    assert!(events.iter().any(|e| e.starts_with("Issuing: Renewing certificate as renewal was scheduled at")), "{events:?}");
-    let key = secret(&client, &ns, "renew-tls").await.and_then(|s| s.data).expect("data")["tls.key"].0.clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("Issuing: Renewing certificate as renewal was scheduled at")),
+        "{events:?}"
+    );
+    let key = secret(&client, &ns, "renew-tls")
+        .await
+        .and_then(|s| s.data)
+        .expect("data")["tls.key"]
+        .0
+        .clone();
     assert!(String::from_utf8_lossy(&key).starts_with("-----BEGIN EC PRIVATE KEY-----"));
-    println!("renewed after {handshakes} successful handshakes; revision {:?}", cert.status.and_then(|s| s.revision));
+    println!(
+        "renewed after {handshakes} successful handshakes; revision {:?}",
+        cert.status.and_then(|s| s.revision)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,26 +319,52 @@ async fn bad_annotations_and_bad_issuers_are_reported() {
 
     // Contradictory and invalid annotations: an Event, no Certificate.
     let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
-    app_ingress(&client, &ns, "bad.test", "bad-tls", json!({"cert-manager.io/cluster-issuer": "x", "cert-manager.io/duration": "30m"})).await;
+    app_ingress(
+        &client,
+        &ns,
+        "bad.test",
+        "bad-tls",
+        json!({"cert-manager.io/cluster-issuer": "x", "cert-manager.io/duration": "30m"}),
+    )
+    .await;
     eventually("BadConfig event for the duration", LIMIT, || async {
-        events_for(&client, &ns, "web").await.iter().any(|e| e.starts_with("BadConfig:") && e.contains("duration"))
+        events_for(&client, &ns, "web")
+            .await
+            .iter()
+            .any(|e| e.starts_with("BadConfig:") && e.contains("duration"))
     })
     .await;
-    ingresses.delete("web", &DeleteParams::default()).await.expect("delete");
+    ingresses
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
     let ing2: Ingress = serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
         "metadata": {"name": "both", "namespace": ns, "annotations": {
             "cert-manager.io/cluster-issuer": "a", "cert-manager.io/issuer": "b"}},
-        "spec": {"tls": [{"hosts": ["both.test"], "secretName": "both-tls"}]}
+        "spec": {"tls": [{"hosts": ["both.test"], "secretName": "both-tls"}],
+                 "rules": [{"host": "both.test"}]}
     }))
     .expect("ingress");
-    ingresses.create(&PostParams::default(), &ing2).await.expect("create");
+    ingresses
+        .create(&PostParams::default(), &ing2)
+        .await
+        .expect("create");
     eventually("BadConfig event for two issuers", LIMIT, || async {
-        events_for(&client, &ns, "both").await.iter().any(|e| e.starts_with("BadConfig:") && e.contains("may not be set"))
+        events_for(&client, &ns, "both")
+            .await
+            .iter()
+            .any(|e| e.starts_with("BadConfig:") && e.contains("may not be set"))
     })
     .await;
-    let certs = Api::<Certificate>::namespaced(client.clone(), &ns).list(&Default::default()).await.expect("list");
-    assert!(certs.items.is_empty(), "no Certificate from bad annotations");
+    let certs = Api::<Certificate>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .expect("list");
+    assert!(
+        certs.items.is_empty(),
+        "no Certificate from bad annotations"
+    );
 
     // A Certificate for an issuer that does not exist: pending, no Secret.
     let cert: Certificate = serde_json::from_value(json!({
@@ -243,11 +374,19 @@ async fn bad_annotations_and_bad_issuers_are_reported() {
                  "issuerRef": {"name": "does-not-exist", "kind": "ClusterIssuer"}}
     }))
     .expect("cert");
-    Api::<Certificate>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cert).await.expect("create");
+    Api::<Certificate>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &cert)
+        .await
+        .expect("create");
     wait_for("request pending on the missing issuer", LIMIT, || async {
-        let cr = Api::<CertificateRequest>::namespaced(client.clone(), &ns).get_opt("orphan-1").await.ok()??;
+        let cr = Api::<CertificateRequest>::namespaced(client.clone(), &ns)
+            .get_opt("orphan-1")
+            .await
+            .ok()??;
         let c = condition(&cr.status?.conditions, "Ready")?.clone();
-        (c.reason.as_deref() == Some("Pending") && c.message.unwrap_or_default().contains("not found")).then_some(())
+        (c.reason.as_deref() == Some("Pending")
+            && c.message.unwrap_or_default().contains("not found"))
+        .then_some(())
     })
     .await;
     assert!(secret(&client, &ns, "orphan-tls").await.is_none());
@@ -261,9 +400,15 @@ async fn bad_annotations_and_bad_issuers_are_reported() {
                           "solvers": [{"http01": {"ingress": {}}}]}}
     }))
     .expect("issuer");
-    Api::<ClusterIssuer>::all(client.clone()).create(&PostParams::default(), &ci).await.expect("create");
+    Api::<ClusterIssuer>::all(client.clone())
+        .create(&PostParams::default(), &ci)
+        .await
+        .expect("create");
     wait_for("issuer not ready", LIMIT, || async {
-        let ci = Api::<ClusterIssuer>::all(client.clone()).get(&name).await.ok()?;
+        let ci = Api::<ClusterIssuer>::all(client.clone())
+            .get(&name)
+            .await
+            .ok()?;
         let c = condition(&ci.status?.conditions, "Ready")?.clone();
         (c.status == "False" && c.reason.as_deref() == Some("ErrRegisterACMEAccount")).then_some(())
     })
@@ -279,7 +424,8 @@ async fn rsa_account_secret_is_left_untouched() {
     let issuer = format!("rsa-{ns}");
     let key_secret = format!("{issuer}-account");
     // What upstream cert-manager leaves behind: an RSA key, PKCS#1, under tls.key.
-    let rsa = cert_manager::pki::PrivateKey::generate(cert_manager::pki::KeySpec::Rsa(2048)).expect("rsa");
+    let rsa = cert_manager::pki::PrivateKey::generate(cert_manager::pki::KeySpec::Rsa(2048))
+        .expect("rsa");
     let pem = rsa.to_pem(false).expect("pem");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &shared.resource_ns);
     let original: Secret = secrets
@@ -295,24 +441,51 @@ async fn rsa_account_secret_is_left_untouched() {
         .expect("create RSA secret");
     cluster_issuer(&client, &shared, &issuer, &key_secret).await;
     let ci = wait_for("issuer ready", LIMIT, || async {
-        let ci = Api::<ClusterIssuer>::all(client.clone()).get(&issuer).await.ok()?;
-        condition(&ci.status.as_ref()?.conditions, "Ready")?.is_true().then_some(ci)
+        let ci = Api::<ClusterIssuer>::all(client.clone())
+            .get(&issuer)
+            .await
+            .ok()?;
+        condition(&ci.status.as_ref()?.conditions, "Ready")?
+            .is_true()
+            .then_some(ci)
     })
     .await;
-    let message = condition(&ci.status.as_ref().expect("status").conditions, "Ready").and_then(|c| c.message.clone()).unwrap_or_default();
-    assert!(message.contains("RSA account key") && message.contains(&format!("{key_secret}-es256")), "{message}");
+    let message = condition(&ci.status.as_ref().expect("status").conditions, "Ready")
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("RSA account key") && message.contains(&format!("{key_secret}-es256")),
+        "{message}"
+    );
     let now = secrets.get(&key_secret).await.expect("still there");
     assert_eq!(now.data, original.data, "RSA key unchanged");
-    assert_eq!(now.metadata.resource_version, original.metadata.resource_version, "not even rewritten");
-    let sibling = secrets.get(&format!("{key_secret}-es256")).await.expect("sibling Secret");
+    assert_eq!(
+        now.metadata.resource_version, original.metadata.resource_version,
+        "not even rewritten"
+    );
+    let sibling = secrets
+        .get(&format!("{key_secret}-es256"))
+        .await
+        .expect("sibling Secret");
     let key = String::from_utf8(sibling.data.expect("data")["tls.key"].0.clone()).expect("pem");
     assert_eq!(
-        cert_manager::pki::PrivateKey::from_pem(key.as_bytes()).expect("key").kind,
+        cert_manager::pki::PrivateKey::from_pem(key.as_bytes())
+            .expect("key")
+            .kind,
         cert_manager::pki::KeySpec::Ecdsa(256)
     );
     let events = events_for(&client, "default", &issuer).await;
-    let events_any = if events.is_empty() { all_events_for(&client, &issuer).await } else { events };
-    assert!(events_any.iter().any(|e| e.starts_with("RSAAccountKeyKept")), "{events_any:?}");
+    let events_any = if events.is_empty() {
+        all_events_for(&client, &issuer).await
+    } else {
+        events
+    };
+    assert!(
+        events_any
+            .iter()
+            .any(|e| e.starts_with("RSAAccountKeyKept")),
+        "{events_any:?}"
+    );
 }
 
 /// Events for a cluster-scoped object land in the "default" namespace; look everywhere.
@@ -324,7 +497,13 @@ async fn all_events_for(client: &kube::Client, name: &str) -> Vec<String> {
             l.items
                 .into_iter()
                 .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.reason.unwrap_or_default(),
+                        e.note.unwrap_or_default()
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()

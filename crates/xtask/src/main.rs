@@ -150,6 +150,13 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         let client = cluster.client().await?;
         seed::frontend(&client).await.context("starting the frontend replicas")?;
         let ingress = seed::start_ingress(&cluster, bin_dir)?;
+        let pebble = integration_tests::acme::Pebble::start(integration_tests::acme::PebbleOptions {
+            http_port: seed::HTTP_PORT,
+            ..Default::default()
+        })
+        .await
+        .context("starting pebble")?;
+        let cert_manager = seed::start_cert_manager(&cluster, &client, bin_dir, &pebble).await?;
         if let Err(e) = seed::wait_served().await {
             let slices = Command::new(&kubectl)
                 .args(["--kubeconfig", &kubeconfig, "get", "endpointslices,pods", "-A", "-o", "wide"])
@@ -157,6 +164,12 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             bail!("{e}\n{slices}\ningress-controller log:\n{}", ingress.log_tail(4000));
+        }
+        let root = pebble.issuing_root_pem().await?;
+        let root_path = cluster.dir().join("pebble-root.pem");
+        std::fs::write(&root_path, &root)?;
+        if let Err(e) = seed::wait_issued(&root).await {
+            bail!("{e}\ncert-manager log:\n{}", cert_manager.log_tail(4000));
         }
         let (host, http, https) = (seed::HOST, seed::HTTP_PORT, seed::HTTPS_PORT);
         println!();
@@ -173,11 +186,18 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         println!();
         println!("household-task-manager through the ingress controller (two frontend replicas):");
         println!("  curl -i --resolve {host}:{http}:127.0.0.1 http://{host}:{http}/      # 308 to HTTPS");
-        println!("  curl -k --resolve {host}:{https}:127.0.0.1 https://{host}:{https}/   # fake cert until cert-manager");
+        println!(
+            "  curl --cacert {} --resolve {host}:{https}:127.0.0.1 https://{host}:{https}/   # certificate issued by pebble via cert-manager",
+            root_path.display()
+        );
+        println!("  kubectl --kubeconfig {kubeconfig} get certificate,certificaterequest,order,challenge -A");
+        println!("  cert-manager metrics: curl http://{}/metrics", seed::CERT_MANAGER_METRICS);
         println!("  metrics: curl http://127.0.0.1:10254/metrics");
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
+        drop(cert_manager);
+        drop(pebble);
         drop(cluster);
         Ok(())
     })
@@ -187,6 +207,15 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
 fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
     for args in [
         vec!["apply", "-f", "deploy/namespaces.yaml"],
+        // CRDs first, so the custom resources under deploy/ find their kinds.
+        vec!["apply", "-f", "deploy/cert-manager/crds.yaml"],
+        vec![
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            "deploy/cert-manager/crds.yaml",
+        ],
         vec!["apply", "-R", "-f", "deploy/"],
     ] {
         let status = Command::new(kubectl)

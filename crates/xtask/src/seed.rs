@@ -33,11 +33,15 @@ pub fn build_binaries() -> Result<PathBuf> {
             "ingress",
             "--bin",
             "ingress-controller",
+            "-p",
+            "cert-manager",
+            "--bin",
+            "cert-manager",
         ])
         .status()
-        .context("cargo build ingress-controller")?;
+        .context("cargo build ingress-controller cert-manager")?;
     if !status.success() {
-        bail!("building ingress-controller failed");
+        bail!("building ingress-controller and cert-manager failed");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -65,6 +69,93 @@ pub fn start_ingress(cluster: &Cluster, bin_dir: &Path) -> Result<ManagedProcess
         &cluster.dir().join("ingress-controller.log"),
     )
     .context("starting ingress-controller")
+}
+
+/// Metrics port of cert-manager in `up` (upstream's 9402).
+pub const CERT_MANAGER_METRICS: &str = "127.0.0.1:9402";
+
+/// Points ClusterIssuer `letsencrypt-prod` at the local pebble (its server and CA) and starts
+/// the cert-manager controller, which answers HTTP-01 through the ingress controller.
+pub async fn start_cert_manager(
+    cluster: &Cluster,
+    client: &Client,
+    bin_dir: &Path,
+    pebble: &integration_tests::acme::Pebble,
+) -> Result<ManagedProcess> {
+    use base64::Engine;
+    let issuers: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "cert-manager.io",
+            "v1",
+            "ClusterIssuer",
+        )),
+    );
+    let patch = json!({"spec": {"acme": {
+        "server": pebble.directory_url(),
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(&pebble.ca_pem),
+    }}});
+    issuers
+        .patch(
+            "letsencrypt-prod",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+        .context("pointing ClusterIssuer letsencrypt-prod at pebble")?;
+    let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    ManagedProcess::spawn(
+        "cert-manager",
+        &bin_dir.join("cert-manager"),
+        &[
+            "controller".into(),
+            format!("--kubeconfig={kubeconfig}"),
+            "--cluster-resource-namespace=cert-manager".into(),
+            format!("--metrics-listen-address={CERT_MANAGER_METRICS}"),
+            "--acme-http01-solver-listen-address=127.0.0.1:8089".into(),
+            "--acme-http01-solver-address=127.0.0.1".into(),
+            format!("--acme-http01-solver-nameservers={}", pebble.dns_addr()),
+            format!("--acme-http01-self-check-port={HTTP_PORT}"),
+        ],
+        &[],
+        &cluster.dir().join("cert-manager.log"),
+    )
+    .context("starting cert-manager")
+}
+
+/// Waits until the proxy serves a certificate for the household host that verifies against
+/// `root_pem` (pebble's issuing root).
+pub async fn wait_issued(root_pem: &str) -> Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()).flatten() {
+        roots.add(c)?;
+    }
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", HTTPS_PORT)).await?;
+            let name = rustls::pki_types::ServerName::try_from(HOST)?;
+            connector.connect(name, tcp).await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => {
+                bail!("no pebble-issued certificate served for {HOST} within 60 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Two frontend replicas on 127.0.0.1 and 127.0.0.2, registered as Ready Pods on pi nodes.

@@ -168,7 +168,10 @@ fn patch_reflect2(tree: &Path) -> Result<()> {
     let debian = Path::new("/usr/share/gocode/src/github.com/modern-go/reflect2");
     let vendored = tree.join("vendor/github.com/modern-go/reflect2");
     if !debian.join("go_above_118.go").is_file() {
-        bail!("{} lacks go_above_118.go (package golang-github-modern-go-reflect2-dev)", debian.display());
+        bail!(
+            "{} lacks go_above_118.go (package golang-github-modern-go-reflect2-dev)",
+            debian.display()
+        );
     }
     let is_source = |p: &Path| matches!(p.extension().and_then(|e| e.to_str()), Some("go" | "s"));
     for entry in std::fs::read_dir(&vendored)? {

@@ -16,7 +16,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
@@ -412,19 +412,15 @@ where
                     info.key_secret
                 );
                 message = format!("{message} ({note})");
-                let _ = ctx
-                    .recorder
-                    .publish(
-                        &Event {
-                            type_: EventType::Normal,
-                            reason: "RSAAccountKeyKept".into(),
-                            note: Some(note),
-                            action: "RegisterAccount".into(),
-                            secondary: None,
-                        },
-                        &obj.object_ref(&()),
-                    )
-                    .await;
+                crate::events::publish(
+                    &ctx.recorder,
+                    &obj.object_ref(&()),
+                    EventType::Normal,
+                    "RSAAccountKeyKept",
+                    "RegisterAccount",
+                    note,
+                )
+                .await;
             }
             let status = AcmeIssuerStatus {
                 uri: Some(info.account.id().to_string()),
@@ -445,19 +441,15 @@ where
             let message = format!("Failed to register ACME account: {e}");
             let cond = new_condition("Ready", false, reason, message.clone());
             write_status::<K>(ctx, obj, &issuer, cond, issuer.status.acme.clone()).await?;
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: reason.into(),
-                        note: Some(message),
-                        action: "RegisterAccount".into(),
-                        secondary: None,
-                    },
-                    &obj.object_ref(&()),
-                )
-                .await;
+            crate::events::publish(
+                &ctx.recorder,
+                &obj.object_ref(&()),
+                EventType::Warning,
+                reason,
+                "RegisterAccount",
+                message,
+            )
+            .await;
             if e.is_permanent() {
                 Ok(Action::await_change())
             } else {

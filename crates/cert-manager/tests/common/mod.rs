@@ -39,7 +39,8 @@ pub struct Shared {
     /// Namespace of ClusterIssuer Secrets.
     pub resource_ns: String,
     /// Stops and restarts pebble (runs on the environment's runtime).
-    pub pebble_ctl: tokio::sync::mpsc::UnboundedSender<(PebbleCmd, std::sync::mpsc::Sender<String>)>,
+    pub pebble_ctl:
+        tokio::sync::mpsc::UnboundedSender<(PebbleCmd, std::sync::mpsc::Sender<String>)>,
 }
 
 pub enum PebbleCmd {
@@ -60,7 +61,11 @@ pub struct EnvOptions {
 
 impl Default for EnvOptions {
     fn default() -> Self {
-        Self { pebble_env: vec![("PEBBLE_VA_NOSLEEP", "1")], validity_secs: Some(3600), extra_args: vec![] }
+        Self {
+            pebble_env: vec![("PEBBLE_VA_NOSLEEP", "1")],
+            validity_secs: Some(3600),
+            extra_args: vec![],
+        }
     }
 }
 
@@ -104,11 +109,17 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
         "--leader-elect=false",
     ]);
     let ing_mgr = Manager::new("ingress-nginx", client.clone(), shutdown.clone());
-    let ing = ingress::app::start(&ing_mgr, &ing_args).await.expect("ingress controller");
+    let ing = ingress::app::start(&ing_mgr, &ing_args)
+        .await
+        .expect("ingress controller");
 
     let mut pebble = Pebble::start(PebbleOptions {
         http_port: ing.http.port(),
-        env: opts.pebble_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: opts
+            .pebble_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         validity_secs: opts.validity_secs,
         ..Default::default()
     })
@@ -135,9 +146,12 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
     }
     let cm_args = Cli::parse_from(args).args;
     let cm_mgr = Manager::new("cert-manager", client.clone(), shutdown.clone());
-    let cm = cert_manager::controller::start(&cm_mgr, &cm_args).await.expect("cert-manager controller");
+    let cm = cert_manager::controller::start(&cm_mgr, &cm_args)
+        .await
+        .expect("cert-manager controller");
 
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<(PebbleCmd, std::sync::mpsc::Sender<String>)>();
+    let (ctl_tx, mut ctl_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(PebbleCmd, std::sync::mpsc::Sender<String>)>();
     let shared = Shared {
         ingress_http: ing.http,
         ingress_https: ing.https,
@@ -170,24 +184,40 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
 pub async fn pebble(shared: &Shared, cmd: PebbleCmd) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     shared.pebble_ctl.send((cmd, tx)).expect("env alive");
-    tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default()).await.unwrap_or_default()
+    tokio::task::spawn_blocking(move || rx.recv().unwrap_or_default())
+        .await
+        .unwrap_or_default()
 }
 
 pub async fn client() -> Client {
-    Cluster::shared().await.expect("cluster").client().await.expect("client")
+    Cluster::shared()
+        .await
+        .expect("cluster")
+        .client()
+        .await
+        .expect("client")
 }
 
 pub async fn namespace(prefix: &str) -> String {
-    Cluster::shared().await.expect("cluster").namespace(prefix).await.expect("namespace")
+    Cluster::shared()
+        .await
+        .expect("cluster")
+        .namespace(prefix)
+        .await
+        .expect("namespace")
 }
 
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in cert_manager::crds::all() {
         let name = crd.name_any();
-        api.patch(&name, &PatchParams::apply("cert-manager-tests").force(), &Patch::Apply(&crd))
-            .await
-            .expect("CRD applies");
+        api.patch(
+            &name,
+            &PatchParams::apply("cert-manager-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("CRD applies");
     }
     eventually("CRDs established", Duration::from_secs(30), || async {
         let list = api.list(&Default::default()).await.expect("list CRDs");
@@ -197,7 +227,10 @@ pub async fn install_crds(client: &Client) {
                     && c.status
                         .as_ref()
                         .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+                        .is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c.type_ == "Established" && c.status == "True")
+                        })
             })
         })
     })
@@ -229,7 +262,12 @@ pub async fn ensure_class(client: &Client, name: &str, controller: &str) {
 }
 
 /// A ClusterIssuer for the shared pebble, named after the test's namespace.
-pub async fn cluster_issuer(client: &Client, shared: &Shared, name: &str, key_secret: &str) -> ClusterIssuer {
+pub async fn cluster_issuer(
+    client: &Client,
+    shared: &Shared,
+    name: &str,
+    key_secret: &str,
+) -> ClusterIssuer {
     let ci: ClusterIssuer = serde_json::from_value(json!({
         "apiVersion": "cert-manager.io/v1",
         "kind": "ClusterIssuer",
@@ -244,7 +282,13 @@ pub async fn cluster_issuer(client: &Client, shared: &Shared, name: &str, key_se
     }))
     .expect("issuer");
     let api: Api<ClusterIssuer> = Api::all(client.clone());
-    api.patch(name, &PatchParams::apply("tests").force(), &Patch::Apply(&ci)).await.expect("issuer applies")
+    api.patch(
+        name,
+        &PatchParams::apply("tests").force(),
+        &Patch::Apply(&ci),
+    )
+    .await
+    .expect("issuer applies")
 }
 
 /// Polls `f` until it returns true.
@@ -255,7 +299,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -271,13 +318,21 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-pub fn condition<'a>(conds: &'a Option<Vec<cert_manager::api::Condition>>, t: &str) -> Option<&'a cert_manager::api::Condition> {
-    conds.as_deref().and_then(|c| cert_manager::api::condition(c, t))
+pub fn condition<'a>(
+    conds: &'a Option<Vec<cert_manager::api::Condition>>,
+    t: &str,
+) -> Option<&'a cert_manager::api::Condition> {
+    conds
+        .as_deref()
+        .and_then(|c| cert_manager::api::condition(c, t))
 }
 
 pub async fn certificate_ready(client: &Client, ns: &str, name: &str) -> Option<Certificate> {
@@ -288,7 +343,10 @@ pub async fn certificate_ready(client: &Client, ns: &str, name: &str) -> Option<
 }
 
 pub async fn secret(client: &Client, ns: &str, name: &str) -> Option<Secret> {
-    Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await.ok()?
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()?
 }
 
 /// Events (events.k8s.io/v1) about an object, as "reason: note".
@@ -300,7 +358,13 @@ pub async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<String> {
             l.items
                 .into_iter()
                 .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .map(|e| format!("{}: {}", e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.reason.unwrap_or_default(),
+                        e.note.unwrap_or_default()
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -313,15 +377,23 @@ pub async fn served_leaf(addr: SocketAddr, host: &str, root_pem: &str) -> Result
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()).flatten() {
         roots.add(c).map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-    let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     let (_, conn) = tls.get_ref();
     conn.peer_certificates()
         .and_then(|c| c.first())
@@ -330,5 +402,8 @@ pub async fn served_leaf(addr: SocketAddr, host: &str, root_pem: &str) -> Result
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

@@ -1,0 +1,109 @@
+//! ACME faults the real pebble produces: rejected nonces (half of them), and the server going
+//! away mid-life (stopped, then restarted with no memory of accounts or orders).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn env() -> Shared {
+    shared(EnvOptions {
+        pebble_env: vec![("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "50")],
+        validity_secs: Some(3600),
+        // Short failure backoff so the retry after the outage happens within the test.
+        extra_args: vec![
+            "--certificate-request-minimum-backoff-duration=2s".into(),
+            "--certificate-request-maximum-backoff-duration=8s".into(),
+        ],
+    })
+}
+
+async fn certificate(client: &kube::Client, ns: &str, name: &str, issuer: &str, host: &str) {
+    let cert: Certificate = serde_json::from_value(json!({
+        "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"secretName": format!("{name}-tls"), "dnsNames": [host],
+                 "privateKey": {"algorithm": "ECDSA"},
+                 "issuerRef": {"name": issuer, "kind": "ClusterIssuer", "group": "cert-manager.io"}}
+    }))
+    .expect("certificate");
+    Api::<Certificate>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &cert)
+        .await
+        .expect("create certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issues_with_half_the_nonces_rejected_and_survives_an_acme_outage() {
+    let shared = env();
+    let client = client().await;
+    let ns = namespace("cm-faults").await;
+    let issuer = format!("le-{ns}");
+    cluster_issuer(&client, &shared, &issuer, &format!("{issuer}-account")).await;
+
+    // PEBBLE_WFE_NONCEREJECT=50: instant-acme retries badNonce; issuance still completes.
+    certificate(
+        &client,
+        &ns,
+        "nonces",
+        &issuer,
+        &format!("nonces.{ns}.test"),
+    )
+    .await;
+    wait_for("issued despite rejected nonces", LIMIT, || {
+        certificate_ready(&client, &ns, "nonces")
+    })
+    .await;
+
+    // Pebble goes away: the next issuance fails (after retries) and backs off.
+    pebble(&shared, PebbleCmd::Stop).await;
+    certificate(
+        &client,
+        &ns,
+        "outage",
+        &issuer,
+        &format!("outage.{ns}.test"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api: Api<Certificate> = Api::namespaced(client.clone(), &ns);
+    let during = api.get("outage").await.expect("get");
+    assert!(
+        certificate_ready(&client, &ns, "outage").await.is_none(),
+        "cannot be issued while the CA is down"
+    );
+    assert!(secret(&client, &ns, "outage-tls").await.is_none());
+    let issuing = condition(
+        &during.status.as_ref().expect("status").conditions,
+        "Issuing",
+    )
+    .cloned();
+    assert!(
+        issuing.is_some_and(|c| c.is_true()),
+        "issuance in progress during the outage"
+    );
+
+    // Back (with a fresh state: the old order and account are gone): issued after backoff.
+    let root = pebble(&shared, PebbleCmd::Restart).await;
+    let cert = wait_for("issued after the outage", LIMIT, || {
+        certificate_ready(&client, &ns, "outage")
+    })
+    .await;
+    let status = cert.status.expect("status");
+    assert_eq!(
+        status.failed_issuance_attempts, None,
+        "a success clears the failure count"
+    );
+    assert_eq!(status.last_failure_time, None);
+    let events = events_for(&client, &ns, "outage").await;
+    assert!(
+        events.iter().any(|e| e.starts_with("Failed:")),
+        "the lost order failed the first attempt and was retried: {events:?}"
+    );
+    assert!(!root.is_empty());
+}
