@@ -457,6 +457,7 @@ async fn fail(
     message: &str,
     generation: Option<i64>,
 ) -> Result<Action, CertificateError> {
+    tracing::warn!(certificate = %cert.name_any(), namespace = ?cert.namespace(), message, "issuance failed");
     status.failed_issuance_attempts = Some(status.failed_issuance_attempts.unwrap_or(0) + 1);
     status.last_failure_time = Some(crate::time::now());
     set(

@@ -80,8 +80,10 @@ async fn patch_status(
 }
 
 /// A failure the ACME server reported for this order (4xx): final, as upstream's `errored`.
+/// A rejected nonce is not the server refusing the order: it is retried like a network error.
 fn is_acme_rejection(e: &instant_acme::Error) -> bool {
-    matches!(e, instant_acme::Error::Api(p) if p.status.is_some_and(|s| (400..500).contains(&s)))
+    matches!(e, instant_acme::Error::Api(p)
+        if p.status.is_some_and(|s| (400..500).contains(&s)) && !crate::issuers::acme::is_bad_nonce(p))
 }
 
 pub async fn reconcile(order: Arc<Order>, ctx: Arc<Context>) -> Result<Action, OrderError> {

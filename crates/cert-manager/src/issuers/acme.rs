@@ -49,11 +49,18 @@ impl IssuerError {
         match self {
             Self::Config(_) => true,
             Self::Acme(instant_acme::Error::Api(p)) => {
-                p.status.is_some_and(|s| (400..500).contains(&s))
+                p.status.is_some_and(|s| (400..500).contains(&s)) && !is_bad_nonce(p)
             }
             _ => false,
         }
     }
+}
+
+/// `urn:ietf:params:acme:error:badNonce`: the server wants the request again with a fresh nonce.
+pub fn is_bad_nonce(p: &instant_acme::Problem) -> bool {
+    p.r#type
+        .as_deref()
+        .is_some_and(|t| t.ends_with(":badNonce"))
 }
 
 /// An Issuer or ClusterIssuer, resolved from a reference.
