@@ -6,4 +6,5 @@ pub mod cainjector;
 pub mod cli;
 pub mod controller;
 pub mod crds;
+pub mod duration;
 pub mod webhook;
