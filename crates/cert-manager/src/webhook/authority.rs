@@ -63,6 +63,14 @@ impl DynamicCert {
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
     }
 
+    /// The certificate handshakes get now (chain: leaf, CA).
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.current
             .read()
@@ -73,10 +81,7 @@ impl DynamicCert {
 
 impl ResolvesServerCert for DynamicCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.current()
     }
 }
 
