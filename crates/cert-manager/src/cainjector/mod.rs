@@ -378,9 +378,7 @@ async fn run_controller<K: Injectable>(
     ctx: Arc<Context>,
     source_namespace: Option<String>,
     stop: CancellationToken,
-) where
-    K: Injectable,
-{
+) {
     let client = ctx.client.clone();
     let scoped = |c: Client| -> (Api<Secret>, Api<Certificate>) {
         match &source_namespace {
@@ -517,7 +515,8 @@ mod tests {
             namespace: "cert-manager".into(),
             name: "ca".into(),
         };
-        let cases: &[(&[(&str, &str)], Option<Result<Source, &str>>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<Result<Source, &'a str>>);
+        let cases: &[Case] = &[
             (&[], None),
             (&[(INJECT_APISERVER_CA, "false")], None),
             (
@@ -568,16 +567,15 @@ mod tests {
     fn crd_without_webhook_conversion_has_no_slot() {
         let mut crd = CustomResourceDefinition::default();
         assert_eq!(crd.bundles(), None);
-        crd.spec.conversion = Some(Default::default());
-        crd.spec
-            .conversion
-            .as_mut()
-            .map(|c| c.strategy = "None".into());
+        let mut conversion =
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceConversion {
+                strategy: "None".into(),
+                ..Default::default()
+            };
+        crd.spec.conversion = Some(conversion.clone());
         assert_eq!(crd.bundles(), None);
-        crd.spec
-            .conversion
-            .as_mut()
-            .map(|c| c.strategy = "Webhook".into());
+        conversion.strategy = "Webhook".into();
+        crd.spec.conversion = Some(conversion);
         assert_eq!(crd.bundles(), Some(vec![vec![]]));
     }
 
