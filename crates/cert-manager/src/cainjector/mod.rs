@@ -452,6 +452,10 @@ pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
             "no apiserver CA in the client configuration; inject-apiserver-ca does nothing"
         );
     }
+    if let Some(addr) = args.common.health_address {
+        // Upstream's chart has no probes for cainjector; this serves /metrics when asked for.
+        mgr.serve_health(addr).await?;
+    }
     let namespace = Some(args.namespace.clone()).filter(|n| !n.is_empty());
     let ctx = Arc::new(Context {
         client: mgr.client.clone(),
