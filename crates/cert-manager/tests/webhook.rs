@@ -245,14 +245,16 @@ async fn apiserver_calls_webhook_which_rejects_invalid_and_mutates_requests() {
         .await
         .expect("valid Certificate admitted");
 
-    let mut no_secret = valid.clone();
-    no_secret["secretName"] = json!("");
-    let err = create(&certs, certificate("no-secret", no_secret))
+    // (A missing secretName never reaches the webhook: the CRD schema requires it.)
+    let mut bad_secret = valid.clone();
+    bad_secret["secretName"] = json!("Not_A_Name");
+    let err = create(&certs, certificate("bad-secret", bad_secret))
         .await
-        .expect_err("empty secretName rejected");
+        .expect_err("invalid secretName rejected");
     assert!(
-        err.to_string()
-            .contains("spec.secretName: Required value: must be specified"),
+        err.to_string().contains(
+            "spec.secretName: Invalid value: \"Not_A_Name\": a lowercase RFC 1123 subdomain"
+        ),
         "{err}"
     );
 
