@@ -22,12 +22,14 @@ use futures::future::join4;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -218,7 +220,6 @@ impl Injectable for CustomResourceDefinition {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
     /// `--namespace`: sources outside it are refused.
     pub namespace: Option<String>,
     /// PEM of the apiserver's CA, for `inject-apiserver-ca`.
@@ -307,6 +308,55 @@ fn ca_crt(secret: &Secret) -> Option<Vec<u8>> {
         .filter(|b| !b.is_empty())
 }
 
+/// Records a Warning Event (events.k8s.io/v1) on a cluster-scoped target. Written directly
+/// rather than through kube's Recorder: that one files such events in `default`, which servers
+/// before 1.22 reject (they only accept `kube-system` for cluster-scoped objects), so fall back.
+async fn warn(
+    client: &Client,
+    regarding: &ObjectReference,
+    refusal: &Refusal,
+) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = format!(
+        "{}.{:x}",
+        regarding.name.as_deref().unwrap_or("cainjector"),
+        now.as_nanosecond()
+    );
+    let mut event = Event {
+        metadata: ObjectMeta {
+            name: Some(name),
+            ..Default::default()
+        },
+        action: Some("InjectCA".into()),
+        reason: Some(refusal.reason.into()),
+        note: Some(refusal.message.clone()),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(regarding.clone()),
+        reporting_controller: Some(FIELD_MANAGER.into()),
+        reporting_instance: Some(
+            std::env::var("POD_NAME").unwrap_or_else(|_| FIELD_MANAGER.into()),
+        ),
+        type_: Some("Warning".into()),
+        ..Default::default()
+    };
+    let mut result = Ok(());
+    for ns in [
+        regarding.namespace.as_deref().unwrap_or("default"),
+        "kube-system",
+    ] {
+        event.metadata.namespace = Some(ns.to_string());
+        result = Api::<Event>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &event)
+            .await
+            .map(|_| ());
+        match &result {
+            Err(kube::Error::Api(s)) if s.code == 422 => continue,
+            _ => break,
+        }
+    }
+    result
+}
+
 /// Brings one target's bundles up to date; patches only when something changes.
 pub async fn reconcile<K: Injectable>(
     obj: Arc<K>,
@@ -330,14 +380,7 @@ pub async fn reconcile<K: Injectable>(
         Ok(None) => return Ok(Action::await_change()),
         Err(refusal) => {
             tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), %refusal, "not injecting");
-            let event = Event {
-                type_: EventType::Warning,
-                reason: refusal.reason.to_string(),
-                note: Some(refusal.message),
-                action: "InjectCA".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            if let Err(e) = warn(&ctx.client, &obj.object_ref(&()), &refusal).await {
                 tracing::debug!(error = %e, "publishing event");
             }
             return Ok(Action::await_change());
@@ -459,7 +502,6 @@ pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
     let namespace = Some(args.namespace.clone()).filter(|n| !n.is_empty());
     let ctx = Arc::new(Context {
         client: mgr.client.clone(),
-        recorder: mgr.recorder(FIELD_MANAGER),
         namespace: namespace.clone(),
         apiserver_ca,
     });
