@@ -84,6 +84,10 @@ pub struct Running {
 /// Entry point of `cert-manager webhook`: starts everything in the background.
 pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
     let running = run(mgr, args).await?;
+    if let Some(addr) = args.common.health_address {
+        // kube-common's /metrics (and /readyz) server, when asked for; probes use --healthz-port.
+        mgr.serve_health(addr).await?;
+    }
     tracing::info!(secure = %running.secure_addr, healthz = %running.healthz_addr, "webhook listening");
     Ok(())
 }
