@@ -8,6 +8,7 @@ pub mod cli;
 pub mod context;
 pub mod controller;
 pub mod crds;
+pub mod duration;
 pub mod http01;
 pub mod issuers;
 pub mod metrics;

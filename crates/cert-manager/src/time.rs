@@ -1,6 +1,7 @@
-//! RFC 3339 timestamps as the API writes them (`2026-11-26T23:59:59Z`), and Go durations.
+//! RFC 3339 timestamps as the API writes them (`2026-11-26T23:59:59Z`); Go durations are in
+//! [`crate::duration`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -26,88 +27,11 @@ pub fn parse_secs(s: &str) -> Option<i64> {
     s.parse::<Timestamp>().ok().map(|t| t.as_second())
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {0:?}")]
-pub struct DurationError(pub String);
-
-/// Go's `time.ParseDuration` for the units certificates use (`h`, `m`, `s`, `ms`, `us`, `ns`;
-/// decimals allowed, e.g. `1.5h`, `2160h`, `1h30m`).
-pub fn parse_go_duration(s: &str) -> Result<Duration, DurationError> {
-    let err = || DurationError(s.to_string());
-    let mut rest = s.trim();
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() || rest.starts_with('-') {
-        return Err(err());
-    }
-    rest = rest.strip_prefix('+').unwrap_or(rest);
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(err)?;
-        if num_len == 0 {
-            return Err(err());
-        }
-        let value: f64 = rest[..num_len].parse().map_err(|_| err())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return Err(err()),
-        };
-        total += value * factor;
-        rest = &rest[unit_len..];
-    }
-    if !total.is_finite() || total > 1e12 {
-        return Err(err());
-    }
-    Ok(Duration::from_secs_f64(total))
-}
-
-/// Go-style rendering used in messages (`2160h0m0s`).
-pub fn format_go_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    format!("{}h{}m{}s", secs / 3600, (secs % 3600) / 60, secs % 60)
-}
+pub use crate::duration::{DurationError, format_go_duration, parse_go_duration};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_durations() {
-        for (input, secs) in [
-            ("2160h", 2160 * 3600),
-            ("1h30m", 5400),
-            ("90m", 5400),
-            ("45s", 45),
-            ("1.5h", 5400),
-            ("0", 0),
-            ("720h0m0s", 720 * 3600),
-        ] {
-            assert_eq!(
-                parse_go_duration(input),
-                Ok(Duration::from_secs(secs)),
-                "{input}"
-            );
-        }
-        for bad in ["", "1", "h", "1d", "-1h", "1hh", "abc"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            format_go_duration(Duration::from_secs(2160 * 3600)),
-            "2160h0m0s"
-        );
-    }
 
     #[test]
     fn timestamps_round_trip() {

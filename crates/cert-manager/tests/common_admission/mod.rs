@@ -1,0 +1,85 @@
+//! Shared pieces of the webhook and cainjector tests: CRD installation, polling with a deadline,
+//! and a throwaway CA.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+
+/// Generous: the shared apiserver is busy with other tests on 2 cores.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `f` until it returns Some, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Applies the six cert-manager CRDs (server-side, idempotent) and waits until each is
+/// Established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in cert_manager::crds::all() {
+        let name = crd.metadata.name.clone().expect("CRD name");
+        crds.patch(
+            &name,
+            &PatchParams::apply("cert-manager-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        eventually(&format!("CRD {name} Established"), WAIT, || async {
+            let crd = crds.get(&name).await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+/// A self-signed CA certificate, PEM.
+pub fn test_ca(name: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("CA").pem()
+}
+
+/// DER of every certificate in a PEM bundle.
+pub fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .filter(|p| p.label == "CERTIFICATE")
+        .map(|p| p.contents)
+        .collect()
+}
+
+/// Whether `bundle` (PEM) holds every certificate of `ca` (PEM).
+pub fn bundle_contains(bundle: &[u8], ca: &[u8]) -> bool {
+    let have = ders(bundle);
+    let want = ders(ca);
+    !want.is_empty() && want.iter().all(|d| have.contains(d))
+}
