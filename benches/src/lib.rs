@@ -80,6 +80,10 @@ pub struct Options {
     pub edits: usize,
     /// Edits during the failed-requests measurement.
     pub edits_under_load: usize,
+    /// Measure only these peers (by name), e.g. for a quick A/B while profiling.
+    pub only_peers: Option<Vec<String>>,
+    /// Run only these throughput scenarios (by id).
+    pub only_scenarios: Option<Vec<String>>,
     pub programs: Programs,
 }
 
@@ -98,6 +102,8 @@ impl Options {
             fillers: vec![0, 100, 1000],
             edits: 100,
             edits_under_load: 100,
+            only_peers: None,
+            only_scenarios: None,
             programs,
         }
     }
@@ -215,6 +221,7 @@ fn cpu_split(cores: usize) -> Option<(String, String, usize)> {
 struct Sample {
     load: LoadResult,
     cpu_seconds: f64,
+    user_seconds: f64,
     wall_seconds: f64,
 }
 
@@ -284,6 +291,7 @@ impl Runner<'_> {
         Ok(Sample {
             load,
             cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+            user_seconds: after.user_seconds - before.user_seconds,
             wall_seconds: wall,
         })
     }
@@ -296,6 +304,11 @@ fn figures(peer: &Peer, samples: &[Sample], value: impl Fn(&Sample) -> f64) -> P
         .filter(|s| s.load.requests > 0)
         .map(|s| s.cpu_seconds * 1e6 / s.load.requests as f64)
         .collect();
+    let user_per_req: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.load.requests > 0)
+        .map(|s| s.user_seconds * 1e6 / s.load.requests as f64)
+        .collect();
     let cores: Vec<f64> = samples
         .iter()
         .filter(|s| s.wall_seconds > 0.0)
@@ -307,6 +320,7 @@ fn figures(peer: &Peer, samples: &[Sample], value: impl Fn(&Sample) -> f64) -> P
         vs_nginx: None,
         vs_haproxy: None,
         cpu_us_per_request: Stat::of(&per_req),
+        user_us_per_request: Stat::of(&user_per_req),
         cpu_cores: Stat::of(&cores),
         errors: samples.iter().map(|s| s.load.errors).sum(),
         non_2xx: samples.iter().map(|s| s.load.non_2xx).sum(),
@@ -458,18 +472,29 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
     let mut all: Vec<&mut Peer> = std::iter::once(&mut env.peer)
         .chain(others.iter_mut())
         .collect();
+    if let Some(only) = &opts.only_peers {
+        all.retain(|p| only.iter().any(|o| o == p.kind.name()));
+    }
     for peer in &all {
         versions.insert(peer.kind.name().into(), peer.version.clone());
     }
+    let scenarios: Vec<&Def> = SCENARIOS
+        .iter()
+        .filter(|d| {
+            opts.only_scenarios
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|id| id == d.id))
+        })
+        .collect();
     let start_stats: Vec<procfs::ProcStats> = all.iter().map(|p| procfs::stats(p.pid)).collect();
     let mut requests = vec![0u64; all.len()];
 
     // Throughput: rounds × scenarios × peers.
-    let mut samples: Vec<Vec<Vec<Sample>>> = (0..SCENARIOS.len())
+    let mut samples: Vec<Vec<Vec<Sample>>> = (0..scenarios.len())
         .map(|_| (0..all.len()).map(|_| Vec::new()).collect())
         .collect();
     for round in 0..opts.rounds {
-        for (si, def) in SCENARIOS.iter().enumerate() {
+        for (si, def) in scenarios.iter().enumerate() {
             for (pi, peer) in all.iter_mut().enumerate() {
                 eprintln!(
                     "    round {}/{} {:<16} {}",
@@ -491,7 +516,7 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
             }
         }
     }
-    let throughput: Vec<Scenario> = SCENARIOS
+    let throughput: Vec<Scenario> = scenarios
         .iter()
         .enumerate()
         .map(|(si, def)| {
@@ -512,8 +537,10 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
         .collect();
 
     // Fixed-rate latency at half of nginx's saturation rate (HTTP/1.1, 1 KiB).
-    let saturation = throughput[0]
-        .get(PeerKind::Nginx)
+    let saturation = throughput
+        .iter()
+        .find(|s| s.id == "h1-1k")
+        .and_then(|s| s.get(PeerKind::Nginx))
         .map(|p| p.value.median)
         .unwrap_or(0.0);
     let rate = (saturation * 0.5).max(1.0);

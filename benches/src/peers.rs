@@ -283,7 +283,7 @@ http {{
     tcp_nopush on;
     tcp_nodelay on;
     keepalive_timeout 75s;
-    keepalive_requests 10000;
+    keepalive_requests 1000000;
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache shared:SSL:10m;
     ssl_session_tickets off;

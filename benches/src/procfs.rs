@@ -8,6 +8,8 @@ use std::path::Path;
 pub struct ProcStats {
     /// User + system CPU seconds of the live processes.
     pub cpu_seconds: f64,
+    /// The user-space part of `cpu_seconds`.
+    pub user_seconds: f64,
     /// Sum of each process's peak resident set (VmHWM).
     pub peak_rss_bytes: u64,
     /// Sum of each process's current resident set (VmRSS).
@@ -73,6 +75,7 @@ pub fn stats(root: u32) -> ProcStats {
         if let Some(f) = stat_fields(pid) {
             let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             s.cpu_seconds += (t(11) + t(12)) as f64 / ticks;
+            s.user_seconds += t(11) as f64 / ticks;
         }
         s.peak_rss_bytes += status_kib(pid, "VmHWM:") * 1024;
         s.rss_bytes += status_kib(pid, "VmRSS:") * 1024;

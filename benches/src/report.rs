@@ -62,6 +62,8 @@ pub struct PeerFigures {
     pub vs_haproxy: Option<f64>,
     /// Proxy CPU microseconds per request (median over rounds).
     pub cpu_us_per_request: Stat,
+    /// The user-space part (the rest is the kernel's TCP and TLS-independent work).
+    pub user_us_per_request: Stat,
     /// Proxy CPU seconds per wall second during the run (1.0 = one core busy).
     pub cpu_cores: Stat,
     pub errors: u64,
@@ -322,13 +324,13 @@ impl Results {
         let _ = writeln!(o, "\n## Throughput\n");
         let _ = writeln!(
             o,
-            "| Scenario | Peer | req/s median (min–max) | × nginx | × haproxy | proxy CPU µs/req | proxy cores busy | errors / non-2xx |\n|---|---|---|---|---|---|---|---|"
+            "| Scenario | Peer | req/s median (min–max) | × nginx | × haproxy | proxy CPU µs/req (user) | proxy cores busy | errors / non-2xx |\n|---|---|---|---|---|---|---|---|"
         );
         for s in &self.throughput {
             for p in &s.peers {
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} ({}–{}) | {} | {} | {:.1} | {:.2} | {} / {} |",
+                    "| {} | {} | {} ({}–{}) | {} | {} | {:.1} ({:.1}) | {:.2} | {} / {} |",
                     s.id,
                     p.peer,
                     fmt_value(p.value.median, &s.unit),
@@ -337,6 +339,7 @@ impl Results {
                     ratio(p.vs_nginx),
                     ratio(p.vs_haproxy),
                     p.cpu_us_per_request.median,
+                    p.user_us_per_request.median,
                     p.cpu_cores.median,
                     p.errors,
                     p.non_2xx

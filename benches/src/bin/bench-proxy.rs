@@ -39,6 +39,12 @@ struct Args {
     /// The one-second smoke settings.
     #[arg(long)]
     smoke: bool,
+    /// Measure only these peers (comma-separated names), e.g. while profiling.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Run only these throughput scenarios (comma-separated ids).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
     /// A note recorded with the results (e.g. what else the machine was doing).
     #[arg(long)]
     note: Vec<String>,
@@ -77,6 +83,12 @@ fn main() -> Result<()> {
     }
     if let Some(s) = args.seconds {
         opts.duration = Duration::from_secs(s.max(1));
+    }
+    if !args.only.is_empty() {
+        opts.only_peers = Some(args.only.clone());
+    }
+    if !args.scenarios.is_empty() {
+        opts.only_scenarios = Some(args.scenarios.clone());
     }
     if args.no_pin {
         opts.pin = false;
