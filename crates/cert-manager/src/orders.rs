@@ -222,7 +222,10 @@ async fn step(
             });
         }
     }
-    status.authorizations = Some(authorizations.clone());
+    // Recorded once, at creation, as upstream (its webhook keeps them immutable afterwards).
+    if status.authorizations.is_none() {
+        status.authorizations = Some(authorizations.clone());
+    }
 
     match acme_state {
         AcmeStatus::Pending => {

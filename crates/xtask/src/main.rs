@@ -156,6 +156,7 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         })
         .await
         .context("starting pebble")?;
+        let admission = seed::start_webhook_and_cainjector(&cluster, &client, bin_dir).await?;
         let cert_manager = seed::start_cert_manager(&cluster, &client, bin_dir, &pebble).await?;
         if let Err(e) = seed::wait_served().await {
             let slices = Command::new(&kubectl)
@@ -197,6 +198,7 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
         drop(cert_manager);
+        drop(admission);
         drop(pebble);
         drop(cluster);
         Ok(())

@@ -95,14 +95,25 @@ pub async fn start_cert_manager(
         "server": pebble.directory_url(),
         "caBundle": base64::engine::general_purpose::STANDARD.encode(&pebble.ca_pem),
     }}});
-    issuers
-        .patch(
-            "letsencrypt-prod",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(patch),
-        )
-        .await
-        .context("pointing ClusterIssuer letsencrypt-prod at pebble")?;
+    // Retried: the write goes through the webhook, which needs a moment for its CA to be
+    // injected.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match issuers
+            .patch(
+                "letsencrypt-prod",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e).context("pointing ClusterIssuer letsencrypt-prod at pebble");
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
     let kubeconfig = cluster.kubeconfig_path().display().to_string();
     ManagedProcess::spawn(
         "cert-manager",
@@ -121,6 +132,66 @@ pub async fn start_cert_manager(
         &cluster.dir().join("cert-manager.log"),
     )
     .context("starting cert-manager")
+}
+
+/// Starts `cert-manager webhook` (serving on 127.0.0.1:10250 with its self-managed CA) and
+/// `cert-manager cainjector`, then points the webhook configurations from deploy/ at the local
+/// address: the apiserver calls the webhook there, trusting the CA cainjector injects.
+pub async fn start_webhook_and_cainjector(
+    cluster: &Cluster,
+    client: &Client,
+    bin_dir: &Path,
+) -> Result<Vec<ManagedProcess>> {
+    let kubeconfig = cluster.kubeconfig_path().display().to_string();
+    let webhook = ManagedProcess::spawn(
+        "cert-manager-webhook",
+        &bin_dir.join("cert-manager"),
+        &[
+            "webhook".into(),
+            format!("--kubeconfig={kubeconfig}"),
+            "--listen-host=127.0.0.1".into(),
+            "--secure-port=10250".into(),
+            "--healthz-port=6080".into(),
+            "--dynamic-serving-ca-secret-namespace=cert-manager".into(),
+            "--dynamic-serving-dns-names=cert-manager-webhook,cert-manager-webhook.cert-manager,cert-manager-webhook.cert-manager.svc,127.0.0.1".into(),
+        ],
+        &[],
+        &cluster.dir().join("cert-manager-webhook.log"),
+    )
+    .context("starting cert-manager webhook")?;
+    let cainjector = ManagedProcess::spawn(
+        "cert-manager-cainjector",
+        &bin_dir.join("cert-manager"),
+        &["cainjector".into(), format!("--kubeconfig={kubeconfig}")],
+        &[],
+        &cluster.dir().join("cert-manager-cainjector.log"),
+    )
+    .context("starting cert-manager cainjector")?;
+    for (kind, path) in [
+        ("ValidatingWebhookConfiguration", "validate"),
+        ("MutatingWebhookConfiguration", "mutate"),
+    ] {
+        let api: Api<kube::api::DynamicObject> = Api::all_with(
+            client.clone(),
+            &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+                "admissionregistration.k8s.io",
+                "v1",
+                kind,
+            )),
+        );
+        let patch = json!([
+            {"op": "remove", "path": "/webhooks/0/clientConfig/service"},
+            {"op": "add", "path": "/webhooks/0/clientConfig/url", "value": format!("https://127.0.0.1:10250/{path}")},
+        ]);
+        api.patch(
+            "cert-manager-webhook",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(serde_json::from_value(patch)?),
+        )
+        .await
+        .with_context(|| format!("pointing {kind} cert-manager-webhook at 127.0.0.1:10250"))?;
+    }
+    Ok(vec![webhook, cainjector])
 }
 
 /// Waits until the proxy serves a certificate for the household host that verifies against
