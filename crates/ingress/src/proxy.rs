@@ -28,11 +28,28 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 const ACME_PREFIX: &str = "/.well-known/acme-challenge";
 
 /// Per-connection facts the handler needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub tls: bool,
+    /// The peer's address and our port as header values, formatted once per connection
+    /// rather than per request.
+    remote_ip: HeaderValue,
+    local_port: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, local: SocketAddr, tls: bool) -> Self {
+        let value = |s: String| HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static(""));
+        Self {
+            remote,
+            local,
+            tls,
+            remote_ip: value(remote.ip().to_string()),
+            local_port: value(local.port().to_string()),
+        }
+    }
 }
 
 /// Shared proxy state: the current snapshot and pooled upstream clients.
@@ -141,35 +158,33 @@ impl Proxy {
         response: Response<Body>,
         started: Instant,
     ) -> Response<Body> {
-        let (namespace, ingress) = location
-            .ingress
-            .as_ref()
-            .map(|k| (k.namespace.clone(), k.name.clone()))
-            .unwrap_or_default();
-        let service = match &location.target {
-            Target::Service(b) => b.service.clone(),
-            Target::Unavailable { service, .. } => service.clone(),
-            Target::BuiltIn404 => String::new(),
-        };
-        let labels = RequestLabels {
-            status: response.status().as_u16().to_string(),
-            method: method.as_str().to_string(),
-            path: location.path.clone(),
-            namespace,
-            ingress,
-            service,
-            host: if location.ingress.is_some() {
-                host.to_string()
-            } else {
-                String::new()
-            },
-            canary: String::new(),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-        let duration = self.metrics.request_duration.get_or_create(&labels).clone();
-        let size = self.metrics.response_size.get_or_create(&labels).clone();
+        let status = response.status().as_u16();
+        let host = if location.ingress.is_some() { host } else { "" };
+        let series = location.metrics.get_or_insert(status, method, host, || {
+            let (namespace, ingress) = location
+                .ingress
+                .as_ref()
+                .map(|k| (k.namespace.clone(), k.name.clone()))
+                .unwrap_or_default();
+            let service = match &location.target {
+                Target::Service(b) => b.service.clone(),
+                Target::Unavailable { service, .. } => service.clone(),
+                Target::BuiltIn404 => String::new(),
+            };
+            self.metrics.series(&RequestLabels {
+                status: status.to_string(),
+                method: method.as_str().to_string(),
+                path: location.path.clone(),
+                namespace,
+                ingress,
+                service,
+                host: host.to_string(),
+                canary: String::new(),
+            })
+        });
+        series.requests.inc();
         let (parts, body) = response.into_parts();
-        let metered = crate::metrics::Metered::new(body, started, duration, size);
+        let metered = crate::metrics::Metered::new(body, started, series.duration, series.size);
         Response::from_parts(parts, metered.boxed_unsync())
     }
 
@@ -356,16 +371,28 @@ impl Proxy {
             Upstream::Addr(a) => a.to_string(),
             Upstream::Dns { host, port } => format!("{host}:{port}"),
         };
+        // From parts: the request's path and query are reused as they are (no re-parse).
         let pq = match rewrite {
-            Some(p) => p,
-            None => parts
-                .uri
-                .path_and_query()
-                .map_or("/".into(), |p| p.as_str().to_string()),
+            Some(p) => http::uri::PathAndQuery::try_from(p).ok(),
+            None => Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            ),
         };
-        let uri: Uri = match format!("{scheme}://{authority}{pq}").parse() {
-            Ok(u) => u,
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request URI\n"),
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.scheme = Some(if scheme == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        uri_parts.authority = http::uri::Authority::try_from(authority.as_str()).ok();
+        uri_parts.path_and_query = pq;
+        let uri = match Uri::from_parts(uri_parts) {
+            Ok(u) if u.authority().is_some() && u.path_and_query().is_some() => u,
+            _ => return plain(StatusCode::BAD_REQUEST, "bad request URI\n"),
         };
         parts.uri = uri;
         let grpc = matches!(
@@ -380,11 +407,12 @@ impl Proxy {
             .get("x-request-id")
             .cloned()
             .unwrap_or_else(|| self.request_ids.next());
-        let xff = forwarded_for(
-            &parts.headers,
-            conn.remote.ip(),
-            cfg.compute_full_forwarded_for && cfg.use_forwarded_headers,
-        );
+        let full_xff = cfg.compute_full_forwarded_for && cfg.use_forwarded_headers;
+        let xff = if full_xff && parts.headers.contains_key("x-forwarded-for") {
+            HeaderValue::from_str(&forwarded_for(&parts.headers, conn.remote.ip(), true)).ok()
+        } else {
+            Some(conn.remote_ip.clone())
+        };
         // Behind a trusted load balancer (`use-forwarded-headers`), its scheme and port are
         // passed on, as ingress-nginx does.
         let incoming = |name: &str| {
@@ -395,19 +423,24 @@ impl Proxy {
                 .map(str::to_string)
         };
         let original_xff = incoming("x-forwarded-for");
+        let own_proto = HeaderValue::from_static(if conn.tls { "https" } else { "http" });
         let (proto, port) = if cfg.use_forwarded_headers {
             (
-                incoming("x-forwarded-proto")
-                    .unwrap_or_else(|| if conn.tls { "https" } else { "http" }.into()),
-                incoming("x-forwarded-port").unwrap_or_else(|| conn.local.port().to_string()),
+                parts
+                    .headers
+                    .get("x-forwarded-proto")
+                    .cloned()
+                    .unwrap_or(own_proto),
+                parts
+                    .headers
+                    .get("x-forwarded-port")
+                    .cloned()
+                    .unwrap_or_else(|| conn.local_port.clone()),
             )
         } else {
-            (
-                if conn.tls { "https" } else { "http" }.to_string(),
-                conn.local.port().to_string(),
-            )
+            (own_proto, conn.local_port.clone())
         };
-        let proto = proto.as_str();
+        let host_value = parts.headers.get(header::HOST).cloned();
         let headers = &mut parts.headers;
         if let Some(xff) = &original_xff {
             set(
@@ -418,32 +451,40 @@ impl Proxy {
         }
         strip_hop_by_hop(headers, upgrade);
         headers.remove("proxy");
-        let vhost = ann.upstream_vhost.clone().unwrap_or(original_host.clone());
-        set(headers, header::HOST, &vhost);
-        set(
-            headers,
-            HeaderName::from_static("x-request-id"),
-            request_id.to_str().unwrap_or(""),
-        );
-        set(
-            headers,
-            HeaderName::from_static("x-real-ip"),
-            &client_ip.to_string(),
-        );
-        set(headers, HeaderName::from_static("x-forwarded-for"), &xff);
-        set(
-            headers,
-            HeaderName::from_static("x-forwarded-host"),
-            &original_host,
-        );
-        set(headers, HeaderName::from_static("x-forwarded-port"), &port);
-        set(headers, HeaderName::from_static("x-forwarded-proto"), proto);
-        set(
-            headers,
-            HeaderName::from_static("x-forwarded-scheme"),
-            proto,
-        );
-        set(headers, HeaderName::from_static("x-scheme"), proto);
+        // Header values are reused (a clone shares the bytes) rather than re-formatted and
+        // re-validated from strings.
+        let original_host_value = match &host_value {
+            Some(v) => Some(v.clone()),
+            None => HeaderValue::from_str(&original_host).ok(),
+        };
+        match &ann.upstream_vhost {
+            Some(vhost) => set(headers, header::HOST, vhost),
+            None => {
+                if let Some(v) = &original_host_value {
+                    headers.insert(header::HOST, v.clone());
+                }
+            }
+        }
+        headers.insert(HeaderName::from_static("x-request-id"), request_id);
+        if client_ip == conn.remote.ip() {
+            headers.insert(HeaderName::from_static("x-real-ip"), conn.remote_ip.clone());
+        } else {
+            set(
+                headers,
+                HeaderName::from_static("x-real-ip"),
+                &client_ip.to_string(),
+            );
+        }
+        if let Some(xff) = xff {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), xff);
+        }
+        if let Some(v) = original_host_value {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+        }
+        headers.insert(HeaderName::from_static("x-forwarded-port"), port);
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), proto.clone());
+        headers.insert(HeaderName::from_static("x-forwarded-scheme"), proto.clone());
+        headers.insert(HeaderName::from_static("x-scheme"), proto);
         if let Some(prefix) = &ann.x_forwarded_prefix {
             set(
                 headers,
@@ -748,7 +789,14 @@ impl RequestIds {
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{:016x}{n:016x}", self.prefix))
-            .unwrap_or(HeaderValue::from_static("0"))
+        // 32 lowercase hex digits written in place (no formatting machinery per request).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 32];
+        for (i, word) in [self.prefix, n].into_iter().enumerate() {
+            for j in 0..16 {
+                buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
     }
 }

@@ -47,11 +47,7 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             let cfg = proxy.snapshot().config.clone();
-            let conn = ConnInfo {
-                remote,
-                local,
-                tls: tls.is_some(),
-            };
+            let conn = ConnInfo::new(remote, local, tls.is_some());
             let activity = Arc::new(Activity::default());
             let in_service = activity.clone();
             let verdicts = Arc::new(Verdicts::default());
@@ -61,6 +57,7 @@ pub async fn serve(
                 // HTTP/1 only: one verdict per request head, in order.
                 let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
                 let proxy = proxy.clone();
+                let conn = conn.clone();
                 async move {
                     if conflict {
                         return Ok(plain(
@@ -83,15 +80,32 @@ pub async fn serve(
                 // keep-alive: 0 turns keep-alive off, as in nginx.
                 .keep_alive(!keep_alive.is_zero());
             builder.http2().timer(TokioTimer::new());
+            // HTTP/1 connections use hyper's own HTTP/1 server, without the auto builder's
+            // protocol sniffing and rewind buffer (measurably cheaper per request, see
+            // benches/README.md). The header limit is checked on the head itself, so it is
+            // exact whatever the read sizes.
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.client_header_timeout)
+                .max_buf_size(cfg.max_header_bytes.max(8192))
+                .max_header_size(cfg.max_header_bytes)
+                .keep_alive(!keep_alive.is_zero());
+            macro_rules! http1_conn {
+                ($io:expr) => {{
+                    let serving = http1.serve_connection($io, service).with_upgrades();
+                    let conn: Connection<'_> =
+                        Box::pin(async move { serving.await.map_err(Into::into) });
+                    conn
+                }};
+            }
             match tls {
                 None => {
-                    let builder = builder.http1_only();
                     let io = TokioIo::new(Scanned::new(
                         Tracked::new(stream, activity.clone()),
                         verdicts,
                     ));
-                    let conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
-                    until_idle(conn, &activity, keep_alive).await;
+                    until_idle(http1_conn!(io), &activity, keep_alive).await;
                 }
                 Some(config) => {
                     // The current settings (ssl-protocols, use-http2) for each new connection.
@@ -111,10 +125,8 @@ pub async fn serve(
                                 .serve_connection_with_upgrades(TokioIo::new(tls_stream), service),
                         )
                     } else {
-                        Box::pin(builder.serve_connection_with_upgrades(
-                            TokioIo::new(Scanned::new(tls_stream, verdicts)),
-                            service,
-                        ))
+                        // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
+                        http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
                     };
                     until_idle(conn, &activity, keep_alive).await;
                 }

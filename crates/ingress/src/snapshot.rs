@@ -141,6 +141,8 @@ pub struct Location {
     pub auth: Option<AuthUsers>,
     /// Response headers from the `custom-headers` ConfigMap.
     pub add_headers: Arc<Vec<(http::HeaderName, http::HeaderValue)>>,
+    /// Request metric series resolved for this location (filled by the proxy).
+    pub metrics: crate::metrics::SeriesCache,
 }
 
 /// Users for `auth-type: basic`; `Unavailable` when the Secret is missing or unusable (then
@@ -658,6 +660,7 @@ impl Builder {
             tls: false,
             auth: None,
             add_headers: Arc::default(),
+            metrics: Default::default(),
         });
 
         let mut host_rules: BTreeMap<String, Vec<PathRule<Arc<Location>>>> = BTreeMap::new();
@@ -743,6 +746,7 @@ impl Builder {
                     tls: false,
                     auth: auth.clone(),
                     add_headers: add_headers.clone(),
+                    metrics: Default::default(),
                 });
                 if rules.is_empty() {
                     catch_all_default.get_or_insert(loc);
@@ -774,6 +778,7 @@ impl Builder {
                         tls: tls_hosts.contains(&host),
                         auth: auth.clone(),
                         add_headers: add_headers.clone(),
+                        metrics: Default::default(),
                     });
                     host_rules.entry(host.clone()).or_default().push(PathRule {
                         path: p,
