@@ -138,6 +138,10 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
         "--acme-http01-self-check-passes=2".into(),
         "--acme-http01-self-check-interval=50ms".into(),
     ];
+    // Extra arguments replace defaults of the same flag.
+    let flag = |a: &str| a.split('=').next().unwrap_or(a).to_string();
+    let overridden: Vec<String> = opts.extra_args.iter().map(|a| flag(a)).collect();
+    args.retain(|a| !overridden.contains(&flag(a)));
     args.extend(opts.extra_args.iter().cloned());
     #[derive(clap::Parser)]
     struct Cli {
