@@ -10,11 +10,10 @@ use std::time::Duration;
 use base64::Engine;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::api::{
     Certificate, CertificateRequest, CertificateRequestSpec, CertificateStatus, Condition,
@@ -55,17 +54,7 @@ async fn patch_status(
     cert: &Certificate,
     status: &CertificateStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<Certificate> =
-        Api::namespaced(ctx.client.clone(), &cert.namespace().unwrap_or_default());
-    let body =
-        json!({ "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "status": status });
-    api.patch_status(
-        &cert.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    crate::status::apply(&ctx.client, cert, status).await
 }
 
 async fn event(

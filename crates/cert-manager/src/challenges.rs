@@ -57,17 +57,7 @@ async fn patch_status(
     ch: &Challenge,
     status: &ChallengeStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<Challenge> =
-        Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
-    let body =
-        json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Challenge", "status": status });
-    api.patch_status(
-        &ch.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    crate::status::apply(&ctx.client, ch, status).await
 }
 
 async fn set_finalizers(

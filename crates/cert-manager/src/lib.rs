@@ -27,3 +27,4 @@ pub mod orders;
 pub mod policies;
 pub mod requests;
 pub mod secrets;
+pub mod status;

@@ -139,16 +139,7 @@ impl Metrics {
     /// Sets the per-Certificate series from its status (one series per condition value, as
     /// upstream: the current one 1, the others 0).
     pub fn observe_certificate(&self, cert: &Certificate) {
-        let name = kube::ResourceExt::name_any(cert);
-        let namespace = kube::ResourceExt::namespace(cert).unwrap_or_default();
-        let issuer = &cert.spec.issuer_ref;
-        let labels = CertLabels {
-            name: name.clone(),
-            namespace: namespace.clone(),
-            issuer_name: issuer.name.clone(),
-            issuer_kind: issuer.kind().into(),
-            issuer_group: issuer.group().into(),
-        };
+        let (labels, ready_labels) = certificate_labels(cert);
         let status = cert.status.clone().unwrap_or_default();
         let ready = status
             .conditions
@@ -156,45 +147,37 @@ impl Metrics {
             .and_then(|c| crate::api::condition(c, "Ready"))
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "Unknown".into());
-        for value in ["True", "False", "Unknown"] {
+        for (value, l) in ready_labels {
             self.certificate_ready_status
-                .get_or_create(&ReadyLabels {
-                    name: name.clone(),
-                    namespace: namespace.clone(),
-                    condition: value.into(),
-                    issuer_name: issuer.name.clone(),
-                    issuer_kind: issuer.kind().into(),
-                    issuer_group: issuer.group().into(),
-                })
+                .get_or_create(&l)
                 .set(i64::from(value == ready));
         }
         let ts = |t: &Option<String>| t.as_deref().and_then(crate::time::parse_secs).unwrap_or(0);
-        self.certificate_expiration_timestamp_seconds
-            .get_or_create(&labels)
-            .set(ts(&status.not_after));
-        self.certificate_not_after_timestamp_seconds
-            .get_or_create(&labels)
-            .set(ts(&status.not_after));
-        self.certificate_not_before_timestamp_seconds
-            .get_or_create(&labels)
-            .set(ts(&status.not_before));
-        self.certificate_renewal_timestamp_seconds
-            .get_or_create(&labels)
-            .set(ts(&status.renewal_time));
+        for (family, value) in [
+            (
+                &self.certificate_expiration_timestamp_seconds,
+                ts(&status.not_after),
+            ),
+            (
+                &self.certificate_not_after_timestamp_seconds,
+                ts(&status.not_after),
+            ),
+            (
+                &self.certificate_not_before_timestamp_seconds,
+                ts(&status.not_before),
+            ),
+            (
+                &self.certificate_renewal_timestamp_seconds,
+                ts(&status.renewal_time),
+            ),
+        ] {
+            family.get_or_create(&labels).set(value);
+        }
     }
 
     /// Drops a deleted Certificate's series.
     pub fn forget_certificate(&self, cert: &Certificate) {
-        let name = kube::ResourceExt::name_any(cert);
-        let namespace = kube::ResourceExt::namespace(cert).unwrap_or_default();
-        let issuer = &cert.spec.issuer_ref;
-        let labels = CertLabels {
-            name: name.clone(),
-            namespace: namespace.clone(),
-            issuer_name: issuer.name.clone(),
-            issuer_kind: issuer.kind().into(),
-            issuer_group: issuer.group().into(),
-        };
+        let (labels, ready_labels) = certificate_labels(cert);
         for family in [
             &self.certificate_expiration_timestamp_seconds,
             &self.certificate_not_after_timestamp_seconds,
@@ -203,15 +186,37 @@ impl Metrics {
         ] {
             family.remove(&labels);
         }
-        for value in ["True", "False", "Unknown"] {
-            self.certificate_ready_status.remove(&ReadyLabels {
+        for (_, l) in ready_labels {
+            self.certificate_ready_status.remove(&l);
+        }
+    }
+}
+
+/// A Certificate's labels, and its ready-status labels per condition value.
+fn certificate_labels(cert: &Certificate) -> (CertLabels, [(&'static str, ReadyLabels); 3]) {
+    let name = kube::ResourceExt::name_any(cert);
+    let namespace = kube::ResourceExt::namespace(cert).unwrap_or_default();
+    let issuer = &cert.spec.issuer_ref;
+    let ready = |condition: &'static str| {
+        (
+            condition,
+            ReadyLabels {
                 name: name.clone(),
                 namespace: namespace.clone(),
-                condition: value.into(),
+                condition: condition.into(),
                 issuer_name: issuer.name.clone(),
                 issuer_kind: issuer.kind().into(),
                 issuer_group: issuer.group().into(),
-            });
-        }
-    }
+            },
+        )
+    };
+    let ready_labels = [ready("True"), ready("False"), ready("Unknown")];
+    let labels = CertLabels {
+        name,
+        namespace,
+        issuer_name: issuer.name.clone(),
+        issuer_kind: issuer.kind().into(),
+        issuer_group: issuer.group().into(),
+    };
+    (labels, ready_labels)
 }

@@ -9,10 +9,9 @@ use base64::Engine;
 use instant_acme::{
     AuthorizationStatus, ChallengeType, Identifier, NewOrder, OrderStatus as AcmeStatus,
 };
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::api::{
     AcmeAuthorization, AcmeChallenge, AcmeChallengeSolver, Challenge, ChallengeSpec, Order,
@@ -66,17 +65,7 @@ async fn patch_status(
     order: &Order,
     status: &OrderStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<Order> =
-        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
-    let body =
-        json!({ "apiVersion": "acme.cert-manager.io/v1", "kind": "Order", "status": status });
-    api.patch_status(
-        &order.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    crate::status::apply(&ctx.client, order, status).await
 }
 
 /// A failure the ACME server reported for this order (4xx): final, as upstream's `errored`.

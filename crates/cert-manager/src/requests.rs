@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::api::{
     CertificateRequest, CertificateRequestStatus, Condition, GROUP, Order, OrderSpec, condition,
@@ -67,20 +66,7 @@ async fn patch_status(
     cr: &CertificateRequest,
     status: CertificateRequestStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<CertificateRequest> =
-        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    let body = json!({
-        "apiVersion": "cert-manager.io/v1",
-        "kind": "CertificateRequest",
-        "status": status,
-    });
-    api.patch_status(
-        &cr.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    crate::status::apply(&ctx.client, cr, &status).await
 }
 
 fn with_condition(cr: &CertificateRequest, c: Condition) -> CertificateRequestStatus {

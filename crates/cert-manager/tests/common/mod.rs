@@ -23,6 +23,7 @@ use kube_common::Manager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)]
 pub use cert_manager::api::{Certificate, CertificateRequest, ClusterIssuer, Order};
 
 /// Where the shared pieces listen.
