@@ -10,34 +10,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Client;
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+
+use kube::core::DynamicObject;
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The EndpointSlice API version the server serves: v1, else v1beta1.
-pub async fn slice_resource(client: &Client) -> Result<ApiResource, kube::Error> {
-    for version in ["v1", "v1beta1"] {
-        let gv = format!("discovery.k8s.io/{version}");
-        match client.list_api_group_resources(&gv).await {
-            Ok(list) if list.resources.iter().any(|r| r.name == "endpointslices") => {
-                tracing::info!(api = %gv, "reading EndpointSlices");
-                return Ok(ApiResource::from_gvk_with_plural(
-                    &GroupVersionKind::gvk("discovery.k8s.io", version, "EndpointSlice"),
-                    "endpointslices",
-                ));
-            }
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
-    // Neither served: keep v1 so the watcher reports the missing API clearly.
-    Ok(ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("discovery.k8s.io", "v1", "EndpointSlice"),
-        "endpointslices",
-    ))
-}
+/// EndpointSlices as `discovery.k8s.io/v1` where served, else `v1beta1` (the 1.20 test server).
+pub use kube_common::discovery::endpoint_slice_resource as slice_resource;
 
 /// One port of a slice.
 #[derive(Clone, Debug, PartialEq, Eq)]
