@@ -123,7 +123,7 @@ async fn vwc_bundles(api: &Api<ValidatingWebhookConfiguration>, name: &str) -> V
 
 /// Waits for a Warning Event cainjector raised on `name` with `reason`.
 async fn warning_event(client: &Client, name: &str, reason: &str) {
-    // `default` on current servers, `kube-system` on 1.20 (see cainjector's `warn`).
+    // Events about cluster-scoped objects are filed in `default` (see `events::publish`).
     let events: Api<Event> = Api::all(client.clone());
     eventually(&format!("{reason} event on {name}"), WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;

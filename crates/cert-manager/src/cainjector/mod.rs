@@ -24,11 +24,9 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
@@ -308,53 +306,29 @@ fn ca_crt(secret: &Secret) -> Option<Vec<u8>> {
         .filter(|b| !b.is_empty())
 }
 
-/// Records a Warning Event (events.k8s.io/v1) on a cluster-scoped target. Written directly
-/// rather than through kube's Recorder: that one files such events in `default`, which servers
-/// before 1.22 reject (they only accept `kube-system` for cluster-scoped objects), so fall back.
+/// Records a Warning Event on a (cluster-scoped) target, through the crate's one Event writer.
 async fn warn(
     client: &Client,
     regarding: &ObjectReference,
     refusal: &Refusal,
 ) -> Result<(), kube::Error> {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let name = format!(
-        "{}.{:x}",
-        regarding.name.as_deref().unwrap_or("cainjector"),
-        now.as_nanosecond()
-    );
-    let mut event = Event {
-        metadata: ObjectMeta {
-            name: Some(name),
-            ..Default::default()
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
         },
-        action: Some("InjectCA".into()),
-        reason: Some(refusal.reason.into()),
-        note: Some(refusal.message.clone()),
-        event_time: Some(MicroTime(now)),
-        regarding: Some(regarding.clone()),
-        reporting_controller: Some(FIELD_MANAGER.into()),
-        reporting_instance: Some(
-            std::env::var("POD_NAME").unwrap_or_else(|_| FIELD_MANAGER.into()),
-        ),
-        type_: Some("Warning".into()),
-        ..Default::default()
-    };
-    let mut result = Ok(());
-    for ns in [
-        regarding.namespace.as_deref().unwrap_or("default"),
-        "kube-system",
-    ] {
-        event.metadata.namespace = Some(ns.to_string());
-        result = Api::<Event>::namespaced(client.clone(), ns)
-            .create(&PostParams::default(), &event)
-            .await
-            .map(|_| ());
-        match &result {
-            Err(kube::Error::Api(s)) if s.code == 422 => continue,
-            _ => break,
-        }
-    }
-    result
+    );
+    crate::events::publish(
+        &recorder,
+        regarding,
+        kube::runtime::events::EventType::Warning,
+        refusal.reason,
+        "InjectCA",
+        refusal.message.clone(),
+    )
+    .await;
+    Ok(())
 }
 
 /// Brings one target's bundles up to date; patches only when something changes.
