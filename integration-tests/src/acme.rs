@@ -17,6 +17,8 @@ pub struct PebbleOptions {
     pub env: Vec<(String, String)>,
     /// `certificateValidityPeriod` in seconds (pebble's default is five years).
     pub validity_secs: Option<u64>,
+    /// External account binding: key id → base64url HMAC key; when set, pebble requires EAB.
+    pub eab_keys: Vec<(String, String)>,
 }
 
 impl Default for PebbleOptions {
@@ -26,6 +28,7 @@ impl Default for PebbleOptions {
             tls_port: 5001,
             env: vec![("PEBBLE_VA_NOSLEEP".into(), "1".into())],
             validity_secs: None,
+            eab_keys: Vec::new(),
         }
     }
 }
@@ -175,6 +178,16 @@ impl Pebble {
                 "externalAccountBindingRequired": false
             }
         });
+        if !self.opts.eab_keys.is_empty() {
+            config["pebble"]["externalAccountBindingRequired"] = true.into();
+            config["pebble"]["externalAccountMACKeys"] = self
+                .opts
+                .eab_keys
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         if let Some(v) = self.opts.validity_secs {
             config["pebble"]["certificateValidityPeriod"] = v.into();
         }

@@ -20,6 +20,7 @@ fn env() -> Shared {
             "--certificate-request-minimum-backoff-duration=2s".into(),
             "--certificate-request-maximum-backoff-duration=8s".into(),
         ],
+        ..Default::default()
     })
 }
 

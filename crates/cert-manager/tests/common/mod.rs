@@ -58,6 +58,7 @@ pub struct EnvOptions {
     pub pebble_env: Vec<(&'static str, &'static str)>,
     pub validity_secs: Option<u64>,
     pub extra_args: Vec<String>,
+    pub eab_keys: Vec<(String, String)>,
 }
 
 impl Default for EnvOptions {
@@ -66,6 +67,7 @@ impl Default for EnvOptions {
             pebble_env: vec![("PEBBLE_VA_NOSLEEP", "1")],
             validity_secs: Some(3600),
             extra_args: vec![],
+            eab_keys: vec![],
         }
     }
 }
@@ -122,6 +124,7 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         validity_secs: opts.validity_secs,
+        eab_keys: opts.eab_keys.clone(),
         ..Default::default()
     })
     .await
