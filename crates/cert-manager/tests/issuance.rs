@@ -481,3 +481,67 @@ async fn rsa_account_secret_is_left_untouched() {
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_in_place_adds_and_removes_the_solver_path() {
+    let shared = shared(EnvOptions::default());
+    let client = client().await;
+    let ns = namespace("cm-inplace").await;
+    let issuer = format!("le-{ns}");
+    cluster_issuer(&client, &shared, &issuer, &format!("{issuer}-account")).await;
+    let host = format!("inplace.{ns}.test");
+    app_ingress(
+        &client,
+        &ns,
+        &host,
+        "inplace-tls",
+        json!({"cert-manager.io/cluster-issuer": issuer, "acme.cert-manager.io/http01-edit-in-place": "true"}),
+    )
+    .await;
+    let cert = wait_for("Certificate created", LIMIT, || async {
+        Api::<Certificate>::namespaced(client.clone(), &ns)
+            .get_opt("inplace-tls")
+            .await
+            .ok()?
+    })
+    .await;
+    assert_eq!(
+        cert.annotations()
+            .get("acme.cert-manager.io/http01-override-ingress-name")
+            .map(String::as_str),
+        Some("web")
+    );
+    // The challenge is answered through the user's Ingress: no solver Ingress is made.
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+    wait_for("issued through the edited Ingress", LIMIT, || {
+        certificate_ready(&client, &ns, "inplace-tls")
+    })
+    .await;
+    let all = ingresses.list(&Default::default()).await.expect("list");
+    assert!(
+        all.items
+            .iter()
+            .all(|i| !i.name_any().starts_with("cm-acme-http-solver-")),
+        "no separate solver Ingress"
+    );
+    eventually(
+        "solver path removed from the user's Ingress",
+        LIMIT,
+        || async {
+            let web = ingresses.get("web").await.expect("web");
+            let paths: Vec<String> = web
+                .spec
+                .and_then(|s| s.rules)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|r| r.http.map(|h| h.paths).unwrap_or_default())
+                .filter_map(|p| p.path)
+                .collect();
+            paths == ["/"]
+        },
+    )
+    .await;
+    served_leaf(shared.ingress_https, &host, &shared.root_pem)
+        .await
+        .expect("served");
+}
