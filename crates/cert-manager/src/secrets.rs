@@ -100,15 +100,9 @@ pub fn annotations(cert: &Certificate, leaf: &LeafInfo) -> BTreeMap<String, Stri
     a
 }
 
-/// Writes the issued pair into the Certificate's Secret.
-pub async fn write(
-    client: &Client,
-    cert: &Certificate,
-    key: &PrivateKey,
-    chain_pem: &str,
-    ca_pem: Option<&str>,
-    owner_ref: bool,
-) -> Result<(), SecretError> {
+/// The leaf of `chain_pem` if it parses and carries `key`'s public key: the gate every write
+/// passes, so a valid Secret is never replaced by a broken pair.
+pub fn validate_pair(key: &PrivateKey, chain_pem: &str) -> Result<LeafInfo, SecretError> {
     let leaf = crate::pki::leaf_info(chain_pem.as_bytes())
         .map_err(|e| SecretError::Invalid(e.to_string()))?;
     let public = key
@@ -119,6 +113,19 @@ pub async fn write(
             "the certificate does not match the private key".into(),
         ));
     }
+    Ok(leaf)
+}
+
+/// Writes the issued pair into the Certificate's Secret.
+pub async fn write(
+    client: &Client,
+    cert: &Certificate,
+    key: &PrivateKey,
+    chain_pem: &str,
+    ca_pem: Option<&str>,
+    owner_ref: bool,
+) -> Result<(), SecretError> {
+    let leaf = validate_pair(key, chain_pem)?;
     let key_pem = key
         .to_pem(crate::pki::pkcs8_requested(&cert.spec))
         .map_err(|e| SecretError::Invalid(e.to_string()))?;
@@ -182,6 +189,30 @@ pub async fn write(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::pki::KeySpec;
+
+    #[test]
+    fn only_matching_parseable_pairs_pass() {
+        let key = PrivateKey::generate(KeySpec::Ecdsa(256)).unwrap();
+        let other = PrivateKey::generate(KeySpec::Ecdsa(256)).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        let cert = params.self_signed(&key.key_pair().unwrap()).unwrap().pem();
+        assert!(validate_pair(&key, &cert).is_ok());
+        assert!(matches!(
+            validate_pair(&other, &cert),
+            Err(SecretError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate_pair(&key, "garbage"),
+            Err(SecretError::Invalid(_))
+        ));
+        assert!(matches!(
+            validate_pair(&key, ""),
+            Err(SecretError::Invalid(_))
+        ));
+    }
+
     #[test]
     fn csv_escaping() {
         assert_eq!(super::join_csv(&["a".into(), "b".into()]), "a,b");
