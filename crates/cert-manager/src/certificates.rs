@@ -274,6 +274,54 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         }
     };
 
+    // Upstream's edit-in-place asks for a stand-in certificate while the real one is issued,
+    // written only where there is no usable pair (never over a valid certificate).
+    let temporary = cert
+        .annotations()
+        .get("cert-manager.io/issue-temporary-certificate")
+        .map(String::as_str)
+        == Some("true");
+    let usable = sdata.as_ref().is_some_and(|s| {
+        let key = s
+            .tls_key
+            .as_deref()
+            .and_then(|k| PrivateKey::from_pem(k).ok());
+        let crt = s
+            .tls_crt
+            .as_deref()
+            .and_then(|c| String::from_utf8(c.to_vec()).ok());
+        matches!((key, crt), (Some(k), Some(c)) if secrets::validate_pair(&k, &c).is_ok())
+    });
+    if temporary && !usable {
+        let chain = crate::pki::temporary_certificate(&cert.spec, &key)?;
+        match secrets::write(
+            &ctx.client,
+            cert,
+            &key,
+            &chain,
+            None,
+            ctx.args.enable_certificate_owner_ref,
+        )
+        .await
+        {
+            Ok(()) => {
+                event(
+                    ctx,
+                    cert,
+                    EventType::Normal,
+                    "Issuing",
+                    "Temporary",
+                    "Issued temporary certificate".into(),
+                )
+                .await;
+            }
+            Err(SecretError::Kube(e)) => return Err(e.into()),
+            Err(SecretError::Invalid(e)) => {
+                tracing::warn!(certificate = %name, error = %e, "temporary certificate not written")
+            }
+        }
+    }
+
     // The request for the next revision.
     let Some(cr) = crs.get_opt(&next_name).await? else {
         let csr = match crate::pki::csr_pem(&cert.spec, &key) {

@@ -503,6 +503,32 @@ pub fn leaf_info(pem: &[u8]) -> Result<LeafInfo, PkiError> {
     })
 }
 
+/// A stand-in certificate for `key`, signed by a throw-away CA `CN=cert-manager.local`, as
+/// upstream writes when a Certificate asks for `cert-manager.io/issue-temporary-certificate`
+/// (upstream's CA key is P-521, which ring cannot sign with; P-256 here). Leaf then CA.
+pub fn temporary_certificate(spec: &CertificateSpec, key: &PrivateKey) -> Result<String, PkiError> {
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "cert-manager.local");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let names = Names::from_spec(spec);
+    let mut leaf = CertificateParams::new(names.dns_names.clone())?;
+    if let Some(cn) = &names.common_name {
+        leaf.distinguished_name
+            .push(DnType::CommonName, cn.as_str());
+    }
+    for ip in &names.ip_addresses {
+        if let Ok(ip) = ip.parse::<IpAddr>() {
+            leaf.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+    }
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let cert = leaf.signed_by(&key.key_pair()?, &issuer)?;
+    Ok(format!("{}{}", cert.pem(), ca_cert.pem()))
+}
+
 /// SHA-256 of a byte string, base64 (upstream's `lastPrivateKeyHash` style).
 pub fn sha256_b64(data: &[u8]) -> String {
     use base64::Engine;
@@ -590,6 +616,21 @@ mod tests {
         assert!(KeySpec::from_spec(&spec("ECDSA", Some(521))).is_err());
         assert!(KeySpec::from_spec(&spec("RSA", Some(1024))).is_err());
         assert!(KeySpec::from_spec(&spec("DSA", None)).is_err());
+    }
+
+    #[test]
+    fn temporary_certificate_carries_the_key_and_names() {
+        let s = spec("RSA", None);
+        let key = PrivateKey::generate(KeySpec::Ecdsa(256)).unwrap();
+        let chain = temporary_certificate(&s, &key).unwrap();
+        let leaf = leaf_info(chain.as_bytes()).unwrap();
+        assert_eq!(leaf.public_key_der, key.public_key_der().unwrap());
+        assert!(
+            Names::from_spec(&s).differences(&leaf.names).is_empty(),
+            "{:?}",
+            leaf.names
+        );
+        assert_eq!(pem_certs(chain.as_bytes()).unwrap().len(), 2);
     }
 
     #[test]

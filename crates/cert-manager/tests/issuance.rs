@@ -544,4 +544,12 @@ async fn edit_in_place_adds_and_removes_the_solver_path() {
     served_leaf(shared.ingress_https, &host, &shared.root_pem)
         .await
         .expect("served");
+    // edit-in-place asks for a stand-in certificate while the real one is issued.
+    let events = events_for(&client, &ns, "inplace-tls").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e == "Issuing: Issued temporary certificate"),
+        "{events:?}"
+    );
 }
