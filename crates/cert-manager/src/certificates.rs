@@ -156,7 +156,18 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         .as_ref()
         .and_then(|s| s.tls_crt.as_deref())
         .and_then(|c| crate::pki::leaf_info(c).ok());
-    let renewal = leaf.as_ref().map(|l| policies::renewal_time(cert, l));
+    let mut renewal = leaf.as_ref().map(|l| policies::renewal_time(cert, l));
+    let issuing_now = condition(
+        conditions(cert.status.as_ref().unwrap_or(&Default::default())),
+        ISSUING,
+    )
+    .is_some_and(Condition::is_true);
+    if let (Some(l), Some(r), false) = (&leaf, renewal, issuing_now)
+        && cert.spec.issuer_ref.group() == crate::api::GROUP
+        && let Some(suggested) = ctx.ari.suggested_renewal(ctx, cert, l).await
+    {
+        renewal = Some(r.min(suggested));
+    }
     let input = Input {
         cert,
         secret: sdata.as_ref(),

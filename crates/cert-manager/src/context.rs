@@ -18,4 +18,5 @@ pub struct Context {
     pub accounts: Accounts,
     pub solver: Solver,
     pub self_checks: crate::challenges::SelfChecks,
+    pub ari: crate::ari::Ari,
 }

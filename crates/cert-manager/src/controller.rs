@@ -52,6 +52,7 @@ pub async fn start(mgr: &Manager, args: &ControllerArgs) -> anyhow::Result<Runni
         accounts: Default::default(),
         solver,
         self_checks: Default::default(),
+        ari: Default::default(),
     });
     let (mgr2, ctx2, le) = (
         mgr.clone(),

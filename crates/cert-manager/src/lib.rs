@@ -18,6 +18,7 @@ pub mod webhook;
 
 /// Field manager of everything written with server-side apply (upstream's user-agent prefix).
 pub const FIELD_MANAGER: &str = "cert-manager-certificates-issuing";
+pub mod ari;
 pub mod certificates;
 pub mod challenges;
 pub mod events;
