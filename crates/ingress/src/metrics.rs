@@ -1,46 +1,14 @@
 //! Metrics with ingress-nginx's names and labels, so existing dashboards keep working.
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// A counter exposed under its bare name, as client_golang's text format does
-/// (`nginx_ingress_controller_requests`, not `..._requests_total`), so dashboards written for
-/// ingress-nginx keep matching. OpenMetrics requires `_total` on typed counters, so it is
-/// exposed as `unknown`; Prometheus ingests it as untyped and `rate()` works on it as before.
-#[derive(Clone, Debug, Default)]
-pub struct BareCounter(Counter);
-
-impl BareCounter {
-    pub fn inc(&self) {
-        self.0.inc();
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.get()
-    }
-}
-
-impl prometheus_client::metrics::TypedMetric for BareCounter {
-    const TYPE: prometheus_client::metrics::MetricType =
-        prometheus_client::metrics::MetricType::Unknown;
-}
-
-impl prometheus_client::encoding::EncodeMetric for BareCounter {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        encoder.encode_gauge(&self.0.get())
-    }
-
-    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
-        prometheus_client::metrics::MetricType::Unknown
-    }
-}
+/// `nginx_ingress_controller_requests` keeps its bare client_golang name (type `unknown`) so
+/// dashboards written for ingress-nginx keep matching; see kube-common's `BareCounter`.
+pub use kube_common::metrics::BareCounter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
