@@ -10,6 +10,7 @@ pub mod kube;
 pub mod netns;
 pub mod paths;
 pub mod pki;
+pub mod poll;
 pub mod process;
 
 use thiserror::Error;

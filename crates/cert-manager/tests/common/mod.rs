@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -25,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 #[allow(unused_imports)]
 pub use cert_manager::api::{Certificate, CertificateRequest, ClusterIssuer, Order};
+#[allow(unused_imports)]
+pub use integration_tests::poll::{eventually, wait_for};
 
 /// Where the shared pieces listen.
 #[derive(Clone)]
@@ -297,41 +298,6 @@ pub async fn cluster_issuer(
     )
     .await
     .expect("issuer applies")
-}
-
-/// Polls `f` until it returns true.
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls `f` until it returns `Some`.
-pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 pub fn condition<'a>(

@@ -3,34 +3,16 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 
+pub use integration_tests::poll::wait_for as eventually;
+
 /// Generous: the shared apiserver is busy with other tests on 2 cores.
 pub const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `f` until it returns Some, failing the test after `limit`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Applies the six cert-manager CRDs (server-side, idempotent) and waits until each is
 /// Established.

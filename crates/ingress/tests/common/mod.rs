@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +27,8 @@ use kube_common::Manager;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+pub use integration_tests::poll::eventually;
 
 pub struct Env {
     pub client: Client,
@@ -90,22 +91,6 @@ pub async fn ensure_class(client: &Client, name: &str, controller: &str) {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("creating IngressClass: {e}"),
-    }
-}
-
-/// Polls `f` until it returns true.
-pub async fn eventually<F, Fut>(what: &str, limit: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
