@@ -467,3 +467,25 @@ current-context: homecluster
 "
     )
 }
+
+/// Creates IngressClass `name` for `controller` unless it exists (tests of several binaries
+/// share the class names).
+pub async fn ensure_ingress_class(client: &Client, name: &str, controller: &str) -> Result<()> {
+    use k8s_openapi::api::networking::v1::{IngressClass, IngressClassSpec};
+    let api: Api<IngressClass> = Api::all(client.clone());
+    let class = IngressClass {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(IngressClassSpec {
+            controller: Some(controller.into()),
+            ..Default::default()
+        }),
+    };
+    match api.create(&PostParams::default(), &class).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -14,7 +14,6 @@ use clap::Parser;
 use integration_tests::acme::{Pebble, PebbleOptions};
 use integration_tests::kube::Cluster;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -257,17 +256,9 @@ pub async fn ensure_namespace(client: &Client, name: &str) {
 }
 
 pub async fn ensure_class(client: &Client, name: &str, controller: &str) {
-    let api: Api<IngressClass> = Api::all(client.clone());
-    let class: IngressClass = serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
-        "metadata": {"name": name}, "spec": {"controller": controller}
-    }))
-    .expect("class");
-    match api.create(&PostParams::default(), &class).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("creating IngressClass: {e}"),
-    }
+    integration_tests::kube::ensure_ingress_class(client, name, controller)
+        .await
+        .expect("IngressClass");
 }
 
 /// A ClusterIssuer for the shared pebble, named after the test's namespace.

@@ -19,7 +19,7 @@ use ingress::app::Running;
 use ingress::cli::Args;
 use integration_tests::kube::Cluster;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::{Api, Client};
@@ -81,17 +81,9 @@ pub async fn env(prefix: &str, extra_args: &[&str]) -> Env {
 }
 
 pub async fn ensure_class(client: &Client, name: &str, controller: &str) {
-    let api: Api<IngressClass> = Api::all(client.clone());
-    let class: IngressClass = serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
-        "metadata": {"name": name}, "spec": {"controller": controller}
-    }))
-    .expect("class");
-    match api.create(&PostParams::default(), &class).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("creating IngressClass: {e}"),
-    }
+    integration_tests::kube::ensure_ingress_class(client, name, controller)
+        .await
+        .expect("IngressClass");
 }
 
 /// An HTTP backend answering with its name, the path it saw, and the request headers.
