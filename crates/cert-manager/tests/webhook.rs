@@ -148,8 +148,8 @@ async fn apiserver_calls_webhook_which_rejects_invalid_and_mutates_requests() {
 
     // Ready once the serving certificate is loaded; live all along.
     let health = env.running.healthz_addr;
-    eventually("/healthz 200", WAIT, || async {
-        http_get(health, "/healthz")
+    eventually("/readyz 200", WAIT, || async {
+        http_get(health, "/readyz")
             .await
             .filter(|r| r.starts_with("HTTP/1.1 200"))
     })

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10250)]
     pub secure_port: u16,
 
-    /// Plain HTTP port of /healthz and /livez.
+    /// Plain HTTP port of /livez, /healthz, /readyz and /metrics (`--health-address` overrides).
     #[arg(long, default_value_t = 6080)]
     pub healthz_port: u16,
 
@@ -72,6 +72,8 @@ pub enum WebhookError {
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("health server: {0}")]
+    Health(#[from] kube_common::Error),
 }
 
 /// The bound addresses and the live serving certificate (for tests and embedding).
@@ -84,10 +86,6 @@ pub struct Running {
 /// Entry point of `cert-manager webhook`: starts everything in the background.
 pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
     let running = run(mgr, args).await?;
-    if let Some(addr) = args.common.health_address {
-        // kube-common's /metrics (and /readyz) server, when asked for; probes use --healthz-port.
-        mgr.serve_health(addr).await?;
-    }
     tracing::info!(secure = %running.secure_addr, healthz = %running.healthz_addr, "webhook listening");
     Ok(())
 }
@@ -119,12 +117,23 @@ pub async fn run(mgr: &Manager, args: &Args) -> Result<Running, WebhookError> {
         mgr.shutdown.clone(),
     )
     .await?;
-    let healthz_addr = serve_health(
-        SocketAddr::new(args.listen_host, args.healthz_port),
-        cert.clone(),
-        mgr.shutdown.clone(),
-    )
-    .await?;
+    // kube-common's server on the health port: /livez and /healthz while running, /readyz once
+    // a serving certificate is loaded, /metrics.
+    let ready = mgr
+        .readiness
+        .register("cert-manager-webhook/serving-certificate");
+    let loaded = cert.clone();
+    tokio::spawn(async move {
+        while !loaded.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        ready.set(true);
+    });
+    let health = args
+        .common
+        .health_address
+        .unwrap_or_else(|| SocketAddr::new(args.listen_host, args.healthz_port));
+    let healthz_addr = mgr.serve_health(health).await?;
     Ok(Running {
         secure_addr,
         healthz_addr,
@@ -189,44 +198,6 @@ async fn admit(req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         }
         Err(e) => reply(StatusCode::BAD_REQUEST, e.to_string()),
     }
-}
-
-/// `/healthz` is ready once a serving certificate is loaded; `/livez` answers while running.
-async fn serve_health(
-    addr: SocketAddr,
-    cert: Arc<DynamicCert>,
-    shutdown: CancellationToken,
-) -> Result<SocketAddr, WebhookError> {
-    let (listener, bound) = bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-            };
-            let cert = cert.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let ready = cert.is_ready();
-                    async move {
-                        Ok::<_, Infallible>(match req.uri().path() {
-                            "/livez" => reply(StatusCode::OK, "ok".into()),
-                            "/healthz" if ready => reply(StatusCode::OK, "ok".into()),
-                            "/healthz" => reply(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "no serving certificate yet".into(),
-                            ),
-                            _ => reply(StatusCode::NOT_FOUND, "not found".into()),
-                        })
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(bound)
 }
 
 fn reply(status: StatusCode, msg: String) -> Response<Full<Bytes>> {
