@@ -65,7 +65,7 @@ async fn event(
     action: &str,
     note: String,
 ) {
-    crate::events::publish(
+    kube_common::events::publish(
         &ctx.recorder,
         &cert.object_ref(&()),
         type_,

@@ -78,7 +78,7 @@ async fn set_finalizers(
 }
 
 async fn event(ctx: &Context, ch: &Challenge, type_: EventType, reason: &str, note: String) {
-    crate::events::publish(
+    kube_common::events::publish(
         &ctx.recorder,
         &ch.object_ref(&()),
         type_,

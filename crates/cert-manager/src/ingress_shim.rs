@@ -243,7 +243,7 @@ pub fn translate(a: &BTreeMap<String, String>, spec: &mut CertificateSpec) -> Re
 async fn event(ctx: &Context, ing: &Ingress, type_: EventType, reason: &str, note: String) {
     // One series per message: BadConfig events differ in what is wrong.
     let action = format!("Sync{:08x}", crate::names::fnv32a(note.as_bytes()));
-    crate::events::publish(
+    kube_common::events::publish(
         &ctx.recorder,
         &ing.object_ref(&()),
         type_,

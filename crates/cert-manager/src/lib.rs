@@ -21,7 +21,6 @@ pub const FIELD_MANAGER: &str = "cert-manager-certificates-issuing";
 pub mod ari;
 pub mod certificates;
 pub mod challenges;
-pub mod events;
 pub mod ingress_shim;
 pub mod names;
 pub mod orders;

@@ -123,7 +123,7 @@ async fn vwc_bundles(api: &Api<ValidatingWebhookConfiguration>, name: &str) -> V
 
 /// Waits for a Warning Event cainjector raised on `name` with `reason`.
 async fn warning_event(client: &Client, name: &str, reason: &str) {
-    // Events about cluster-scoped objects are filed in `default` (see `events::publish`).
+    // Events about cluster-scoped objects are filed in `default` (see `kube_common::events::publish`).
     let events: Api<Event> = Api::all(client.clone());
     eventually(&format!("{reason} event on {name}"), WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;

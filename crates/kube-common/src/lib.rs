@@ -7,6 +7,7 @@ pub mod client;
 pub mod controller;
 pub mod discovery;
 mod error;
+pub mod events;
 pub mod health;
 pub mod leader;
 pub mod metrics;

@@ -319,7 +319,7 @@ async fn warn(
             instance: std::env::var("POD_NAME").ok(),
         },
     );
-    crate::events::publish(
+    kube_common::events::publish(
         &recorder,
         regarding,
         kube::runtime::events::EventType::Warning,

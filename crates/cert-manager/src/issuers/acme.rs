@@ -419,7 +419,7 @@ where
                     info.key_secret
                 );
                 message = format!("{message} ({note})");
-                crate::events::publish(
+                kube_common::events::publish(
                     &ctx.recorder,
                     &obj.object_ref(&()),
                     EventType::Normal,
@@ -448,7 +448,7 @@ where
             let message = format!("Failed to register ACME account: {e}");
             let cond = new_condition("Ready", false, reason, message.clone());
             write_status::<K>(ctx, obj, &issuer, cond, issuer.status.acme.clone()).await?;
-            crate::events::publish(
+            kube_common::events::publish(
                 &ctx.recorder,
                 &obj.object_ref(&()),
                 EventType::Warning,

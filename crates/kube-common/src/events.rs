@@ -1,4 +1,4 @@
-//! Events (events.k8s.io/v1) for cert-manager's objects.
+//! Publishing Events (events.k8s.io/v1) with the fixes every component needs.
 //!
 //! kube's Recorder folds events with the same reason and action into one series (keeping the
 //! first note), so callers pass an action that tells different situations apart.
