@@ -156,13 +156,9 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         .as_ref()
         .and_then(|s| s.tls_crt.as_deref())
         .and_then(|c| crate::pki::leaf_info(c).ok());
+    let issuing = condition(conditions(&status), ISSUING).is_some_and(Condition::is_true);
     let mut renewal = leaf.as_ref().map(|l| policies::renewal_time(cert, l));
-    let issuing_now = condition(
-        conditions(cert.status.as_ref().unwrap_or(&Default::default())),
-        ISSUING,
-    )
-    .is_some_and(Condition::is_true);
-    if let (Some(l), Some(r), false) = (&leaf, renewal, issuing_now)
+    if let (Some(l), Some(r), false) = (&leaf, renewal, issuing)
         && cert.spec.issuer_ref.group() == crate::api::GROUP
         && let Some(suggested) = ctx.ari.suggested_renewal(ctx, cert, l).await
     {
@@ -176,7 +172,6 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
         renewal_time: renewal,
     };
     let generation = cert.metadata.generation;
-    let issuing = condition(conditions(&status), ISSUING).is_some_and(Condition::is_true);
     let next_name = format!("{name}-{}", revision + 1);
 
     if !issuing {
@@ -203,14 +198,7 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
                         new_condition(ISSUING, true, v.reason, v.message.clone()),
                         generation,
                     );
-                    readiness(
-                        cert,
-                        &input,
-                        &mut status,
-                        leaf.as_ref(),
-                        renewal,
-                        generation,
-                    );
+                    readiness(&input, &mut status, leaf.as_ref(), renewal, generation);
                     patch_status(ctx, cert, &status).await?;
                     tracing::info!(certificate = %name, namespace = %ns, check = v.check, reason = v.reason, "issuing");
                     event(ctx, cert, EventType::Normal, "Issuing", v.reason, v.message).await;
@@ -218,14 +206,7 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
                 }
             }
         }
-        readiness(
-            cert,
-            &input,
-            &mut status,
-            leaf.as_ref(),
-            renewal,
-            generation,
-        );
+        readiness(&input, &mut status, leaf.as_ref(), renewal, generation);
         if cert.status.as_ref() != Some(&status) {
             patch_status(ctx, cert, &status).await?;
         }
@@ -245,7 +226,7 @@ async fn sync(cert: &Certificate, ctx: &Context) -> Result<Action, CertificateEr
     }
 
     // Issuing: the next private key.
-    let (key, key_secret) = match next_key(ctx, cert, &secrets_api, &status).await? {
+    let (key, key_secret) = match next_key(cert, &secrets_api, &status).await? {
         Some(k) => k,
         None => {
             let kind = match KeySpec::from_spec(&cert.spec) {
@@ -528,7 +509,6 @@ async fn fail(
 
 /// The Ready condition and the timestamps in status, from the readiness chain.
 fn readiness(
-    cert: &Certificate,
     input: &Input<'_>,
     status: &mut CertificateStatus,
     leaf: Option<&crate::pki::LeafInfo>,
@@ -552,7 +532,6 @@ fn readiness(
             generation,
         ),
     }
-    let _ = cert;
     if let Some(l) = leaf {
         status.not_before = Some(crate::time::format_secs(l.not_before));
         status.not_after = Some(crate::time::format_secs(l.not_after));
@@ -561,7 +540,6 @@ fn readiness(
 }
 
 async fn next_key(
-    _ctx: &Context,
     cert: &Certificate,
     secrets_api: &Api<Secret>,
     status: &CertificateStatus,
