@@ -30,6 +30,14 @@ const ADMIN_TOKEN_LEN: usize = 32;
 pub struct ClusterOptions {
     pub controller_manager: bool,
     pub scheduler: bool,
+    /// Cluster pod CIDR: enables the controller-manager's node IPAM
+    /// (`--allocate-node-cidrs --cluster-cidr=… --node-cidr-mask-size=24`), so every Node gets
+    /// `spec.podCIDR` as on a kubeadm cluster.
+    pub cluster_cidr: Option<&'static str>,
+    /// An address besides loopback the apiserver must be reachable on (network-namespace nodes
+    /// reach it over their underlay bridge): it then binds 0.0.0.0 and the serving certificate
+    /// names that address too.
+    pub extra_address: Option<std::net::Ipv4Addr>,
 }
 
 /// A running control plane; everything is stopped and deleted on drop.
@@ -57,7 +65,7 @@ impl Cluster {
             .get_or_try_init(|| {
                 Cluster::start(ClusterOptions {
                     controller_manager: true,
-                    scheduler: false,
+                    ..Default::default()
                 })
             })
             .await
@@ -90,18 +98,18 @@ impl Cluster {
 
         // PKI: one CA for the serving cert, admin token, service-account signing keys.
         let ca = TestCa::new("homecluster-test-ca")?;
-        let serving = ca.leaf(
-            "kube-apiserver",
-            &[
-                "127.0.0.1",
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-                "127.96.0.1",
-            ],
-        )?;
+        let extra = opts.extra_address.map(|a| a.to_string());
+        let mut names = vec![
+            "127.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "127.96.0.1",
+        ];
+        names.extend(extra.as_deref());
+        let serving = ca.leaf("kube-apiserver", &names)?;
         write(d, "ca.crt", &ca.cert_pem)?;
         write(d, "apiserver.crt", &serving.cert_pem)?;
         write(d, "apiserver.key", &serving.key_pem)?;
@@ -138,7 +146,10 @@ impl Cluster {
         let p = |f: &str| d.join(f).display().to_string();
         let apiserver_args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-            "--bind-address=127.0.0.1".into(),
+            format!(
+                "--bind-address={}",
+                if extra.is_some() { "0.0.0.0" } else { "127.0.0.1" }
+            ),
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={port}"),
             "--insecure-port=0".into(),
@@ -181,20 +192,33 @@ impl Cluster {
 
         let kc = cluster.kubeconfig.display().to_string();
         if opts.controller_manager {
+            let mut args = vec![
+                format!("--kubeconfig={kc}"),
+                "--leader-elect=false".into(),
+                "--port=0".into(),
+                "--secure-port=0".into(),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                "--use-service-account-credentials=false".into(),
+                "--v=1".into(),
+            ];
+            // No kubelets post heartbeats here, so node lifecycle (which would taint every Node
+            // NotReady) stays off.
+            match opts.cluster_cidr {
+                Some(cidr) => args.extend([
+                    "--controllers=*,-nodelifecycle,-cloud-node-lifecycle,-ttl".into(),
+                    "--allocate-node-cidrs=true".into(),
+                    format!("--cluster-cidr={cidr}"),
+                    "--node-cidr-mask-size=24".into(),
+                ]),
+                None => args.push(
+                    "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-ttl".into(),
+                ),
+            }
             let proc = ManagedProcess::spawn(
                 "kube-controller-manager",
                 &bin.join("kube-controller-manager"),
-                &[
-                    format!("--kubeconfig={kc}"),
-                    "--leader-elect=false".into(),
-                    "--port=0".into(),
-                    "--secure-port=0".into(),
-                    format!("--service-account-private-key-file={}", p("sa.key")),
-                    format!("--root-ca-file={}", p("ca.crt")),
-                    "--use-service-account-credentials=false".into(),
-                    "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-ttl".into(),
-                    "--v=1".into(),
-                ],
+                &args,
                 &[],
                 &d.join("kube-controller-manager.log"),
             )?;
@@ -238,6 +262,16 @@ impl Cluster {
     /// `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.apiserver_port)
+    }
+
+    /// An admin kubeconfig (CA inline) for `https://<address>:<port>`, for processes that reach
+    /// the apiserver through [`ClusterOptions::extra_address`].
+    pub fn kubeconfig_for(&self, address: std::net::Ipv4Addr) -> Result<String> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        Ok(text.replace(
+            &format!("https://127.0.0.1:{}", self.apiserver_port),
+            &format!("https://{address}:{}", self.apiserver_port),
+        ))
     }
 
     /// The directory holding logs, keys and etcd data.

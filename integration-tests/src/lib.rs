@@ -8,6 +8,7 @@ pub mod faults;
 pub mod http;
 pub mod kube;
 pub mod netns;
+pub mod nodes;
 pub mod paths;
 pub mod pki;
 pub mod poll;

@@ -15,6 +15,7 @@ async fn control_plane_serves_and_runs_controllers() {
     let cluster = Cluster::start(ClusterOptions {
         controller_manager: true,
         scheduler: true,
+        ..Default::default()
     })
     .await
     .expect("control plane with controller-manager and scheduler");

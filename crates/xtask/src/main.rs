@@ -137,6 +137,7 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         let cluster = Cluster::start(ClusterOptions {
             controller_manager: true,
             scheduler: true,
+            ..Default::default()
         })
         .await
         .context("starting the local control plane")?;

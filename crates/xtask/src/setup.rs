@@ -24,6 +24,9 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "ca-certificates",
+    // The real CNI delegates (bridge, host-local, portmap in /usr/lib/cni) the flannel plugin calls.
+    "containernetworking-plugins",
+    "ethtool",
     // reflect2 1.0.2: the Kubernetes 1.20 tree vendors 1.0.1, which crashes under Go ≥ 1.18.
     "golang-github-modern-go-reflect2-dev",
     // Proxy benchmark peers and load generators (benches/, its smoke test runs in the suite).
