@@ -1,0 +1,391 @@
+//! `agent`: the node agent (a DaemonSet of this same binary, the node's paths mounted). It
+//! decides nothing: it runs the tasks the provisioner addressed to its node — the user's
+//! `setup`/`teardown` with upstream's environment — and reports free space per path, bytes used
+//! per volume, and `pvc-*` directories no PV points at (reported, never deleted).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use kube_common::Manager;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+use crate::capacity;
+use crate::config::clean;
+use crate::reload::{self, ConfigRx};
+use crate::script::{self, Run};
+use crate::task::{self, ANY_NODE, MANAGED_BY, MANAGER, Op, Phase, TASK_LABEL, TaskState};
+use crate::volume;
+
+/// Settings of `agent`.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub node: String,
+    pub namespace: String,
+    pub configmap: String,
+    pub config_file: Option<std::path::PathBuf>,
+    pub report_interval: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    persistentvolume: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    node: String,
+    path: String,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    used: Family<VolumeLabels, Gauge>,
+    free: Family<PathLabels, Gauge>,
+    orphans: Family<PathLabels, Gauge>,
+}
+
+struct Agent {
+    client: Client,
+    opts: AgentOptions,
+    /// Tasks running or done in this process (by uid): a repeated watch event never reruns one.
+    seen: Mutex<HashSet<String>>,
+    metrics: Metrics,
+}
+
+/// Runs the agent until shutdown.
+pub async fn run(mgr: &Manager, opts: AgentOptions) {
+    let metrics = Metrics::default();
+    mgr.register_metrics(|r| {
+        r.register(
+            "local_path_volume_used_bytes",
+            "Bytes used by each local-path volume on this node",
+            metrics.used.clone(),
+        );
+        r.register(
+            "local_path_free_bytes",
+            "Free bytes per configured base path on this node",
+            metrics.free.clone(),
+        );
+        r.register(
+            "local_path_orphaned_directories",
+            "pvc-* directories under a base path that no PersistentVolume points at",
+            metrics.orphans.clone(),
+        );
+    });
+    let config = reload::follow(
+        reload::Source {
+            client: mgr.client.clone(),
+            namespace: opts.namespace.clone(),
+            configmap: opts.configmap.clone(),
+            file: opts.config_file.clone(),
+            recorder: None,
+        },
+        mgr.shutdown.clone(),
+    );
+    let agent = Arc::new(Agent {
+        client: mgr.client.clone(),
+        opts,
+        seen: Mutex::default(),
+        metrics,
+    });
+    let ready = mgr.readiness.register("agent/tasks");
+    tokio::join!(
+        agent.clone().watch_tasks(mgr.shutdown.clone(), ready),
+        agent.report_loop(config, mgr.shutdown.clone()),
+    );
+}
+
+impl Agent {
+    fn tasks(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.opts.namespace)
+    }
+
+    async fn watch_tasks(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        ready: kube_common::ReadyHandle,
+    ) {
+        let wc = watcher::Config::default().labels(TASK_LABEL);
+        let mut stream = std::pin::pin!(watcher(self.tasks(), wc));
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = stream.next() => ev,
+            };
+            match ev {
+                Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                    self.clone().consider(cm)
+                }
+                Some(Ok(watcher::Event::Delete(cm))) => {
+                    if let Some(uid) = cm.uid() {
+                        self.seen
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&uid);
+                    }
+                }
+                Some(Ok(watcher::Event::InitDone)) => ready.set(true),
+                Some(Ok(watcher::Event::Init)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching tasks failed, retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Takes the task if it is for this node and nobody else has it, then runs it.
+    fn consider(self: Arc<Self>, cm: ConfigMap) {
+        let Some(state) = task::parse(&cm) else {
+            return;
+        };
+        let me = &self.opts.node;
+        let for_me = state.task.node == *me || state.task.node == ANY_NODE;
+        let free = state.agent.as_ref().is_none_or(|a| a == me);
+        if !for_me || !free || state.phase != Phase::Pending {
+            return;
+        }
+        let Some(uid) = cm.uid() else { return };
+        if !self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uid)
+        {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(e) = self.take_and_run(cm, state).await {
+                tracing::warn!(error = %e, "task not run");
+            }
+        });
+    }
+
+    async fn take_and_run(&self, mut cm: ConfigMap, state: TaskState) -> Result<(), kube::Error> {
+        let name = cm.name_any();
+        // Replace with the object's resourceVersion: of two agents (or an old and a new pod of
+        // this one), exactly one takes the task.
+        if state.agent.is_none() {
+            cm.data
+                .get_or_insert_default()
+                .insert("agent".into(), self.opts.node.clone());
+            self.tasks()
+                .replace(&name, &PostParams::default(), &cm)
+                .await?;
+        }
+        let (phase, dir, message) = execute(&state).await;
+        tracing::info!(task = %name, ?phase, dir = ?dir, message = %message, "task finished");
+        let patch =
+            serde_json::json!({ "data": task::result_data(&phase, dir.as_deref(), &message) });
+        self.tasks()
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    async fn report_loop(&self, config: ConfigRx, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.report(&config).await {
+                tracing::warn!(error = %e, "node report failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.opts.report_interval) => {}
+            }
+        }
+    }
+
+    /// Free space per path, bytes per volume, orphans: metrics and ConfigMap
+    /// `local-path-node-<node>` (`free.json`, `usage.json`, `orphans`).
+    async fn report(&self, config: &ConfigRx) -> Result<(), kube::Error> {
+        let Some(cfg) = config.borrow().clone() else {
+            return Ok(());
+        };
+        let me = self.opts.node.clone();
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        let mine: Vec<(String, String)> = pvs
+            .list(&Default::default())
+            .await?
+            .into_iter()
+            .filter(|pv| volume::node_of(pv).as_deref() == Some(me.as_str()))
+            .filter_map(|pv| Some((pv.name_any(), volume::path_of(&pv)?)))
+            .collect();
+        let all_known: BTreeSet<String> = pvs
+            .list(&Default::default())
+            .await?
+            .iter()
+            .filter_map(volume::path_of)
+            .map(|p| clean(&p))
+            .collect();
+        let paths = cfg.all_paths_on(&me);
+        let report = tokio::task::spawn_blocking(move || scan(&paths, &mine, &all_known))
+            .await
+            .unwrap_or_default();
+        self.publish(&me, &report).await
+    }
+
+    async fn publish(&self, me: &str, r: &Report) -> Result<(), kube::Error> {
+        let m = &self.metrics;
+        m.used.clear();
+        m.free.clear();
+        m.orphans.clear();
+        for (pv, bytes) in &r.used {
+            m.used
+                .get_or_create(&VolumeLabels {
+                    persistentvolume: pv.clone(),
+                    node: me.into(),
+                })
+                .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
+        for (path, bytes) in &r.free {
+            m.free
+                .get_or_create(&PathLabels {
+                    node: me.into(),
+                    path: path.clone(),
+                })
+                .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+        }
+        for (path, dirs) in &r.orphans {
+            m.orphans
+                .get_or_create(&PathLabels {
+                    node: me.into(),
+                    path: path.clone(),
+                })
+                .set(i64::try_from(dirs.len()).unwrap_or(i64::MAX));
+            for d in dirs {
+                tracing::warn!(directory = %d, "orphaned volume directory (no PersistentVolume points at it); not deleted");
+            }
+        }
+        let orphan_list: Vec<&String> = r.orphans.values().flatten().collect();
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(format!("local-path-node-{me}")),
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY.to_string(),
+                    MANAGER.to_string(),
+                )])),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                (
+                    "free.json".to_string(),
+                    serde_json::to_string(&r.free).unwrap_or_default(),
+                ),
+                (
+                    "usage.json".to_string(),
+                    serde_json::to_string(&r.used).unwrap_or_default(),
+                ),
+                (
+                    "orphans".to_string(),
+                    orphan_list.iter().map(|s| format!("{s}\n")).collect(),
+                ),
+            ])),
+            ..Default::default()
+        };
+        let params = PatchParams::apply("local-path-agent").force();
+        self.tasks()
+            .patch(
+                &format!("local-path-node-{me}"),
+                &params,
+                &Patch::Apply(&cm),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    used: BTreeMap<String, u64>,
+    free: BTreeMap<String, u64>,
+    orphans: BTreeMap<String, Vec<String>>,
+}
+
+fn scan(paths: &[String], mine: &[(String, String)], known: &BTreeSet<String>) -> Report {
+    let mut r = Report::default();
+    for (pv, dir) in mine {
+        r.used
+            .insert(pv.clone(), capacity::used_bytes(Path::new(dir)));
+    }
+    for p in paths {
+        if let Ok(free) = capacity::free_bytes(Path::new(p)) {
+            r.free.insert(p.clone(), free);
+        }
+        let o = capacity::orphans(Path::new(p), known);
+        if !o.is_empty() {
+            r.orphans.insert(p.clone(), o);
+        }
+    }
+    r
+}
+
+/// Runs one task: (phase, directory made, message).
+async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
+    let t = &state.task;
+    let dir = match t.op {
+        Op::Create => {
+            let Some((base, free)) = capacity::choose_path(&t.base_paths, t.size_bytes) else {
+                let free: Vec<String> = t
+                    .base_paths
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{p}: {} bytes free",
+                            capacity::free_bytes(Path::new(p)).unwrap_or(0)
+                        )
+                    })
+                    .collect();
+                return (
+                    Phase::NoSpace,
+                    None,
+                    format!(
+                        "volume of {} bytes does not fit on node {} ({})",
+                        t.size_bytes,
+                        t.node,
+                        free.join(", ")
+                    ),
+                );
+            };
+            tracing::debug!(base, free, "path chosen");
+            clean(&format!("{base}/{}", t.vol_dir))
+        }
+        Op::Delete => clean(&t.vol_dir),
+    };
+    if !dir.starts_with('/') || dir == "/" || t.base_paths.iter().any(|b| clean(b) == dir) {
+        return (
+            Phase::Failed,
+            None,
+            format!("refusing volume directory {dir:?}"),
+        );
+    }
+    let run = Run {
+        op: t.op,
+        script: &t.script,
+        vol_dir: &dir,
+        size_bytes: t.size_bytes,
+        vol_mode: &t.vol_mode,
+        extra_env: &t.extra_env,
+        timeout: Duration::from_secs(t.timeout_secs.max(1)),
+    };
+    match script::run(&run).await {
+        Ok(output) => {
+            if !output.is_empty() {
+                tracing::info!(dir = %dir, output = %output, "script output");
+            }
+            (Phase::Succeeded, Some(dir), output)
+        }
+        Err(e) => (Phase::Failed, None, e.to_string()),
+    }
+}

@@ -1,0 +1,217 @@
+//! Deletion (library v11 `shouldDelete` + upstream `deleteFor`): a Released PV of ours with
+//! reclaim policy Delete gets its teardown run on its node, then the PV object is deleted.
+//! Retain volumes are never touched. A PV whose node is gone is deleted without reaching for
+//! the node. PVs made by upstream (hostPath or `local`, node in the affinity only) are handled
+//! the same way, since node and path are read back from the PV itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim};
+use kube::api::{DeleteParams, ListParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+
+use crate::context::{Ctx, Error};
+use crate::quantity;
+use crate::task::{self, ANY_NODE, Op, Phase, Script, TASK_LABEL, Task};
+use crate::volume::{self, ANN_PROVISIONED_BY};
+
+const TASK_POLL: Duration = Duration::from_secs(15);
+
+pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if !should_delete(&pv, &ctx.opts.provisioner_name) {
+        return Ok(Action::await_change());
+    }
+    let name = pv.name_any();
+    if let Some(state) = ctx.get_task(Op::Delete, &name).await? {
+        return match state.phase {
+            Phase::Pending => Ok(Action::requeue(TASK_POLL)),
+            Phase::Succeeded => {
+                delete_pv(&ctx, &name).await?;
+                ctx.forget_failures(&name);
+                ctx.delete_task(Op::Delete, &name).await?;
+                Ok(Action::await_change())
+            }
+            Phase::Failed | Phase::NoSpace => {
+                ctx.delete_task(Op::Delete, &name).await?;
+                let retry = ctx.count_failure(&name, ctx.opts.deletion_retry_count);
+                ctx.event(
+                    &pv.object_ref(&()),
+                    true,
+                    "VolumeFailedDelete",
+                    state.message.clone(),
+                )
+                .await;
+                if retry {
+                    Err(Error::Retry(state.message))
+                } else {
+                    Ok(Action::await_change())
+                }
+            }
+        };
+    }
+    let Some(path) = volume::path_of(&pv) else {
+        ctx.event(
+            &pv.object_ref(&()),
+            true,
+            "VolumeFailedDelete",
+            "no hostPath or local path in the PV".into(),
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    let node = volume::node_of(&pv);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node_present = match &node {
+        Some(n) => nodes.get_opt(n).await?.is_some(),
+        None => false,
+    };
+    let task_node = match (volume::has_affinity(&pv), node_present) {
+        (true, false) => {
+            tracing::info!(pv = %name, node = ?node, "the volume's node is gone: deleting the PV without cleanup");
+            delete_pv(&ctx, &name).await?;
+            return Ok(Action::await_change());
+        }
+        (true, true) => node.unwrap_or_default(),
+        // Shared filesystem: the node it was made from if it still exists, else any agent.
+        (false, true) => node.unwrap_or_default(),
+        (false, false) => ANY_NODE.to_string(),
+    };
+    let cfg = ctx.config.borrow().clone().ok_or(Error::NoConfig)?;
+    let size = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| quantity::to_bytes(&q.0))
+        .unwrap_or(0);
+    let claim = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r.namespace.clone().unwrap_or_default(),
+                r.name.clone().unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    let t = Task {
+        op: Op::Delete,
+        pv: name.clone(),
+        node: task_node,
+        base_paths: Vec::new(),
+        vol_dir: path,
+        size_bytes: size,
+        vol_mode: pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_mode.clone())
+            .unwrap_or_else(|| "Filesystem".into()),
+        script: match &cfg.teardown_command {
+            Some(c) => Script::Command(c.clone()),
+            None => Script::Shell(cfg.teardown_script.clone()),
+        },
+        timeout_secs: cfg.cmd_timeout.as_secs(),
+        claim,
+        claim_uid: String::new(),
+        extra_env: Default::default(),
+    };
+    ctx.create_task(&t).await?;
+    Ok(Action::requeue(TASK_POLL))
+}
+
+/// `shouldDelete`: Released, reclaim Delete, not being deleted, provisioned by us.
+pub fn should_delete(pv: &PersistentVolume, provisioner: &str) -> bool {
+    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
+    let delete = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        == Some("Delete");
+    let ours = pv.annotations().get(ANN_PROVISIONED_BY).map(String::as_str) == Some(provisioner);
+    released && delete && ours && pv.meta().deletion_timestamp.is_none()
+}
+
+async fn delete_pv(ctx: &Ctx, name: &str) -> Result<(), Error> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match pvs.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Create tasks whose claim disappeared before its PV was made: the directory the agent may
+/// have made is torn down (a delete task), so a claim deleted mid-provisioning leaks nothing.
+/// Tasks whose PV is gone are removed.
+pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
+    let lp = ListParams::default().labels(TASK_LABEL);
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    for cm in ctx.tasks().list(&lp).await? {
+        let Some(state) = task::parse(&cm) else {
+            continue;
+        };
+        if state.task.op != Op::Create || state.phase == Phase::Pending {
+            continue;
+        }
+        if claim_alive(ctx, &state.task.claim, &state.task.claim_uid).await? {
+            continue;
+        }
+        if pvs.get_opt(&state.task.pv).await?.is_some() {
+            ctx.delete_task(Op::Create, &state.task.pv).await?;
+            continue;
+        }
+        if let (Phase::Succeeded, Some(dir)) = (&state.phase, &state.result_dir) {
+            let cfg = ctx.config.borrow().clone().ok_or(Error::NoConfig)?;
+            let t = Task {
+                op: Op::Delete,
+                vol_dir: dir.clone(),
+                base_paths: Vec::new(),
+                script: match &cfg.teardown_command {
+                    Some(c) => Script::Command(c.clone()),
+                    None => Script::Shell(cfg.teardown_script.clone()),
+                },
+                ..state.task.clone()
+            };
+            tracing::info!(pv = %t.pv, dir = %dir, "claim deleted while provisioning: tearing its directory down");
+            ctx.create_task(&t).await?;
+        }
+        ctx.delete_task(Op::Create, &state.task.pv).await?;
+    }
+    sweep_finished_deletes(ctx).await
+}
+
+/// Delete tasks that finished for a PV that no longer exists (teardown of a leaked directory).
+async fn sweep_finished_deletes(ctx: &Ctx) -> Result<(), Error> {
+    let lp = ListParams::default().labels(&format!("{TASK_LABEL}=delete"));
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    for cm in ctx.tasks().list(&lp).await? {
+        let Some(state) = task::parse(&cm) else {
+            continue;
+        };
+        if state.phase != Phase::Pending && pvs.get_opt(&state.task.pv).await?.is_none() {
+            ctx.delete_task(Op::Delete, &state.task.pv).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn claim_alive(ctx: &Ctx, claim: &str, uid: &str) -> Result<bool, Error> {
+    let Some((ns, name)) = claim.split_once('/') else {
+        return Ok(false);
+    };
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(api
+        .get_opt(name)
+        .await?
+        .is_some_and(|c| c.uid().as_deref() == Some(uid)))
+}
+
+/// Which PV a delete task belongs to (for the PV controller's watch of tasks).
+pub fn pv_of_task(cm: &ConfigMap) -> Option<String> {
+    let state = task::parse(cm)?;
+    (state.task.op == Op::Delete).then_some(state.task.pv)
+}

@@ -1,0 +1,137 @@
+//! `start`: the provisioner. Config follower, then — only while holding upstream's Lease — the
+//! claim controller, the volume controller and the task sweeper.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use kube_common::Manager;
+use kube_common::leader::{self, LeaseConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Ctx, Options};
+use crate::reload::{self, ConfigRx};
+use crate::task::{self, Op, TASK_LABEL};
+use crate::{delete, provision};
+
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The Lease the external-provisioner library would take with leader election on:
+/// the provisioner name with `/` replaced by `-` (`rancher.io-local-path`).
+pub fn lease_name(provisioner: &str) -> String {
+    provisioner.replace('/', "-")
+}
+
+/// Where the configuration comes from (see [`reload`]).
+pub struct ConfigSource {
+    pub configmap: String,
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// Runs the provisioner until shutdown (or loss of the Lease, an error as in client-go).
+pub async fn run(
+    mgr: &Manager,
+    opts: Options,
+    source: ConfigSource,
+    lease: Option<LeaseConfig>,
+) -> Result<(), kube_common::Error> {
+    let recorder = mgr.recorder("rancher.io/local-path_local-path-provisioner");
+    let config = reload::follow(
+        reload::Source {
+            client: mgr.client.clone(),
+            namespace: opts.namespace.clone(),
+            configmap: source.configmap,
+            file: source.file,
+            recorder: Some(recorder.clone()),
+        },
+        mgr.shutdown.clone(),
+    );
+    let ctx = Arc::new(Ctx::new(mgr.client.clone(), opts, config, recorder));
+    match lease {
+        None => {
+            controllers(mgr, ctx, mgr.shutdown.clone()).await;
+            Ok(())
+        }
+        Some(cfg) => {
+            leader::run_leader_elected(mgr.client.clone(), cfg, mgr.shutdown.clone(), |stop| {
+                controllers(mgr, ctx, stop)
+            })
+            .await
+        }
+    }
+}
+
+async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
+    wait_config(&ctx.config, &stop).await;
+    let client = mgr.client.clone();
+    let ns = ctx.opts.namespace.clone();
+    let tasks: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let task_wc = watcher::Config::default().labels(TASK_LABEL);
+
+    let claims = Controller::new(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(tasks.clone(), task_wc.clone(), claim_of_task);
+    let volumes = Controller::new(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(tasks, task_wc, |cm: ConfigMap| {
+        delete::pv_of_task(&cm).map(|pv| ObjectRef::<PersistentVolume>::new(&pv))
+    });
+    tokio::join!(
+        mgr.run(
+            "claims",
+            claims,
+            provision::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        mgr.run(
+            "volumes",
+            volumes,
+            delete::reconcile,
+            ctx.clone(),
+            stop.clone()
+        ),
+        sweeper(ctx.clone(), stop.clone()),
+    );
+}
+
+fn claim_of_task(cm: ConfigMap) -> Option<ObjectRef<PersistentVolumeClaim>> {
+    let state = task::parse(&cm)?;
+    if state.task.op != Op::Create {
+        return None;
+    }
+    let (ns, name) = state.task.claim.split_once('/')?;
+    Some(ObjectRef::new(name).within(ns))
+}
+
+async fn wait_config(config: &ConfigRx, stop: &CancellationToken) {
+    let mut rx = config.clone();
+    tokio::select! {
+        _ = stop.cancelled() => {},
+        _ = rx.wait_for(Option::is_some) => {},
+    }
+}
+
+async fn sweeper(ctx: Arc<Ctx>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        if let Err(e) = delete::sweep(&ctx).await {
+            tracing::warn!(error = %e, "task sweep failed");
+        }
+    }
+}
+
+/// For embedding (tests, `xtask up`): a client, not flags.
+pub fn manager(client: Client, shutdown: CancellationToken) -> Manager {
+    Manager::new("local-path-provisioner", client, shutdown)
+}
