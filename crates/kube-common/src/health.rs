@@ -1,4 +1,4 @@
-//! The one HTTP server every component runs: `/healthz` (alive), `/readyz` (every registered
+//! The one HTTP server every component runs: `/healthz` (alive; also `/health`), `/readyz` (every registered
 //! check ready, 503 before) and `/metrics` (OpenMetrics text of the component's registry).
 
 use std::collections::BTreeMap;
@@ -129,8 +129,10 @@ fn route(state: &HealthState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         );
     }
     match req.uri().path() {
-        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
+        // `/health` and `/ready`: the probe paths of components whose upstream used them
+        // (local-path-provisioner), so their manifests keep working.
+        "/healthz" | "/livez" | "/health" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" | "/ready" => {
             let pending = state.readiness.pending();
             if pending.is_empty() {
                 text(StatusCode::OK, "ok\n".into())
