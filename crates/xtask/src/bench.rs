@@ -1,3 +1,6 @@
+//! `cargo run -p xtask -- bench flannel|local-path`: the crate's own `cargo bench` targets
+//! (release, real peers), which write `benches/results/<crate>.md`.
+//!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
 //! wrk, nghttp2-client; oha), builds the ingress controller and the harness in release mode,
 //! then runs `bench-proxy`, which builds the pingora peer (cached) and writes
@@ -49,4 +52,15 @@ pub fn proxy(extra: &[String]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// `cargo bench -p <package>`: the benchmark targets of one component crate.
+pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
+    setup::all()?;
+    let mut args = vec!["bench", "-p", package];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    step(&format!("cargo bench -p {package}"), || cargo(&args))
 }

@@ -39,9 +39,9 @@ enum Task {
     Setup,
     /// Start a local control plane with deploy/ applied; stays up until Ctrl-C.
     Up,
-    /// Benchmarks (`bench proxy [-- bench-proxy flags]`): writes benches/results/.
+    /// Benchmarks (`bench proxy|flannel|local-path [-- flags]`): writes benches/results/.
     Bench {
-        /// What to benchmark: `proxy`.
+        /// What to benchmark: `proxy`, `flannel` or `local-path`.
         what: String,
         /// Extra flags for the harness, e.g. `--rounds 5 --seconds 10 --no-pin`.
         #[arg(last = true)]
@@ -86,7 +86,8 @@ fn main() -> Result<()> {
         }
         Task::Bench { what, args } => match what.as_str() {
             "proxy" => bench::proxy(&args),
-            other => bail!("unknown benchmark {other:?} (known: proxy)"),
+            "flannel" | "local-path" => bench::crate_benches(&what, &args),
+            other => bail!("unknown benchmark {other:?} (known: proxy, flannel, local-path)"),
         },
         Task::Up => {
             setup::all()?;
