@@ -1,0 +1,318 @@
+//! flanneld's start-up sequence (upstream `main.go`, step by step) and its loops: peers
+//! reconciled on every Node event and every `--reconcile-interval`, rules every
+//! `--iptables-resync`. Stopping leaves the data path in place, as upstream does.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::annotations::{self, Keys};
+use crate::args::Args;
+use crate::config::NetConf;
+use crate::iface::{self, ExtIface, Selector};
+use crate::kube_subnet_mgr::{self as ksm, Nodes};
+use crate::netlink::Net;
+use crate::reconcile::{self, Local, Peer};
+use crate::subnet_env::SubnetEnv;
+use crate::trafficmngr::{Rules, TrafficManager};
+use crate::vxlan::{self, Device, Wanted};
+
+const BR_NETFILTER: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+#[derive(Clone, Default)]
+struct Metrics {
+    passes: Counter,
+    changes: Counter,
+    errors: Counter,
+    peers: Gauge,
+}
+
+impl Metrics {
+    fn register(r: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        r.register(
+            "flannel_reconcile_passes",
+            "Peer reconcile passes",
+            m.passes.clone(),
+        );
+        r.register(
+            "flannel_reconcile_changes",
+            "Routes, ARP and FDB entries written or removed",
+            m.changes.clone(),
+        );
+        r.register(
+            "flannel_reconcile_errors",
+            "Failed reconcile passes",
+            m.errors.clone(),
+        );
+        r.register("flannel_peers", "Peer nodes programmed", m.peers.clone());
+        m
+    }
+}
+
+/// Everything the loops need once the node is set up.
+struct Node0 {
+    name: String,
+    keys: Keys,
+    conf: NetConf,
+    ext: ExtIface,
+    public_ip: std::net::Ipv4Addr,
+    pod_cidr: Ipv4Net,
+    dev: Device,
+}
+
+/// Runs flanneld until `shutdown`.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
+    args.refuse_unsupported().map_err(anyhow::Error::msg)?;
+    let conf = crate::config::load(&args.net_config_path)
+        .with_context(|| format!("net-conf {}", args.net_config_path.display()))?;
+    let readiness = kube_common::health::Readiness::default();
+    let ready = readiness.register("rules-and-subnet-env");
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    if args.healthz_port != 0 {
+        let state = kube_common::health::HealthState {
+            readiness: readiness.clone(),
+            registry: Arc::new(Mutex::new(registry)),
+        };
+        let addr = SocketAddr::new(args.healthz_ip, args.healthz_port);
+        kube_common::health::serve(addr, state, shutdown.clone()).await?;
+    }
+    let client = kube_common::client::client(args.kubeconfig_file.as_deref()).await?;
+    let name = ksm::node_name(&client).await?;
+    tracing::info!(node = %name, network = %conf.network, "starting");
+    let nodes = Nodes::start(client.clone()).await?;
+    if !conf.enable_nftables && !std::path::Path::new(BR_NETFILTER).exists() {
+        bail!(
+            "{BR_NETFILTER} is missing: load the br_netfilter module (modprobe br_netfilter), as upstream flannel requires"
+        );
+    }
+    let keys = Keys::new(&args.kube_annotation_prefix);
+    let Some(node) = wait_for_pod_cidr(&nodes, &name, &shutdown).await else {
+        return Ok(());
+    };
+    let me = setup_node(&args, &client, conf, keys, &node, name).await?;
+    let net = Net::connect()?;
+    let tm = TrafficManager::new(me.conf.enable_nftables);
+    let rules = Rules {
+        network: me.conf.network,
+        subnet: me.pod_cidr,
+        masq: args.ip_masq,
+        forward: args.iptables_forward_rules,
+        fully_random: !args.ip_masq_fully_random_disable,
+    };
+    setup_rules(&args, &tm, &rules)?;
+    let env = SubnetEnv::new(me.conf.network, me.pod_cidr, me.dev.mtu, args.ip_masq);
+    env.write(&args.subnet_file)?;
+    let local = local(&me);
+    pass(&net, &me, &local, &nodes, &metrics).await;
+    ready.set(true);
+    tracing::info!(subnet = %me.pod_cidr, device = %me.dev.name, mac = %me.dev.mac, "network is up");
+    if args.set_node_network_unavailable
+        && let Err(e) = ksm::set_network_available(&client, &me.name).await
+    {
+        tracing::warn!(error = %e, "setting NetworkUnavailable=False failed");
+    }
+    run_loops(&args, &net, &me, &nodes, &tm, &rules, &metrics, &shutdown).await;
+    tracing::info!("stopping; routes, ARP/FDB entries, rules and the device stay in place");
+    Ok(())
+}
+
+/// Upstream exits with "pod cidr not assigned" and crash-loops; waiting with a log line keeps
+/// the pod Running and starts as soon as node IPAM assigns one.
+async fn wait_for_pod_cidr(
+    nodes: &Nodes,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Option<Arc<Node>> {
+    let mut logged = tokio::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        let node = nodes.get(name);
+        let msg = match node.as_deref().map(annotations::pod_cidr) {
+            Some(Ok(Some(_))) => return node,
+            None => format!("node {name:?} not found"),
+            Some(Ok(None)) => format!("node {name:?} pod cidr not assigned; waiting for it"),
+            Some(Err(e)) => format!("node {name:?}: {e}; waiting for a fix"),
+        };
+        if logged.elapsed() >= Duration::from_secs(30) {
+            tracing::warn!("{msg}");
+            logged = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = nodes.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Steps 6–8: public IP, external interface, VXLAN device, annotations, device address.
+async fn setup_node(
+    args: &Args,
+    client: &Client,
+    conf: NetConf,
+    keys: Keys,
+    node: &Node,
+    name: String,
+) -> Result<Node0> {
+    let pod_cidr = annotations::pod_cidr(node)
+        .map_err(anyhow::Error::msg)?
+        .context("pod cidr not assigned")?;
+    if !conf.network.contains(&pod_cidr) {
+        bail!(
+            "the node's podCIDR {pod_cidr} is not inside Network {} of net-conf.json",
+            conf.network
+        );
+    }
+    let net = Net::connect()?;
+    let node_public_ip = annotations::node_public_ip(node, &keys);
+    let selector = Selector {
+        ifaces: args.iface.clone(),
+        regexes: args
+            .iface_regex
+            .iter()
+            .filter_map(|r| regex::Regex::new(r).ok())
+            .collect(),
+        can_reach: args.iface_can_reach,
+        public_ip: node_public_ip.or(args.public_ip),
+    };
+    let ext = iface::select(&net, &selector).await?;
+    let public_ip = node_public_ip.or(args.public_ip).unwrap_or(ext.addr);
+    tracing::info!(iface = %ext.name, addr = %ext.addr, %public_ip, "using external interface");
+    let stored = annotations::stored_mac(node, &keys, conf.backend.vni);
+    let dev = vxlan::ensure(
+        &net,
+        &Wanted {
+            conf: &conf.backend,
+            ext: &ext,
+            mac: stored,
+        },
+    )
+    .await?;
+    let published = annotations::public_ip_overwrite(node, &keys).unwrap_or(public_ip);
+    let wanted = annotations::own_annotations(&keys, conf.backend.vni, dev.mac, published);
+    ksm::publish(client, node, &wanted).await?;
+    vxlan::ensure_address(&net, &dev, pod_cidr, conf.network).await?;
+    Ok(Node0 {
+        name,
+        keys,
+        conf,
+        ext,
+        public_ip,
+        pod_cidr,
+        dev,
+    })
+}
+
+/// Step 9: the other mode's rules go, rules of a previous subnet go, ours are installed.
+fn setup_rules(args: &Args, tm: &TrafficManager, rules: &Rules) -> Result<()> {
+    tm.cleanup_other()?;
+    if let Ok(prev) = SubnetEnv::read(&args.subnet_file)
+        && (prev.network != rules.network || prev.pod_cidr() != rules.subnet)
+    {
+        tracing::info!(network = %prev.network, subnet = %prev.pod_cidr(), "removing rules of the previous subnet");
+        tm.remove_stale(&Rules {
+            network: prev.network,
+            subnet: prev.pod_cidr(),
+            ..rules.clone()
+        })?;
+    }
+    tm.ensure(rules)?;
+    Ok(())
+}
+
+fn local(me: &Node0) -> Local {
+    Local {
+        vxlan_index: me.dev.index,
+        ext_index: me.ext.index,
+        network: me.conf.network,
+        own_subnet: me.pod_cidr,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_loops(
+    args: &Args,
+    net: &Net,
+    me: &Node0,
+    nodes: &Nodes,
+    tm: &TrafficManager,
+    rules: &Rules,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
+    let mut reconcile_tick = tokio::time::interval(Duration::from_secs(args.reconcile_interval));
+    let mut rules_tick = tokio::time::interval(Duration::from_secs(args.iptables_resync));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = nodes.changed.notified() => pass(net, me, &local(me), nodes, metrics).await,
+            _ = reconcile_tick.tick() => {
+                pass(net, me, &local(me), nodes, metrics).await;
+            }
+            _ = rules_tick.tick() => match tm.ensure(rules) {
+                Ok(true) => tracing::info!("masquerade/forward rules were missing; re-applied"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "checking rules failed"),
+            },
+        }
+    }
+}
+
+/// One reconcile: the device (recreated if deleted), then every peer's entries.
+async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Metrics) {
+    metrics.passes.inc();
+    let result = async {
+        let dev = vxlan::ensure(
+            net,
+            &Wanted {
+                conf: &me.conf.backend,
+                ext: &me.ext,
+                mac: Some(me.dev.mac),
+            },
+        )
+        .await?;
+        vxlan::ensure_address(net, &dev, me.pod_cidr, me.conf.network).await?;
+        let local = Local {
+            vxlan_index: dev.index,
+            ..*local
+        };
+        let peers = peers(net, me, nodes).await;
+        metrics.peers.set(peers.len() as i64);
+        reconcile::reconcile(net, &local, &peers).await
+    }
+    .await;
+    match result {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics.changes.inc_by(n as u64);
+        }
+        Err(e) => {
+            metrics.errors.inc();
+            tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
+        }
+    }
+}
+
+async fn peers(net: &Net, me: &Node0, nodes: &Nodes) -> Vec<Peer> {
+    let mut out = Vec::new();
+    for lease in nodes.peer_leases(&me.keys, &me.name) {
+        if lease.vni != me.conf.backend.vni {
+            continue;
+        }
+        let direct = me.conf.backend.direct_routing
+            && lease.public_ip != me.public_ip
+            && iface::on_link(net, lease.public_ip).await.unwrap_or(false);
+        out.push(Peer { lease, direct });
+    }
+    out
+}

@@ -1,0 +1,156 @@
+//! The kube subnet manager (upstream `pkg/subnet/kube`): the node's subnet is its
+//! `spec.podCIDR`; peers are found through a cache of all Nodes; this node publishes its VTEP in
+//! annotations through `nodes/status` (the only write flannel's RBAC allows) and finally reports
+//! NetworkUnavailable=False.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::annotations::{Keys, Lease, lease};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("{0}")]
+    NodeName(String),
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("the Node cache did not sync")]
+    NotSynced,
+}
+
+/// Upstream: `NODE_NAME`, else the pod's `spec.nodeName` from `POD_NAMESPACE`/`POD_NAME`.
+pub async fn node_name(client: &Client) -> Result<String, KubeError> {
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return Ok(n);
+    }
+    let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
+        return Err(KubeError::NodeName(
+            "set NODE_NAME, or POD_NAME and POD_NAMESPACE (the downward API in the DaemonSet)"
+                .into(),
+        ));
+    };
+    let p = Api::<Pod>::namespaced(client.clone(), &ns)
+        .get(&pod)
+        .await?;
+    p.spec
+        .and_then(|s| s.node_name)
+        .ok_or_else(|| KubeError::NodeName(format!("pod {ns}/{pod} has no spec.nodeName")))
+}
+
+/// The Node cache; `changed` fires on every watch event.
+#[derive(Clone)]
+pub struct Nodes {
+    pub store: Store<Node>,
+    pub changed: Arc<Notify>,
+}
+
+impl Nodes {
+    /// Starts a list+watch of all Nodes and waits for the first full list.
+    pub async fn start(client: Client) -> Result<Nodes, KubeError> {
+        let (store, writer) = reflector::store::<Node>();
+        let changed = Arc::new(Notify::new());
+        let notify = changed.clone();
+        let stream = reflector::reflector(
+            writer,
+            watcher(Api::<Node>::all(client), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!(error = %e, "node watch error (retrying)");
+                }
+                notify.notify_one();
+            }
+        });
+        if !kube_common::controller::wait_synced(&store).await {
+            return Err(KubeError::NotSynced);
+        }
+        Ok(Nodes { store, changed })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Node>> {
+        self.store
+            .state()
+            .into_iter()
+            .find(|n| n.name_any() == name)
+    }
+
+    /// Every other flannel vxlan node's lease.
+    pub fn peer_leases(&self, keys: &Keys, own: &str) -> Vec<Lease> {
+        let mut v: Vec<Lease> = self
+            .store
+            .state()
+            .iter()
+            .filter(|n| n.name_any() != own)
+            .filter_map(|n| lease(n, keys))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Writes `annotations` onto the node through `nodes/status` if any differs (upstream
+/// `AcquireLease`: every 3 s for up to 30 s).
+pub async fn publish(
+    client: &Client,
+    node: &Node,
+    annotations: &BTreeMap<String, String>,
+) -> Result<bool, KubeError> {
+    let current = node.metadata.annotations.clone().unwrap_or_default();
+    if annotations.iter().all(|(k, v)| current.get(k) == Some(v)) {
+        return Ok(false);
+    }
+    let api = Api::<Node>::all(client.clone());
+    let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
+    let mut last = None;
+    for _ in 0..10 {
+        match api
+            .patch_status(
+                &node.name_any(),
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "patching node annotations failed; retrying in 3s");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }
+    }
+    Err(last.map(KubeError::Api).unwrap_or(KubeError::NotSynced))
+}
+
+/// Upstream `CompleteLease`: NetworkUnavailable=False, reason FlannelIsUp.
+pub async fn set_network_available(client: &Client, node: &str) -> Result<(), KubeError> {
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let patch = serde_json::json!({ "status": { "conditions": [{
+        "type": "NetworkUnavailable",
+        "status": "False",
+        "reason": "FlannelIsUp",
+        "message": "Flannel is running on this node",
+        "lastTransitionTime": now,
+        "lastHeartbeatTime": now,
+    }]}});
+    Api::<Node>::all(client.clone())
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await?;
+    Ok(())
+}
