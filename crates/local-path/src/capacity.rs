@@ -22,7 +22,7 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 
 /// Among `candidates`, the path with the most free space that still fits `size` (ties: the
 /// first). `None` if none fits. Unreadable paths are skipped.
-pub fn choose_path<'a>(candidates: &'a [String], size: u64) -> Option<(&'a str, u64)> {
+pub fn choose_path(candidates: &[String], size: u64) -> Option<(&str, u64)> {
     let mut best: Option<(&str, u64)> = None;
     for c in candidates {
         let Ok(free) = free_bytes(Path::new(c)) else {

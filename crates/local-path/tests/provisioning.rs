@@ -1,0 +1,397 @@
+//! Against the real kube-apiserver, kube-controller-manager (PV controller, binder) and
+//! kube-scheduler (volume binding sets the selected node): our provisioner and one agent
+//! process per node, each node's disk a directory of its own.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume};
+use kube::ResourceExt;
+use kube::api::{ListParams, PostParams};
+use serde_json::json;
+
+/// Pod + claim → scheduled, PV with the node's affinity and upstream's directory, setup's mode
+/// and environment; claim deleted → teardown ran, PV gone (reclaim Delete).
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
+    let env = Env::new("lp-basic").await;
+    // Records upstream's environment and arguments next to the volume.
+    let setup = "#!/bin/sh\nset -eu\nmkdir -m 0750 -p \"$VOL_DIR\"\necho \"$VOL_DIR $VOL_MODE $VOL_SIZE_BYTES $*\" > \"$VOL_DIR.env\"\n";
+    let teardown = "#!/bin/sh\nset -eu\nrm -rf \"$VOL_DIR\" \"$VOL_DIR.env\"\n";
+    env.put_config(&env.default_config(), setup, teardown).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+    env.claim("data", &class, "1Gi", "ReadWriteOnce").await;
+    env.pod("db", "data").await;
+
+    let pv = env.bound("data").await;
+    let node = env.scheduled("db").await;
+    let claim = env.claims().get("data").await.unwrap();
+    let uid = claim.uid().unwrap();
+    assert_eq!(pv.name_any(), format!("pvc-{uid}"));
+    assert_eq!(pv_node(&pv).as_deref(), Some(node.as_str()));
+    let dir = env.disk(&node).join(format!("pvc-{uid}_{}_data", env.ns));
+    assert_eq!(pv_path(&pv), dir.display().to_string());
+    let spec = pv.spec.clone().unwrap();
+    assert_eq!(spec.host_path.unwrap().type_.as_deref(), Some("DirectoryOrCreate"));
+    assert_eq!(spec.capacity.unwrap()["storage"].0, "1Gi");
+    assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
+    assert_eq!(spec.access_modes.unwrap(), vec!["ReadWriteOnce".to_string()]);
+    assert_eq!(
+        pv.annotations().get("pv.kubernetes.io/provisioned-by"),
+        Some(&env.provisioner)
+    );
+    assert_eq!(mode_of(&dir), 0o750);
+    let recorded = std::fs::read_to_string(format!("{}.env", dir.display())).unwrap();
+    assert_eq!(
+        recorded.trim(),
+        format!("{d} Filesystem {s} -p {d} -s {s} -m Filesystem -a create", d = dir.display(), s = 1u64 << 30)
+    );
+    assert!(env.events_for("data").await.iter().any(|(r, _)| r == "ProvisioningSucceeded"));
+
+    // upstream's probe paths and kube-common's.
+    for p in ["/health", "/ready", "/healthz", "/readyz"] {
+        let (status, _) = env.health(p).await;
+        assert_eq!(status, 200, "{p}");
+    }
+    let (_, metrics) = env.health("/metrics").await;
+    assert!(metrics.contains("controller_reconcile"), "{metrics}");
+
+    let started = Instant::now();
+    env.delete_pod("db").await;
+    env.delete_claim("data").await;
+    eventually("PV deleted", LIMIT, || async {
+        env.pvs().get_opt(&pv.name_any()).await.unwrap().is_none()
+    })
+    .await;
+    eprintln!("claim deleted → PV gone after {:?}", started.elapsed());
+    assert!(!dir.exists(), "teardown removed the directory");
+    assert!(env.volume_dirs().is_empty(), "{:?}", env.volume_dirs());
+    let tasks = env.configmaps().list(&ListParams::default().labels("local-path.homecluster.io/task")).await.unwrap();
+    assert!(tasks.items.is_empty(), "no task left behind");
+}
+
+/// Retain: the claim goes, the PV is Released and nothing on disk changes, byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn retain_keeps_the_directory_byte_for_byte() {
+    let env = Env::new("lp-retain").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("keep", &[], "Retain").await;
+    env.claim("keep", &class, "10Mi", "ReadWriteOnce").await;
+    env.pod("app", "keep").await;
+    let pv = env.bound("keep").await;
+    let dir = std::path::PathBuf::from(pv_path(&pv));
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("table.dat"), &payload).unwrap();
+
+    env.delete_pod("app").await;
+    env.delete_claim("keep").await;
+    eventually("PV Released", LIMIT, || async {
+        env.pvs().get(&pv.name_any()).await.ok().and_then(|p| p.status?.phase).as_deref() == Some("Released")
+    })
+    .await;
+    // Long enough for a wrong teardown to have happened (the agent reacts in milliseconds).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.pvs().get_opt(&pv.name_any()).await.unwrap().is_some(), "Retain PV kept");
+    assert_eq!(std::fs::read(dir.join("table.dat")).unwrap(), payload);
+    let tasks = env.configmaps().list(&ListParams::default().labels("local-path.homecluster.io/task")).await.unwrap();
+    assert!(tasks.items.is_empty(), "no teardown requested for a Retain volume");
+}
+
+/// pathPattern renders upstream's template subset; a pattern escaping the claim's directory is
+/// refused with an Event and nothing is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn path_pattern_and_traversal_refused() {
+    let env = Env::new("lp-pattern").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let good = env
+        .storage_class("pattern", &[("pathPattern", "{{ .PVC.Namespace }}/{{ .PVC.Name }}/{{ .PVC.Labels.app }}")], "Delete")
+        .await;
+    let evil = env.storage_class("evil", &[("pathPattern", "{{ .PVC.Namespace }}/{{ .PVC.Name }}/../../../../etc")], "Delete").await;
+
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "pat", "labels": {"app": "pg"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": good,
+                 "resources": {"requests": {"storage": "1Mi"}}}
+    }))
+    .unwrap();
+    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    env.pod("pat-pod", "pat").await;
+    let pv = env.bound("pat").await;
+    let node = env.scheduled("pat-pod").await;
+    let expected = env.disk(&node).join(&env.ns).join("pat").join("pg");
+    assert_eq!(pv_path(&pv), expected.display().to_string());
+    assert!(expected.is_dir());
+
+    env.claim("evil", &evil, "1Mi", "ReadWriteOnce").await;
+    env.pod("evil-pod", "evil").await;
+    let note = env.wait_event("evil", "ProvisioningFailed").await;
+    assert!(note.contains("invalid references") || note.contains("must start with"), "{note}");
+    let claim = env.claims().get("evil").await.unwrap();
+    assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
+    assert!(!env.root.path().join("etc").exists());
+}
+
+/// storageClassConfigs: a class on a shared filesystem (any access mode, no node affinity)
+/// next to a node-local one.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_filesystem_class() {
+    let env = Env::new("lp-shared").await;
+    let shared_dir = env.root.path().join("nfs");
+    let local_class = format!("{}-local", env.ns);
+    let shared_class = format!("{}-shared", env.ns);
+    let map: Vec<_> = NODES
+        .iter()
+        .map(|n| json!({"node": n, "paths": [env.disk(n).display().to_string()]}))
+        .collect();
+    let config = json!({"storageClassConfigs": {
+        local_class.clone(): {"nodePathMap": map},
+        shared_class.clone(): {"sharedFileSystemPath": shared_dir.display().to_string()},
+    }});
+    env.put_config(&config.to_string(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    env.storage_class("local", &[], "Delete").await;
+    env.storage_class("shared", &[], "Delete").await;
+    env.claim("rwx", &shared_class, "5Mi", "ReadWriteMany").await;
+    env.pod("rwx-pod", "rwx").await;
+    env.claim("rwo", &local_class, "5Mi", "ReadWriteOnce").await;
+    env.pod("rwo-pod", "rwo").await;
+
+    let shared_pv = env.bound("rwx").await;
+    assert!(shared_pv.spec.as_ref().unwrap().node_affinity.is_none(), "no affinity on a shared volume");
+    assert!(pv_path(&shared_pv).starts_with(&shared_dir.display().to_string()));
+    assert!(std::path::Path::new(&pv_path(&shared_pv)).is_dir());
+    let local_pv = env.bound("rwo").await;
+    assert!(pv_node(&local_pv).is_some());
+
+    env.delete_pod("rwx-pod").await;
+    env.delete_claim("rwx").await;
+    eventually("shared volume torn down", LIMIT, || async {
+        env.pvs().get_opt(&shared_pv.name_any()).await.unwrap().is_none()
+    })
+    .await;
+    assert!(!std::path::Path::new(&pv_path(&shared_pv)).exists());
+}
+
+/// Live reload: a bad config raises a Warning Event and the last good one keeps working; a good
+/// new one takes effect for the next claim.
+#[tokio::test(flavor = "multi_thread")]
+async fn config_reload_and_bad_config_kept_out() {
+    let env = Env::new("lp-reload").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+
+    env.put_config(r#"{"nodePathMap":[{"node":"x","paths":["relative/path"]}]}"#, SETUP, TEARDOWN)
+        .await;
+    let note = env.wait_event("local-path-config", "InvalidConfig").await;
+    assert!(note.contains("relative/path") && note.contains("absolute"), "{note}");
+
+    env.claim("one", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("one-pod", "one").await;
+    let pv = env.bound("one").await;
+    let node = env.scheduled("one-pod").await;
+    assert!(pv_path(&pv).starts_with(&env.disk(&node).display().to_string()), "last good config used");
+
+    // A new good config: every node's volumes under <disk>/v2.
+    let map: Vec<_> = NODES
+        .iter()
+        .map(|n| json!({"node": n, "paths": [env.disk(n).join("v2").display().to_string()]}))
+        .collect();
+    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN).await;
+    // The reload is a watch event; give it a moment before the next claim.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.claim("two", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("two-pod", "two").await;
+    let pv2 = env.bound("two").await;
+    let node2 = env.scheduled("two-pod").await;
+    assert!(pv_path(&pv2).starts_with(&env.disk(&node2).join("v2").display().to_string()), "{}", pv_path(&pv2));
+}
+
+/// Capacity: a claim too big for the selected node's path is sent back to the scheduler (the
+/// selected-node annotation removed, with an Event) and lands on a node where it fits; with two
+/// paths on a node the one with more free space is chosen.
+#[tokio::test(flavor = "multi_thread")]
+async fn claim_too_big_for_a_node_lands_where_it_fits() {
+    let env = Env::new("lp-capacity").await;
+    let small = env.disk(NODES[2]);
+    env.small_disk(&small, 8);
+    let tiny_a = env.root.path().join("tiny-a");
+    env.small_disk(&tiny_a, 4);
+    let map = json!([
+        {"node": NODES[0], "paths": [tiny_a.display().to_string(), env.disk(NODES[0]).display().to_string()]},
+        {"node": NODES[1], "paths": [env.disk(NODES[1]).display().to_string()]},
+        {"node": NODES[2], "paths": [small.display().to_string()]},
+    ]);
+    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+
+    // As the scheduler would: the small node selected for a 64Mi claim.
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "pinned", "annotations": {"volume.kubernetes.io/selected-node": NODES[2]}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                 "resources": {"requests": {"storage": "64Mi"}}}
+    }))
+    .unwrap();
+    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    let note = env.wait_event("pinned", "ProvisioningFailed").await;
+    assert!(note.contains("does not fit") && note.contains("scheduler"), "{note}");
+    eventually("selected-node removed", LIMIT, || async {
+        let c = env.claims().get("pinned").await.unwrap();
+        !c.annotations().contains_key("volume.kubernetes.io/selected-node")
+    })
+    .await;
+
+    // With a pod: whichever node the scheduler tries, the claim ends on a node where it fits.
+    let started = Instant::now();
+    env.claim("big", &class, "64Mi", "ReadWriteOnce").await;
+    env.pod("big-pod", "big").await;
+    let pv = env.bound("big").await;
+    let node = env.scheduled("big-pod").await;
+    let reschedules = env.events_for("big").await.iter().filter(|(r, _)| r == "ProvisioningFailed").count();
+    eprintln!("64Mi claim: on {node} after {:?}, {reschedules} reschedule(s)", started.elapsed());
+    assert_ne!(node, NODES[2]);
+    if node == NODES[0] {
+        assert!(pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()), "the larger path of node a");
+    }
+    assert!(std::fs::read_dir(&small).unwrap().next().is_none(), "nothing made on the small disk");
+
+    // Two paths on node a, a small claim fits both: the one with more free space wins.
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "two-paths", "annotations": {"volume.kubernetes.io/selected-node": NODES[0]}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                 "resources": {"requests": {"storage": "1Mi"}}}
+    }))
+    .unwrap();
+    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    let pv = env.bound("two-paths").await;
+    assert!(pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()), "{}", pv_path(&pv));
+}
+
+/// PVs as upstream makes them (no annotation of ours, node in the affinity only): a Released one
+/// is torn down and deleted by ours; one whose node is gone is deleted without touching a node.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_pvs_and_deleted_nodes_are_cleaned_up() {
+    let env = Env::new("lp-upstream").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+
+    let make = |name: &str, node: &str, path: &str| -> PersistentVolume {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": env.provisioner}},
+            "spec": {
+                "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Delete", "storageClassName": class,
+                "hostPath": {"path": path, "type": "DirectoryOrCreate"},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+                // A claim that no longer exists: the PV controller marks the PV Released.
+                "claimRef": {"namespace": env.ns, "name": "gone", "uid": "00000000-0000-0000-0000-000000000001"},
+            }
+        }))
+        .unwrap()
+    };
+    let old_dir = env.disk(NODES[1]).join(format!("pvc-old_{}_gone", env.ns));
+    std::fs::create_dir_all(&old_dir).unwrap();
+    std::fs::write(old_dir.join("f"), b"x").unwrap();
+    let old_name = format!("{}-old", env.ns);
+    env.pvs().create(&PostParams::default(), &make(&old_name, NODES[1], &old_dir.display().to_string())).await.unwrap();
+    let lost_name = format!("{}-lost", env.ns);
+    let lost_dir = env.root.path().join("lost-node-disk/pvc-lost");
+    std::fs::create_dir_all(&lost_dir).unwrap();
+    env.pvs().create(&PostParams::default(), &make(&lost_name, "no-such-node", &lost_dir.display().to_string())).await.unwrap();
+
+    for name in [&old_name, &lost_name] {
+        eventually(&format!("PV {name} deleted"), LIMIT, || async {
+            env.pvs().get_opt(name).await.unwrap().is_none()
+        })
+        .await;
+    }
+    assert!(!old_dir.exists(), "upstream-made volume torn down on its node");
+    assert!(lost_dir.exists(), "nothing ran for a node that is gone");
+}
+
+/// Per-volume usage on the agent's /metrics, and orphaned pvc-* directories reported (in the
+/// node's report ConfigMap and as a metric), never deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_metric_and_orphan_report() {
+    let env = Env::new("lp-usage").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    let orphan = env.disk(NODES[0]).join("pvc-orphan_ns_old");
+    std::fs::create_dir_all(&orphan).unwrap();
+    env.start_agents();
+    env.start_provisioner("provisioner", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+    env.claim("u", &class, "10Mi", "ReadWriteOnce").await;
+    env.pod("u-pod", "u").await;
+    let pv = env.bound("u").await;
+    let node = env.scheduled("u-pod").await;
+    std::fs::write(std::path::Path::new(&pv_path(&pv)).join("blob"), vec![1u8; 256 * 1024]).unwrap();
+
+    let report: ConfigMap = wait_for("node report with usage", LIMIT, || async {
+        let cm = env.configmaps().get(&format!("local-path-node-{node}")).await.ok()?;
+        let usage: BTreeMap<String, u64> = serde_json::from_str(cm.data.as_ref()?.get("usage.json")?).ok()?;
+        (usage.get(&pv.name_any()).copied().unwrap_or(0) >= 256 * 1024).then_some(cm)
+    })
+    .await;
+    assert!(report.data.unwrap().contains_key("free.json"));
+    let a: ConfigMap = wait_for("orphan reported", LIMIT, || async {
+        let cm = env.configmaps().get(&format!("local-path-node-{}", NODES[0])).await.ok()?;
+        cm.data.as_ref()?.get("orphans")?.contains("pvc-orphan_ns_old").then_some(cm)
+    })
+    .await;
+    assert!(!a.data.unwrap()["orphans"].contains(&pv.name_any()));
+    assert!(orphan.exists(), "orphans are reported, not deleted");
+}
+
+/// Two replicas on the provisioner's Lease (upstream's name with leader election on); the
+/// leader killed while the agent runs a slow setup; the other replica takes over and finishes:
+/// one PV, one directory, no task left.
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioner_killed_mid_provisioning_leaves_no_leak_nor_duplicate() {
+    let env = Env::new("lp-crash").await;
+    let slow = "#!/bin/sh\nset -eu\nsleep 3\nmkdir -m 0777 -p \"$VOL_DIR\"\n";
+    env.put_config(&env.default_config(), slow, TEARDOWN).await;
+    env.start_agents();
+    let first = env.start_provisioner("provisioner", &[]);
+    let lease_name = env.provisioner.replace('/', "-");
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    wait_for("first replica leads", LIMIT, || async {
+        leases.get(&lease_name).await.ok()?.spec?.holder_identity
+    })
+    .await;
+    env.start_provisioner("provisioner-2", &[]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+    env.claim("c", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("c-pod", "c").await;
+    let uid = env.claims().get("c").await.unwrap().uid().unwrap();
+    let task = format!("local-path-create-pvc-{uid}");
+    wait_for("the agent took the task", LIMIT, || async {
+        env.configmaps().get(&task).await.ok()?.data?.get("agent").cloned()
+    })
+    .await;
+    env.kill(first);
+    let killed = Instant::now();
+    let pv = env.bound("c").await;
+    eprintln!("leader killed mid-provisioning: bound {:?} later by the other replica", killed.elapsed());
+    let pvs: Vec<_> = env.pvs().list(&ListParams::default()).await.unwrap().items.into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|r| r.uid.clone()) == Some(uid.clone()))
+        .collect();
+    assert_eq!(pvs.len(), 1);
+    assert_eq!(env.volume_dirs(), vec![std::path::PathBuf::from(pv_path(&pv))]);
+    eventually("task removed", LIMIT, || async { env.configmaps().get_opt(&task).await.unwrap().is_none() }).await;
+}
