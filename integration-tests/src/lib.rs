@@ -9,6 +9,7 @@ pub mod http;
 pub mod kube;
 pub mod netns;
 pub mod nodes;
+pub mod overlay;
 pub mod paths;
 pub mod pki;
 pub mod poll;

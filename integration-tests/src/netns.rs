@@ -128,3 +128,35 @@ pub fn attach(ns: Option<&NetNs>, ifname: &str, bridge: &str) -> Result<()> {
         None => run("ip", &args).map(drop),
     }
 }
+
+impl NetNs {
+    /// `/run/netns/<name>`: what a runtime passes as `CNI_NETNS`.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace, so sockets it creates live
+    /// there (they stay in it when handed back to other threads).
+    pub fn run_in<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let file = std::fs::File::open(self.path())?;
+        let joined = std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(std::io::Error::from)?;
+            Ok::<T, std::io::Error>(f())
+        })
+        .join()
+        .map_err(|_| HarnessError::Command {
+            cmd: "thread in namespace".into(),
+            message: "panicked".into(),
+        })?;
+        Ok(joined?)
+    }
+}
