@@ -152,6 +152,9 @@ async fn step(
             let o = account.new_order(&new).await?;
             tracing::info!(order = %order.name_any(), url = %o.url(), "ACME order created");
             status.url = Some(o.url().to_string());
+            // Recorded before anything else can fail: a retry that does not know the URL would
+            // open a second ACME order and spend the CA's new-orders limit.
+            patch_status(ctx, order, status).await?;
             o
         }
         Some(url) => account.order(url.clone()).await?,
