@@ -94,3 +94,27 @@ pub async fn register(client: &Client, node: &TestNode) -> Result<Node> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// Removes the `node.kubernetes.io/not-ready` taint the apiserver's admission puts on a new Node,
+/// as the node lifecycle controller does once the Node reports Ready (that controller is off
+/// in the test control plane), so the scheduler can place pods on it.
+pub async fn make_schedulable(client: &Client, name: &str) -> Result<Node> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = api.get(name).await?;
+    let taints: Vec<_> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key != "node.kubernetes.io/not-ready")
+        .collect();
+    let patch = serde_json::json!({"spec": {"taints": taints}});
+    Ok(api
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?)
+}

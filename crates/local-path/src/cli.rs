@@ -128,6 +128,7 @@ pub async fn start(common: CommonArgs, args: StartArgs) -> anyhow::Result<()> {
         mode: args.mode,
         provisioning_retry_count: args.provisioning_retry_count,
         deletion_retry_count: args.deletion_retry_count,
+        configmap: args.configmap_name.clone(),
     };
     let source = ConfigSource {
         configmap: args.configmap_name,

@@ -3,14 +3,15 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
+use kube::api::{DeleteParams, LogParams, PostParams};
 use kube::runtime::events::{EventType, Recorder};
 use kube::{Api, Client};
 use thiserror::Error;
 
+use crate::helper_pod;
 use crate::reload::ConfigRx;
-use crate::task::{self, Op, Task, TaskState};
+use crate::task::{self, Op, Phase, Task, TaskState};
 
 /// How volume directories are made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -30,6 +31,8 @@ pub struct Options {
     pub mode: Mode,
     pub provisioning_retry_count: u32,
     pub deletion_retry_count: u32,
+    /// The ConfigMap whose `setup`/`teardown` a helper pod mounts.
+    pub configmap: String,
 }
 
 #[derive(Debug, Error)]
@@ -66,28 +69,80 @@ impl Ctx {
         Api::namespaced(self.client.clone(), &self.opts.namespace)
     }
 
+    pub fn helper_pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.opts.namespace)
+    }
+
+    /// The task for `pv`, from its ConfigMap (agent mode) or its helper pod.
     pub async fn get_task(&self, op: Op, pv: &str) -> Result<Option<TaskState>, Error> {
+        if self.opts.mode == Mode::HelperPod {
+            let name = helper_pod::name(op, pv);
+            let Some(pod) = self.helper_pods().get_opt(&name).await? else {
+                return Ok(None);
+            };
+            let state = helper_pod::parse(&pod);
+            if state.as_ref().is_some_and(|s| s.phase != Phase::Pending) {
+                // upstream copies the helper's output into its own log.
+                if let Ok(log) = self.helper_pods().logs(&name, &LogParams::default()).await {
+                    tracing::info!(pod = %name, output = %log.trim(), "helper pod output");
+                }
+            }
+            return Ok(state);
+        }
         let cm = self.tasks().get_opt(&task::name(op, pv)).await?;
         Ok(cm.as_ref().and_then(task::parse))
     }
 
     /// Creates the task; an existing one of the same name (ours, from before a restart) wins.
     pub async fn create_task(&self, t: &Task) -> Result<(), Error> {
-        let cm = t.to_configmap(&self.opts.namespace);
-        match self.tasks().create(&PostParams::default(), &cm).await {
-            Ok(_) => Ok(()),
+        let result = if self.opts.mode == Mode::HelperPod {
+            let template = self
+                .config
+                .borrow()
+                .as_ref()
+                .and_then(|c| c.helper_pod_yaml.clone());
+            let pod = helper_pod::build(
+                t,
+                template.as_deref(),
+                &self.opts.configmap,
+                &self.opts.service_account,
+            )
+            .map_err(|e| Error::Retry(e.to_string()))?;
+            self.helper_pods()
+                .create(&PostParams::default(), &pod)
+                .await
+                .map(|_| ())
+        } else {
+            let cm = t.to_configmap(&self.opts.namespace);
+            self.tasks()
+                .create(&PostParams::default(), &cm)
+                .await
+                .map(|_| ())
+        };
+        match result {
+            Ok(()) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
     pub async fn delete_task(&self, op: Op, pv: &str) -> Result<(), Error> {
-        match self
-            .tasks()
-            .delete(&task::name(op, pv), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => Ok(()),
+        let result = if self.opts.mode == Mode::HelperPod {
+            self.helper_pods()
+                .delete(
+                    &helper_pod::name(op, pv),
+                    &DeleteParams::default().grace_period(0),
+                )
+                .await
+                .map(|_| ())
+        } else {
+            self.tasks()
+                .delete(&task::name(op, pv), &DeleteParams::default())
+                .await
+                .map(|_| ())
+        };
+        match result {
+            Ok(()) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }

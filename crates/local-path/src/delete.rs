@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use kube::api::{DeleteParams, ListParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -208,10 +208,4 @@ async fn claim_alive(ctx: &Ctx, claim: &str, uid: &str) -> Result<bool, Error> {
         .get_opt(name)
         .await?
         .is_some_and(|c| c.uid().as_deref() == Some(uid)))
-}
-
-/// Which PV a delete task belongs to (for the PV controller's watch of tasks).
-pub fn pv_of_task(cm: &ConfigMap) -> Option<String> {
-    let state = task::parse(cm)?;
-    (state.task.op == Op::Delete).then_some(state.task.pv)
 }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod delete;
+pub mod helper_pod;
 pub mod local;
 pub mod provision;
 pub mod provisioner;

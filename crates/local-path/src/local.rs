@@ -72,6 +72,7 @@ pub async fn run(
             mode: Mode::Agent,
             provisioning_retry_count: 15,
             deletion_retry_count: 15,
+            configmap: "local-path-config".into(),
         },
         ConfigSource {
             configmap: "local-path-config".into(),

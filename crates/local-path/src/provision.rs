@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::config::Placement;
-use crate::context::{Ctx, Error};
+use crate::context::{Ctx, Error, Mode};
 use crate::pv_naming::{self, ClaimMeta};
 use crate::quantity;
 use crate::task::{ANY_NODE, Op, Phase, Script, Task, TaskState};
@@ -172,6 +172,16 @@ async fn start(
     let script = match &cfg.setup_command {
         Some(c) => Script::Command(c.clone()),
         None => Script::Shell(cfg.setup_script.clone()),
+    };
+    // A helper pod cannot measure the node's disks: the first path, the directory decided here.
+    let (base_paths, folder) = if ctx.opts.mode == Mode::HelperPod {
+        let base = base_paths.first().cloned().unwrap_or_default();
+        (
+            vec![base.clone()],
+            crate::config::clean(&format!("{base}/{folder}")),
+        )
+    } else {
+        (base_paths, folder)
     };
     let task = Task {
         op: Op::Create,

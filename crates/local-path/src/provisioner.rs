@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{Ctx, Options};
 use crate::reload::{self, ConfigRx};
-use crate::task::{self, Op, TASK_LABEL};
-use crate::{delete, provision};
+use crate::task::{self, Op, TASK_LABEL, TaskState};
+use crate::{delete, helper_pod, provision};
 
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -49,6 +49,13 @@ pub async fn run(
         },
         mgr.shutdown.clone(),
     );
+    let loaded = mgr.readiness.register("config");
+    let mut rx = config.clone();
+    tokio::spawn(async move {
+        if rx.wait_for(Option::is_some).await.is_ok() {
+            loaded.set(true);
+        }
+    });
     let ctx = Arc::new(Ctx::new(mgr.client.clone(), opts, config, recorder));
     match lease {
         None => {
@@ -71,17 +78,26 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
     let tasks: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let task_wc = watcher::Config::default().labels(TASK_LABEL);
 
+    let helpers: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let claims = Controller::new(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches(tasks.clone(), task_wc.clone(), claim_of_task);
+    .watches(tasks.clone(), task_wc.clone(), |cm: ConfigMap| {
+        claim_of_task(task::parse(&cm)?)
+    })
+    .watches(helpers.clone(), task_wc.clone(), |pod: Pod| {
+        claim_of_task(helper_pod::parse(&pod)?)
+    });
     let volumes = Controller::new(
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches(tasks, task_wc, |cm: ConfigMap| {
-        delete::pv_of_task(&cm).map(|pv| ObjectRef::<PersistentVolume>::new(&pv))
+    .watches(tasks, task_wc.clone(), |cm: ConfigMap| {
+        pv_of_task(task::parse(&cm)?)
+    })
+    .watches(helpers, task_wc, |pod: Pod| {
+        pv_of_task(helper_pod::parse(&pod)?)
     });
     tokio::join!(
         mgr.run(
@@ -102,8 +118,11 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
     );
 }
 
-fn claim_of_task(cm: ConfigMap) -> Option<ObjectRef<PersistentVolumeClaim>> {
-    let state = task::parse(&cm)?;
+fn pv_of_task(state: TaskState) -> Option<ObjectRef<PersistentVolume>> {
+    (state.task.op == Op::Delete).then(|| ObjectRef::new(&state.task.pv))
+}
+
+fn claim_of_task(state: TaskState) -> Option<ObjectRef<PersistentVolumeClaim>> {
     if state.task.op != Op::Create {
         return None;
     }

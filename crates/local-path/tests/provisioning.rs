@@ -37,10 +37,19 @@ async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
     let dir = env.disk(&node).join(format!("pvc-{uid}_{}_data", env.ns));
     assert_eq!(pv_path(&pv), dir.display().to_string());
     let spec = pv.spec.clone().unwrap();
-    assert_eq!(spec.host_path.unwrap().type_.as_deref(), Some("DirectoryOrCreate"));
+    assert_eq!(
+        spec.host_path.unwrap().type_.as_deref(),
+        Some("DirectoryOrCreate")
+    );
     assert_eq!(spec.capacity.unwrap()["storage"].0, "1Gi");
-    assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
-    assert_eq!(spec.access_modes.unwrap(), vec!["ReadWriteOnce".to_string()]);
+    assert_eq!(
+        spec.persistent_volume_reclaim_policy.as_deref(),
+        Some("Delete")
+    );
+    assert_eq!(
+        spec.access_modes.unwrap(),
+        vec!["ReadWriteOnce".to_string()]
+    );
     assert_eq!(
         pv.annotations().get("pv.kubernetes.io/provisioned-by"),
         Some(&env.provisioner)
@@ -49,9 +58,18 @@ async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
     let recorded = std::fs::read_to_string(format!("{}.env", dir.display())).unwrap();
     assert_eq!(
         recorded.trim(),
-        format!("{d} Filesystem {s} -p {d} -s {s} -m Filesystem -a create", d = dir.display(), s = 1u64 << 30)
+        format!(
+            "{d} Filesystem {s} -p {d} -s {s} -m Filesystem -a create",
+            d = dir.display(),
+            s = 1u64 << 30
+        )
     );
-    assert!(env.events_for("data").await.iter().any(|(r, _)| r == "ProvisioningSucceeded"));
+    assert!(
+        env.events_for("data")
+            .await
+            .iter()
+            .any(|(r, _)| r == "ProvisioningSucceeded")
+    );
 
     // upstream's probe paths and kube-common's.
     for p in ["/health", "/ready", "/healthz", "/readyz"] {
@@ -71,7 +89,11 @@ async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
     eprintln!("claim deleted → PV gone after {:?}", started.elapsed());
     assert!(!dir.exists(), "teardown removed the directory");
     assert!(env.volume_dirs().is_empty(), "{:?}", env.volume_dirs());
-    let tasks = env.configmaps().list(&ListParams::default().labels("local-path.homecluster.io/task")).await.unwrap();
+    let tasks = env
+        .configmaps()
+        .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+        .await
+        .unwrap();
     assert!(tasks.items.is_empty(), "no task left behind");
 }
 
@@ -93,15 +115,31 @@ async fn retain_keeps_the_directory_byte_for_byte() {
     env.delete_pod("app").await;
     env.delete_claim("keep").await;
     eventually("PV Released", LIMIT, || async {
-        env.pvs().get(&pv.name_any()).await.ok().and_then(|p| p.status?.phase).as_deref() == Some("Released")
+        env.pvs()
+            .get(&pv.name_any())
+            .await
+            .ok()
+            .and_then(|p| p.status?.phase)
+            .as_deref()
+            == Some("Released")
     })
     .await;
     // Long enough for a wrong teardown to have happened (the agent reacts in milliseconds).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(env.pvs().get_opt(&pv.name_any()).await.unwrap().is_some(), "Retain PV kept");
+    assert!(
+        env.pvs().get_opt(&pv.name_any()).await.unwrap().is_some(),
+        "Retain PV kept"
+    );
     assert_eq!(std::fs::read(dir.join("table.dat")).unwrap(), payload);
-    let tasks = env.configmaps().list(&ListParams::default().labels("local-path.homecluster.io/task")).await.unwrap();
-    assert!(tasks.items.is_empty(), "no teardown requested for a Retain volume");
+    let tasks = env
+        .configmaps()
+        .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+        .await
+        .unwrap();
+    assert!(
+        tasks.items.is_empty(),
+        "no teardown requested for a Retain volume"
+    );
 }
 
 /// pathPattern renders upstream's template subset; a pattern escaping the claim's directory is
@@ -113,9 +151,25 @@ async fn path_pattern_and_traversal_refused() {
     env.start_agents();
     env.start_provisioner("provisioner", &[]);
     let good = env
-        .storage_class("pattern", &[("pathPattern", "{{ .PVC.Namespace }}/{{ .PVC.Name }}/{{ .PVC.Labels.app }}")], "Delete")
+        .storage_class(
+            "pattern",
+            &[(
+                "pathPattern",
+                "{{ .PVC.Namespace }}/{{ .PVC.Name }}/{{ .PVC.Labels.app }}",
+            )],
+            "Delete",
+        )
         .await;
-    let evil = env.storage_class("evil", &[("pathPattern", "{{ .PVC.Namespace }}/{{ .PVC.Name }}/../../../../etc")], "Delete").await;
+    let evil = env
+        .storage_class(
+            "evil",
+            &[(
+                "pathPattern",
+                "{{ .PVC.Namespace }}/{{ .PVC.Name }}/../../../../etc",
+            )],
+            "Delete",
+        )
+        .await;
 
     let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "pat", "labels": {"app": "pg"}},
@@ -123,7 +177,10 @@ async fn path_pattern_and_traversal_refused() {
                  "resources": {"requests": {"storage": "1Mi"}}}
     }))
     .unwrap();
-    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    env.claims()
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
     env.pod("pat-pod", "pat").await;
     let pv = env.bound("pat").await;
     let node = env.scheduled("pat-pod").await;
@@ -134,9 +191,15 @@ async fn path_pattern_and_traversal_refused() {
     env.claim("evil", &evil, "1Mi", "ReadWriteOnce").await;
     env.pod("evil-pod", "evil").await;
     let note = env.wait_event("evil", "ProvisioningFailed").await;
-    assert!(note.contains("invalid references") || note.contains("must start with"), "{note}");
+    assert!(
+        note.contains("invalid references") || note.contains("must start with"),
+        "{note}"
+    );
     let claim = env.claims().get("evil").await.unwrap();
-    assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
+    assert_eq!(
+        claim.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending")
+    );
     assert!(!env.root.path().join("etc").exists());
 }
 
@@ -161,13 +224,17 @@ async fn shared_filesystem_class() {
     env.start_provisioner("provisioner", &[]);
     env.storage_class("local", &[], "Delete").await;
     env.storage_class("shared", &[], "Delete").await;
-    env.claim("rwx", &shared_class, "5Mi", "ReadWriteMany").await;
+    env.claim("rwx", &shared_class, "5Mi", "ReadWriteMany")
+        .await;
     env.pod("rwx-pod", "rwx").await;
     env.claim("rwo", &local_class, "5Mi", "ReadWriteOnce").await;
     env.pod("rwo-pod", "rwo").await;
 
     let shared_pv = env.bound("rwx").await;
-    assert!(shared_pv.spec.as_ref().unwrap().node_affinity.is_none(), "no affinity on a shared volume");
+    assert!(
+        shared_pv.spec.as_ref().unwrap().node_affinity.is_none(),
+        "no affinity on a shared volume"
+    );
     assert!(pv_path(&shared_pv).starts_with(&shared_dir.display().to_string()));
     assert!(std::path::Path::new(&pv_path(&shared_pv)).is_dir());
     let local_pv = env.bound("rwo").await;
@@ -176,7 +243,11 @@ async fn shared_filesystem_class() {
     env.delete_pod("rwx-pod").await;
     env.delete_claim("rwx").await;
     eventually("shared volume torn down", LIMIT, || async {
-        env.pvs().get_opt(&shared_pv.name_any()).await.unwrap().is_none()
+        env.pvs()
+            .get_opt(&shared_pv.name_any())
+            .await
+            .unwrap()
+            .is_none()
     })
     .await;
     assert!(!std::path::Path::new(&pv_path(&shared_pv)).exists());
@@ -191,31 +262,50 @@ async fn config_reload_and_bad_config_kept_out() {
     env.start_agents();
     env.start_provisioner("provisioner", &[]);
     let class = env.storage_class("lp", &[], "Delete").await;
+    eventually("provisioner ready (config loaded)", LIMIT, || async {
+        env.health("/ready").await.0 == 200
+    })
+    .await;
 
-    env.put_config(r#"{"nodePathMap":[{"node":"x","paths":["relative/path"]}]}"#, SETUP, TEARDOWN)
-        .await;
+    env.put_config(
+        r#"{"nodePathMap":[{"node":"x","paths":["relative/path"]}]}"#,
+        SETUP,
+        TEARDOWN,
+    )
+    .await;
     let note = env.wait_event("local-path-config", "InvalidConfig").await;
-    assert!(note.contains("relative/path") && note.contains("absolute"), "{note}");
+    assert!(
+        note.contains("relative/path") && note.contains("absolute"),
+        "{note}"
+    );
 
     env.claim("one", &class, "1Mi", "ReadWriteOnce").await;
     env.pod("one-pod", "one").await;
     let pv = env.bound("one").await;
     let node = env.scheduled("one-pod").await;
-    assert!(pv_path(&pv).starts_with(&env.disk(&node).display().to_string()), "last good config used");
+    assert!(
+        pv_path(&pv).starts_with(&env.disk(&node).display().to_string()),
+        "last good config used"
+    );
 
     // A new good config: every node's volumes under <disk>/v2.
     let map: Vec<_> = NODES
         .iter()
         .map(|n| json!({"node": n, "paths": [env.disk(n).join("v2").display().to_string()]}))
         .collect();
-    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN).await;
+    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN)
+        .await;
     // The reload is a watch event; give it a moment before the next claim.
     tokio::time::sleep(Duration::from_secs(1)).await;
     env.claim("two", &class, "1Mi", "ReadWriteOnce").await;
     env.pod("two-pod", "two").await;
     let pv2 = env.bound("two").await;
     let node2 = env.scheduled("two-pod").await;
-    assert!(pv_path(&pv2).starts_with(&env.disk(&node2).join("v2").display().to_string()), "{}", pv_path(&pv2));
+    assert!(
+        pv_path(&pv2).starts_with(&env.disk(&node2).join("v2").display().to_string()),
+        "{}",
+        pv_path(&pv2)
+    );
 }
 
 /// Capacity: a claim too big for the selected node's path is sent back to the scheduler (the
@@ -233,7 +323,8 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
         {"node": NODES[1], "paths": [env.disk(NODES[1]).display().to_string()]},
         {"node": NODES[2], "paths": [small.display().to_string()]},
     ]);
-    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN).await;
+    env.put_config(&json!({"nodePathMap": map}).to_string(), SETUP, TEARDOWN)
+        .await;
     env.start_agents();
     env.start_provisioner("provisioner", &[]);
     let class = env.storage_class("lp", &[], "Delete").await;
@@ -245,12 +336,19 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
                  "resources": {"requests": {"storage": "64Mi"}}}
     }))
     .unwrap();
-    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    env.claims()
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
     let note = env.wait_event("pinned", "ProvisioningFailed").await;
-    assert!(note.contains("does not fit") && note.contains("scheduler"), "{note}");
+    assert!(
+        note.contains("does not fit") && note.contains("scheduler"),
+        "{note}"
+    );
     eventually("selected-node removed", LIMIT, || async {
         let c = env.claims().get("pinned").await.unwrap();
-        !c.annotations().contains_key("volume.kubernetes.io/selected-node")
+        !c.annotations()
+            .contains_key("volume.kubernetes.io/selected-node")
     })
     .await;
 
@@ -260,13 +358,27 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
     env.pod("big-pod", "big").await;
     let pv = env.bound("big").await;
     let node = env.scheduled("big-pod").await;
-    let reschedules = env.events_for("big").await.iter().filter(|(r, _)| r == "ProvisioningFailed").count();
-    eprintln!("64Mi claim: on {node} after {:?}, {reschedules} reschedule(s)", started.elapsed());
+    let reschedules = env
+        .events_for("big")
+        .await
+        .iter()
+        .filter(|(r, _)| r == "ProvisioningFailed")
+        .count();
+    eprintln!(
+        "64Mi claim: on {node} after {:?}, {reschedules} reschedule(s)",
+        started.elapsed()
+    );
     assert_ne!(node, NODES[2]);
     if node == NODES[0] {
-        assert!(pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()), "the larger path of node a");
+        assert!(
+            pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()),
+            "the larger path of node a"
+        );
     }
-    assert!(std::fs::read_dir(&small).unwrap().next().is_none(), "nothing made on the small disk");
+    assert!(
+        std::fs::read_dir(&small).unwrap().next().is_none(),
+        "nothing made on the small disk"
+    );
 
     // Two paths on node a, a small claim fits both: the one with more free space wins.
     let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
@@ -275,9 +387,16 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
                  "resources": {"requests": {"storage": "1Mi"}}}
     }))
     .unwrap();
-    env.claims().create(&PostParams::default(), &pvc).await.unwrap();
+    env.claims()
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
     let pv = env.bound("two-paths").await;
-    assert!(pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()), "{}", pv_path(&pv));
+    assert!(
+        pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()),
+        "{}",
+        pv_path(&pv)
+    );
 }
 
 /// PVs as upstream makes them (no annotation of ours, node in the affinity only): a Released one
@@ -309,11 +428,23 @@ async fn upstream_pvs_and_deleted_nodes_are_cleaned_up() {
     std::fs::create_dir_all(&old_dir).unwrap();
     std::fs::write(old_dir.join("f"), b"x").unwrap();
     let old_name = format!("{}-old", env.ns);
-    env.pvs().create(&PostParams::default(), &make(&old_name, NODES[1], &old_dir.display().to_string())).await.unwrap();
+    env.pvs()
+        .create(
+            &PostParams::default(),
+            &make(&old_name, NODES[1], &old_dir.display().to_string()),
+        )
+        .await
+        .unwrap();
     let lost_name = format!("{}-lost", env.ns);
     let lost_dir = env.root.path().join("lost-node-disk/pvc-lost");
     std::fs::create_dir_all(&lost_dir).unwrap();
-    env.pvs().create(&PostParams::default(), &make(&lost_name, "no-such-node", &lost_dir.display().to_string())).await.unwrap();
+    env.pvs()
+        .create(
+            &PostParams::default(),
+            &make(&lost_name, "no-such-node", &lost_dir.display().to_string()),
+        )
+        .await
+        .unwrap();
 
     for name in [&old_name, &lost_name] {
         eventually(&format!("PV {name} deleted"), LIMIT, || async {
@@ -321,7 +452,10 @@ async fn upstream_pvs_and_deleted_nodes_are_cleaned_up() {
         })
         .await;
     }
-    assert!(!old_dir.exists(), "upstream-made volume torn down on its node");
+    assert!(
+        !old_dir.exists(),
+        "upstream-made volume torn down on its node"
+    );
     assert!(lost_dir.exists(), "nothing ran for a node that is gone");
 }
 
@@ -340,18 +474,35 @@ async fn usage_metric_and_orphan_report() {
     env.pod("u-pod", "u").await;
     let pv = env.bound("u").await;
     let node = env.scheduled("u-pod").await;
-    std::fs::write(std::path::Path::new(&pv_path(&pv)).join("blob"), vec![1u8; 256 * 1024]).unwrap();
+    std::fs::write(
+        std::path::Path::new(&pv_path(&pv)).join("blob"),
+        vec![1u8; 256 * 1024],
+    )
+    .unwrap();
 
     let report: ConfigMap = wait_for("node report with usage", LIMIT, || async {
-        let cm = env.configmaps().get(&format!("local-path-node-{node}")).await.ok()?;
-        let usage: BTreeMap<String, u64> = serde_json::from_str(cm.data.as_ref()?.get("usage.json")?).ok()?;
+        let cm = env
+            .configmaps()
+            .get(&format!("local-path-node-{node}"))
+            .await
+            .ok()?;
+        let usage: BTreeMap<String, u64> =
+            serde_json::from_str(cm.data.as_ref()?.get("usage.json")?).ok()?;
         (usage.get(&pv.name_any()).copied().unwrap_or(0) >= 256 * 1024).then_some(cm)
     })
     .await;
     assert!(report.data.unwrap().contains_key("free.json"));
     let a: ConfigMap = wait_for("orphan reported", LIMIT, || async {
-        let cm = env.configmaps().get(&format!("local-path-node-{}", NODES[0])).await.ok()?;
-        cm.data.as_ref()?.get("orphans")?.contains("pvc-orphan_ns_old").then_some(cm)
+        let cm = env
+            .configmaps()
+            .get(&format!("local-path-node-{}", NODES[0]))
+            .await
+            .ok()?;
+        cm.data
+            .as_ref()?
+            .get("orphans")?
+            .contains("pvc-orphan_ns_old")
+            .then_some(cm)
     })
     .await;
     assert!(!a.data.unwrap()["orphans"].contains(&pv.name_any()));
@@ -369,7 +520,8 @@ async fn provisioner_killed_mid_provisioning_leaves_no_leak_nor_duplicate() {
     env.start_agents();
     let first = env.start_provisioner("provisioner", &[]);
     let lease_name = env.provisioner.replace('/', "-");
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
     wait_for("first replica leads", LIMIT, || async {
         leases.get(&lease_name).await.ok()?.spec?.holder_identity
     })
@@ -381,17 +533,44 @@ async fn provisioner_killed_mid_provisioning_leaves_no_leak_nor_duplicate() {
     let uid = env.claims().get("c").await.unwrap().uid().unwrap();
     let task = format!("local-path-create-pvc-{uid}");
     wait_for("the agent took the task", LIMIT, || async {
-        env.configmaps().get(&task).await.ok()?.data?.get("agent").cloned()
+        env.configmaps()
+            .get(&task)
+            .await
+            .ok()?
+            .data?
+            .get("agent")
+            .cloned()
     })
     .await;
     env.kill(first);
     let killed = Instant::now();
     let pv = env.bound("c").await;
-    eprintln!("leader killed mid-provisioning: bound {:?} later by the other replica", killed.elapsed());
-    let pvs: Vec<_> = env.pvs().list(&ListParams::default()).await.unwrap().items.into_iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|r| r.uid.clone()) == Some(uid.clone()))
+    eprintln!(
+        "leader killed mid-provisioning: bound {:?} later by the other replica",
+        killed.elapsed()
+    );
+    let pvs: Vec<_> = env
+        .pvs()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.uid.clone())
+                == Some(uid.clone())
+        })
         .collect();
     assert_eq!(pvs.len(), 1);
-    assert_eq!(env.volume_dirs(), vec![std::path::PathBuf::from(pv_path(&pv))]);
-    eventually("task removed", LIMIT, || async { env.configmaps().get_opt(&task).await.unwrap().is_none() }).await;
+    assert_eq!(
+        env.volume_dirs(),
+        vec![std::path::PathBuf::from(pv_path(&pv))]
+    );
+    eventually("task removed", LIMIT, || async {
+        env.configmaps().get_opt(&task).await.unwrap().is_none()
+    })
+    .await;
 }

@@ -12,11 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use integration_tests::kube::{Cluster, ClusterOptions};
-use integration_tests::nodes::{TestNode, register};
+use integration_tests::nodes::{TestNode, make_schedulable, register};
 use integration_tests::process::{ManagedProcess, free_port};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -45,6 +43,7 @@ pub async fn cluster() -> &'static Cluster {
             let client = c.client().await?;
             for n in NODES {
                 register(&client, &TestNode::new(n)).await?;
+                make_schedulable(&client, n).await?;
             }
             eprintln!("control plane + scheduler started in {:?}", c.startup);
             Ok::<_, integration_tests::HarnessError>(c)
@@ -208,7 +207,14 @@ impl Env {
         std::fs::create_dir_all(dir).expect("mount point");
         integration_tests::process::run(
             "mount",
-            &["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs", &dir.display().to_string()],
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                "tmpfs",
+                &dir.display().to_string(),
+            ],
         )
         .expect("mounting a tmpfs (needs root)");
         self.mounts.lock().unwrap().push(dir.to_path_buf());
@@ -290,14 +296,50 @@ impl Env {
     /// Waits for the claim to be Bound; returns its PV.
     pub async fn bound(&self, claim: &str) -> PersistentVolume {
         let started = Instant::now();
+        let c = self.clone_client();
+        let ns = self.ns.clone();
+        let name = claim.to_string();
+        let dump = tokio::spawn(async move {
+            tokio::time::sleep(LIMIT - Duration::from_secs(2)).await;
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(c.clone(), &ns);
+            let pods: Api<Pod> = Api::namespaced(c, &ns);
+            eprintln!(
+                "claim: {:?}",
+                claims
+                    .get(&name)
+                    .await
+                    .map(|c| (c.metadata.annotations, c.status))
+            );
+            for p in pods
+                .list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+            {
+                eprintln!(
+                    "pod {}: {:?} {:?}",
+                    p.name_any(),
+                    p.spec.and_then(|s| s.node_name),
+                    p.status.and_then(|s| s.conditions)
+                );
+            }
+        });
         let pv_name = wait_for(&format!("claim {claim} bound"), LIMIT, || async {
             let c = self.claims().get(claim).await.ok()?;
             let phase = c.status.as_ref()?.phase.clone()?;
             (phase == "Bound").then(|| c.spec?.volume_name)?
         })
         .await;
-        eprintln!("claim {claim}: Bound to {pv_name} after {:?}", started.elapsed());
+        dump.abort();
+        eprintln!(
+            "claim {claim}: Bound to {pv_name} after {:?}",
+            started.elapsed()
+        );
         self.pvs().get(&pv_name).await.expect("pv")
+    }
+
+    fn clone_client(&self) -> Client {
+        self.client.clone()
     }
 
     /// Waits for the pod to be placed on a node (after its volume is bound).
@@ -381,11 +423,19 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.procs.lock().unwrap().iter() {
+                eprintln!("--- {} ---\n{}", p.name(), p.log_tail(3000));
+            }
+        }
         for p in self.procs.lock().unwrap().iter_mut() {
             p.kill();
         }
         for m in self.mounts.lock().unwrap().iter() {
-            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
         }
     }
 }
@@ -397,7 +447,14 @@ pub fn pv_path(pv: &PersistentVolume) -> String {
 
 /// The node in a PV's required node affinity.
 pub fn pv_node(pv: &PersistentVolume) -> Option<String> {
-    let terms = &pv.spec.as_ref()?.node_affinity.as_ref()?.required.as_ref()?.node_selector_terms;
+    let terms = &pv
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms;
     let e = terms.first()?.match_expressions.as_ref()?.first()?;
     assert_eq!(e.key, "kubernetes.io/hostname");
     e.values.as_ref()?.first().cloned()
