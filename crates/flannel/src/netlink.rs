@@ -246,9 +246,13 @@ impl Net {
     }
 
     pub async fn del_route(&self, r: &Route) -> Result<()> {
+        // As `ip route del`: protocol unspecified and scope "nowhere" match any route to `dst`
+        // (the kernel compares both when they are set).
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(r.dst.network(), r.dst.prefix_len())
-            .output_interface(r.oif);
+            .output_interface(r.oif)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere);
         if let Some(gw) = r.gateway {
             b = b.gateway(gw);
         }
@@ -410,6 +414,10 @@ pub fn to_route(r: &RouteMessage) -> Option<Route> {
 fn neigh_ip(m: &NeighbourMessage) -> Option<Ipv4Addr> {
     m.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // AF_BRIDGE (FDB) dumps carry the VXLAN destination as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }

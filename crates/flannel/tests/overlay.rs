@@ -1,0 +1,341 @@
+//! flanneld against real peers: node network namespaces on one underlay bridge (three Pis on
+//! one LAN), the real kube-apiserver and kube-controller-manager with node IPAM, one flanneld
+//! per node, pods set up through the CNI conflist. See `integration_tests::overlay`.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use integration_tests::overlay::{Lab, LabOptions, Pod};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+
+fn opts() -> LabOptions {
+    LabOptions::new(
+        env!("CARGO_BIN_EXE_flanneld"),
+        env!("CARGO_BIN_EXE_flannel"),
+    )
+}
+
+async fn node(lab: &Lab, i: usize) -> Node {
+    Api::<Node>::all(lab.client().clone())
+        .get(&lab.nodes[i].name)
+        .await
+        .unwrap()
+}
+
+fn pod_cidr(n: &Node) -> String {
+    n.spec.as_ref().unwrap().pod_cidr.clone().unwrap()
+}
+
+fn vtep_mac(lab: &Lab, i: usize) -> String {
+    let out = lab.nodes[i]
+        .ns
+        .ip(&["-o", "link", "show", "flannel.1"])
+        .unwrap();
+    out.split("link/ether ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Entries on node `i`'s flannel.1: (routes, neighbours, fdb) as iproute2 prints them.
+fn entries(lab: &Lab, i: usize) -> (String, String, String) {
+    let ns = &lab.nodes[i].ns;
+    (
+        ns.ip(&["route", "show", "dev", "flannel.1"]).unwrap(),
+        ns.ip(&["neigh", "show", "dev", "flannel.1"]).unwrap(),
+        ns.exec("bridge", &["fdb", "show", "dev", "flannel.1"])
+            .unwrap(),
+    )
+}
+
+/// TCP echo from pod `a` to `addr` (a listener created in namespace `server`).
+fn tcp_roundtrip(
+    client: &Pod,
+    listener: TcpListener,
+    target: (Ipv4Addr, u16),
+) -> std::net::SocketAddr {
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        peer
+    });
+    let echoed = client
+        .ns()
+        .run_in(move || {
+            let mut s = TcpStream::connect_timeout(&target.into(), Duration::from_secs(5)).unwrap();
+            s.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .unwrap();
+    assert_eq!(&echoed, b"hello");
+    server.join().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_pods_ping_tcp_masquerade_and_upstream_formats() {
+    let lab = Lab::start(opts()).await.unwrap();
+    let pods: Vec<Pod> = (0..3).map(|i| lab.pod(i).unwrap()).collect();
+    // Ping every pod from every other (all cross-node, over VXLAN).
+    let (mut sent, mut received) = (0, 0);
+    for a in &pods {
+        for b in &pods {
+            if a.ip != b.ip {
+                let (s, r) = a.ping(b.ip, 3, "0.2").unwrap();
+                sent += s;
+                received += r;
+            }
+        }
+    }
+    println!("cross-node pod pings: {received}/{sent} received");
+    assert_eq!((sent, received), (18, 18));
+    // TCP from a pod on node 1 to a pod on node 2: the server sees the pod's own address.
+    let b_ip = pods[1].ip;
+    let l = pods[1]
+        .ns()
+        .run_in(move || TcpListener::bind((b_ip, 8080)).unwrap())
+        .unwrap();
+    let peer = tcp_roundtrip(&pods[0], l, (b_ip, 8080));
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(pods[0].ip),
+        "pod to pod keeps its source"
+    );
+    // Pod to the LAN: masqueraded to the node's address.
+    let lan_ip = lab.lan_ip;
+    let l = lab
+        .lan
+        .run_in(move || TcpListener::bind((lan_ip, 9000)).unwrap())
+        .unwrap();
+    let peer = tcp_roundtrip(&pods[0], l, (lan_ip, 9000));
+    println!("LAN host saw pod {} as {}", pods[0].ip, peer.ip());
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(lab.nodes[0].ip),
+        "masqueraded to the node IP"
+    );
+
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for i in 0..3 {
+        let n = node(&lab, i).await;
+        let cidr = pod_cidr(&n);
+        let prefix = cidr.trim_end_matches("0/24");
+        // subnet.env byte for byte.
+        let want = std::fs::read_to_string(fixtures.join("subnet.env"))
+            .unwrap()
+            .replace("10.244.1.", prefix);
+        assert_eq!(
+            std::fs::read_to_string(lab.nodes[i].subnet_file()).unwrap(),
+            want
+        );
+        // Annotations byte for byte (VtepMAC is the device's MAC, public-ip the node's).
+        let fixture: std::collections::BTreeMap<String, String> = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join("node-annotations.json")).unwrap(),
+        )
+        .unwrap();
+        let ann = n.metadata.annotations.clone().unwrap();
+        for (k, v) in fixture {
+            let v = v
+                .replace("0a:58:0a:f4:01:00", &vtep_mac(&lab, i))
+                .replace("172.31.250.11", &lab.nodes[i].ip.to_string());
+            assert_eq!(ann.get(&k), Some(&v), "{k}");
+        }
+        // NetworkUnavailable=False, reason FlannelIsUp.
+        let cond = n
+            .status
+            .unwrap()
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "NetworkUnavailable")
+            .unwrap();
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_deref()),
+            ("False", Some("FlannelIsUp"))
+        );
+        // Upstream's rules, as iptables-save shows them.
+        let save = lab.nodes[i].ns.exec("iptables-save", &[]).unwrap();
+        for line in std::fs::read_to_string(fixtures.join("iptables-rules.txt"))
+            .unwrap()
+            .lines()
+        {
+            let line = line.replace("SUB", &cidr);
+            assert!(
+                save.lines().any(|l| l == line),
+                "missing rule {line:?} in\n{save}"
+            );
+        }
+        // The device as upstream makes it.
+        let dev = lab.nodes[i]
+            .ns
+            .ip(&["-d", "link", "show", "flannel.1"])
+            .unwrap();
+        assert!(
+            dev.contains("mtu 1450") && dev.contains("dstport 8472") && dev.contains("nolearning"),
+            "{dev}"
+        );
+        let addr = lab.nodes[i]
+            .ns
+            .ip(&["-4", "-o", "addr", "show", "flannel.1"])
+            .unwrap();
+        assert!(addr.contains(&format!("{prefix}0/32")), "{addr}");
+        // Health and metrics.
+        assert_eq!(lab.health(i, "/healthz").unwrap().0, 200);
+        let (status, metrics) = lab.health(i, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        assert!(metrics.contains("flannel_peers 2"), "{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_added_is_reachable_and_deleted_node_entries_go_everywhere() {
+    let mut lab = Lab::start(opts().nodes(2)).await.unwrap();
+    let a = lab.pod(0).unwrap();
+    let i = lab.add_node().await.unwrap();
+    lab.wait_converged().await.unwrap();
+    let c = lab.pod(i).unwrap();
+    let (s, r) = a.ping(c.ip, 3, "0.2").unwrap();
+    println!("pod on the added node: {r}/{s} pings");
+    assert_eq!((s, r), (3, 3));
+    let (s, r) = c.ping(a.ip, 3, "0.2").unwrap();
+    assert_eq!((s, r), (3, 3));
+    let cidr = pod_cidr(&node(&lab, i).await);
+    let net = cidr.trim_end_matches("/24").to_string();
+    let mac = vtep_mac(&lab, i);
+    drop(c);
+    lab.delete_node(i).await.unwrap();
+    for n in 0..2 {
+        integration_tests::poll::eventually(
+            "deleted node's entries removed",
+            Duration::from_secs(30),
+            || {
+                let (routes, neigh, fdb) = entries(&lab, n);
+                let gone = !routes.contains(&cidr) && !neigh.contains(&net) && !fdb.contains(&mac);
+                async move { gone }
+            },
+        )
+        .await;
+    }
+    println!("node deleted: route, neighbour and FDB entry gone on both remaining nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_deleted_or_changed_entries_are_restored() {
+    let lab = Lab::start(opts().nodes(2)).await.unwrap();
+    let peer_cidr = pod_cidr(&node(&lab, 1).await);
+    let vtep = peer_cidr.trim_end_matches("/24").to_string();
+    let mac = vtep_mac(&lab, 1);
+    let ns = &lab.nodes[0].ns;
+    let before = entries(&lab, 0);
+    ns.ip(&["route", "del", &peer_cidr, "dev", "flannel.1"])
+        .unwrap();
+    ns.ip(&["neigh", "del", &vtep, "dev", "flannel.1"]).unwrap();
+    ns.exec(
+        "bridge",
+        &[
+            "fdb",
+            "del",
+            &mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            &lab.nodes[1].ip.to_string(),
+        ],
+    )
+    .unwrap();
+    // A wrong MAC on the neighbour entry is corrected too.
+    ns.ip(&[
+        "neigh",
+        "add",
+        &vtep,
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    integration_tests::poll::eventually("entries restored", Duration::from_secs(30), || {
+        let same = entries(&lab, 0) == before;
+        async move { same }
+    })
+    .await;
+    // And the device itself: deleted by hand, recreated with its MAC and all peer entries.
+    ns.ip(&["link", "del", "flannel.1"]).unwrap();
+    integration_tests::poll::eventually(
+        "device and entries recreated",
+        Duration::from_secs(30),
+        || {
+            let same = ns.ip(&["link", "show", "flannel.1"]).is_ok() && entries(&lab, 0) == before;
+            async move { same }
+        },
+    )
+    .await;
+    let a = lab.pod(0).unwrap();
+    let b = lab.pod(1).unwrap();
+    assert_eq!(a.ping(b.ip, 2, "0.2").unwrap(), (2, 2));
+    println!("route, neighbour, FDB entry and the device itself restored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_both_nodes_keeps_mac_and_loses_no_ping() {
+    let mut lab = Lab::start(opts().nodes(2)).await.unwrap();
+    let a = lab.pod(0).unwrap();
+    let b = lab.pod(1).unwrap();
+    let macs = (vtep_mac(&lab, 0), vtep_mac(&lab, 1));
+    let before = (entries(&lab, 0), entries(&lab, 1));
+    // 20 pings a second while flanneld restarts on both nodes.
+    let ping_ns = a.ns().name().to_string();
+    let target = b.ip.to_string();
+    let pinger = std::thread::spawn(move || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &ping_ns, "ping", "-n", "-q", "-i", "0.05", "-W", "1", "-c",
+                "200", &target,
+            ])
+            .output()
+            .unwrap();
+        integration_tests::overlay::parse_ping(&String::from_utf8_lossy(&out.stdout))
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lab.restart_flanneld(0).await.unwrap();
+    lab.restart_flanneld(1).await.unwrap();
+    let (sent, received) = pinger.join().unwrap();
+    println!(
+        "pings during restart of flanneld on both nodes: {received}/{sent} received, {} lost",
+        sent - received
+    );
+    assert_eq!(sent, 200);
+    assert_eq!(
+        received,
+        sent,
+        "a ping was lost during the restart; logs:\n{}\n{}",
+        lab.nodes[0].flanneld_log(),
+        lab.nodes[1].flanneld_log()
+    );
+    assert_eq!(
+        (vtep_mac(&lab, 0), vtep_mac(&lab, 1)),
+        macs,
+        "VTEP MAC kept"
+    );
+    assert_eq!((entries(&lab, 0), entries(&lab, 1)), before);
+    // The restarted daemons found nothing to change.
+    for i in 0..2 {
+        let (_, metrics) = lab.health(i, "/metrics").unwrap();
+        assert!(
+            metrics.contains("flannel_reconcile_changes_total 0"),
+            "node {i} rewrote entries:\n{metrics}\n{}",
+            lab.nodes[i].flanneld_log()
+        );
+    }
+}
