@@ -319,10 +319,7 @@ impl Lab {
         let log = node.dir.join(format!("flanneld-{}.log", node.restarts));
         node.flanneld = Some(ManagedProcess::spawn(
             &format!("flanneld {}", node.name),
-            Path::new("/usr/sbin/ip")
-                .exists()
-                .then_some(Path::new("/usr/sbin/ip"))
-                .unwrap_or(Path::new("ip")),
+            &crate::process::which("ip")?,
             &args,
             &[("NODE_NAME".into(), node.name.clone())],
             &log,

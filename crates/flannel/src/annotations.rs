@@ -228,11 +228,13 @@ mod tests {
     #[test]
     fn lease_needs_flannel_annotations_and_pod_cidr() {
         let keys = Keys::new(DEFAULT_PREFIX);
-        let mut node = Node::default();
-        node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
-            pod_cidr: Some("10.244.2.0/24".into()),
+        let mut node = Node {
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                pod_cidr: Some("10.244.2.0/24".into()),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         assert_eq!(lease(&node, &keys), None);
         let mac = Mac([2, 0, 0, 0, 0, 1]);
         node.metadata.annotations = Some(own_annotations(
