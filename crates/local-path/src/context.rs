@@ -93,6 +93,20 @@ impl Ctx {
         Ok(cm.as_ref().and_then(task::parse))
     }
 
+    /// Whether the other mode's actor (a helper pod, from upstream or our helper-pod mode, or a
+    /// task ConfigMap of our agent mode) is working on `pv`: then we wait for it to go rather
+    /// than start a second one.
+    pub async fn other_actor(&self, op: Op, pv: &str) -> Result<bool, Error> {
+        Ok(if self.opts.mode == Mode::HelperPod {
+            self.tasks().get_opt(&task::name(op, pv)).await?.is_some()
+        } else {
+            self.helper_pods()
+                .get_opt(&helper_pod::name(op, pv))
+                .await?
+                .is_some()
+        })
+    }
+
     /// Creates the task; an existing one of the same name (ours, from before a restart) wins.
     pub async fn create_task(&self, t: &Task) -> Result<(), Error> {
         let result = if self.opts.mode == Mode::HelperPod {

@@ -51,6 +51,10 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
             }
         };
     }
+    if ctx.other_actor(Op::Delete, &name).await? {
+        tracing::info!(pv = %name, "another actor (helper pod or agent task) is deleting this volume; waiting");
+        return Ok(Action::requeue(crate::provision::OTHER_ACTOR_POLL));
+    }
     let Some(path) = volume::path_of(&pv) else {
         ctx.event(
             &pv.object_ref(&()),

@@ -28,6 +28,9 @@ pub const ANN_SELECTED_NODE_ALPHA: &str = "volume.alpha.kubernetes.io/selected-n
 /// While a task runs, look again at least this often (the task watch usually wakes us first).
 const TASK_POLL: Duration = Duration::from_secs(15);
 
+/// While another actor works on the volume, look again this often.
+pub const OTHER_ACTOR_POLL: Duration = Duration::from_secs(5);
+
 /// A claim could not be provisioned as asked: an Event, no retry until the claim changes.
 struct Refusal(String);
 
@@ -54,6 +57,10 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Resu
     }
     if let Some(state) = ctx.get_task(Op::Create, &pv_name).await? {
         return on_task(&claim, &class, state, &ctx).await;
+    }
+    if ctx.other_actor(Op::Create, &pv_name).await? {
+        tracing::info!(pv = %pv_name, "another actor (helper pod or agent task) is provisioning this claim; waiting");
+        return Ok(Action::requeue(OTHER_ACTOR_POLL));
     }
     match start(&claim, &class, node_name.as_deref(), &pv_name, &ctx).await? {
         Ok(()) => Ok(Action::requeue(TASK_POLL)),

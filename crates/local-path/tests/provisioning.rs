@@ -574,3 +574,151 @@ async fn provisioner_killed_mid_provisioning_leaves_no_leak_nor_duplicate() {
     })
     .await;
 }
+
+/// Plays the kubelet for a helper pod: checks it is shaped as upstream's, runs its command with
+/// its arguments and environment on the host, and reports phase Succeeded.
+async fn run_helper_pod(env: &Env, name: &str, node: Option<&str>) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pod: Pod = wait_for(&format!("helper pod {name}"), LIMIT, || async {
+        env.pods().get(name).await.ok()
+    })
+    .await;
+    let spec = pod.spec.clone().unwrap();
+    assert_eq!(spec.node_name.as_deref(), node);
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("local-path-provisioner-service-account")
+    );
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let c = &spec.containers[0];
+    assert_eq!(c.image.as_deref(), Some("busybox"));
+    let args = c.args.clone().unwrap();
+    let vol_dir = args[1].clone();
+    let envs: BTreeMap<String, String> = c
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    assert_eq!(envs["VOL_DIR"], vol_dir);
+    let volumes = spec.volumes.clone().unwrap();
+    let data = volumes
+        .iter()
+        .find(|v| v.name == "data")
+        .unwrap()
+        .host_path
+        .clone()
+        .unwrap();
+    assert_eq!(data.type_.as_deref(), Some("DirectoryOrCreate"));
+    assert_eq!(
+        std::path::Path::new(&vol_dir)
+            .parent()
+            .unwrap()
+            .display()
+            .to_string(),
+        data.path
+    );
+    let script_vol = volumes
+        .iter()
+        .find(|v| v.name == "script")
+        .unwrap()
+        .config_map
+        .clone()
+        .unwrap();
+    assert_eq!(script_vol.name, "local-path-config");
+    let command = c.command.clone().unwrap();
+    assert_eq!(command[0], "/bin/sh");
+    let key = command[1].strip_prefix("/script/").unwrap().to_string();
+    let cm = env.configmaps().get("local-path-config").await.unwrap();
+    let script = env.root.path().join(format!("{name}.sh"));
+    std::fs::write(&script, &cm.data.unwrap()[&key]).unwrap();
+    let status = std::process::Command::new("/bin/sh")
+        .arg(&script)
+        .args(&args)
+        .envs(&envs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let patch = json!({"status": {"phase": "Succeeded"}});
+    env.pods()
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+/// `--mode helper-pod`: upstream's helper pod per create and delete (the test is the kubelet).
+#[tokio::test(flavor = "multi_thread")]
+async fn helper_pod_mode_is_upstream_compatible() {
+    let env = Env::new("lp-helper").await;
+    env.put_config(&env.default_config(), SETUP, TEARDOWN).await;
+    let template = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: helper-pod\nspec:\n  priorityClassName: system-node-critical\n  containers:\n  - name: helper-pod\n    image: busybox\n    imagePullPolicy: IfNotPresent\n";
+    let patch = json!({"data": {"helperPod.yaml": template}});
+    env.configmaps()
+        .patch(
+            "local-path-config",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let sa: k8s_openapi::api::core::v1::ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "local-path-provisioner-service-account"}}),
+    )
+    .unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        env.client.clone(),
+        &env.ns,
+    )
+    .create(&PostParams::default(), &sa)
+    .await
+    .unwrap();
+    env.start_provisioner("provisioner", &["--mode", "helper-pod"]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+    env.claim("h", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("h-pod", "h").await;
+    let uid = wait_for("claim uid", LIMIT, || async {
+        env.claims().get("h").await.ok()?.uid()
+    })
+    .await;
+    let node = wait_for("selected node", LIMIT, || async {
+        env.claims()
+            .get("h")
+            .await
+            .ok()?
+            .annotations()
+            .get("volume.kubernetes.io/selected-node")
+            .cloned()
+    })
+    .await;
+    run_helper_pod(&env, &format!("helper-pod-create-pvc-{uid}"), Some(&node)).await;
+    let pv = env.bound("h").await;
+    let dir = std::path::PathBuf::from(pv_path(&pv));
+    assert_eq!(dir, env.disk(&node).join(format!("pvc-{uid}_{}_h", env.ns)));
+    assert_eq!(mode_of(&dir), 0o777);
+    eventually("create helper pod removed", LIMIT, || async {
+        env.pods()
+            .get_opt(&format!("helper-pod-create-pvc-{uid}"))
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+
+    env.delete_pod("h-pod").await;
+    env.delete_claim("h").await;
+    run_helper_pod(&env, &format!("helper-pod-delete-pvc-{uid}"), Some(&node)).await;
+    eventually("PV deleted", LIMIT, || async {
+        env.pvs().get_opt(&pv.name_any()).await.unwrap().is_none()
+    })
+    .await;
+    assert!(!dir.exists());
+}
