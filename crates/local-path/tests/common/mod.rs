@@ -194,6 +194,10 @@ impl Env {
         }
     }
 
+    pub fn pid(&self, idx: usize) -> Option<u32> {
+        self.procs.lock().unwrap()[idx].pid()
+    }
+
     pub fn kill(&self, idx: usize) {
         self.procs.lock().unwrap()[idx].kill();
     }
