@@ -56,6 +56,8 @@ pub struct LabOptions {
     pub net_conf: String,
     /// Extra flanneld flags (after `--kube-subnet-mgr --ip-masq` and the paths).
     pub flanneld_args: Vec<String>,
+    /// The controller-manager's cluster CIDR (node IPAM, /24 per node); must match `net_conf`.
+    pub cluster_cidr: &'static str,
 }
 
 impl LabOptions {
@@ -70,6 +72,7 @@ impl LabOptions {
                 "--reconcile-interval=1".into(),
                 "--iptables-resync=1".into(),
             ],
+            cluster_cidr: CLUSTER_CIDR,
         }
     }
 
@@ -120,6 +123,11 @@ impl LabNode {
                 { "type": "portmap", "capabilities": { "portMappings": true } }
             ]
         })
+    }
+
+    /// flanneld's process id while it runs (for RSS figures).
+    pub fn flanneld_pid(&self) -> Option<u32> {
+        self.flanneld.as_ref().and_then(ManagedProcess::pid)
     }
 
     /// flanneld's log so far.
@@ -179,7 +187,7 @@ impl Lab {
         let cluster = match Cluster::start(ClusterOptions {
             controller_manager: true,
             scheduler: false,
-            cluster_cidr: Some(CLUSTER_CIDR),
+            cluster_cidr: Some(opts.cluster_cidr),
             extra_address: Some(host),
         })
         .await
@@ -472,6 +480,12 @@ impl Lab {
             cni_path: self.cni_path.clone(),
             conflist,
         })
+    }
+
+    /// Rewrites net-conf.json (takes effect when a flanneld starts).
+    pub fn set_net_conf(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.net_conf, text)?;
+        Ok(())
     }
 
     /// `cni_path` (our plugin's directory, then Debian's).
