@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 
@@ -33,28 +33,55 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Records when each claim of the namespace first shows phase Bound.
-fn watch_bound(env: &Env) -> Arc<Mutex<HashMap<String, Instant>>> {
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// When each claim of the namespace first got its selected node (the scheduler's part) and
+/// first showed phase Bound.
+fn watch_claims(env: &Env) -> (Seen, Seen) {
+    let (selected, bound): (Seen, Seen) = Default::default();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &env.ns);
+    let (s, b) = (selected.clone(), bound.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) = ev {
+                let now = Instant::now();
+                if c.annotations()
+                    .contains_key("volume.kubernetes.io/selected-node")
+                {
+                    s.lock().unwrap().entry(c.name_any()).or_insert(now);
+                }
+                if c.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Bound") {
+                    b.lock().unwrap().entry(c.name_any()).or_insert(now);
+                }
+            }
+        }
+    });
+    (selected, bound)
+}
+
+/// When the PV of each claim (by claim name) was first seen: the provisioner's part done.
+fn watch_pvs(env: &Env) -> Seen {
+    let seen: Seen = Arc::default();
+    let api: Api<PersistentVolume> = Api::all(env.client.clone());
+    let ns = env.ns.clone();
     let s = seen.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
         while let Some(ev) = stream.next().await {
-            if let Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c)) = ev
-                && c.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Bound")
+            if let Ok(watcher::Event::Apply(pv) | watcher::Event::InitApply(pv)) = ev
+                && let Some(r) = pv.spec.as_ref().and_then(|sp| sp.claim_ref.as_ref())
+                && r.namespace.as_deref() == Some(ns.as_str())
+                && let Some(name) = r.name.clone()
             {
-                s.lock()
-                    .unwrap()
-                    .entry(c.name_any())
-                    .or_insert_with(Instant::now);
+                s.lock().unwrap().entry(name).or_insert_with(Instant::now);
             }
         }
     });
     seen
 }
 
-async fn wait_bound(seen: &Arc<Mutex<HashMap<String, Instant>>>, name: &str) -> Instant {
+async fn wait_bound(seen: &Seen, name: &str) -> Instant {
     wait_for(
         &format!("{name} bound"),
         Duration::from_secs(300),
@@ -88,7 +115,17 @@ async fn main() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_kib = proc_kib(pid, "VmRSS:");
-    let seen = watch_bound(&env);
+    let (selected, seen) = watch_claims(&env);
+    let pvs = watch_pvs(&env);
+    let stage = |name: &str, start: Instant| {
+        let sel = selected.lock().unwrap().get(name).copied();
+        let pv = pvs.lock().unwrap().get(name).copied();
+        (
+            sel.map(|t| t - start),
+            sel.zip(pv).map(|(s, p)| p.saturating_duration_since(s)),
+        )
+    };
+    let (mut sched, mut ours) = (Vec::new(), Vec::new());
 
     let mut one = Vec::new();
     for i in 0..SEQUENTIAL {
@@ -98,6 +135,12 @@ async fn main() {
         env.pod(&format!("{name}-pod"), &name).await;
         one.push(wait_bound(&seen, &name).await - t0);
     }
+    for i in 0..SEQUENTIAL {
+        let (a, b) = stage(&format!("seq-{i}"), Instant::now());
+        let _ = a;
+        ours.extend(b);
+    }
+    let one_ours = std::mem::take(&mut ours);
 
     let t0 = Instant::now();
     let creates = (0..BURST).map(|i| {
@@ -116,6 +159,11 @@ async fn main() {
     for (name, start) in &started {
         burst.push(wait_bound(&seen, name).await - *start);
     }
+    for (name, start) in &started {
+        let (a, b) = stage(name, *start);
+        sched.extend(a);
+        ours.extend(b);
+    }
     let all_bound = t0.elapsed();
     let peak_kib = proc_kib(pid, "VmHWM:");
     let agent_kib: Vec<u64> = (0..3)
@@ -128,9 +176,15 @@ async fn main() {
         "|---|---|---|---|---|".to_string(),
         summary("1 claim at a time (PVC + pod created → PVC Bound)", one),
         summary(
+            "… selected node → PV created (provisioner + agent)",
+            one_ours,
+        ),
+        summary(
             &format!("{BURST} claims at once (each: created → Bound)"),
             burst,
         ),
+        summary("… created → selected node set (kube-scheduler)", sched),
+        summary("… selected node → PV created (provisioner + agent)", ours),
     ]
     .join("\n");
     let report = format!(

@@ -4,7 +4,7 @@
 use clap::Parser;
 use local_path::cli::{Cli, Command};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     if cli.debug {
