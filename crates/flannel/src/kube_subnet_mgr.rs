@@ -63,7 +63,7 @@ impl Nodes {
         let notify = changed.clone();
         let stream = reflector::reflector(
             writer,
-            watcher(Api::<Node>::all(client), watcher::Config::default()),
+            watcher(Api::<Node>::all(client), watcher::Config::default()).modify(strip),
         )
         .default_backoff()
         .touched_objects();
@@ -101,6 +101,13 @@ impl Nodes {
         v.sort();
         v
     }
+}
+
+/// Keeps only what flannel reads (metadata annotations, spec.podCIDR(s)): a cache of every
+/// Node's full status and managed fields would dominate the daemon's memory on a big cluster.
+fn strip(n: &mut Node) {
+    n.metadata.managed_fields = None;
+    n.status = None;
 }
 
 /// Writes `annotations` onto the node through `nodes/status` if any differs (upstream

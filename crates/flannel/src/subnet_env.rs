@@ -120,15 +120,18 @@ impl SubnetEnv {
 
     /// Writes the file atomically; a reader sees the old or the new file, never a part.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        write_atomic(path, self.render().as_bytes(), 0o644).map_err(|source| SubnetEnvError::Io {
-            path: path.display().to_string(),
-            source,
+        write_atomic(path, self.render().as_bytes(), 0o644, true).map_err(|source| {
+            SubnetEnvError::Io {
+                path: path.display().to_string(),
+                source,
+            }
         })
     }
 }
 
-/// Temp file in the same directory, fsync, rename over `path`, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+/// Temp file in the same directory, fsync, rename over `path`, and (with `sync_dir`) fsync the
+/// directory so the rename itself survives a crash.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, sync_dir: bool) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -150,7 +153,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if sync_dir {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -194,8 +200,8 @@ mod tests {
     fn atomic_write_replaces() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run/flannel/subnet.env");
-        write_atomic(&p, b"a", 0o644).unwrap();
-        write_atomic(&p, b"b", 0o644).unwrap();
+        write_atomic(&p, b"a", 0o644, true).unwrap();
+        write_atomic(&p, b"b", 0o644, false).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"b");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }

@@ -257,12 +257,14 @@ impl Iptables {
             ("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT),
             ("filter", "FORWARD", FWD_CHAIN, FWD_COMMENT),
         ] {
+            // Without the chain, a rule naming it cannot even be parsed: nothing to clean.
+            if !run(&self.bin, &["-t", table, "-S", chain], None)? {
+                continue;
+            }
             let jump = rule(table, parent, &format!("-j {chain}"), comment);
             self.delete(std::slice::from_ref(&jump))?;
-            if run(&self.bin, &["-t", table, "-S", chain], None)? {
-                run(&self.bin, &["-t", table, "-F", chain], None)?;
-                run(&self.bin, &["-t", table, "-X", chain], None)?;
-            }
+            run(&self.bin, &["-t", table, "-F", chain], None)?;
+            run(&self.bin, &["-t", table, "-X", chain], None)?;
         }
         Ok(())
     }

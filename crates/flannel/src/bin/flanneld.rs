@@ -3,7 +3,9 @@
 use clap::Parser;
 use flannel::args::Args;
 
-#[tokio::main]
+// One thread: flanneld's work is a few netlink and API calls at a time; a single-threaded
+// runtime keeps its memory small.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     let _ = kube_common::telemetry::init(kube_common::args::LogFormat::Text, &args.log_level);
