@@ -275,10 +275,18 @@ impl Env {
             }
         }))
         .expect("pod");
-        self.pods()
-            .create(&PostParams::default(), &pod)
-            .await
-            .expect("creating pod");
+        // A fresh namespace's default ServiceAccount gets its token a moment after creation;
+        // until then the apiserver refuses pods with "retry after" (500).
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            match self.pods().create(&PostParams::default(), &pod).await {
+                Ok(_) => return,
+                Err(kube::Error::Api(s)) if s.code == 500 && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("creating pod: {e}"),
+            }
+        }
     }
 
     pub fn claims(&self) -> Api<PersistentVolumeClaim> {
