@@ -356,7 +356,8 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
     let started = Instant::now();
     env.claim("big", &class, "64Mi", "ReadWriteOnce").await;
     env.pod("big-pod", "big").await;
-    let pv = env.bound("big").await;
+    // Each wrong pick costs the pod a scheduler backoff (1 s doubling to 10 s).
+    let pv = env.bound_within("big", Duration::from_secs(150)).await;
     let node = env.scheduled("big-pod").await;
     let reschedules = env
         .events_for("big")

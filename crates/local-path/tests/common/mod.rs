@@ -307,12 +307,16 @@ impl Env {
 
     /// Waits for the claim to be Bound; returns its PV.
     pub async fn bound(&self, claim: &str) -> PersistentVolume {
+        self.bound_within(claim, LIMIT).await
+    }
+
+    pub async fn bound_within(&self, claim: &str, limit: Duration) -> PersistentVolume {
         let started = Instant::now();
         let c = self.clone_client();
         let ns = self.ns.clone();
         let name = claim.to_string();
         let dump = tokio::spawn(async move {
-            tokio::time::sleep(LIMIT - Duration::from_secs(2)).await;
+            tokio::time::sleep(limit - Duration::from_secs(2)).await;
             let claims: Api<PersistentVolumeClaim> = Api::namespaced(c.clone(), &ns);
             let pods: Api<Pod> = Api::namespaced(c, &ns);
             eprintln!(
@@ -336,7 +340,7 @@ impl Env {
                 );
             }
         });
-        let pv_name = wait_for(&format!("claim {claim} bound"), LIMIT, || async {
+        let pv_name = wait_for(&format!("claim {claim} bound"), limit, || async {
             let c = self.claims().get(claim).await.ok()?;
             let phase = c.status.as_ref()?.phase.clone()?;
             (phase == "Bound").then(|| c.spec?.volume_name)?
@@ -443,6 +447,28 @@ impl Drop for Env {
         for p in self.procs.lock().unwrap().iter_mut() {
             p.kill();
         }
+        // Pods never run here but still count for the scheduler's scoring: remove them so the
+        // next tests' placements are not skewed towards the nodes this one left empty.
+        let ns = self.ns.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    let Some(c) = CLUSTER.get() else { return };
+                    let Ok(client) = c.client().await else { return };
+                    let pods: Api<Pod> = Api::namespaced(client, &ns);
+                    let _ = pods
+                        .delete_collection(
+                            &DeleteParams::default().grace_period(0),
+                            &ListParams::default(),
+                        )
+                        .await;
+                });
+            }
+        })
+        .join();
         for m in self.mounts.lock().unwrap().iter() {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
