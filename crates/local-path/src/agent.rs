@@ -23,7 +23,7 @@ use crate::capacity;
 use crate::config::clean;
 use crate::reload::{self, ConfigRx};
 use crate::script::{self, Run};
-use crate::task::{self, ANY_NODE, MANAGED_BY, MANAGER, Op, Phase, TASK_LABEL, TaskState};
+use crate::task::{self, ANY_NODE, MANAGED_BY, MANAGER, Op, Phase, Script, TASK_LABEL, TaskState};
 use crate::volume;
 
 /// Settings of `agent`.
@@ -61,6 +61,7 @@ struct Agent {
     /// Tasks running or done in this process (by uid): a repeated watch event never reruns one.
     seen: Mutex<HashSet<String>>,
     metrics: Metrics,
+    config: ConfigRx,
 }
 
 /// Runs the agent until shutdown.
@@ -98,6 +99,7 @@ pub async fn run(mgr: &Manager, opts: AgentOptions) {
         opts,
         seen: Mutex::default(),
         metrics,
+        config: config.clone(),
     });
     let ready = mgr.readiness.register("agent/tasks");
     tokio::join!(
@@ -185,7 +187,10 @@ impl Agent {
                 .replace(&name, &PostParams::default(), &cm)
                 .await?;
         }
-        let (phase, dir, message) = execute(&state).await;
+        let (phase, dir, message) = match self.check(&state) {
+            Ok(()) => execute(&state).await,
+            Err(why) => (Phase::Failed, None, why),
+        };
         tracing::info!(task = %name, ?phase, dir = ?dir, message = %message, "task finished");
         let patch =
             serde_json::json!({ "data": task::result_data(&phase, dir.as_deref(), &message) });
@@ -193,6 +198,49 @@ impl Agent {
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         Ok(())
+    }
+
+    /// A task is only run with the configured script, on a directory under one of this node's
+    /// configured paths: whoever can write ConfigMaps in the namespace still cannot make the
+    /// agent run other commands or remove other directories.
+    fn check(&self, state: &TaskState) -> Result<(), String> {
+        let Some(cfg) = self.config.borrow().clone() else {
+            return Err("the agent has no valid configuration yet".into());
+        };
+        let t = &state.task;
+        let expected = match (t.op, &cfg.setup_command, &cfg.teardown_command) {
+            (Op::Create, Some(c), _) | (Op::Delete, _, Some(c)) => Script::Command(c.clone()),
+            (Op::Create, None, _) => Script::Shell(cfg.setup_script.clone()),
+            (Op::Delete, _, None) => Script::Shell(cfg.teardown_script.clone()),
+        };
+        if t.script != expected {
+            return Err("the task's script is not the configured one (config changed?)".into());
+        }
+        let allowed = cfg.all_paths_on(&self.opts.node);
+        let inside = |dir: &str| {
+            let dir = clean(dir);
+            allowed.iter().any(|b| {
+                dir.strip_prefix(b.as_str())
+                    .is_some_and(|r| r.starts_with('/') && r.len() > 1)
+            })
+        };
+        let ok = match t.op {
+            Op::Create => t.base_paths.iter().all(|b| allowed.contains(&clean(b))),
+            Op::Delete => inside(&t.vol_dir),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "volume directory {:?} is not under a path configured for node {}: not touched",
+                if t.op == Op::Create {
+                    t.base_paths.join(", ")
+                } else {
+                    t.vol_dir.clone()
+                },
+                self.opts.node
+            ))
+        }
     }
 
     async fn report_loop(&self, config: ConfigRx, shutdown: CancellationToken) {

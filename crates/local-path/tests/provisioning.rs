@@ -447,6 +447,24 @@ async fn upstream_pvs_and_deleted_nodes_are_cleaned_up() {
         .await
         .unwrap();
 
+    // A PV pointing outside every configured path (forged, or left from an old config): the
+    // agent refuses to run the teardown there; the PV and the data stay.
+    let outside = env.root.path().join("outside/pvc-x");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"precious").unwrap();
+    let outside_name = format!("{}-outside", env.ns);
+    env.pvs()
+        .create(
+            &PostParams::default(),
+            &make(&outside_name, NODES[0], &outside.display().to_string()),
+        )
+        .await
+        .unwrap();
+    let note = env.wait_event(&outside_name, "VolumeFailedDelete").await;
+    assert!(note.contains("not under a path configured"), "{note}");
+    assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"precious");
+    assert!(env.pvs().get_opt(&outside_name).await.unwrap().is_some());
+
     for name in [&old_name, &lost_name] {
         eventually(&format!("PV {name} deleted"), LIMIT, || async {
             env.pvs().get_opt(name).await.unwrap().is_none()
