@@ -741,3 +741,42 @@ async fn helper_pod_mode_is_upstream_compatible() {
     .await;
     assert!(!dir.exists());
 }
+
+/// What `xtask up` runs: `local_path::local::run` (provisioner + one agent per node in one
+/// process, rancher.io/local-path, volumes under a data directory).
+#[tokio::test(flavor = "multi_thread")]
+async fn local_run_serves_rancher_local_path() {
+    let env = Env::new("lp-local").await;
+    let data = env.root.path().join("up");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let opts = local_path::local::LocalOptions {
+        namespace: env.ns.clone(),
+        nodes: NODES.iter().map(|n| n.to_string()).collect(),
+        data_dir: data.clone(),
+    };
+    let run = tokio::spawn(local_path::local::run(
+        env.client.clone(),
+        opts,
+        shutdown.clone(),
+    ));
+    let sc: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-local-path", env.ns)},
+        "provisioner": "rancher.io/local-path",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "reclaimPolicy": "Delete",
+    }))
+    .unwrap();
+    kube::Api::<k8s_openapi::api::storage::v1::StorageClass>::all(env.client.clone())
+        .create(&PostParams::default(), &sc)
+        .await
+        .unwrap();
+    env.claim("postgres-data", &sc.name_any(), "10Gi", "ReadWriteOnce")
+        .await;
+    env.pod("postgres", "postgres-data").await;
+    let pv = env.bound("postgres-data").await;
+    let node = env.scheduled("postgres").await;
+    assert!(pv_path(&pv).starts_with(&data.join(&node).display().to_string()));
+    assert!(std::path::Path::new(&pv_path(&pv)).is_dir());
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+}
