@@ -115,6 +115,8 @@ async fn main() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_kib = proc_kib(pid, "VmRSS:");
+    let idle_anon = proc_kib(pid, "RssAnon:");
+    let idle_file = proc_kib(pid, "RssFile:");
     let (selected, seen) = watch_claims(&env);
     let pvs = watch_pvs(&env);
     let stage = |name: &str, start: Instant| {
@@ -195,7 +197,7 @@ async fn main() {
          {table}\n\n\
          All {BURST} claims of the burst Bound {:.2} s after the first was created.\n\n\
          | process | RSS |\n|---|---|\n\
-         | provisioner idle (VmRSS, config loaded, caches synced) | {:.1} MiB |\n\
+         | provisioner idle (VmRSS, config loaded, caches synced) | {:.1} MiB (heap and stacks {:.1} MiB, binary pages {:.1} MiB) |\n\
          | provisioner peak (VmHWM, after the burst) | {:.1} MiB |\n\
          | agent peak (VmHWM, each of 3) | {} |\n\n\
          upstream (rancher/local-path-provisioner) needs a helper pod per claim: the pod must be \
@@ -204,6 +206,8 @@ async fn main() {
          upstream is not measured side by side here.\n",
         all_bound.as_secs_f64(),
         idle_kib as f64 / 1024.0,
+        idle_anon as f64 / 1024.0,
+        idle_file as f64 / 1024.0,
         peak_kib as f64 / 1024.0,
         agent_kib
             .iter()

@@ -170,6 +170,26 @@ impl Ctx {
         limit == 0 || *n < limit
     }
 
+    /// A failed run: the task goes, an Event says why, and the object is retried (with the
+    /// controller's backoff) until `limit` runs have failed.
+    pub async fn task_failed(
+        &self,
+        state: &TaskState,
+        regarding: &ObjectReference,
+        reason: &str,
+        limit: u32,
+    ) -> Result<kube::runtime::controller::Action, Error> {
+        self.delete_task(state.task.op, &state.task.pv).await?;
+        let retry = self.count_failure(&state.task.pv, limit);
+        self.event(regarding, true, reason, state.message.clone())
+            .await;
+        if retry {
+            Err(Error::Retry(state.message.clone()))
+        } else {
+            Ok(kube::runtime::controller::Action::await_change())
+        }
+    }
+
     pub fn forget_failures(&self, pv: &str) {
         self.failures
             .lock()

@@ -34,20 +34,9 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
                 Ok(Action::await_change())
             }
             Phase::Failed | Phase::NoSpace => {
-                ctx.delete_task(Op::Delete, &name).await?;
-                let retry = ctx.count_failure(&name, ctx.opts.deletion_retry_count);
-                ctx.event(
-                    &pv.object_ref(&()),
-                    true,
-                    "VolumeFailedDelete",
-                    state.message.clone(),
-                )
-                .await;
-                if retry {
-                    Err(Error::Retry(state.message))
-                } else {
-                    Ok(Action::await_change())
-                }
+                let limit = ctx.opts.deletion_retry_count;
+                ctx.task_failed(&state, &pv.object_ref(&()), "VolumeFailedDelete", limit)
+                    .await
             }
         };
     }

@@ -334,20 +334,9 @@ async fn on_task(
             Ok(Action::await_change())
         }
         Phase::Failed => {
-            ctx.delete_task(Op::Create, &pv).await?;
-            let retry = ctx.count_failure(&pv, ctx.opts.provisioning_retry_count);
-            ctx.event(
-                &claim_ref(claim),
-                true,
-                "ProvisioningFailed",
-                state.message.clone(),
-            )
-            .await;
-            if retry {
-                Err(Error::Retry(state.message))
-            } else {
-                Ok(Action::await_change())
-            }
+            let limit = ctx.opts.provisioning_retry_count;
+            ctx.task_failed(&state, &claim_ref(claim), "ProvisioningFailed", limit)
+                .await
         }
     }
 }
