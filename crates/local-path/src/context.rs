@@ -3,9 +3,11 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, LogParams, PostParams};
 use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use thiserror::Error;
 
@@ -45,8 +47,17 @@ pub enum Error {
     Retry(String),
 }
 
+/// Caches of what every reconcile reads (StorageClasses, Nodes); a miss asks the API, so a
+/// cache that lags never hides an object.
+#[derive(Clone)]
+pub struct Caches {
+    pub classes: Store<StorageClass>,
+    pub nodes: Store<Node>,
+}
+
 pub struct Ctx {
     pub client: Client,
+    pub caches: Option<Caches>,
     pub opts: Options,
     pub config: ConfigRx,
     pub recorder: Recorder,
@@ -55,14 +66,45 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(client: Client, opts: Options, config: ConfigRx, recorder: Recorder) -> Self {
+    pub fn new(
+        client: Client,
+        opts: Options,
+        config: ConfigRx,
+        recorder: Recorder,
+        caches: Option<Caches>,
+    ) -> Self {
         Self {
             client,
+            caches,
             opts,
             config,
             recorder,
             failures: Mutex::default(),
         }
+    }
+
+    pub async fn class(&self, name: &str) -> Result<Option<StorageClass>, Error> {
+        if let Some(c) = self
+            .caches
+            .as_ref()
+            .and_then(|c| c.classes.get(&ObjectRef::new(name)))
+        {
+            return Ok(Some((*c).clone()));
+        }
+        Ok(Api::<StorageClass>::all(self.client.clone())
+            .get_opt(name)
+            .await?)
+    }
+
+    pub async fn node(&self, name: &str) -> Result<Option<Node>, Error> {
+        if let Some(n) = self
+            .caches
+            .as_ref()
+            .and_then(|c| c.nodes.get(&ObjectRef::new(name)))
+        {
+            return Ok(Some((*n).clone()));
+        }
+        Ok(Api::<Node>::all(self.client.clone()).get_opt(name).await?)
     }
 
     pub fn tasks(&self) -> Api<ConfigMap> {

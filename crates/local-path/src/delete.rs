@@ -26,6 +26,15 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
     let name = pv.name_any();
     if let Some(state) = ctx.get_task(Op::Delete, &name).await? {
         return match state.phase {
+            // A node that went away while its teardown waited: nobody will run it.
+            Phase::Pending
+                if !state.task.node.is_empty() && !node_exists(&ctx, &state.task.node).await? =>
+            {
+                tracing::info!(pv = %name, node = %state.task.node, "the volume's node is gone: deleting the PV without cleanup");
+                ctx.delete_task(Op::Delete, &name).await?;
+                delete_pv(&ctx, &name).await?;
+                Ok(Action::await_change())
+            }
             Phase::Pending => Ok(Action::requeue(TASK_POLL)),
             Phase::Succeeded => {
                 delete_pv(&ctx, &name).await?;
@@ -55,9 +64,8 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
         return Ok(Action::await_change());
     };
     let node = volume::node_of(&pv);
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
     let node_present = match &node {
-        Some(n) => nodes.get_opt(n).await?.is_some(),
+        Some(n) => node_exists(&ctx, n).await?,
         None => false,
     };
     let task_node = match (volume::has_affinity(&pv), node_present) {
@@ -126,6 +134,14 @@ pub fn should_delete(pv: &PersistentVolume, provisioner: &str) -> bool {
         == Some("Delete");
     let ours = pv.annotations().get(ANN_PROVISIONED_BY).map(String::as_str) == Some(provisioner);
     released && delete && ours && pv.meta().deletion_timestamp.is_none()
+}
+
+/// Asked of the API, not a cache: deciding that a node is gone skips its volume's cleanup.
+async fn node_exists(ctx: &Ctx, name: &str) -> Result<bool, Error> {
+    Ok(Api::<Node>::all(ctx.client.clone())
+        .get_opt(name)
+        .await?
+        .is_some())
 }
 
 async fn delete_pv(ctx: &Ctx, name: &str) -> Result<(), Error> {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -103,9 +103,8 @@ async fn class_of(claim: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Option<Sto
     else {
         return Ok(None);
     };
-    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
-    Ok(classes
-        .get_opt(&name)
+    Ok(ctx
+        .class(&name)
         .await?
         .filter(|c| c.provisioner == ctx.opts.provisioner_name))
 }
@@ -135,7 +134,7 @@ async fn start(
     };
     if let Some(node) = node_name
         && paths.shared_fs_path.is_none()
-        && !node_exists(ctx, node).await?
+        && ctx.node(node).await?.is_none()
     {
         reschedule(claim, ctx, &format!("selected node {node} does not exist")).await?;
         return Ok(Ok(()));
@@ -284,11 +283,6 @@ fn extra_env(
     .collect()
 }
 
-async fn node_exists(ctx: &Ctx, name: &str) -> Result<bool, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    Ok(nodes.get_opt(name).await?.is_some())
-}
-
 /// The library's Reschedule: drop the selected-node annotation so the scheduler picks again.
 async fn reschedule(claim: &PersistentVolumeClaim, ctx: &Ctx, why: &str) -> Result<(), Error> {
     let api: Api<PersistentVolumeClaim> =
@@ -372,9 +366,7 @@ async fn create_pv(
     let value = if shared {
         String::new()
     } else {
-        let nodes: Api<Node> = Api::all(ctx.client.clone());
-        nodes
-            .get_opt(&node_name)
+        ctx.node(&node_name)
             .await?
             .and_then(|n| n.labels().get(&key).cloned())
             .unwrap_or_else(|| node_name.clone())

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -12,7 +13,7 @@ use kube_common::Manager;
 use kube_common::leader::{self, LeaseConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Ctx, Options};
+use crate::context::{Caches, Ctx, Options};
 use crate::reload::{self, ConfigRx};
 use crate::task::{self, Op, TASK_LABEL, TaskState};
 use crate::{delete, helper_pod, provision};
@@ -56,7 +57,30 @@ pub async fn run(
             loaded.set(true);
         }
     });
-    let ctx = Arc::new(Ctx::new(mgr.client.clone(), opts, config, recorder));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let caches = Caches {
+        classes: mgr.reflect(
+            "storageclasses",
+            Api::<StorageClass>::all(mgr.client.clone()),
+            watcher::Config::default(),
+            (),
+            changed.clone(),
+        ),
+        nodes: mgr.reflect(
+            "nodes",
+            Api::<Node>::all(mgr.client.clone()),
+            watcher::Config::default(),
+            (),
+            changed,
+        ),
+    };
+    let ctx = Arc::new(Ctx::new(
+        mgr.client.clone(),
+        opts,
+        config,
+        recorder,
+        Some(caches),
+    ));
     match lease {
         None => {
             controllers(mgr, ctx, mgr.shutdown.clone()).await;
