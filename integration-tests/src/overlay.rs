@@ -161,6 +161,12 @@ impl Lab {
     /// Starts the control plane, the underlay, the nodes and their flanneld; returns once every
     /// flanneld reports ready and every node has its peers' routes.
     pub async fn start(opts: LabOptions) -> Result<Lab> {
+        let lab = Self::start_inner(opts).await?;
+        lab.wait_converged().await?;
+        Ok(lab)
+    }
+
+    async fn start_inner(opts: LabOptions) -> Result<Lab> {
         crate::netns::require_root("flannel lab")?;
         for (what, p) in [
             ("flanneld", &opts.flanneld),
@@ -232,8 +238,13 @@ impl Lab {
         for _ in 0..opts.nodes {
             lab.add_node().await?;
         }
-        lab.wait_converged().await?;
         Ok(lab)
+    }
+
+    /// Like [`Lab::start`] without waiting for routes on `flannel.1` (with DirectRouting, peers
+    /// on the same underlay get plain routes instead).
+    pub async fn start_without_convergence(opts: LabOptions) -> Result<Lab> {
+        Self::start_inner(opts).await
     }
 
     pub fn client(&self) -> &Client {

@@ -410,3 +410,33 @@ async fn pod_cidr_outside_network_is_one_clear_error() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_routing_uses_plain_routes_between_on_link_peers() {
+    let mut o = opts().nodes(2);
+    o.net_conf =
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#
+            .into();
+    let lab = Lab::start_without_convergence(o).await.unwrap();
+    let peer = pod_cidr(&node(&lab, 1).await);
+    let via = format!("{peer} via {} dev eth0", lab.nodes[1].ip);
+    integration_tests::poll::eventually(
+        "direct route to the on-link peer",
+        Duration::from_secs(30),
+        || {
+            let routes = lab.nodes[0].ns.ip(&["route", "show"]).unwrap_or_default();
+            let ok = routes.lines().any(|l| l.starts_with(&via));
+            async move { ok }
+        },
+    )
+    .await;
+    let (routes, neigh, fdb) = entries(&lab, 0);
+    assert!(
+        routes.trim().is_empty() && neigh.trim().is_empty() && fdb.trim().is_empty(),
+        "no VXLAN entries: {routes}{neigh}{fdb}"
+    );
+    let a = lab.pod(0).unwrap();
+    let b = lab.pod(1).unwrap();
+    assert_eq!(a.ping(b.ip, 3, "0.2").unwrap(), (3, 3));
+    println!("DirectRouting: {via}; pods ping 3/3 without encapsulation");
+}
