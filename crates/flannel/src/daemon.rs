@@ -259,11 +259,17 @@ async fn run_loops(
             _ = reconcile_tick.tick() => {
                 pass(net, me, &local(me), nodes, metrics).await;
             }
-            _ = rules_tick.tick() => match tm.ensure(rules) {
-                Ok(true) => tracing::info!("masquerade/forward rules were missing; re-applied"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "checking rules failed"),
-            },
+            _ = rules_tick.tick() => {
+                // iptables/nft are child processes: off the (single) runtime thread, so health
+                // probes and peer reconciles never wait for them.
+                let (tm, rules) = (tm.clone(), rules.clone());
+                match tokio::task::spawn_blocking(move || tm.ensure(&rules)).await {
+                    Ok(Ok(true)) => tracing::info!("masquerade/forward rules were missing; re-applied"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "checking rules failed"),
+                    Err(e) => tracing::warn!(error = %e, "rule check task failed"),
+                }
+            }
         }
     }
 }

@@ -194,6 +194,7 @@ fn run_inner(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<(bool, Str
 }
 
 /// The iptables manager (upstream's default mode).
+#[derive(Clone, Debug)]
 pub struct Iptables {
     pub bin: String,
 }
@@ -301,6 +302,7 @@ pub fn nft_script(r: &Rules) -> String {
 }
 
 /// Either mode, chosen by `EnableNFTables`.
+#[derive(Clone, Debug)]
 pub enum TrafficManager {
     Iptables(Iptables),
     Nftables,
