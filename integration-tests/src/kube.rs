@@ -148,7 +148,11 @@ impl Cluster {
             format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
             format!(
                 "--bind-address={}",
-                if extra.is_some() { "0.0.0.0" } else { "127.0.0.1" }
+                if extra.is_some() {
+                    "0.0.0.0"
+                } else {
+                    "127.0.0.1"
+                }
             ),
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={port}"),
