@@ -291,6 +291,16 @@ impl Lab {
     /// Adds a node: namespace on the underlay, Node object (IPAM gives it a /24), flanneld.
     /// Returns its index. Does not wait for the others to program it.
     pub async fn add_node(&mut self) -> Result<usize> {
+        let i = self.add_node_unregistered()?;
+        self.register_node(i).await?;
+        self.start_flanneld(i)?;
+        self.wait_ready(i).await?;
+        Ok(i)
+    }
+
+    /// A node namespace on the underlay without its Node object (no flanneld yet): for
+    /// starting flanneld before the node is registered. See [`Lab::register_node`].
+    pub fn add_node_unregistered(&mut self) -> Result<usize> {
         let i = self.nodes.len();
         let name = format!("flnode-{}", i + 1);
         let ns = NetNs::new(&format!("fl-n{}", i + 1))?;
@@ -299,11 +309,6 @@ impl Lab {
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir)?;
-        register(
-            &self.client,
-            &TestNode::new(&name).with_internal_ip(&ip.to_string()),
-        )
-        .await?;
         self.nodes.push(LabNode {
             name,
             ns,
@@ -312,9 +317,26 @@ impl Lab {
             flanneld: None,
             restarts: 0,
         });
-        self.start_flanneld(i)?;
-        self.wait_ready(i).await?;
         Ok(i)
+    }
+
+    /// Registers node `i`'s Node object (node IPAM then gives it a podCIDR).
+    pub async fn register_node(&self, i: usize) -> Result<()> {
+        let n = &self.nodes[i];
+        register(
+            &self.client,
+            &TestNode::new(&n.name).with_internal_ip(&n.ip.to_string()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Whether node `i`'s flanneld is still running.
+    pub fn flanneld_running(&mut self, i: usize) -> bool {
+        self.nodes[i]
+            .flanneld
+            .as_mut()
+            .is_some_and(|p| p.check_running().is_ok())
     }
 
     /// Starts node `i`'s flanneld (after [`Lab::stop_flanneld`]).

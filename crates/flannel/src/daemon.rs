@@ -139,7 +139,7 @@ async fn wait_for_pod_cidr(
         let node = nodes.get(name);
         let msg = match node.as_deref().map(annotations::pod_cidr) {
             Some(Ok(Some(_))) => return node,
-            None => format!("node {name:?} not found"),
+            None => format!("node {name:?} not found; waiting for it"),
             Some(Ok(None)) => format!("node {name:?} pod cidr not assigned; waiting for it"),
             Some(Err(e)) => format!("node {name:?}: {e}; waiting for a fix"),
         };

@@ -440,3 +440,35 @@ async fn direct_routing_uses_plain_routes_between_on_link_peers() {
     assert_eq!(a.ping(b.ip, 3, "0.2").unwrap(), (3, 3));
     println!("DirectRouting: {via}; pods ping 3/3 without encapsulation");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flanneld_waits_for_its_node_and_pod_cidr_instead_of_crash_looping() {
+    let mut lab = Lab::start(opts().nodes(1)).await.unwrap();
+    let i = lab.add_node_unregistered().unwrap();
+    lab.start_flanneld(i).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        lab.flanneld_running(i),
+        "flanneld exited: {}",
+        lab.nodes[i].flanneld_log()
+    );
+    assert_eq!(
+        lab.health(i, "/readyz").unwrap().0,
+        503,
+        "ready without a podCIDR"
+    );
+    assert!(
+        lab.nodes[i].flanneld_log().contains("waiting"),
+        "{}",
+        lab.nodes[i].flanneld_log()
+    );
+    lab.register_node(i).await.unwrap();
+    lab.wait_ready(i).await.unwrap();
+    lab.wait_converged().await.unwrap();
+    let a = lab.pod(0).unwrap();
+    let b = lab.pod(i).unwrap();
+    assert_eq!(a.ping(b.ip, 2, "0.2").unwrap(), (2, 2));
+    println!(
+        "flanneld waited (not ready, still running) until its Node and podCIDR existed, then came up"
+    );
+}
