@@ -251,6 +251,14 @@ impl Ctx {
         } else {
             EventType::Normal
         };
-        kube_common::events::publish(&self.recorder, regarding, type_, reason, reason, note).await;
+        // Off the reconcile path: the recorder serialises its writes, and an Event is a report,
+        // not a step of the protocol (a reconcile must not wait behind a hundred of them).
+        let recorder = self.recorder.clone();
+        let regarding = regarding.clone();
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            kube_common::events::publish(&recorder, &regarding, type_, &reason, &reason, note)
+                .await;
+        });
     }
 }
