@@ -526,6 +526,20 @@ async fn usage_metric_and_orphan_report() {
     .await;
     assert!(!a.data.unwrap()["orphans"].contains(&pv.name_any()));
     assert!(orphan.exists(), "orphans are reported, not deleted");
+    let metrics = env.agent_get(&node, "/metrics").await.1;
+    let used = metrics
+        .lines()
+        .find(|l| l.starts_with("local_path_volume_used_bytes") && l.contains(&pv.name_any()))
+        .unwrap_or_else(|| panic!("no usage metric for the PV: {metrics}"));
+    let bytes: u64 = used.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes >= 256 * 1024, "{used}");
+    let a_metrics = env.agent_get(NODES[0], "/metrics").await.1;
+    assert!(
+        a_metrics
+            .lines()
+            .any(|l| l.starts_with("local_path_orphaned_directories") && l.ends_with(" 1")),
+        "{a_metrics}"
+    );
 }
 
 /// Two replicas on the provisioner's Lease (upstream's name with leader election on); the

@@ -62,6 +62,8 @@ pub struct Env {
     procs: Mutex<Vec<ManagedProcess>>,
     mounts: Mutex<Vec<PathBuf>>,
     pub health_port: u16,
+    /// Health/metrics port of each node's agent.
+    pub agent_ports: Mutex<BTreeMap<String, u16>>,
 }
 
 impl Env {
@@ -87,6 +89,7 @@ impl Env {
             procs: Mutex::default(),
             mounts: Mutex::default(),
             health_port: free_port().expect("port"),
+            agent_ports: Mutex::default(),
         }
     }
 
@@ -175,6 +178,8 @@ impl Env {
     /// One agent process per node (as the DaemonSet would run), reporting every second.
     pub fn start_agents(&self) {
         for n in NODES {
+            let port = free_port().expect("port");
+            self.agent_ports.lock().unwrap().insert(n.to_string(), port);
             let args = [
                 "agent",
                 "--node-name",
@@ -184,7 +189,7 @@ impl Env {
                 "--report-interval",
                 "1s",
                 "--health-address",
-                &format!("127.0.0.1:{}", free_port().expect("port")),
+                &format!("127.0.0.1:{port}"),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -429,7 +434,17 @@ impl Env {
 
     /// GET on the provisioner's health port.
     pub async fn health(&self, path: &str) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{}{path}", self.health_port);
+        self.get(self.health_port, path).await
+    }
+
+    /// GET on the `node` agent's health/metrics port.
+    pub async fn agent_get(&self, node: &str, path: &str) -> (u16, String) {
+        let port = self.agent_ports.lock().unwrap()[node];
+        self.get(port, path).await
+    }
+
+    async fn get(&self, port: u16, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{port}{path}");
         match integration_tests::http::get(&url, None).await {
             Ok(r) => (r.status, r.text()),
             Err(e) => (0, e.to_string()),
