@@ -330,16 +330,7 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
     let class = env.storage_class("lp", &[], "Delete").await;
 
     // As the scheduler would: the small node selected for a 64Mi claim.
-    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": "pinned", "annotations": {"volume.kubernetes.io/selected-node": NODES[2]}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
-                 "resources": {"requests": {"storage": "64Mi"}}}
-    }))
-    .unwrap();
-    env.claims()
-        .create(&PostParams::default(), &pvc)
-        .await
-        .unwrap();
+    env.claim_on_node("pinned", &class, "64Mi", NODES[2]).await;
     let note = env.wait_event("pinned", "ProvisioningFailed").await;
     assert!(
         note.contains("does not fit") && note.contains("scheduler"),
@@ -382,16 +373,8 @@ async fn claim_too_big_for_a_node_lands_where_it_fits() {
     );
 
     // Two paths on node a, a small claim fits both: the one with more free space wins.
-    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": "two-paths", "annotations": {"volume.kubernetes.io/selected-node": NODES[0]}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
-                 "resources": {"requests": {"storage": "1Mi"}}}
-    }))
-    .unwrap();
-    env.claims()
-        .create(&PostParams::default(), &pvc)
-        .await
-        .unwrap();
+    env.claim_on_node("two-paths", &class, "1Mi", NODES[0])
+        .await;
     let pv = env.bound("two-paths").await;
     assert!(
         pv_path(&pv).starts_with(&env.disk(NODES[0]).display().to_string()),

@@ -269,6 +269,20 @@ impl Env {
             .expect("creating claim");
     }
 
+    /// A claim with the selected-node annotation already set, as the scheduler sets it.
+    pub async fn claim_on_node(&self, name: &str, class: &str, size: &str, node: &str) {
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"volume.kubernetes.io/selected-node": node}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                     "resources": {"requests": {"storage": size}}}
+        }))
+        .expect("claim");
+        self.claims()
+            .create(&PostParams::default(), &pvc)
+            .await
+            .expect("creating claim");
+    }
+
     /// A pod using the claim: the scheduler picks its node (no kubelet runs it).
     pub async fn pod(&self, name: &str, claim: &str) {
         let pod: Pod = serde_json::from_value(json!({
