@@ -777,3 +777,38 @@ async fn local_run_serves_rancher_local_path() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
 }
+
+/// deploy/local-path-storage and the postgres manifest are accepted by the real apiserver
+/// (server-side dry run, so nothing in them acts on the shared test cluster).
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_manifests_pass_server_side_validation() {
+    let c = cluster().await;
+    let client = c.client().await.unwrap();
+    for ns in ["local-path-storage", "household-task-manager"] {
+        let obj: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+        let _ = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .create(&PostParams::default(), &obj)
+            .await;
+    }
+    let kubectl = integration_tests::paths::k8s_bin_dir().join("kubectl");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for f in [
+        "local-path-storage/local-path-storage.yaml",
+        "household-task-manager/postgres.yaml",
+    ] {
+        let out = std::process::Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig_path())
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(root.join(f))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
