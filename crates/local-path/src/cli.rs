@@ -78,6 +78,9 @@ pub struct StartArgs {
     /// Who makes the directories: the node agent (default) or upstream's helper pod.
     #[arg(long, value_enum, default_value_t = Mode::Agent, env = "LOCAL_PATH_MODE")]
     pub mode: Mode,
+    /// How often directories made for claims deleted mid-provisioning are looked for (and torn down).
+    #[arg(long, default_value = "30s", value_parser = kube_common::args::parse_duration)]
+    pub task_sweep_interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +132,7 @@ pub async fn start(common: CommonArgs, args: StartArgs) -> anyhow::Result<()> {
         provisioning_retry_count: args.provisioning_retry_count,
         deletion_retry_count: args.deletion_retry_count,
         configmap: args.configmap_name.clone(),
+        sweep_interval: args.task_sweep_interval,
     };
     let source = ConfigSource {
         configmap: args.configmap_name,

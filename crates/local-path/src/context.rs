@@ -35,6 +35,8 @@ pub struct Options {
     pub deletion_retry_count: u32,
     /// The ConfigMap whose `setup`/`teardown` a helper pod mounts.
     pub configmap: String,
+    /// How often tasks left by claims deleted mid-provisioning are cleaned up.
+    pub sweep_interval: std::time::Duration,
 }
 
 #[derive(Debug, Error)]

@@ -73,6 +73,7 @@ pub async fn run(
             provisioning_retry_count: 15,
             deletion_retry_count: 15,
             configmap: "local-path-config".into(),
+            sweep_interval: provisioner::SWEEP_INTERVAL,
         },
         ConfigSource {
             configmap: "local-path-config".into(),

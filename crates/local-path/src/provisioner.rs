@@ -18,7 +18,8 @@ use crate::reload::{self, ConfigRx};
 use crate::task::{self, Op, TASK_LABEL, TaskState};
 use crate::{delete, helper_pod, provision};
 
-const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Default pause between sweeps of finished tasks whose claim went away.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The Lease the external-provisioner library would take with leader election on:
 /// the provisioner name with `/` replaced by `-` (`rancher.io-local-path`).
@@ -166,7 +167,7 @@ async fn sweeper(ctx: Arc<Ctx>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = tokio::time::sleep(ctx.opts.sweep_interval) => {}
         }
         if let Err(e) = delete::sweep(&ctx).await {
             tracing::warn!(error = %e, "task sweep failed");

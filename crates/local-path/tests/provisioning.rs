@@ -812,3 +812,51 @@ async fn deploy_manifests_pass_server_side_validation() {
         );
     }
 }
+
+/// A claim deleted while its directory is being made: once the setup finishes, the directory
+/// is torn down (nothing leaks) and no PV or task is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn claim_deleted_mid_provisioning_leaks_nothing() {
+    let env = Env::new("lp-gone").await;
+    let slow = "#!/bin/sh\nset -eu\nsleep 2\nmkdir -m 0777 -p \"$VOL_DIR\"\n";
+    env.put_config(&env.default_config(), slow, TEARDOWN).await;
+    env.start_agents();
+    env.start_provisioner("provisioner", &["--task-sweep-interval", "1s"]);
+    let class = env.storage_class("lp", &[], "Delete").await;
+    env.claim("short", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("short-pod", "short").await;
+    let uid = env.claims().get("short").await.unwrap().uid().unwrap();
+    let task = format!("local-path-create-pvc-{uid}");
+    wait_for("the agent took the task", LIMIT, || async {
+        env.configmaps()
+            .get(&task)
+            .await
+            .ok()?
+            .data?
+            .get("agent")
+            .cloned()
+    })
+    .await;
+    env.delete_pod("short-pod").await;
+    env.delete_claim("short").await;
+    eventually(
+        "directory made, then torn down; tasks gone",
+        LIMIT,
+        || async {
+            let tasks = env
+                .configmaps()
+                .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+                .await
+                .unwrap();
+            tasks.items.is_empty() && env.volume_dirs().is_empty()
+        },
+    )
+    .await;
+    assert!(
+        env.pvs()
+            .get_opt(&format!("pvc-{uid}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
