@@ -204,6 +204,10 @@ impl Cluster {
                 format!("--service-account-private-key-file={}", p("sa.key")),
                 format!("--root-ca-file={}", p("ca.crt")),
                 "--use-service-account-credentials=false".into(),
+                // client-go's default of 20 queries/s makes the PV binder the bottleneck when a
+                // test creates many claims at once.
+                "--kube-api-qps=100".into(),
+                "--kube-api-burst=200".into(),
                 "--v=1".into(),
             ];
             // No kubelets post heartbeats here, so node lifecycle (which would taint every Node

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use crate::kube::{Cluster, ClusterOptions};
 use crate::netns::{NetNs, VethEnd, attach, bridge, veth};
-use crate::nodes::{TestNode, register};
+use crate::nodes::{TestNode, make_schedulable, register};
 use crate::process::{ManagedProcess, run};
 use crate::{HarnessError, Result};
 
@@ -58,6 +58,10 @@ pub struct LabOptions {
     pub flanneld_args: Vec<String>,
     /// The controller-manager's cluster CIDR (node IPAM, /24 per node); must match `net_conf`.
     pub cluster_cidr: &'static str,
+    /// Node names by index; nodes past the list are `flnode-<n>`.
+    pub node_names: Vec<String>,
+    /// Also run kube-scheduler (for pods and WaitForFirstConsumer claims on the lab's nodes).
+    pub scheduler: bool,
 }
 
 impl LabOptions {
@@ -73,7 +77,19 @@ impl LabOptions {
                 "--iptables-resync=1".into(),
             ],
             cluster_cidr: CLUSTER_CIDR,
+            node_names: Vec::new(),
+            scheduler: false,
         }
+    }
+
+    pub fn node_names(mut self, names: &[&str]) -> LabOptions {
+        self.node_names = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    pub fn scheduler(mut self, on: bool) -> LabOptions {
+        self.scheduler = on;
+        self
     }
 
     pub fn nodes(mut self, n: usize) -> LabOptions {
@@ -192,7 +208,7 @@ impl Lab {
         let host = Ipv4Addr::new(172, 31, octet, 1);
         let cluster = match Cluster::start(ClusterOptions {
             controller_manager: true,
-            scheduler: false,
+            scheduler: opts.scheduler,
             cluster_cidr: Some(opts.cluster_cidr),
             extra_address: Some(host),
         })
@@ -302,7 +318,12 @@ impl Lab {
     /// starting flanneld before the node is registered. See [`Lab::register_node`].
     pub fn add_node_unregistered(&mut self) -> Result<usize> {
         let i = self.nodes.len();
-        let name = format!("flnode-{}", i + 1);
+        let name = self
+            .opts
+            .node_names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("flnode-{}", i + 1));
         let ns = NetNs::new(&format!("fl-n{}", i + 1))?;
         let ip = self.node_ip(i);
         self.plug(Some(&ns), &format!("n{}", i + 1), ip)?;
@@ -328,6 +349,8 @@ impl Lab {
             &TestNode::new(&n.name).with_internal_ip(&n.ip.to_string()),
         )
         .await?;
+        // The apiserver taints a new Node not-ready; node lifecycle (off here) would lift it.
+        make_schedulable(&self.client, &n.name).await?;
         Ok(())
     }
 

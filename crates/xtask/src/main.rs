@@ -3,7 +3,9 @@
 //! runs the whole workspace test suite.
 //!
 //! `cargo run -p xtask -- up`: the same set-up, then a local control plane (etcd, apiserver,
-//! controller-manager, scheduler) with `deploy/*.yaml` applied, in the foreground until Ctrl-C.
+//! controller-manager with node IPAM, scheduler), the seed's three nodes as network namespaces
+//! running our flanneld, `deploy/*.yaml` applied, our local-path provisioner, ingress controller
+//! and cert-manager, in the foreground until Ctrl-C.
 
 mod bench;
 mod seed;
@@ -14,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use integration_tests::kube::{Cluster, ClusterOptions};
+use integration_tests::overlay::{CLUSTER_CIDR, Lab, LabOptions};
 use integration_tests::paths::k8s_bin_dir;
 
 #[derive(Parser)]
@@ -134,32 +136,37 @@ fn workspace_root() -> Result<std::path::PathBuf> {
 fn up(bin_dir: &std::path::Path) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        eprintln!("==> starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler");
-        let cluster = Cluster::start(ClusterOptions {
-            controller_manager: true,
-            scheduler: true,
-            ..Default::default()
-        })
-        .await
-        .context("starting the local control plane")?;
         eprintln!(
-            "==> control plane ready in {:.1}s",
+            "==> starting the control plane (node IPAM {CLUSTER_CIDR}) and the nodes {} as network namespaces, each running flanneld",
+            seed::NODES.join(", ")
+        );
+        let mut opts = LabOptions::new(bin_dir.join("flanneld"), bin_dir.join("flannel"))
+            .node_names(&seed::NODES)
+            .scheduler(true);
+        opts.flanneld_args.clear(); // upstream's intervals, not the tests' 1 s
+        let lab = Lab::start(opts)
+        .await
+        .context("starting the control plane and the flannel overlay")?;
+        let cluster = &lab.cluster;
+        eprintln!(
+            "==> control plane ready in {:.1}s; overlay converged",
             cluster.startup.as_secs_f64()
         );
         let kubectl = k8s_bin_dir().join("kubectl");
         let kubeconfig = cluster.kubeconfig_path().display().to_string();
         apply_deploy(&kubectl, &kubeconfig)?;
         let client = cluster.client().await?;
+        let storage = start_local_path(&client, cluster.dir());
         seed::frontend(&client).await.context("starting the frontend replicas")?;
-        let ingress = seed::start_ingress(&cluster, bin_dir)?;
+        let ingress = seed::start_ingress(cluster, bin_dir)?;
         let pebble = integration_tests::acme::Pebble::start(integration_tests::acme::PebbleOptions {
             http_port: seed::HTTP_PORT,
             ..Default::default()
         })
         .await
         .context("starting pebble")?;
-        let admission = seed::start_webhook_and_cainjector(&cluster, &client, bin_dir).await?;
-        let cert_manager = seed::start_cert_manager(&cluster, &client, bin_dir, &pebble).await?;
+        let admission = seed::start_webhook_and_cainjector(cluster, &client, bin_dir).await?;
+        let cert_manager = seed::start_cert_manager(cluster, &client, bin_dir, &pebble).await?;
         if let Err(e) = seed::wait_served().await {
             let slices = Command::new(&kubectl)
                 .args(["--kubeconfig", &kubeconfig, "get", "endpointslices,pods", "-A", "-o", "wide"])
@@ -174,6 +181,10 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         if let Err(e) = seed::wait_issued(&root).await {
             bail!("{e}\ncert-manager log:\n{}", cert_manager.log_tail(4000));
         }
+        let volume = seed::wait_postgres_bound(&client).await?;
+        // Two pods on different nodes, wired by our CNI plugin as a runtime would.
+        let pod_a = lab.pod(0).context("a pod on the first node")?;
+        let pod_b = lab.pod(1).context("a pod on the second node")?;
         let (host, http, https) = (seed::HOST, seed::HTTP_PORT, seed::HTTPS_PORT);
         println!();
         println!(
@@ -182,7 +193,7 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         );
         println!("  kubeconfig: {kubeconfig}");
         println!(
-            "  try:        {} --kubeconfig {kubeconfig} get ns",
+            "  try:        {} --kubeconfig {kubeconfig} get nodes,ns",
             kubectl.display()
         );
         println!("  logs:       {}", cluster.dir().display());
@@ -196,15 +207,56 @@ fn up(bin_dir: &std::path::Path) -> Result<()> {
         println!("  kubectl --kubeconfig {kubeconfig} get certificate,certificaterequest,order,challenge -A");
         println!("  cert-manager metrics: curl http://{}/metrics", seed::CERT_MANAGER_METRICS);
         println!("  metrics: curl http://127.0.0.1:10254/metrics");
+        println!();
+        println!("flannel overlay ({CLUSTER_CIDR}, VXLAN) across {}:", seed::NODES.join(", "));
+        println!(
+            "  {}   # pod {} on {} -> pod {} on {}",
+            pod_a.ping_command(pod_b.ip),
+            pod_a.ip,
+            lab.nodes[0].name,
+            pod_b.ip,
+            lab.nodes[1].name
+        );
+        println!(
+            "  sudo ip netns exec {} ip route   # flannel.1 routes to the other nodes' /24s",
+            lab.nodes[0].ns.name()
+        );
+        println!();
+        println!("local-path: postgres's 10Gi claim is Bound to {volume}:");
+        println!("  kubectl --kubeconfig {kubeconfig} get pvc,pv -A");
+        println!("  volumes on disk: {}", cluster.dir().join("local-path").display());
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
+        storage.cancel();
+        drop((pod_a, pod_b));
         drop(cert_manager);
         drop(admission);
         drop(pebble);
-        drop(cluster);
+        drop(lab);
         Ok(())
     })
+}
+
+/// Runs the local-path provisioner and one node agent per seed node in this process, each
+/// node's disk a directory under the control plane's temp dir.
+fn start_local_path(
+    client: &kube::Client,
+    dir: &std::path::Path,
+) -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let opts = local_path::local::LocalOptions {
+        namespace: "local-path-storage".into(),
+        nodes: seed::NODES.iter().map(|n| n.to_string()).collect(),
+        data_dir: dir.join("local-path"),
+    };
+    let (client, token) = (client.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = local_path::local::run(client, opts, token).await {
+            eprintln!("local-path provisioner stopped: {e:#}");
+        }
+    });
+    shutdown
 }
 
 /// Applies `deploy/namespaces.yaml`, then everything under `deploy/`.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use integration_tests::kube::Cluster;
 use integration_tests::process::ManagedProcess;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +20,8 @@ pub const HOST: &str = "household-task-mgr.duckdns.org";
 pub const HTTP_PORT: u16 = 18080;
 pub const HTTPS_PORT: u16 = 18443;
 const FRONTEND_PORT: u16 = 18081;
-const NODES: [&str; 3] = ["pi-1", "pi-2", "pi-3"];
+/// The seed's three nodes: network namespaces on one underlay bridge, each running flanneld.
+pub const NODES: [&str; 3] = ["rpi-master-1", "rpi-worker-1", "rpi-worker-2"];
 
 /// Builds the component binaries `up` runs.
 pub fn build_binaries() -> Result<PathBuf> {
@@ -37,11 +38,17 @@ pub fn build_binaries() -> Result<PathBuf> {
             "cert-manager",
             "--bin",
             "cert-manager",
+            "-p",
+            "flannel",
+            "--bin",
+            "flanneld",
+            "--bin",
+            "flannel",
         ])
         .status()
-        .context("cargo build ingress-controller cert-manager")?;
+        .context("cargo build ingress-controller cert-manager flanneld flannel")?;
     if !status.success() {
-        bail!("building ingress-controller and cert-manager failed");
+        bail!("building ingress-controller, cert-manager and flannel failed");
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -229,7 +236,8 @@ pub async fn wait_issued(root_pem: &str) -> Result<()> {
     }
 }
 
-/// Two frontend replicas on 127.0.0.1 and 127.0.0.2, registered as Ready Pods on pi nodes.
+/// Two frontend replicas on 127.0.0.1 and 127.0.0.2, registered as Ready Pods on the seed's
+/// nodes (which the overlay lab registered).
 pub async fn frontend(client: &Client) -> Result<()> {
     for (i, ip) in ["127.0.0.1", "127.0.0.2"].into_iter().enumerate() {
         let addr: SocketAddr = format!("{ip}:{FRONTEND_PORT}").parse()?;
@@ -237,18 +245,6 @@ pub async fn frontend(client: &Client) -> Result<()> {
             .await
             .with_context(|| format!("binding frontend replica {addr}"))?;
         tokio::spawn(serve_replica(listener, i));
-    }
-    let nodes: Api<Node> = Api::all(client.clone());
-    for name in NODES {
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/arch": "arm64", "kubernetes.io/hostname": name}}
-        }))?;
-        match nodes.create(&PostParams::default(), &node).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), "household-task-manager");
     for (i, ip) in ["127.0.0.1", "127.0.0.2"].into_iter().enumerate() {
@@ -320,6 +316,25 @@ pub async fn wait_served() -> Result<()> {
         }
         if tokio::time::Instant::now() > deadline {
             bail!("the ingress controller did not serve {HOST} within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until postgres's claim is Bound: the scheduler picked a node for the postgres pod
+/// (WaitForFirstConsumer) and local-path provisioned the volume there.
+pub async fn wait_postgres_bound(client: &Client) -> Result<String> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), "household-task-manager");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(pvc) = claims.get_opt("postgres-data").await?
+            && pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+        {
+            return Ok(pvc.spec.and_then(|s| s.volume_name).unwrap_or_default());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("claim household-task-manager/postgres-data not Bound within 90s");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
