@@ -50,16 +50,22 @@ pub fn folder(
         return Ok(format!("{}_{}_{}", meta.pv_name, meta.namespace, meta.name));
     };
     let rendered = render(pattern, meta)?;
+    // Checked on the cleaned path: `ns/name/..` must not pass as "below the claim" and then
+    // clean to `ns`, the parent of every sibling claim's directory.
+    if !is_local(&rendered) {
+        return Err(PatternError::NotLocal(rendered));
+    }
+    let cleaned = clean(&rendered);
+    if cleaned.split('/').any(|c| c == "..") {
+        return Err(PatternError::NotLocal(rendered));
+    }
     if !allow_unsafe {
         let prefix = format!("{}/{}/", meta.namespace, meta.name);
-        if !rendered.starts_with(&prefix) {
+        if !cleaned.starts_with(&prefix) || cleaned.len() == prefix.len() {
             return Err(PatternError::NotUnderClaim(rendered));
         }
-        if !is_local(&rendered) {
-            return Err(PatternError::NotLocal(rendered));
-        }
     }
-    Ok(rendered)
+    Ok(cleaned)
 }
 
 /// Go's `filepath.IsLocal` on Unix: non-empty, relative, and never leaving its directory.
@@ -202,7 +208,7 @@ mod tests {
         let m = meta(&l);
         assert!(matches!(
             folder(&m, Some("../../etc"), false),
-            Err(PatternError::NotUnderClaim(_))
+            Err(PatternError::NotLocal(_))
         ));
         assert!(matches!(
             folder(
@@ -217,6 +223,28 @@ mod tests {
             Err(PatternError::NotUnderClaim(_))
         ));
         assert_eq!(folder(&m, Some("{{ .PVName }}"), true).unwrap(), "pvc-123");
+        assert!(matches!(
+            folder(&m, Some("../x"), true),
+            Err(PatternError::NotLocal(_))
+        ));
+    }
+
+    #[test]
+    fn pattern_cannot_reach_a_sibling_claim() {
+        let mut l = BTreeMap::new();
+        let pat = "{{ .PVC.Namespace }}/{{ .PVC.Name }}/{{ .PVC.Labels.x }}";
+        for bad in ["..", ".", "../other", "a/../..", ""] {
+            l.insert("x".to_string(), bad.to_string());
+            assert!(
+                matches!(
+                    folder(&meta(&l), Some(pat), false),
+                    Err(PatternError::NotUnderClaim(_))
+                ),
+                "label x={bad:?} must be refused"
+            );
+        }
+        l.insert("x".to_string(), "a/../b/".to_string());
+        assert_eq!(folder(&meta(&l), Some(pat), false).unwrap(), "db/data/b");
     }
 
     #[test]
