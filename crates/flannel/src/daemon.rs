@@ -51,7 +51,7 @@ impl Metrics {
         );
         r.register(
             "flannel_reconcile_errors",
-            "Failed reconcile passes",
+            "Failed reconcile passes and failed route, ARP or FDB writes",
             m.errors.clone(),
         );
         r.register("flannel_peers", "Peer nodes programmed", m.peers.clone());
@@ -293,14 +293,17 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
             ..*local
         };
         let peers = peers(net, me, nodes).await;
+        for c in reconcile::select(&local, &peers).1 {
+            tracing::warn!(peer = %c.peer, reason = %c.reason, "peer left out");
+        }
         metrics.peers.set(peers.len() as i64);
         reconcile::reconcile(net, &local, &peers).await
     }
     .await;
     match result {
-        Ok(0) => {}
-        Ok(n) => {
-            metrics.changes.inc_by(n as u64);
+        Ok(done) => {
+            metrics.changes.inc_by(done.written as u64);
+            metrics.errors.inc_by(done.failed as u64);
         }
         Err(e) => {
             metrics.errors.inc();
@@ -311,14 +314,18 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
 
 async fn peers(net: &Net, me: &Node0, nodes: &Nodes) -> Vec<Peer> {
     let mut out = Vec::new();
-    for lease in nodes.peer_leases(&me.keys, &me.name) {
+    for (name, lease) in nodes.peer_leases(&me.keys, &me.name) {
         if lease.vni != me.conf.backend.vni {
             continue;
         }
         let direct = me.conf.backend.direct_routing
             && lease.public_ip != me.public_ip
             && iface::on_link(net, lease.public_ip).await.unwrap_or(false);
-        out.push(Peer { lease, direct });
+        out.push(Peer {
+            name,
+            lease,
+            direct,
+        });
     }
     out
 }

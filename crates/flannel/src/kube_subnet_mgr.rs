@@ -89,17 +89,16 @@ impl Nodes {
             .find(|n| n.name_any() == name)
     }
 
-    /// Every other flannel vxlan node's lease.
-    pub fn peer_leases(&self, keys: &Keys, own: &str) -> Vec<Lease> {
-        let mut v: Vec<Lease> = self
-            .store
-            .state()
+    /// Every other flannel vxlan node's name and lease, oldest Node first (then by name): the
+    /// order in which peers with clashing subnets or MACs win.
+    pub fn peer_leases(&self, keys: &Keys, own: &str) -> Vec<(String, Lease)> {
+        let mut nodes = self.store.state();
+        nodes.retain(|n| n.name_any() != own);
+        nodes.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), n.name_any()));
+        nodes
             .iter()
-            .filter(|n| n.name_any() != own)
-            .filter_map(|n| lease(n, keys))
-            .collect();
-        v.sort();
-        v
+            .filter_map(|n| Some((n.name_any(), lease(n, keys)?)))
+            .collect()
     }
 }
 

@@ -15,6 +15,8 @@ use crate::netlink::{Fdb, Neigh, Net, Result, Route};
 /// A peer and how to reach it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Peer {
+    /// The peer's Node name (for conflict warnings).
+    pub name: String,
     pub lease: Lease,
     /// DirectRouting on and the peer on-link: a plain route via its public IP.
     pub direct: bool,
@@ -48,14 +50,56 @@ pub enum Op {
     SetRoute(Route),
 }
 
-/// The entries `peers` need.
-pub fn desired(local: &Local, peers: &[Peer]) -> State {
-    let mut s = State::default();
+/// A peer left out because it clashes with this node or an earlier peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub peer: String,
+    pub reason: String,
+}
+
+/// The peers that get entries, in order: a peer whose subnet overlaps ours (it would take our
+/// pods' traffic) is dropped, and of peers whose subnets overlap or whose VTEP MACs are equal the
+/// first wins (callers pass peers oldest Node first), so entries never flap between them.
+pub fn select<'a>(local: &Local, peers: &'a [Peer]) -> (Vec<&'a Peer>, Vec<Conflict>) {
+    let overlap = |a: &Ipv4Net, b: &Ipv4Net| a.contains(b) || b.contains(a);
+    let mut kept: Vec<&Peer> = Vec::new();
+    let mut conflicts = Vec::new();
     for p in peers {
         let l = &p.lease;
-        if l.subnet == local.own_subnet || !local.network.contains(&l.subnet) {
+        if !local.network.contains(&l.subnet) {
             continue;
         }
+        let reason = if overlap(&l.subnet, &local.own_subnet) {
+            Some(format!(
+                "its subnet {} overlaps this node's {}",
+                l.subnet, local.own_subnet
+            ))
+        } else if let Some(k) = kept.iter().find(|k| overlap(&k.lease.subnet, &l.subnet)) {
+            Some(format!(
+                "its subnet {} overlaps {} of node {:?}",
+                l.subnet, k.lease.subnet, k.name
+            ))
+        } else {
+            kept.iter()
+                .find(|k| !p.direct && !k.direct && k.lease.vtep_mac == l.vtep_mac)
+                .map(|k| format!("its VtepMAC {} is also node {:?}'s", l.vtep_mac, k.name))
+        };
+        match reason {
+            Some(reason) => conflicts.push(Conflict {
+                peer: p.name.clone(),
+                reason,
+            }),
+            None => kept.push(p),
+        }
+    }
+    (kept, conflicts)
+}
+
+/// The entries `peers` need (after [`select`]).
+pub fn desired(local: &Local, peers: &[Peer]) -> State {
+    let mut s = State::default();
+    for p in select(local, peers).0 {
+        let l = &p.lease;
         if p.direct {
             s.routes.insert(Route {
                 dst: l.subnet,
@@ -145,28 +189,54 @@ pub async fn observe(net: &Net, local: &Local) -> Result<State> {
     })
 }
 
-/// Applies `ops`; returns how many were written. Stops at the first error (the next pass
-/// retries from a fresh observation).
-pub async fn apply(net: &Net, local: &Local, ops: &[Op]) -> Result<usize> {
+/// What one apply did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub written: usize,
+    pub failed: usize,
+}
+
+/// Applies `ops`. A failed op is logged and skipped, so one peer the kernel rejects (say an odd
+/// public IP) never blocks the entries of the others; the next pass retries it.
+pub async fn apply(net: &Net, local: &Local, ops: &[Op]) -> Applied {
+    apply_with(ops, |op| exec(net, local, op)).await
+}
+
+async fn exec(net: &Net, local: &Local, op: &Op) -> Result<()> {
+    match op {
+        Op::DelRoute(r) => net.del_route(r).await,
+        Op::DelNeigh(ip) => net.del_neigh(local.vxlan_index, *ip).await,
+        Op::DelFdb(mac, dst) => net.del_fdb(local.vxlan_index, *mac, *dst).await,
+        Op::SetNeigh(ip, mac) => net.replace_neigh(local.vxlan_index, *ip, *mac).await,
+        Op::SetFdb(mac, dst) => net.replace_fdb(local.vxlan_index, *mac, *dst).await,
+        Op::SetRoute(r) => net.replace_route(r).await,
+    }
+}
+
+async fn apply_with<'a, F, Fut>(ops: &'a [Op], mut exec: F) -> Applied
+where
+    F: FnMut(&'a Op) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut done = Applied::default();
     for op in ops {
         tracing::info!(?op, "programming peer entry");
-        match op {
-            Op::DelRoute(r) => net.del_route(r).await?,
-            Op::DelNeigh(ip) => net.del_neigh(local.vxlan_index, *ip).await?,
-            Op::DelFdb(mac, dst) => net.del_fdb(local.vxlan_index, *mac, *dst).await?,
-            Op::SetNeigh(ip, mac) => net.replace_neigh(local.vxlan_index, *ip, *mac).await?,
-            Op::SetFdb(mac, dst) => net.replace_fdb(local.vxlan_index, *mac, *dst).await?,
-            Op::SetRoute(r) => net.replace_route(r).await?,
+        match exec(op).await {
+            Ok(()) => done.written += 1,
+            Err(e) => {
+                tracing::warn!(?op, error = %e, "programming peer entry failed; continuing");
+                done.failed += 1;
+            }
         }
     }
-    Ok(ops.len())
+    done
 }
 
 /// One pass: observe, plan, apply.
-pub async fn reconcile(net: &Net, local: &Local, peers: &[Peer]) -> Result<usize> {
+pub async fn reconcile(net: &Net, local: &Local, peers: &[Peer]) -> Result<Applied> {
     let want = desired(local, peers);
     let actual = observe(net, local).await?;
-    apply(net, local, &plan(&want, &actual)).await
+    Ok(apply(net, local, &plan(&want, &actual)).await)
 }
 
 #[cfg(test)]
@@ -184,6 +254,7 @@ mod tests {
 
     fn peer(n: u8, direct: bool) -> Peer {
         Peer {
+            name: format!("node-{n}"),
             lease: Lease {
                 subnet: format!("10.244.{n}.0/24").parse().unwrap(),
                 public_ip: Ipv4Addr::new(172, 31, 250, 10 + n),
@@ -238,5 +309,67 @@ mod tests {
             Mac([2, 0, 0, 0, 0, 99])
         )));
         assert!(!ops.contains(&Op::DelNeigh(Ipv4Addr::new(10, 244, 2, 0))));
+    }
+
+    #[test]
+    fn peers_overlapping_us_or_each_other_are_dropped_first_one_wins() {
+        let mut inside_ours = peer(7, false);
+        inside_ours.lease.subnet = "10.244.1.0/25".parse().unwrap();
+        let mut whole = peer(8, false);
+        whole.lease.subnet = "10.244.0.0/16".parse().unwrap();
+        let mut same_subnet = peer(9, false);
+        same_subnet.lease.subnet = "10.244.2.0/24".parse().unwrap();
+        let mut same_mac = peer(4, false);
+        same_mac.lease.vtep_mac = peer(2, false).lease.vtep_mac;
+        let peers = [
+            inside_ours,
+            whole,
+            peer(2, false),
+            same_subnet,
+            same_mac,
+            peer(3, false),
+        ];
+        let (kept, conflicts) = select(&local(), &peers);
+        let names: Vec<&str> = kept.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["node-2", "node-3"]);
+        let dropped: Vec<&str> = conflicts.iter().map(|c| c.peer.as_str()).collect();
+        assert_eq!(dropped, ["node-7", "node-8", "node-9", "node-4"]);
+        assert!(
+            conflicts[0].reason.contains("overlaps this node's"),
+            "{conflicts:?}"
+        );
+        assert!(conflicts[3].reason.contains("VtepMAC"), "{conflicts:?}");
+        let s = desired(&local(), &peers);
+        assert_eq!((s.routes.len(), s.neighs.len(), s.fdb.len()), (2, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_failing_op_does_not_block_the_rest() {
+        let ops = plan(
+            &desired(&local(), &[peer(2, false), peer(3, false)]),
+            &State::default(),
+        );
+        let mut seen = Vec::new();
+        let bad = Op::SetFdb(Mac([2, 0, 0, 0, 0, 2]), Ipv4Addr::new(172, 31, 250, 12));
+        let done = apply_with(&ops, |op| {
+            seen.push(op.clone());
+            let fail = *op == bad;
+            async move {
+                if fail {
+                    Err(crate::netlink::NetlinkError::Other("rejected".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!(seen, ops, "every op is tried");
+        assert_eq!(
+            done,
+            Applied {
+                written: ops.len() - 1,
+                failed: 1
+            }
+        );
     }
 }
