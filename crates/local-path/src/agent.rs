@@ -34,6 +34,8 @@ pub struct AgentOptions {
     pub configmap: String,
     pub config_file: Option<std::path::PathBuf>,
     pub report_interval: Duration,
+    /// The provisioner whose Released Delete volumes this agent may tear down.
+    pub provisioner_name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -187,7 +189,11 @@ impl Agent {
                 .replace(&name, &PostParams::default(), &cm)
                 .await?;
         }
-        let (phase, dir, message) = match self.check(&state) {
+        let checked = match self.check(&state) {
+            Ok(()) if state.task.op == Op::Delete => self.delete_allowed(&state.task).await,
+            other => other,
+        };
+        let (phase, dir, message) = match checked {
             Ok(()) => execute(&state).await,
             Err(why) => (Phase::Failed, None, why),
         };
@@ -241,6 +247,45 @@ impl Agent {
                 self.opts.node
             ))
         }
+    }
+
+    /// A teardown runs only while the decision to delete still holds, read from the PV now
+    /// (not when the task was written): Released, reclaim Delete, provisioned by us, and its
+    /// path is the task's directory. A task for a PV that does not exist (a directory left by a
+    /// claim deleted mid-provisioning) runs only if no PV points at the directory.
+    async fn delete_allowed(&self, t: &task::Task) -> Result<(), String> {
+        let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
+        let dir = clean(&t.vol_dir);
+        let api_err = |e: kube::Error| format!("reading PersistentVolumes failed: {e}");
+        match pvs.get_opt(&t.pv).await.map_err(api_err)? {
+            Some(pv) => {
+                if !crate::delete::should_delete(&pv, &self.opts.provisioner_name) {
+                    return Err(format!(
+                        "PersistentVolume {} is not a Released Delete volume of {}: {dir:?} not touched",
+                        t.pv, self.opts.provisioner_name
+                    ));
+                }
+                if volume::path_of(&pv).map(|p| clean(&p)).as_deref() != Some(dir.as_str()) {
+                    return Err(format!(
+                        "PersistentVolume {} does not point at {dir:?}: not touched",
+                        t.pv
+                    ));
+                }
+            }
+            None => {
+                let list = pvs.list(&Default::default()).await.map_err(api_err)?;
+                if let Some(pv) = list
+                    .iter()
+                    .find(|pv| volume::path_of(pv).map(|p| clean(&p)).as_deref() == Some(&dir))
+                {
+                    return Err(format!(
+                        "PersistentVolume {} points at {dir:?}: not touched",
+                        pv.name_any()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn report_loop(&self, config: ConfigRx, shutdown: CancellationToken) {

@@ -97,6 +97,13 @@ pub struct AgentArgs {
     /// How often free space, usage and orphans are reported.
     #[arg(long, default_value = "60s", value_parser = kube_common::args::parse_duration)]
     pub report_interval: Duration,
+    /// The provisioner (the PVs' `pv.kubernetes.io/provisioned-by`) whose volumes may be torn down.
+    #[arg(
+        long,
+        default_value = "rancher.io/local-path",
+        env = "PROVISIONER_NAME"
+    )]
+    pub provisioner_name: String,
 }
 
 async fn manager(common: &CommonArgs) -> anyhow::Result<Manager> {
@@ -152,6 +159,7 @@ pub async fn agent(common: CommonArgs, args: AgentArgs) -> anyhow::Result<()> {
             configmap: args.configmap_name,
             config_file: args.config,
             report_interval: args.report_interval,
+            provisioner_name: args.provisioner_name,
         },
     )
     .await;

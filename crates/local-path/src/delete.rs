@@ -21,6 +21,7 @@ const TASK_POLL: Duration = Duration::from_secs(15);
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if !should_delete(&pv, &ctx.opts.provisioner_name) {
+        withdraw_untaken(&ctx, &pv).await?;
         return Ok(Action::await_change());
     }
     let name = pv.name_any();
@@ -122,6 +123,25 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
     };
     ctx.create_task(&t).await?;
     Ok(Action::requeue(TASK_POLL))
+}
+
+/// The decision to delete no longer holds (Retain now, bound again, annotation gone): a teardown
+/// no agent has taken yet is withdrawn, so it cannot run later on a volume that must be kept.
+async fn withdraw_untaken(ctx: &Ctx, pv: &PersistentVolume) -> Result<(), Error> {
+    let ours = pv.annotations().get(ANN_PROVISIONED_BY).map(String::as_str)
+        == Some(ctx.opts.provisioner_name.as_str());
+    if !ours || ctx.opts.mode != crate::context::Mode::Agent {
+        return Ok(());
+    }
+    let name = pv.name_any();
+    if let Some(state) = ctx.get_task(Op::Delete, &name).await?
+        && state.phase == Phase::Pending
+        && state.agent.is_none()
+    {
+        tracing::info!(pv = %name, "the volume is no longer to be deleted: withdrawing its teardown");
+        ctx.delete_task(Op::Delete, &name).await?;
+    }
+    Ok(())
 }
 
 /// `shouldDelete`: Released, reclaim Delete, not being deleted, provisioned by us.

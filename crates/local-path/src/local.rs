@@ -89,6 +89,7 @@ pub async fn run(
             configmap: "local-path-config".into(),
             config_file: Some(config.clone()),
             report_interval: Duration::from_secs(60),
+            provisioner_name: "rancher.io/local-path".into(),
         };
         async move { agent::run(&mgr, a).await }
     }));

@@ -140,6 +140,50 @@ async fn retain_keeps_the_directory_byte_for_byte() {
         tasks.items.is_empty(),
         "no teardown requested for a Retain volume"
     );
+
+    // Forged teardowns with the configured script: one named after the Retain PV, one after a
+    // PV that does not exist. The agent reads the PV now and touches nothing.
+    let node = volume_node(&pv);
+    for forged_pv in [pv.name_any(), format!("{}-forged", pv.name_any())] {
+        let t = local_path::task::Task {
+            op: local_path::task::Op::Delete,
+            pv: forged_pv.clone(),
+            node: node.clone(),
+            base_paths: Vec::new(),
+            vol_dir: dir.display().to_string(),
+            size_bytes: 0,
+            vol_mode: "Filesystem".into(),
+            script: local_path::task::Script::Shell(TEARDOWN.into()),
+            timeout_secs: 10,
+            claim: String::new(),
+            claim_uid: String::new(),
+            extra_env: BTreeMap::new(),
+        };
+        let name = local_path::task::name(local_path::task::Op::Delete, &forged_pv);
+        env.configmaps()
+            .create(&PostParams::default(), &t.to_configmap(&env.ns))
+            .await
+            .unwrap();
+        eventually("forged teardown refused or withdrawn", LIMIT, || async {
+            match env.configmaps().get_opt(&name).await.unwrap() {
+                None => true,
+                Some(cm) => cm.data.and_then(|d| d.get("phase").cloned()).is_some(),
+            }
+        })
+        .await;
+        let cm = env.configmaps().get_opt(&name).await.unwrap();
+        if let Some(phase) = cm.and_then(|c| c.data?.get("phase").cloned()) {
+            assert_eq!(phase, "Failed", "forged teardown of {forged_pv}");
+        }
+        assert_eq!(std::fs::read(dir.join("table.dat")).unwrap(), payload);
+    }
+}
+
+fn volume_node(pv: &PersistentVolume) -> String {
+    pv.annotations()
+        .get("local.path.provisioner/selected-node")
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// pathPattern renders upstream's template subset; a pattern escaping the claim's directory is

@@ -188,6 +188,8 @@ impl Env {
                 &self.ns,
                 "--report-interval",
                 "1s",
+                "--provisioner-name",
+                &self.provisioner,
                 "--health-address",
                 &format!("127.0.0.1:{port}"),
             ]
