@@ -214,6 +214,7 @@ impl Agent {
             return Err("the agent has no valid configuration yet".into());
         };
         let t = &state.task;
+        t.validate()?;
         let expected = match (t.op, &cfg.setup_command, &cfg.teardown_command) {
             (Op::Create, Some(c), _) | (Op::Delete, _, Some(c)) => Script::Command(c.clone()),
             (Op::Create, None, _) => Script::Shell(cfg.setup_script.clone()),
@@ -223,16 +224,15 @@ impl Agent {
             return Err("the task's script is not the configured one (config changed?)".into());
         }
         let allowed = cfg.all_paths_on(&self.opts.node);
-        let inside = |dir: &str| {
-            let dir = clean(dir);
-            allowed.iter().any(|b| {
-                dir.strip_prefix(b.as_str())
-                    .is_some_and(|r| r.starts_with('/') && r.len() > 1)
-            })
-        };
         let ok = match t.op {
-            Op::Create => t.base_paths.iter().all(|b| allowed.contains(&clean(b))),
-            Op::Delete => inside(&t.vol_dir),
+            Op::Create => {
+                !t.base_paths.is_empty()
+                    && t.base_paths.iter().all(|b| allowed.contains(&clean(b)))
+                    && t.base_paths
+                        .iter()
+                        .all(|b| below(&format!("{b}/{}", t.vol_dir), b))
+            }
+            Op::Delete => allowed.iter().any(|b| below(&t.vol_dir, b)),
         };
         if ok {
             Ok(())
@@ -424,6 +424,14 @@ fn scan(paths: &[String], mine: &[(String, String)], known: &BTreeSet<String>) -
     r
 }
 
+/// `dir`, cleaned, is strictly below `base`: `base/../etc` is not.
+fn below(dir: &str, base: &str) -> bool {
+    let (dir, base) = (clean(dir), clean(base));
+    let base = base.trim_end_matches('/');
+    dir.strip_prefix(base)
+        .is_some_and(|r| r.starts_with('/') && r.len() > 1)
+}
+
 /// Runs one task: (phase, directory made, message).
 async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
     let t = &state.task;
@@ -452,7 +460,15 @@ async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
                 );
             };
             tracing::debug!(base, free, "path chosen");
-            clean(&format!("{base}/{}", t.vol_dir))
+            let dir = clean(&format!("{base}/{}", t.vol_dir));
+            if !below(&dir, base) {
+                return (
+                    Phase::Failed,
+                    None,
+                    format!("volume directory {dir:?} is not below {base:?}: not touched"),
+                );
+            }
+            dir
         }
         Op::Delete => clean(&t.vol_dir),
     };
@@ -480,5 +496,53 @@ async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
             (Phase::Succeeded, Some(dir), output)
         }
         Err(e) => (Phase::Failed, None, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::Task;
+
+    #[test]
+    fn below_is_strict() {
+        assert!(below("/a/b", "/a"));
+        assert!(below("/a/b/../c", "/a/"));
+        assert!(!below("/a", "/a"));
+        assert!(!below("/a/..", "/a"));
+        assert!(!below("/a/../../etc", "/a"));
+        assert!(!below("/ab", "/a"));
+        assert!(below("/x", "/"));
+        assert!(!below("/", "/"));
+    }
+
+    #[tokio::test]
+    async fn create_outside_the_base_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let marker = base.path().join("ran");
+        let state = TaskState {
+            task: Task {
+                op: Op::Create,
+                pv: "pvc-1".into(),
+                node: "n".into(),
+                base_paths: vec![base.path().join("disk").display().to_string()],
+                vol_dir: "../escaped".into(),
+                size_bytes: 0,
+                vol_mode: "Filesystem".into(),
+                script: Script::Shell(format!("touch {}", marker.display())),
+                timeout_secs: 5,
+                claim: String::new(),
+                claim_uid: String::new(),
+                extra_env: Default::default(),
+            },
+            phase: Phase::Pending,
+            agent: None,
+            result_dir: None,
+            message: String::new(),
+        };
+        std::fs::create_dir(base.path().join("disk")).unwrap();
+        let (phase, dir, message) = execute(&state).await;
+        assert_eq!((phase, dir), (Phase::Failed, None), "{message}");
+        assert!(!marker.exists(), "the script did not run");
     }
 }

@@ -78,7 +78,11 @@ pub async fn run(r: &Run<'_>) -> Result<String, ScriptError> {
     ]);
     let mut cmd = tokio::process::Command::new(&program);
     cmd.args(&args)
-        .envs(r.extra_env)
+        .envs(
+            r.extra_env
+                .iter()
+                .filter(|(k, _)| crate::task::EXTRA_ENV_KEYS.contains(&k.as_str())),
+        )
         .env("VOL_DIR", r.vol_dir)
         .env("VOL_MODE", r.vol_mode)
         .env("VOL_SIZE_BYTES", r.size_bytes.to_string())

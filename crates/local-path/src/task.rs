@@ -140,6 +140,34 @@ impl Task {
     }
 }
 
+/// The only extra variables a task may set (what the class's `userPattern`, `groupPattern`,
+/// `permPattern` become): anything else (`LD_PRELOAD`, `PATH`...) would run code as root.
+pub const EXTRA_ENV_KEYS: [&str; 3] = ["VOL_USER", "VOL_GROUP", "VOL_PERM"];
+
+impl Task {
+    /// Fields a task's writer controls that the script sees: refused unless they are what the
+    /// provisioner writes.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(k) = self
+            .extra_env
+            .keys()
+            .find(|k| !EXTRA_ENV_KEYS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "environment variable {k:?} not allowed (only {})",
+                EXTRA_ENV_KEYS.join(", ")
+            ));
+        }
+        if !matches!(self.vol_mode.as_str(), "Filesystem" | "Block") {
+            return Err(format!(
+                "volume mode {:?} is neither Filesystem nor Block",
+                self.vol_mode
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Reads a task ConfigMap; `None` if it is not a well-formed task (then it is ignored).
 pub fn parse(cm: &ConfigMap) -> Option<TaskState> {
     let data = cm.data.as_ref()?;
@@ -243,6 +271,32 @@ mod tests {
             .unwrap()
             .extend(result_data(&Phase::NoSpace, None, "full"));
         assert_eq!(parse(&cm2).unwrap().phase, Phase::NoSpace);
+    }
+
+    #[test]
+    fn only_known_env_and_modes() {
+        let mut t = Task {
+            op: Op::Create,
+            pv: "pvc-1".into(),
+            node: "n1".into(),
+            base_paths: vec!["/a".into()],
+            vol_dir: "d".into(),
+            size_bytes: 1,
+            vol_mode: "Block".into(),
+            script: Script::Shell(String::new()),
+            timeout_secs: 1,
+            claim: String::new(),
+            claim_uid: String::new(),
+            extra_env: BTreeMap::from([("VOL_USER".into(), "1000".into())]),
+        };
+        assert_eq!(t.validate(), Ok(()));
+        for bad in ["LD_PRELOAD", "PATH", "VOL_DIR"] {
+            t.extra_env.insert(bad.into(), "/tmp/x".into());
+            assert!(t.validate().unwrap_err().contains(bad));
+            t.extra_env.remove(bad);
+        }
+        t.vol_mode = "Filesystem -x".into();
+        assert!(t.validate().is_err());
     }
 
     #[test]
