@@ -180,23 +180,50 @@ pub struct Lease {
     pub vtep_mac: Mac,
 }
 
-/// Upstream `nodeToLease` for the vxlan backend: `None` unless the node runs flannel
-/// (`kube-subnet-manager=true`), is vxlan, and has parseable addresses and a podCIDR.
-pub fn lease(node: &Node, keys: &Keys) -> Option<Lease> {
+/// Why a flannel node's annotations give no lease.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("annotation {key} is missing")]
+    Missing { key: String },
+    #[error("annotation {key}={value:?} is not an IPv4 address")]
+    PublicIp { key: String, value: String },
+    #[error("annotation {key}={value:?} is not {{\"VNI\":<n>,\"VtepMAC\":\"<mac>\"}}")]
+    BackendData { key: String, value: String },
+    #[error("{0}")]
+    PodCidr(String),
+}
+
+/// Upstream `nodeToLease` for the vxlan backend: `Ok(None)` unless the node runs flannel
+/// (`kube-subnet-manager=true`), is vxlan and has a podCIDR; an error when it does but its
+/// addresses do not parse.
+pub fn lease(node: &Node, keys: &Keys) -> Result<Option<Lease>, LeaseError> {
     if annotation(node, &keys.subnet_manager) != Some("true")
         || annotation(node, &keys.backend_type) != Some("vxlan")
     {
-        return None;
+        return Ok(None);
     }
-    let public_ip = annotation(node, &keys.public_ip)?.trim().parse().ok()?;
-    let (vni, vtep_mac) = parse_backend_data(annotation(node, &keys.backend_data)?)?;
-    let subnet = pod_cidr(node).ok()??;
-    Some(Lease {
+    let get = |key: &String| {
+        annotation(node, key).ok_or_else(|| LeaseError::Missing { key: key.clone() })
+    };
+    let ip = get(&keys.public_ip)?;
+    let public_ip = ip.trim().parse().map_err(|_| LeaseError::PublicIp {
+        key: keys.public_ip.clone(),
+        value: ip.into(),
+    })?;
+    let data = get(&keys.backend_data)?;
+    let (vni, vtep_mac) = parse_backend_data(data).ok_or_else(|| LeaseError::BackendData {
+        key: keys.backend_data.clone(),
+        value: data.into(),
+    })?;
+    let Some(subnet) = pod_cidr(node).map_err(LeaseError::PodCidr)? else {
+        return Ok(None);
+    };
+    Ok(Some(Lease {
         subnet,
         public_ip,
         vni,
         vtep_mac,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -235,7 +262,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(lease(&node, &keys), None);
+        assert_eq!(lease(&node, &keys), Ok(None));
         let mac = Mac([2, 0, 0, 0, 0, 1]);
         node.metadata.annotations = Some(own_annotations(
             &keys,
@@ -243,7 +270,7 @@ mod tests {
             mac,
             "172.31.250.12".parse().unwrap(),
         ));
-        let l = lease(&node, &keys).unwrap();
+        let l = lease(&node, &keys).unwrap().unwrap();
         assert_eq!(l.subnet.to_string(), "10.244.2.0/24");
         assert_eq!(l.public_ip.to_string(), "172.31.250.12");
         assert_eq!(l.vtep_mac, mac);
@@ -253,7 +280,18 @@ mod tests {
             .annotations
             .as_mut()
             .unwrap()
+            .insert(keys.public_ip.clone(), "172.31.250".into());
+        assert!(
+            lease(&node, &keys)
+                .unwrap_err()
+                .to_string()
+                .contains("public-ip=\"172.31.250\" is not an IPv4 address")
+        );
+        node.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
             .insert(keys.backend_type.clone(), "wireguard".into());
-        assert_eq!(lease(&node, &keys), None);
+        assert_eq!(lease(&node, &keys), Ok(None));
     }
 }

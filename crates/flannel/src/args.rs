@@ -18,11 +18,12 @@ pub struct Args {
     /// Set up IP masquerade for traffic leaving the flannel network.
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", default_value_t = false)]
     pub ip_masq: bool,
-    /// Interface (name or IP) for inter-host traffic; repeatable, first match wins.
-    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    /// Interface (name or IP) for inter-host traffic; repeatable, first match wins. Values are
+    /// not split on commas (upstream appends each flag value whole).
+    #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
     /// Regex matched against interface IPs, then names; repeatable.
-    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
     /// Use the interface that routes to this address.
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
@@ -143,5 +144,15 @@ mod tests {
                 .contains("--kube-subnet-mgr")
         );
         assert!(Args::try_parse_from(["flanneld", "--etcd-endpoints=http://x"]).is_err());
+        let d = Args::try_parse_from([
+            "flanneld",
+            "--kube-subnet-mgr",
+            "--iface-regex=^(eth|en)[0-9]{1,2}$",
+            "--iface-regex",
+            "^wl.*",
+        ])
+        .unwrap();
+        assert_eq!(d.iface_regex, ["^(eth|en)[0-9]{1,2}$", "^wl.*"]);
+        assert!(d.refuse_unsupported().is_ok());
     }
 }

@@ -3,8 +3,8 @@
 //! annotations through `nodes/status` (the only write flannel's RBAC allows) and finally reports
 //! NetworkUnavailable=False.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -53,6 +53,8 @@ pub async fn node_name(client: &Client) -> Result<String, KubeError> {
 pub struct Nodes {
     pub store: Store<Node>,
     pub changed: Arc<Notify>,
+    /// Each peer's last lease that parsed, kept while its annotations are malformed.
+    last_good: Arc<Mutex<HashMap<String, Lease>>>,
 }
 
 impl Nodes {
@@ -79,7 +81,11 @@ impl Nodes {
         if !kube_common::controller::wait_synced(&store).await {
             return Err(KubeError::NotSynced);
         }
-        Ok(Nodes { store, changed })
+        Ok(Nodes {
+            store,
+            changed,
+            last_good: Arc::default(),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Node>> {
@@ -92,14 +98,48 @@ impl Nodes {
     /// Every other flannel vxlan node's name and lease, oldest Node first (then by name): the
     /// order in which peers with clashing subnets or MACs win.
     pub fn peer_leases(&self, keys: &Keys, own: &str) -> Vec<(String, Lease)> {
-        let mut nodes = self.store.state();
-        nodes.retain(|n| n.name_any() != own);
-        nodes.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), n.name_any()));
-        nodes
-            .iter()
-            .filter_map(|n| Some((n.name_any(), lease(n, keys)?)))
-            .collect()
+        let mut good = self
+            .last_good
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        peer_leases(self.store.state(), keys, own, &mut good)
     }
+}
+
+/// A peer whose annotations turn malformed keeps its last good lease (upstream keeps the old
+/// entries too), with a warning; leases of deleted Nodes are forgotten.
+fn peer_leases(
+    mut nodes: Vec<Arc<Node>>,
+    keys: &Keys,
+    own: &str,
+    good: &mut HashMap<String, Lease>,
+) -> Vec<(String, Lease)> {
+    nodes.retain(|n| n.name_any() != own);
+    nodes.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), n.name_any()));
+    good.retain(|name, _| nodes.iter().any(|n| n.name_any() == *name));
+    let mut out = Vec::new();
+    for n in &nodes {
+        let name = n.name_any();
+        match lease(n, keys) {
+            Ok(Some(l)) => {
+                good.insert(name.clone(), l.clone());
+                out.push((name, l));
+            }
+            Ok(None) => {
+                good.remove(&name);
+            }
+            Err(e) => match good.get(&name) {
+                Some(l) => {
+                    tracing::warn!(node = %name, error = %e, "malformed flannel annotations; keeping the node's last good lease");
+                    out.push((name, l.clone()));
+                }
+                None => {
+                    tracing::warn!(node = %name, error = %e, "malformed flannel annotations; node left out")
+                }
+            },
+        }
+    }
+    out
 }
 
 /// Keeps only what flannel reads (metadata annotations, spec.podCIDR(s)): a cache of every
@@ -159,4 +199,50 @@ pub async fn set_network_available(client: &Client, node: &str) -> Result<(), Ku
         .patch_status(node, &PatchParams::default(), &Patch::Strategic(&patch))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{DEFAULT_PREFIX, Mac, own_annotations};
+
+    fn node(name: &str, subnet: &str, public_ip: &str) -> Arc<Node> {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        let mut a = own_annotations(&keys, 1, Mac([2, 0, 0, 0, 0, 1]), [172, 31, 250, 9].into());
+        a.insert(keys.public_ip.clone(), public_ip.into());
+        Arc::new(Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(a),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                pod_cidr: Some(subnet.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn malformed_annotations_keep_the_last_good_lease_until_the_node_goes() {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        let mut good = HashMap::new();
+        let ok = node("b", "10.244.2.0/24", "172.31.250.12");
+        let v = peer_leases(
+            vec![ok, node("a", "10.244.1.0/24", "x")],
+            &keys,
+            "me",
+            &mut good,
+        );
+        assert_eq!(v.len(), 1, "a malformed node never seen good is left out");
+        assert_eq!(v[0].1.public_ip.to_string(), "172.31.250.12");
+        let bad = node("b", "10.244.2.0/24", "172.31.250.");
+        let v = peer_leases(vec![bad.clone()], &keys, "me", &mut good);
+        assert_eq!(v.len(), 1, "the last good lease is kept");
+        assert_eq!(v[0].1.public_ip.to_string(), "172.31.250.12");
+        assert!(peer_leases(vec![], &keys, "me", &mut good).is_empty());
+        assert!(good.is_empty(), "deleted nodes are forgotten");
+        assert!(peer_leases(vec![bad], &keys, "me", &mut good).is_empty());
+    }
 }

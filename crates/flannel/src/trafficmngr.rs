@@ -4,6 +4,7 @@
 //! removes the other's leftovers, so either daemon cleans up after the other.
 
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::Ipv4Net;
 
@@ -209,12 +210,17 @@ impl Iptables {
     ) -> Result<bool, RulesError> {
         let mut args = vec!["-t", table, op, chain];
         args.extend(spec.iter().map(String::as_str));
+        // Only the queries (-C, -D of a missing rule) answer "no" with exit status 1; for -A
+        // it is a real failure.
+        if op == "-A" {
+            return run_strict(&self.bin, &args, None).map(|()| true);
+        }
         run(&self.bin, &args, None)
     }
 
     fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), RulesError> {
         if !run(&self.bin, &["-t", table, "-S", chain], None)? {
-            run(&self.bin, &["-t", table, "-N", chain], None)?;
+            run_strict(&self.bin, &["-t", table, "-N", chain], None)?;
         }
         Ok(())
     }
@@ -305,13 +311,26 @@ pub fn nft_script(r: &Rules) -> String {
 #[derive(Clone, Debug)]
 pub enum TrafficManager {
     Iptables(Iptables),
-    Nftables,
+    /// The table's listing right after our last apply (`None` before the first).
+    Nftables(Arc<Mutex<Option<String>>>),
+}
+
+/// `nft list table ip flannel-ipv4`, `None` when the table is missing.
+fn nft_list() -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", NFT_TABLE])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl TrafficManager {
     pub fn new(nftables: bool) -> TrafficManager {
         if nftables {
-            TrafficManager::Nftables
+            TrafficManager::Nftables(Arc::default())
         } else {
             TrafficManager::Iptables(Iptables {
                 bin: detect_iptables(),
@@ -328,7 +347,7 @@ impl TrafficManager {
                 }
                 Ok(())
             }
-            TrafficManager::Nftables => {
+            TrafficManager::Nftables(_) => {
                 for bin in ["iptables-nft", "iptables-legacy"] {
                     if which(bin) {
                         Iptables { bin: bin.into() }.cleanup()?;
@@ -347,7 +366,7 @@ impl TrafficManager {
                 ipt.delete(&masq_rules(old.network, old.subnet, !old.fully_random))
             }
             // The nft chains are flushed and rewritten on every apply.
-            TrafficManager::Nftables => Ok(()),
+            TrafficManager::Nftables(_) => Ok(()),
         }
     }
 
@@ -364,11 +383,17 @@ impl TrafficManager {
                 }
                 Ok(changed)
             }
-            TrafficManager::Nftables => {
-                if run("nft", &["list", "chain", "ip", NFT_TABLE, "postrtg"], None)? {
+            // The first call always applies (a table left by an older run or by upstream may
+            // hold other rules); later ones re-apply when the table differs from what the last
+            // apply left. The script flushes and refills in one transaction: no gap.
+            TrafficManager::Nftables(last) => {
+                let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = nft_list();
+                if now.is_some() && *last == now {
                     return Ok(false);
                 }
                 run_strict("nft", &["-f", "-"], Some(&nft_script(r)))?;
+                *last = nft_list();
                 Ok(true)
             }
         }
@@ -428,5 +453,24 @@ mod tests {
         assert!(s.contains("postrtg { type nat hook postrouting priority srcnat ; }"));
         assert!(s.contains("masquerade fully-random"));
         assert!(s.contains("forward ip daddr 10.244.0.0/16 accept"));
+    }
+
+    #[test]
+    fn a_failing_append_or_new_chain_is_an_error_not_a_no() {
+        // `false` exits 1 as iptables does for real failures (a missing target, a bad chain).
+        let ipt = Iptables {
+            bin: "false".into(),
+        };
+        let rules = forward_rules("10.244.0.0/16".parse().unwrap());
+        let e = ipt.ensure(&rules).unwrap_err().to_string();
+        assert!(e.contains("false -t filter -N FLANNEL-FWD"), "{e}");
+        let e = ipt
+            .exec("filter", "-A", FWD_CHAIN, &rules[1].spec)
+            .unwrap_err();
+        assert!(e.to_string().contains("-A FLANNEL-FWD"), "{e}");
+        assert_eq!(
+            ipt.exec("filter", "-C", FWD_CHAIN, &rules[1].spec).ok(),
+            Some(false)
+        );
     }
 }

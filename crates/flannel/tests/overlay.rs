@@ -356,6 +356,17 @@ async fn switching_to_nftables_and_back_cleans_up_the_other_modes_rules() {
             .is_ok()
     };
     assert!(has_chains(&lab) && !has_table(&lab));
+    // A table left behind by another run (say upstream's, for an older Network) is rewritten.
+    let stale = "add table ip flannel-ipv4\n\
+        add chain ip flannel-ipv4 postrtg { type nat hook postrouting priority srcnat ; }\n\
+        add rule ip flannel-ipv4 postrtg ip saddr 10.99.0.0/16 masquerade\n";
+    let script = std::env::temp_dir().join(format!("flannel-stale-{}.nft", std::process::id()));
+    std::fs::write(&script, stale).unwrap();
+    lab.nodes[0]
+        .ns
+        .exec("nft", &["-f", script.to_str().unwrap()])
+        .unwrap();
+    let _ = std::fs::remove_file(&script);
     lab.set_net_conf(
         r#"{"Network": "10.244.0.0/16", "EnableNFTables": true, "Backend": {"Type": "vxlan"}}"#,
     )
@@ -373,9 +384,28 @@ async fn switching_to_nftables_and_back_cleans_up_the_other_modes_rules() {
     assert!(
         table.contains("chain postrtg")
             && table.contains("masquerade")
-            && table.contains("chain forward"),
+            && table.contains("chain forward")
+            && !table.contains("10.99.0.0"),
         "{table}"
     );
+    // A chain emptied by hand is refilled on the next resync (every second in the lab).
+    lab.nodes[0]
+        .ns
+        .exec("nft", &["flush", "chain", "ip", "flannel-ipv4", "postrtg"])
+        .unwrap();
+    let mut refilled = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = lab.nodes[0]
+            .ns
+            .exec("nft", &["list", "chain", "ip", "flannel-ipv4", "postrtg"])
+            .unwrap();
+        if t.contains("masquerade") {
+            refilled = true;
+            break;
+        }
+    }
+    assert!(refilled, "flushed postrtg chain was not refilled");
     assert_eq!(a.ping(b.ip, 2, "0.2").unwrap(), (2, 2));
     // Pod to the LAN is still masqueraded, now by nft.
     let lan_ip = lab.lan_ip;
