@@ -166,15 +166,25 @@ impl Agent {
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(uid)
+            .insert(uid.clone())
         {
             return;
         }
         tokio::spawn(async move {
             if let Err(e) = self.take_and_run(cm, state).await {
-                tracing::warn!(error = %e, "task not run");
+                // Forgotten, so the next event for the task (the change that made the update
+                // conflict, or the watch's relist) considers it again instead of never.
+                tracing::warn!(error = %e, "task not run or result not written; will retry");
+                self.forget(&uid);
             }
         });
+    }
+
+    fn forget(&self, uid: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uid);
     }
 
     async fn take_and_run(&self, mut cm: ConfigMap, state: TaskState) -> Result<(), kube::Error> {
@@ -200,10 +210,14 @@ impl Agent {
         tracing::info!(task = %name, ?phase, dir = ?dir, message = %message, "task finished");
         let patch =
             serde_json::json!({ "data": task::result_data(&phase, dir.as_deref(), &message) });
-        self.tasks()
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        Ok(())
+        let tasks = self.tasks();
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        let write = || tasks.patch(&name, &params, &patch);
+        match retry(RESULT_BACKOFF, RESULT_ATTEMPTS, write).await {
+            // The provisioner withdrew the task meanwhile: nobody waits for the result.
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     /// A task is only run with the configured script, on a directory under one of this node's
@@ -424,6 +438,36 @@ fn scan(paths: &[String], mine: &[(String, String)], known: &BTreeSet<String>) -
     r
 }
 
+/// The result of a script that ran is worth a few retries: without it the task waits forever.
+const RESULT_BACKOFF: kube_common::backoff::Backoff =
+    kube_common::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+const RESULT_ATTEMPTS: u32 = 8;
+
+/// Calls `f` until it succeeds, a 404 (nothing to retry on) or `attempts` calls.
+async fn retry<T, F, Fut>(
+    backoff: kube_common::backoff::Backoff,
+    attempts: u32,
+    mut f: F,
+) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut delays = backoff.iter();
+    let mut n = 1;
+    loop {
+        match f().await {
+            Err(kube::Error::Api(s)) if s.code == 404 => return Err(kube::Error::Api(s)),
+            Err(e) if n < attempts => {
+                tracing::warn!(error = %e, attempt = n, "writing the task result failed, retrying");
+                n += 1;
+                tokio::time::sleep(delays.next().unwrap_or(backoff.max)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// `dir`, cleaned, is strictly below `base`: `base/../etc` is not.
 fn below(dir: &str, base: &str) -> bool {
     let (dir, base) = (clean(dir), clean(base));
@@ -514,6 +558,92 @@ mod tests {
         assert!(!below("/ab", "/a"));
         assert!(below("/x", "/"));
         assert!(!below("/", "/"));
+    }
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("x", "x").with_code(code),
+        ))
+    }
+
+    #[tokio::test]
+    async fn result_write_retried_until_it_lands() {
+        let quick =
+            kube_common::backoff::Backoff::new(Duration::from_millis(1), Duration::from_millis(5));
+        let calls = std::cell::Cell::new(0);
+        let r = retry(quick, 8, || {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n < 3 { Err(api_error(500)) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        calls.set(0);
+        let r: Result<(), _> = retry(quick, 8, || {
+            calls.set(calls.get() + 1);
+            async { Err(api_error(404)) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.get(), 1, "a 404 is not retried");
+
+        calls.set(0);
+        let r: Result<(), _> = retry(quick, 4, || {
+            calls.set(calls.get() + 1);
+            async { Err(api_error(409)) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.get(), 4, "bounded");
+    }
+
+    /// An API call that fails (here: no apiserver at all) leaves the task to be considered
+    /// again, not marked as seen for good.
+    #[tokio::test]
+    async fn a_task_whose_take_failed_is_considered_again() {
+        let cfg = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = Client::try_from(cfg).unwrap();
+        let (_tx, config) = tokio::sync::watch::channel(None);
+        let agent = Arc::new(Agent {
+            client,
+            opts: AgentOptions {
+                node: "n".into(),
+                namespace: "ns".into(),
+                configmap: "c".into(),
+                config_file: None,
+                report_interval: Duration::from_secs(60),
+                provisioner_name: "p".into(),
+            },
+            seen: Mutex::default(),
+            metrics: Metrics::default(),
+            config,
+        });
+        let t = Task {
+            op: Op::Delete,
+            pv: "pvc-1".into(),
+            node: "n".into(),
+            base_paths: Vec::new(),
+            vol_dir: "/nowhere/pvc-1".into(),
+            size_bytes: 0,
+            vol_mode: "Filesystem".into(),
+            script: Script::Shell("exit 0".into()),
+            timeout_secs: 5,
+            claim: String::new(),
+            claim_uid: String::new(),
+            extra_env: Default::default(),
+        };
+        let mut cm = t.to_configmap("ns");
+        cm.metadata.uid = Some("u1".into());
+        agent.clone().consider(cm);
+        assert!(agent.seen.lock().unwrap().contains("u1"));
+        for _ in 0..100 {
+            if !agent.seen.lock().unwrap().contains("u1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the uid stayed in `seen` after the take failed");
     }
 
     #[tokio::test]
