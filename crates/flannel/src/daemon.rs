@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
+use kube_common::backoff::Backoff;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -62,6 +63,9 @@ impl Metrics {
 /// Everything the loops need once the node is set up.
 struct Node0 {
     name: String,
+    client: Client,
+    /// What this node publishes; re-published whenever the Node stops showing it.
+    annotations: std::collections::BTreeMap<String, String>,
     keys: Keys,
     conf: NetConf,
     ext: ExtIface,
@@ -102,7 +106,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     };
     let me = setup_node(&args, &client, conf, keys, &node, name).await?;
     let net = Net::connect()?;
-    let tm = TrafficManager::new(me.conf.enable_nftables);
     let rules = Rules {
         network: me.conf.network,
         subnet: me.pod_cidr,
@@ -110,21 +113,62 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
         forward: args.iptables_forward_rules,
         fully_random: !args.ip_masq_fully_random_disable,
     };
-    setup_rules(&args, &tm, &rules)?;
     let env = SubnetEnv::new(me.conf.network, me.pod_cidr, me.dev.mtu, args.ip_masq);
-    env.write(&args.subnet_file)?;
+    // iptables/nft child processes and file writes: off the runtime thread, so /healthz and
+    // the Node watch keep going.
+    let tm = {
+        let (args, rules, nft) = (args.clone(), rules.clone(), me.conf.enable_nftables);
+        tokio::task::spawn_blocking(move || -> Result<TrafficManager> {
+            let tm = TrafficManager::new(nft);
+            setup_rules(&args, &tm, &rules)?;
+            env.write(&args.subnet_file)?;
+            Ok(tm)
+        })
+        .await??
+    };
     let local = local(&me);
     pass(&net, &me, &local, &nodes, &metrics).await;
     ready.set(true);
     tracing::info!(subnet = %me.pod_cidr, device = %me.dev.name, mac = %me.dev.mac, "network is up");
-    if args.set_node_network_unavailable
-        && let Err(e) = ksm::set_network_available(&client, &me.name).await
-    {
-        tracing::warn!(error = %e, "setting NetworkUnavailable=False failed");
+    if args.set_node_network_unavailable {
+        let (client, name, stop) = (client.clone(), me.name.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let set = || ksm::set_network_available(&client, &name);
+            retry(
+                "setting NetworkUnavailable=False",
+                REPORT_BACKOFF,
+                &stop,
+                set,
+            )
+            .await
+        });
     }
     run_loops(&args, &net, &me, &nodes, &tm, &rules, &metrics, &shutdown).await;
     tracing::info!("stopping; routes, ARP/FDB entries, rules and the device stay in place");
     Ok(())
+}
+
+/// Retries for the NetworkUnavailable=False write: 1 s doubling up to a minute.
+const REPORT_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// Runs `f` until it succeeds (true) or `stop` fires (false), waiting `backoff` between tries.
+async fn retry<F, Fut, E>(what: &str, backoff: Backoff, stop: &CancellationToken, f: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), E>>,
+    E: std::fmt::Display,
+{
+    for delay in backoff.iter() {
+        match f().await {
+            Ok(()) => return true,
+            Err(e) => tracing::warn!(error = %e, ?delay, "{what} failed; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    false
 }
 
 /// Upstream exits with "pod cidr not assigned" and crash-loops; waiting with a log line keeps
@@ -200,10 +244,12 @@ async fn setup_node(
     .await?;
     let published = annotations::public_ip_overwrite(node, &keys).unwrap_or(public_ip);
     let wanted = annotations::own_annotations(&keys, conf.backend.vni, dev.mac, published);
-    ksm::publish(client, node, &wanted).await?;
+    ksm::publish(client, node, &wanted, 10).await?;
     vxlan::ensure_address(&net, &dev, pod_cidr, conf.network).await?;
     Ok(Node0 {
         name,
+        client: client.clone(),
+        annotations: wanted,
         keys,
         conf,
         ext,
@@ -274,9 +320,20 @@ async fn run_loops(
     }
 }
 
-/// One reconcile: the device (recreated if deleted), then every peer's entries.
+/// One reconcile: our annotations (re-published if the Node was re-registered or they were
+/// removed or overwritten: without them every peer drops this node), the device (recreated if
+/// deleted), then every peer's entries.
 async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Metrics) {
     metrics.passes.inc();
+    if let Some(node) = nodes.get(&me.name)
+        && ksm::differs(&node, &me.annotations)
+    {
+        tracing::warn!("this node's flannel annotations are missing or changed; re-publishing");
+        if let Err(e) = ksm::publish(&me.client, &node, &me.annotations, 1).await {
+            metrics.errors.inc();
+            tracing::warn!(error = %e, "re-publishing annotations failed; retrying on the next pass");
+        }
+    }
     let result = async {
         let dev = vxlan::ensure(
             net,
@@ -328,4 +385,26 @@ async fn peers(net: &Net, me: &Node0, nodes: &Nodes) -> Vec<Peer> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn retry_keeps_trying_until_the_write_succeeds_or_shutdown() {
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
+        let stop = CancellationToken::new();
+        let ok = retry("test", backoff, &stop, || {
+            let n = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { if n < 3 { Err("apiserver down") } else { Ok(()) } }
+        })
+        .await;
+        assert!(ok);
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 4);
+        stop.cancel();
+        let ok = retry("test", backoff, &stop, || async { Err::<(), _>("down") }).await;
+        assert!(!ok, "shutdown ends the retries");
+    }
 }

@@ -149,21 +149,29 @@ fn strip(n: &mut Node) {
     n.status = None;
 }
 
-/// Writes `annotations` onto the node through `nodes/status` if any differs (upstream
-/// `AcquireLease`: every 3 s for up to 30 s).
+/// Whether `node` lacks any of `annotations` (or holds another value).
+pub fn differs(node: &Node, annotations: &BTreeMap<String, String>) -> bool {
+    let current = node.metadata.annotations.as_ref();
+    annotations
+        .iter()
+        .any(|(k, v)| current.and_then(|c| c.get(k)) != Some(v))
+}
+
+/// Writes `annotations` onto the node through `nodes/status` if any differs, trying `attempts`
+/// times 3 s apart (upstream `AcquireLease`: every 3 s for up to 30 s).
 pub async fn publish(
     client: &Client,
     node: &Node,
     annotations: &BTreeMap<String, String>,
+    attempts: u32,
 ) -> Result<bool, KubeError> {
-    let current = node.metadata.annotations.clone().unwrap_or_default();
-    if annotations.iter().all(|(k, v)| current.get(k) == Some(v)) {
+    if !differs(node, annotations) {
         return Ok(false);
     }
     let api = Api::<Node>::all(client.clone());
     let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
     let mut last = None;
-    for _ in 0..10 {
+    for attempt in 1..=attempts {
         match api
             .patch_status(
                 &node.name_any(),
@@ -174,9 +182,11 @@ pub async fn publish(
         {
             Ok(_) => return Ok(true),
             Err(e) => {
-                tracing::warn!(error = %e, "patching node annotations failed; retrying in 3s");
+                tracing::warn!(error = %e, "patching node annotations failed");
                 last = Some(e);
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                if attempt < attempts {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
             }
         }
     }

@@ -281,10 +281,38 @@ async fn hand_deleted_or_changed_entries_are_restored() {
         },
     )
     .await;
+    // Our annotations removed or overwritten on the Node: re-published, so peers keep us.
+    let ours = |n: Node| {
+        let a = n.metadata.annotations.unwrap_or_default();
+        let get = |k: &str| a.get(&format!("flannel.alpha.coreos.com/{k}")).cloned();
+        (get("backend-data"), get("public-ip"))
+    };
+    let published = ours(node(&lab, 0).await);
+    assert!(published.0.is_some() && published.1.is_some());
+    let peer_entries = entries(&lab, 1);
+    let key = "flannel.alpha.coreos.com/backend-data";
+    let patch = serde_json::json!({ "metadata": { "annotations": {
+        key: null,
+        "flannel.alpha.coreos.com/public-ip": "172.31.250.250",
+    } } });
+    Api::<Node>::all(lab.client().clone())
+        .patch(
+            &lab.nodes[0].name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    integration_tests::poll::eventually(
+        "annotations re-published",
+        Duration::from_secs(30),
+        || async { ours(node(&lab, 0).await) == published && entries(&lab, 1) == peer_entries },
+    )
+    .await;
     let a = lab.pod(0).unwrap();
     let b = lab.pod(1).unwrap();
     assert_eq!(a.ping(b.ip, 2, "0.2").unwrap(), (2, 2));
-    println!("route, neighbour, FDB entry and the device itself restored");
+    println!("route, neighbour, FDB entry, the device itself and the annotations restored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
