@@ -47,6 +47,9 @@ pub enum Error {
     NoConfig,
     #[error("{0}")]
     Retry(String),
+    /// A failure already reported (Event) and counted against the retry limit.
+    #[error("{0}")]
+    Counted(String),
 }
 
 /// Caches of what every reconcile reads (StorageClasses, Nodes); a miss asks the API, so a
@@ -228,8 +231,32 @@ impl Ctx {
         self.event(regarding, true, reason, state.message.clone())
             .await;
         if retry {
-            Err(Error::Retry(state.message.clone()))
+            Err(Error::Counted(state.message.clone()))
         } else {
+            Ok(kube::runtime::controller::Action::await_change())
+        }
+    }
+
+    /// Every error out of a reconcile: a Warning Event on the object and a count against the
+    /// retry limit (past it, no more retries until the object changes), as for a failed run.
+    pub async fn counted(
+        &self,
+        result: Result<kube::runtime::controller::Action, Error>,
+        regarding: &ObjectReference,
+        key: &str,
+        reason: &str,
+        limit: u32,
+    ) -> Result<kube::runtime::controller::Action, Error> {
+        let e = match result {
+            Err(Error::Counted(m)) => return Err(Error::Counted(m)),
+            Ok(a) => return Ok(a),
+            Err(e) => e,
+        };
+        self.event(regarding, true, reason, e.to_string()).await;
+        if self.count_failure(key, limit) {
+            Err(e)
+        } else {
+            tracing::warn!(key, error = %e, "retry limit reached; waiting for a change");
             Ok(kube::runtime::controller::Action::await_change())
         }
     }
@@ -262,5 +289,54 @@ impl Ctx {
             kube_common::events::publish(&recorder, &regarding, type_, &reason, &reason, note)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::controller::Action;
+
+    fn ctx() -> Ctx {
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let (_tx, config) = tokio::sync::watch::channel(None);
+        let recorder = Recorder::new(client.clone(), "test".into());
+        let opts = Options {
+            provisioner_name: "p".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            mode: Mode::Agent,
+            provisioning_retry_count: 3,
+            deletion_retry_count: 3,
+            configmap: "c".into(),
+            sweep_interval: std::time::Duration::from_secs(1),
+        };
+        Ctx::new(client, opts, config, recorder, None)
+    }
+
+    #[tokio::test]
+    async fn reconcile_errors_count_against_the_limit() {
+        let ctx = ctx();
+        let r = ObjectReference::default();
+        let fail = || Err(Error::NoConfig);
+        for _ in 0..2 {
+            assert!(
+                ctx.counted(fail(), &r, "pv", "ProvisioningFailed", 3)
+                    .await
+                    .is_err()
+            );
+        }
+        let last = ctx.counted(fail(), &r, "pv", "ProvisioningFailed", 3).await;
+        assert_eq!(last.unwrap(), Action::await_change(), "limit reached");
+        // Already counted (a failed run): passed through, not counted twice.
+        ctx.forget_failures("pv");
+        for _ in 0..5 {
+            let r = ctx
+                .counted(Err(Error::Counted("x".into())), &r, "pv", "X", 3)
+                .await;
+            assert!(matches!(r, Err(Error::Counted(_))));
+        }
+        assert!(ctx.count_failure("pv", 3), "nothing was counted");
     }
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVo
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource, ResourceExt};
 use kube_common::Manager;
 use kube_common::leader::{self, LeaseConfig};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::{Caches, Ctx, Options};
 use crate::reload::{self, ConfigRx};
 use crate::task::{self, Op, TASK_LABEL, TaskState};
-use crate::{delete, helper_pod, provision};
+use crate::{delete, helper_pod, provision, pv_naming};
 
 /// Default pause between sweeps of finished tasks whose claim went away.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -128,14 +128,27 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
         mgr.run(
             "claims",
             claims,
-            provision::reconcile,
+            |claim, ctx| async move {
+                let r = provision::reconcile(claim.clone(), ctx.clone()).await;
+                let key = pv_naming::pv_name(&claim.uid().unwrap_or_default());
+                let limit = ctx.opts.provisioning_retry_count;
+                let regarding = claim.object_ref(&());
+                ctx.counted(r, &regarding, &key, "ProvisioningFailed", limit)
+                    .await
+            },
             ctx.clone(),
             stop.clone()
         ),
         mgr.run(
             "volumes",
             volumes,
-            delete::reconcile,
+            |pv, ctx| async move {
+                let r = delete::reconcile(pv.clone(), ctx.clone()).await;
+                let limit = ctx.opts.deletion_retry_count;
+                let regarding = pv.object_ref(&());
+                ctx.counted(r, &regarding, &pv.name_any(), "VolumeFailedDelete", limit)
+                    .await
+            },
             ctx.clone(),
             stop.clone()
         ),

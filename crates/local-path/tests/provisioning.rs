@@ -245,6 +245,22 @@ async fn path_pattern_and_traversal_refused() {
         Some("Pending")
     );
     assert!(!env.root.path().join("etc").exists());
+
+    // An error out of the reconcile itself (here: an unsupported volumeType found once the
+    // directory is made) is an Event on the claim too, not only a log line.
+    let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "odd", "labels": {"app": "odd"}, "annotations": {"volumeType": "nfs"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": good,
+                 "resources": {"requests": {"storage": "1Mi"}}}
+    }))
+    .unwrap();
+    env.claims()
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
+    env.pod("odd-pod", "odd").await;
+    let note = env.wait_event("odd", "ProvisioningFailed").await;
+    assert!(note.contains("not supported"), "{note}");
 }
 
 /// storageClassConfigs: a class on a shared filesystem (any access mode, no node affinity)
