@@ -472,7 +472,7 @@ impl Lab {
                 let routes =
                     n.ns.ip(&["route", "show", "dev", "flannel.1"])
                         .unwrap_or_default();
-                ok &= routes.lines().count() >= running.len() - 1;
+                ok &= routes.lines().count() >= running.len().saturating_sub(1);
             }
             if ok {
                 return Ok(());

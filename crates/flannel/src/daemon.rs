@@ -64,6 +64,8 @@ impl Metrics {
 struct Node0 {
     name: String,
     client: Client,
+    /// Public IPs whose direct routes are ours (only touched by `pass`, never across an await).
+    gateways: Mutex<reconcile::Gateways>,
     /// What this node publishes; re-published whenever the Node stops showing it.
     annotations: std::collections::BTreeMap<String, String>,
     keys: Keys,
@@ -116,13 +118,20 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let env = SubnetEnv::new(me.conf.network, me.pod_cidr, me.dev.mtu, args.ip_masq);
     // iptables/nft child processes and file writes: off the runtime thread, so /healthz and
     // the Node watch keep going.
-    let tm = {
-        let (args, rules, nft) = (args.clone(), rules.clone(), me.conf.enable_nftables);
-        tokio::task::spawn_blocking(move || -> Result<TrafficManager> {
+    let (tm, rules) = {
+        let (args, nft) = (args.clone(), me.conf.enable_nftables);
+        tokio::task::spawn_blocking(move || -> Result<(TrafficManager, Rules)> {
             let tm = TrafficManager::new(nft);
+            let mut rules = rules;
+            if rules.fully_random && !tm.supports_random_fully() {
+                tracing::warn!(
+                    "this iptables has no --random-fully (before 1.6.2); masquerading without it"
+                );
+                rules.fully_random = false;
+            }
             setup_rules(&args, &tm, &rules)?;
             env.write(&args.subnet_file)?;
-            Ok(tm)
+            Ok((tm, rules))
         })
         .await??
     };
@@ -250,6 +259,7 @@ async fn setup_node(
         name,
         client: client.clone(),
         annotations: wanted,
+        gateways: Mutex::default(),
         keys,
         conf,
         ext,
@@ -282,6 +292,7 @@ fn local(me: &Node0) -> Local {
         ext_index: me.ext.index,
         network: me.conf.network,
         own_subnet: me.pod_cidr,
+        direct_routing: me.conf.backend.direct_routing,
     }
 }
 
@@ -354,7 +365,10 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
             tracing::warn!(peer = %c.peer, reason = %c.reason, "peer left out");
         }
         metrics.peers.set(peers.len() as i64);
-        reconcile::reconcile(net, &local, &peers).await
+        let mut gateways = lock(&me.gateways).clone();
+        let done = reconcile::reconcile(net, &local, &peers, &mut gateways).await;
+        *lock(&me.gateways) = gateways;
+        done
     }
     .await;
     match result {
@@ -367,6 +381,10 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
             tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn peers(net: &Net, me: &Node0, nodes: &Nodes) -> Vec<Peer> {

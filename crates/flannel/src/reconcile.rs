@@ -29,6 +29,8 @@ pub struct Local {
     pub ext_index: u32,
     pub network: Ipv4Net,
     pub own_subnet: Ipv4Net,
+    /// DirectRouting on: only then are gateway routes on the external interface ours.
+    pub direct_routing: bool,
 }
 
 /// The kernel state flanneld owns.
@@ -161,20 +163,33 @@ pub fn plan(want: &State, actual: &State) -> Vec<Op> {
     ops
 }
 
-/// Reads what the kernel has that flanneld owns: routes into the cluster network (other than our
-/// own subnet) through the VXLAN device or, with a gateway, the external interface; every ARP
-/// and FDB entry on the VXLAN device.
-pub async fn observe(net: &Net, local: &Local) -> Result<State> {
+/// Public IPs whose direct routes are ours: those of current peers and those already seen as
+/// gateways of our routes (a deleted peer's route must still go), the latter kept only while
+/// such a route exists, so the set stays bounded.
+#[derive(Clone, Debug, Default)]
+pub struct Gateways(BTreeSet<Ipv4Addr>);
+
+/// Whether flanneld owns `r`: a route into the cluster network (other than our own subnet)
+/// through the VXLAN device or, with DirectRouting on, through the external interface via a
+/// peer's public IP (other components' static routes there are left alone).
+fn owned(local: &Local, gateways: &Gateways, r: &Route) -> bool {
+    r.dst.prefix_len() > 0
+        && local.network.contains(&r.dst)
+        && r.dst != local.own_subnet
+        && (r.oif == local.vxlan_index
+            || (local.direct_routing
+                && r.oif == local.ext_index
+                && r.gateway.is_some_and(|g| gateways.0.contains(&g))))
+}
+
+/// Reads what the kernel has that flanneld owns: the routes [`owned`] picks; every ARP and FDB
+/// entry on the VXLAN device.
+pub async fn observe(net: &Net, local: &Local, gateways: &Gateways) -> Result<State> {
     let routes = net
         .owned_routes(&[local.vxlan_index, local.ext_index])
         .await?
         .into_iter()
-        .filter(|r| {
-            r.dst.prefix_len() > 0
-                && local.network.contains(&r.dst)
-                && r.dst != local.own_subnet
-                && (r.oif == local.vxlan_index || r.gateway.is_some())
-        })
+        .filter(|r| owned(local, gateways, r))
         .collect();
     let neighs = net
         .neighbours(local.vxlan_index)
@@ -187,6 +202,23 @@ pub async fn observe(net: &Net, local: &Local) -> Result<State> {
         neighs,
         fdb,
     })
+}
+
+impl Gateways {
+    /// Adds the peers' public IPs (DirectRouting on), before observing.
+    fn learn(&mut self, local: &Local, peers: &[Peer]) {
+        if local.direct_routing {
+            self.0.extend(peers.iter().map(|p| p.lease.public_ip));
+        }
+    }
+
+    /// Keeps the IPs of current peers and of routes still in place, after observing.
+    fn prune(&mut self, peers: &[Peer], actual: &State) {
+        self.0.retain(|ip| {
+            peers.iter().any(|p| p.lease.public_ip == *ip)
+                || actual.routes.iter().any(|r| r.gateway == Some(*ip))
+        });
+    }
 }
 
 /// What one apply did.
@@ -233,9 +265,16 @@ where
 }
 
 /// One pass: observe, plan, apply.
-pub async fn reconcile(net: &Net, local: &Local, peers: &[Peer]) -> Result<Applied> {
+pub async fn reconcile(
+    net: &Net,
+    local: &Local,
+    peers: &[Peer],
+    gateways: &mut Gateways,
+) -> Result<Applied> {
     let want = desired(local, peers);
-    let actual = observe(net, local).await?;
+    gateways.learn(local, peers);
+    let actual = observe(net, local, gateways).await?;
+    gateways.prune(peers, &actual);
     Ok(apply(net, local, &plan(&want, &actual)).await)
 }
 
@@ -249,6 +288,7 @@ mod tests {
             ext_index: 2,
             network: "10.244.0.0/16".parse().unwrap(),
             own_subnet: "10.244.1.0/24".parse().unwrap(),
+            direct_routing: false,
         }
     }
 
@@ -371,5 +411,42 @@ mod tests {
                 failed: 1
             }
         );
+    }
+
+    #[test]
+    fn gateway_routes_on_the_external_interface_are_ours_only_via_known_peers() {
+        let route = |gw: [u8; 4]| Route {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            gateway: Some(gw.into()),
+            oif: 2,
+            onlink: false,
+        };
+        let (peer_route, static_route) = (route([172, 31, 250, 13]), route([192, 168, 1, 1]));
+        let peers = [peer(3, true)];
+        let mut gw = Gateways::default();
+        gw.learn(&local(), &peers);
+        assert!(
+            !owned(&local(), &gw, &peer_route),
+            "DirectRouting off: none are ours"
+        );
+        let direct = Local {
+            direct_routing: true,
+            ..local()
+        };
+        gw.learn(&direct, &peers);
+        assert!(owned(&direct, &gw, &peer_route));
+        assert!(
+            !owned(&direct, &gw, &static_route),
+            "another component's route"
+        );
+        // The peer goes: its route is still ours (to delete) while it exists, then forgotten.
+        let actual = State {
+            routes: BTreeSet::from([peer_route.clone()]),
+            ..State::default()
+        };
+        gw.prune(&[], &actual);
+        assert!(owned(&direct, &gw, &peer_route));
+        gw.prune(&[], &State::default());
+        assert!(!owned(&direct, &gw, &peer_route));
     }
 }

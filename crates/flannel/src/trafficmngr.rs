@@ -140,6 +140,21 @@ pub fn detect_iptables() -> String {
     }
 }
 
+/// Whether `iptables --version` output names a version with `--random-fully` (1.6.2 and later,
+/// the check upstream's go-iptables makes).
+pub fn version_has_random_fully(version: &str) -> bool {
+    let Some(v) = version.split_whitespace().find_map(|w| w.strip_prefix('v')) else {
+        return false;
+    };
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b, c) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    (a, b, c) >= (1, 6, 2)
+}
+
 /// Runs iptables or nft; `Ok(false)` when it ran and said no (e.g. `-C` of a missing rule).
 fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<bool, RulesError> {
     run_inner(bin, args, stdin).map(|(ok, _)| ok)
@@ -338,6 +353,20 @@ impl TrafficManager {
         }
     }
 
+    /// Whether MASQUERADE may use `--random-fully`, probed once at start as upstream does (nft
+    /// always supports `fully-random`).
+    pub fn supports_random_fully(&self) -> bool {
+        match self {
+            TrafficManager::Iptables(ipt) => Command::new(&ipt.bin)
+                .arg("--version")
+                .stderr(Stdio::null())
+                .output()
+                .map(|o| version_has_random_fully(&String::from_utf8_lossy(&o.stdout)))
+                .unwrap_or(false),
+            TrafficManager::Nftables(_) => true,
+        }
+    }
+
     /// Removes the other mode's rules (upstream does this once at start).
     pub fn cleanup_other(&self) -> Result<(), RulesError> {
         match self {
@@ -472,5 +501,14 @@ mod tests {
             ipt.exec("filter", "-C", FWD_CHAIN, &rules[1].spec).ok(),
             Some(false)
         );
+    }
+
+    #[test]
+    fn random_fully_needs_iptables_1_6_2() {
+        assert!(version_has_random_fully("iptables v1.8.9 (nf_tables)\n"));
+        assert!(version_has_random_fully("iptables v1.6.2"));
+        assert!(!version_has_random_fully("iptables v1.6.1"));
+        assert!(!version_has_random_fully("iptables v1.4.21"));
+        assert!(!version_has_random_fully("garbage"));
     }
 }

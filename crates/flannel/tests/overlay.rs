@@ -493,9 +493,20 @@ async fn direct_routing_uses_plain_routes_between_on_link_peers() {
         routes.trim().is_empty() && neigh.trim().is_empty() && fdb.trim().is_empty(),
         "no VXLAN entries: {routes}{neigh}{fdb}"
     );
+    // Another component's static route into the Network, via a gateway that is no peer: not
+    // flanneld's, so it stays through reconcile passes (every second in the lab).
+    let other = format!("10.244.200.0/24 via {} dev eth0", lab.lan_ip);
+    let args: Vec<&str> = ["route", "add"]
+        .into_iter()
+        .chain(other.split(' '))
+        .collect();
+    lab.nodes[0].ns.ip(&args).unwrap();
     let a = lab.pod(0).unwrap();
     let b = lab.pod(1).unwrap();
     assert_eq!(a.ping(b.ip, 3, "0.2").unwrap(), (3, 3));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let routes = lab.nodes[0].ns.ip(&["route", "show"]).unwrap();
+    assert!(routes.contains(&other), "static route removed: {routes}");
     println!("DirectRouting: {via}; pods ping 3/3 without encapsulation");
 }
 
