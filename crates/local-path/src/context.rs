@@ -5,7 +5,7 @@ use std::sync::{Mutex, PoisonError};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, LogParams, PostParams};
+use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
@@ -138,6 +138,18 @@ impl Ctx {
         }
         let cm = self.tasks().get_opt(&task::name(op, pv)).await?;
         Ok(cm.as_ref().and_then(task::parse))
+    }
+
+    /// This mode's tasks (task ConfigMaps, or our helper pods) matching a label selector.
+    pub async fn list_tasks(&self, selector: &str) -> Result<Vec<TaskState>, Error> {
+        let lp = ListParams::default().labels(selector);
+        Ok(if self.opts.mode == Mode::HelperPod {
+            let pods = self.helper_pods().list(&lp).await?;
+            pods.iter().filter_map(helper_pod::parse).collect()
+        } else {
+            let cms = self.tasks().list(&lp).await?;
+            cms.iter().filter_map(task::parse).collect()
+        })
     }
 
     /// Whether the other mode's actor (a helper pod, from upstream or our helper-pod mode, or a

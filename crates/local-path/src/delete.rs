@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
-use kube::api::{DeleteParams, ListParams};
+use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 
 use crate::context::{Ctx, Error};
 use crate::quantity;
-use crate::task::{self, ANY_NODE, Op, Phase, Script, TASK_LABEL, Task};
+use crate::task::{ANY_NODE, Op, Phase, Script, TASK_LABEL, Task};
 use crate::volume::{self, ANN_PROVISIONED_BY};
 
 const TASK_POLL: Duration = Duration::from_secs(15);
@@ -177,12 +177,8 @@ async fn delete_pv(ctx: &Ctx, name: &str) -> Result<(), Error> {
 /// have made is torn down (a delete task), so a claim deleted mid-provisioning leaks nothing.
 /// Tasks whose PV is gone are removed.
 pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
-    let lp = ListParams::default().labels(TASK_LABEL);
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    for cm in ctx.tasks().list(&lp).await? {
-        let Some(state) = task::parse(&cm) else {
-            continue;
-        };
+    for state in ctx.list_tasks(TASK_LABEL).await? {
         if state.task.op != Op::Create || state.phase == Phase::Pending {
             continue;
         }
@@ -215,12 +211,8 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
 
 /// Delete tasks that finished for a PV that no longer exists (teardown of a leaked directory).
 async fn sweep_finished_deletes(ctx: &Ctx) -> Result<(), Error> {
-    let lp = ListParams::default().labels(&format!("{TASK_LABEL}=delete"));
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    for cm in ctx.tasks().list(&lp).await? {
-        let Some(state) = task::parse(&cm) else {
-            continue;
-        };
+    for state in ctx.list_tasks(&format!("{TASK_LABEL}=delete")).await? {
         if state.phase != Phase::Pending && pvs.get_opt(&state.task.pv).await?.is_none() {
             ctx.delete_task(Op::Delete, &state.task.pv).await?;
         }

@@ -757,7 +757,10 @@ async fn helper_pod_mode_is_upstream_compatible() {
     .create(&PostParams::default(), &sa)
     .await
     .unwrap();
-    env.start_provisioner("provisioner", &["--mode", "helper-pod"]);
+    env.start_provisioner(
+        "provisioner",
+        &["--mode", "helper-pod", "--task-sweep-interval", "1s"],
+    );
     let class = env.storage_class("lp", &[], "Delete").await;
     env.claim("h", &class, "1Mi", "ReadWriteOnce").await;
     env.pod("h-pod", "h").await;
@@ -797,6 +800,35 @@ async fn helper_pod_mode_is_upstream_compatible() {
     })
     .await;
     assert!(!dir.exists());
+
+    // A claim deleted while its helper pod runs: the sweep tears the directory down with a
+    // delete helper pod and removes both pods.
+    env.claim("h2", &class, "1Mi", "ReadWriteOnce").await;
+    env.pod("h2-pod", "h2").await;
+    let uid = env.claims().get("h2").await.unwrap().uid().unwrap();
+    let create = format!("helper-pod-create-pvc-{uid}");
+    wait_for("create helper pod", LIMIT, || async {
+        env.pods().get_opt(&create).await.unwrap()
+    })
+    .await;
+    let claim = env.claims().get("h2").await.unwrap();
+    let node = claim.annotations()["volume.kubernetes.io/selected-node"].clone();
+    env.delete_pod("h2-pod").await;
+    env.delete_claim("h2").await;
+    run_helper_pod(&env, &create, Some(&node)).await;
+    let dir = env.disk(&node).join(format!("pvc-{uid}_{}_h2", env.ns));
+    assert!(dir.is_dir());
+    run_helper_pod(&env, &format!("helper-pod-delete-pvc-{uid}"), Some(&node)).await;
+    assert!(!dir.exists());
+    eventually("helper pods swept", LIMIT, || async {
+        env.pods()
+            .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
 }
 
 /// What `xtask up` runs: `local_path::local::run` (provisioner + one agent per node in one
