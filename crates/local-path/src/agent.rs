@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity;
-use crate::config::clean;
+use crate::config::{clean, strictly_below as below};
 use crate::reload::{self, ConfigRx};
 use crate::script::{self, Run};
 use crate::task::{self, ANY_NODE, MANAGED_BY, MANAGER, Op, Phase, Script, TASK_LABEL, TaskState};
@@ -468,14 +468,6 @@ where
     }
 }
 
-/// `dir`, cleaned, is strictly below `base`: `base/../etc` is not.
-fn below(dir: &str, base: &str) -> bool {
-    let (dir, base) = (clean(dir), clean(base));
-    let base = base.trim_end_matches('/');
-    dir.strip_prefix(base)
-        .is_some_and(|r| r.starts_with('/') && r.len() > 1)
-}
-
 /// Runs one task: (phase, directory made, message).
 async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
     let t = &state.task;
@@ -547,18 +539,6 @@ async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
 mod tests {
     use super::*;
     use crate::task::Task;
-
-    #[test]
-    fn below_is_strict() {
-        assert!(below("/a/b", "/a"));
-        assert!(below("/a/b/../c", "/a/"));
-        assert!(!below("/a", "/a"));
-        assert!(!below("/a/..", "/a"));
-        assert!(!below("/a/../../etc", "/a"));
-        assert!(!below("/ab", "/a"));
-        assert!(below("/x", "/"));
-        assert!(!below("/", "/"));
-    }
 
     fn api_error(code: u16) -> kube::Error {
         kube::Error::Api(Box::new(

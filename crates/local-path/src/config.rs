@@ -313,8 +313,29 @@ pub fn clean(path: &str) -> String {
     }
 }
 
+/// `dir`, cleaned, is strictly below `base`: `base/../etc` and `base` itself are not.
+pub fn strictly_below(dir: &str, base: &str) -> bool {
+    let (dir, base) = (clean(dir), clean(base));
+    let base = base.trim_end_matches('/');
+    dir.strip_prefix(base)
+        .is_some_and(|r| r.starts_with('/') && r.len() > 1)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn below_is_strict() {
+        use super::strictly_below as below;
+        assert!(below("/a/b", "/a"));
+        assert!(below("/a/b/../c", "/a/"));
+        assert!(!below("/a", "/a"));
+        assert!(!below("/a/..", "/a"));
+        assert!(!below("/a/../../etc", "/a"));
+        assert!(!below("/ab", "/a"));
+        assert!(below("/x", "/"));
+        assert!(!below("/", "/"));
+    }
+
     use super::*;
 
     #[test]

@@ -81,6 +81,15 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
         (false, false) => ANY_NODE.to_string(),
     };
     let cfg = ctx.config.borrow().clone().ok_or(Error::NoConfig)?;
+    // A helper pod runs whatever path it is given as root (no agent checks it): only a path
+    // below one configured for the node goes to one.
+    if ctx.opts.mode == crate::context::Mode::HelperPod && !configured(&cfg, &task_node, &path) {
+        let note =
+            format!("{path:?} is not under a path configured for node {task_node:?}: not touched");
+        ctx.event(&pv.object_ref(&()), true, "VolumeFailedDelete", note)
+            .await;
+        return Ok(Action::await_change());
+    }
     let size = pv
         .spec
         .as_ref()
@@ -142,6 +151,12 @@ async fn withdraw_untaken(ctx: &Ctx, pv: &PersistentVolume) -> Result<(), Error>
         ctx.delete_task(Op::Delete, &name).await?;
     }
     Ok(())
+}
+
+fn configured(cfg: &crate::config::Config, node: &str, path: &str) -> bool {
+    cfg.all_paths_on(node)
+        .iter()
+        .any(|b| crate::config::strictly_below(path, b))
 }
 
 /// `shouldDelete`: Released, reclaim Delete, not being deleted, provisioned by us.
@@ -229,4 +244,21 @@ async fn claim_alive(ctx: &Ctx, claim: &str, uid: &str) -> Result<bool, Error> {
         .get_opt(name)
         .await?
         .is_some_and(|c| c.uid().as_deref() == Some(uid)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_pod_teardown_only_below_configured_paths() {
+        let cfg = crate::config::Config::parse_json(
+            r#"{"nodePathMap":[{"node":"DEFAULT_PATH_FOR_NON_LISTED_NODES","paths":["/opt/lp"]}]}"#,
+        )
+        .unwrap();
+        assert!(configured(&cfg, "n1", "/opt/lp/pvc-1"));
+        assert!(!configured(&cfg, "n1", "/opt/lp"));
+        assert!(!configured(&cfg, "n1", "/etc"));
+        assert!(!configured(&cfg, "n1", "/opt/lp/../../etc"));
+    }
 }

@@ -335,16 +335,34 @@ async fn on_task(
     }
 }
 
+/// The directory the agent (or helper pod) reports becomes the PV's path, later handed to
+/// teardown: it must lie strictly below one of the task's base paths.
+fn result_dir(state: &TaskState) -> Result<String, Error> {
+    let path = state
+        .result_dir
+        .clone()
+        .ok_or_else(|| Error::Retry("agent reported success without a directory".into()))?;
+    if !state
+        .task
+        .base_paths
+        .iter()
+        .any(|b| crate::config::strictly_below(&path, b))
+    {
+        return Err(Error::Retry(format!(
+            "reported directory {path:?} is not below the task's paths ({}): no PV made",
+            state.task.base_paths.join(", ")
+        )));
+    }
+    Ok(crate::config::clean(&path))
+}
+
 async fn create_pv(
     claim: &PersistentVolumeClaim,
     class: &StorageClass,
     state: &TaskState,
     ctx: &Ctx,
 ) -> Result<(), Error> {
-    let path = state
-        .result_dir
-        .clone()
-        .ok_or_else(|| Error::Retry("agent reported success without a directory".into()))?;
+    let path = result_dir(state)?;
     let volume_type = VolumeType::for_claim(claim, class).map_err(Error::Retry)?;
     let shared = ctx
         .config
@@ -397,4 +415,40 @@ async fn create_pv(
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_directory_must_be_below_a_task_path() {
+        let mut state = TaskState {
+            task: Task {
+                op: Op::Create,
+                pv: "pvc-1".into(),
+                node: "n".into(),
+                base_paths: vec!["/disk/a".into(), "/disk/b".into()],
+                vol_dir: "pvc-1_ns_c".into(),
+                size_bytes: 0,
+                vol_mode: "Filesystem".into(),
+                script: Script::Shell(String::new()),
+                timeout_secs: 1,
+                claim: String::new(),
+                claim_uid: String::new(),
+                extra_env: Default::default(),
+            },
+            phase: Phase::Succeeded,
+            agent: Some("n".into()),
+            result_dir: Some("/disk/b/pvc-1_ns_c".into()),
+            message: String::new(),
+        };
+        assert_eq!(result_dir(&state).unwrap(), "/disk/b/pvc-1_ns_c");
+        for bad in ["/etc", "/disk/a", "/disk/a/../../etc", "/disk/ab/x"] {
+            state.result_dir = Some(bad.into());
+            assert!(result_dir(&state).is_err(), "{bad}");
+        }
+        state.result_dir = None;
+        assert!(result_dir(&state).is_err());
+    }
 }
