@@ -593,7 +593,6 @@ pub fn cni_exec(
     netns: &Path,
     conf: &[u8],
 ) -> Result<(bool, String)> {
-    use std::io::Write;
     let bin = cni_path
         .split(':')
         .map(|d| Path::new(d).join(plugin))
@@ -602,9 +601,24 @@ pub fn cni_exec(
             what: format!("CNI plugin {plugin}"),
             path: cni_path.into(),
         })?;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .arg(&bin)
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node_ns]).arg(&bin);
+    cni_run(cmd, plugin, command, id, netns, cni_path, conf)
+}
+
+/// Runs `cmd` (a CNI plugin, or a wrapper running one) with the `CNI_*` env of `command` and
+/// `conf` on stdin. Returns (exit success, stdout).
+pub fn cni_run(
+    mut cmd: Command,
+    what: &str,
+    command: &str,
+    id: &str,
+    netns: &Path,
+    cni_path: &str,
+    conf: &[u8],
+) -> Result<(bool, String)> {
+    use std::io::Write;
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", netns)
@@ -615,9 +629,10 @@ pub fn cni_exec(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| HarnessError::Spawn {
-            what: plugin.into(),
+            what: what.into(),
             source,
         })?;
+    // A plugin that exits without reading stdin (a no-op) gives EPIPE: not an error.
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(conf);
     }

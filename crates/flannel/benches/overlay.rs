@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::{NetNs, VethEnd, veth};
@@ -155,25 +155,18 @@ fn rss(lab: &Lab, i: usize) -> (u64, u64) {
 /// Runs `bin` with CNI env and `conf` on stdin (from a thread inside the node namespace).
 fn cni(bin: &Path, command: &str, id: &str, netns: &Path, cni_path: &str, conf: &str) -> Duration {
     let start = Instant::now();
-    let mut child = Command::new(bin)
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // A delegate that exits without reading stdin (the no-op) gives EPIPE: not an error.
-    let _ = child.stdin.take().unwrap().write_all(conf.as_bytes());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{command} failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let what = bin.display().to_string();
+    let (ok, out) = integration_tests::overlay::cni_run(
+        Command::new(bin),
+        &what,
+        command,
+        id,
+        netns,
+        cni_path,
+        conf.as_bytes(),
+    )
+    .unwrap();
+    assert!(ok, "{command} failed: {out}");
     start.elapsed()
 }
 

@@ -66,6 +66,8 @@ struct Node0 {
     client: Client,
     /// Public IPs whose direct routes are ours (only touched by `pass`, never across an await).
     gateways: Mutex<reconcile::Gateways>,
+    /// The peer conflicts of the last pass, so each is warned about once.
+    conflicts: Mutex<Vec<reconcile::Conflict>>,
     /// What this node publishes; re-published whenever the Node stops showing it.
     annotations: std::collections::BTreeMap<String, String>,
     keys: Keys,
@@ -260,6 +262,7 @@ async fn setup_node(
         client: client.clone(),
         annotations: wanted,
         gateways: Mutex::default(),
+        conflicts: Mutex::default(),
         keys,
         conf,
         ext,
@@ -361,9 +364,7 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
             ..*local
         };
         let peers = peers(net, me, nodes).await;
-        for c in reconcile::select(&local, &peers).1 {
-            tracing::warn!(peer = %c.peer, reason = %c.reason, "peer left out");
-        }
+        warn_conflicts(me, reconcile::select(&local, &peers).1);
         metrics.peers.set(peers.len() as i64);
         let mut gateways = lock(&me.gateways).clone();
         let done = reconcile::reconcile(net, &local, &peers, &mut gateways).await;
@@ -381,6 +382,15 @@ async fn pass(net: &Net, me: &Node0, local: &Local, nodes: &Nodes, metrics: &Met
             tracing::warn!(error = %e, "reconcile failed; retrying on the next pass");
         }
     }
+}
+
+/// Warns about each new peer conflict once (they are recomputed every pass).
+fn warn_conflicts(me: &Node0, conflicts: Vec<reconcile::Conflict>) {
+    let mut warned = lock(&me.conflicts);
+    for c in conflicts.iter().filter(|c| !warned.contains(c)) {
+        tracing::warn!(peer = %c.peer, reason = %c.reason, "peer left out");
+    }
+    *warned = conflicts;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

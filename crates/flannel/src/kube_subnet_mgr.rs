@@ -54,7 +54,7 @@ pub struct Nodes {
     pub store: Store<Node>,
     pub changed: Arc<Notify>,
     /// Each peer's last lease that parsed, kept while its annotations are malformed.
-    last_good: Arc<Mutex<HashMap<String, Lease>>>,
+    last_good: Arc<Mutex<Memory>>,
 }
 
 impl Nodes {
@@ -106,37 +106,60 @@ impl Nodes {
     }
 }
 
+/// Per peer: the last lease that parsed and the last parse error warned about (so a node that
+/// stays malformed is warned about once, not every pass).
+#[derive(Debug, Default)]
+struct Memory {
+    good: HashMap<String, Lease>,
+    warned: HashMap<String, String>,
+}
+
 /// A peer whose annotations turn malformed keeps its last good lease (upstream keeps the old
 /// entries too), with a warning; leases of deleted Nodes are forgotten.
 fn peer_leases(
     mut nodes: Vec<Arc<Node>>,
     keys: &Keys,
     own: &str,
-    good: &mut HashMap<String, Lease>,
+    mem: &mut Memory,
 ) -> Vec<(String, Lease)> {
     nodes.retain(|n| n.name_any() != own);
     nodes.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), n.name_any()));
-    good.retain(|name, _| nodes.iter().any(|n| n.name_any() == *name));
+    let present = |name: &String| nodes.iter().any(|n| n.name_any() == *name);
+    mem.good.retain(|name, _| present(name));
+    mem.warned.retain(|name, _| present(name));
     let mut out = Vec::new();
     for n in &nodes {
         let name = n.name_any();
-        match lease(n, keys) {
-            Ok(Some(l)) => {
-                good.insert(name.clone(), l.clone());
-                out.push((name, l));
+        let e = match lease(n, keys) {
+            Ok(l) => {
+                mem.warned.remove(&name);
+                match l {
+                    Some(l) => {
+                        mem.good.insert(name.clone(), l.clone());
+                        out.push((name, l));
+                    }
+                    None => {
+                        mem.good.remove(&name);
+                    }
+                }
+                continue;
             }
-            Ok(None) => {
-                good.remove(&name);
-            }
-            Err(e) => match good.get(&name) {
-                Some(l) => {
-                    tracing::warn!(node = %name, error = %e, "malformed flannel annotations; keeping the node's last good lease");
-                    out.push((name, l.clone()));
+            Err(e) => e.to_string(),
+        };
+        let kept = mem.good.get(&name).cloned();
+        if mem.warned.get(&name) != Some(&e) {
+            match kept {
+                Some(_) => {
+                    tracing::warn!(node = %name, error = %e, "malformed flannel annotations; keeping the node's last good lease")
                 }
                 None => {
                     tracing::warn!(node = %name, error = %e, "malformed flannel annotations; node left out")
                 }
-            },
+            }
+            mem.warned.insert(name.clone(), e);
+        }
+        if let Some(l) = kept {
+            out.push((name, l));
         }
     }
     out
@@ -237,7 +260,7 @@ mod tests {
     #[test]
     fn malformed_annotations_keep_the_last_good_lease_until_the_node_goes() {
         let keys = Keys::new(DEFAULT_PREFIX);
-        let mut good = HashMap::new();
+        let mut good = Memory::default();
         let ok = node("b", "10.244.2.0/24", "172.31.250.12");
         let v = peer_leases(
             vec![ok, node("a", "10.244.1.0/24", "x")],
@@ -250,9 +273,16 @@ mod tests {
         let bad = node("b", "10.244.2.0/24", "172.31.250.");
         let v = peer_leases(vec![bad.clone()], &keys, "me", &mut good);
         assert_eq!(v.len(), 1, "the last good lease is kept");
+        assert!(
+            good.warned["b"].contains("not an IPv4 address"),
+            "warned once"
+        );
         assert_eq!(v[0].1.public_ip.to_string(), "172.31.250.12");
         assert!(peer_leases(vec![], &keys, "me", &mut good).is_empty());
-        assert!(good.is_empty(), "deleted nodes are forgotten");
+        assert!(
+            good.good.is_empty() && good.warned.is_empty(),
+            "deleted nodes are forgotten"
+        );
         assert!(peer_leases(vec![bad], &keys, "me", &mut good).is_empty());
     }
 }
