@@ -468,36 +468,45 @@ where
     }
 }
 
+/// The base path with most free space that fits `size`, or what each has free. statvfs is a
+/// blocking call: kept off the agent's async threads.
+async fn pick_path(paths: Vec<String>, size: u64) -> Result<(String, u64), String> {
+    let pick = move || {
+        if let Some((base, free)) = capacity::choose_path(&paths, size) {
+            return Ok((base.to_string(), free));
+        }
+        let free: Vec<String> = paths
+            .iter()
+            .map(|p| {
+                let bytes = capacity::free_bytes(Path::new(p)).unwrap_or(0);
+                format!("{p}: {bytes} bytes free")
+            })
+            .collect();
+        Err(free.join(", "))
+    };
+    tokio::task::spawn_blocking(pick)
+        .await
+        .unwrap_or_else(|e| Err(format!("free space check failed: {e}")))
+}
+
 /// Runs one task: (phase, directory made, message).
 async fn execute(state: &TaskState) -> (Phase, Option<String>, String) {
     let t = &state.task;
     let dir = match t.op {
         Op::Create => {
-            let Some((base, free)) = capacity::choose_path(&t.base_paths, t.size_bytes) else {
-                let free: Vec<String> = t
-                    .base_paths
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{p}: {} bytes free",
-                            capacity::free_bytes(Path::new(p)).unwrap_or(0)
-                        )
-                    })
-                    .collect();
-                return (
-                    Phase::NoSpace,
-                    None,
-                    format!(
-                        "volume of {} bytes does not fit on node {} ({})",
-                        t.size_bytes,
-                        t.node,
-                        free.join(", ")
-                    ),
-                );
+            let (base, free) = match pick_path(t.base_paths.clone(), t.size_bytes).await {
+                Ok(chosen) => chosen,
+                Err(free) => {
+                    let msg = format!(
+                        "volume of {} bytes does not fit on node {} ({free})",
+                        t.size_bytes, t.node
+                    );
+                    return (Phase::NoSpace, None, msg);
+                }
             };
             tracing::debug!(base, free, "path chosen");
             let dir = clean(&format!("{base}/{}", t.vol_dir));
-            if !below(&dir, base) {
+            if !below(&dir, &base) {
                 return (
                     Phase::Failed,
                     None,
@@ -624,6 +633,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the uid stayed in `seen` after the take failed");
+    }
+
+    #[tokio::test]
+    async fn path_picked_off_the_async_threads() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().display().to_string();
+        let (base, free) = pick_path(vec![p.clone()], 1).await.unwrap();
+        assert_eq!(base, p);
+        assert!(free > 0);
+        let why = pick_path(vec![p.clone()], u64::MAX).await.unwrap_err();
+        assert!(why.starts_with(&format!("{p}: ")), "{why}");
     }
 
     #[tokio::test]

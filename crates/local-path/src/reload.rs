@@ -85,8 +85,11 @@ async fn poll_file(
 ) {
     let mut last: Option<BTreeMap<String, String>> = None;
     loop {
-        let data = read_dir_data(file);
-        if last.as_ref() != Some(&data) {
+        let path = file.to_path_buf();
+        // std::fs blocks: off the async threads. A failed join is skipped, not an empty config.
+        if let Ok(data) = tokio::task::spawn_blocking(move || read_dir_data(&path)).await
+            && last.as_ref() != Some(&data)
+        {
             apply(src, tx, &data).await;
             last = Some(data);
         }

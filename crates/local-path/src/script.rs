@@ -57,9 +57,16 @@ pub async fn run(r: &Run<'_>) -> Result<String, ScriptError> {
     let mut file = None;
     let (program, mut args) = match r.script {
         Script::Shell(text) => {
-            let mut f = tempfile::NamedTempFile::new().map_err(ScriptError::TempFile)?;
-            f.write_all(text.as_bytes())
-                .map_err(ScriptError::TempFile)?;
+            let text = text.clone();
+            // File I/O blocks: off the async threads.
+            let f = tokio::task::spawn_blocking(move || {
+                let mut f = tempfile::NamedTempFile::new()?;
+                f.write_all(text.as_bytes())?;
+                Ok(f)
+            })
+            .await
+            .map_err(|e| ScriptError::TempFile(std::io::Error::other(e)))?
+            .map_err(ScriptError::TempFile)?;
             let path = f.path().display().to_string();
             file = Some(f);
             ("/bin/sh".to_string(), vec![path])
