@@ -122,13 +122,18 @@ impl Agent {
     ) {
         let wc = watcher::Config::default().labels(TASK_LABEL);
         let mut stream = std::pin::pin!(watcher(self.tasks(), wc));
+        // Uids listed by the current (re)list: at its end, `seen` keeps only those, so deletes
+        // missed while the watch was down do not stay in it for good.
+        let mut listed: HashSet<String> = HashSet::new();
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 ev = stream.next() => ev,
             };
             match ev {
-                Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                Some(Ok(watcher::Event::Apply(cm))) => self.clone().consider(cm),
+                Some(Ok(watcher::Event::InitApply(cm))) => {
+                    listed.extend(cm.uid());
                     self.clone().consider(cm)
                 }
                 Some(Ok(watcher::Event::Delete(cm))) => {
@@ -139,8 +144,11 @@ impl Agent {
                             .remove(&uid);
                     }
                 }
-                Some(Ok(watcher::Event::InitDone)) => ready.set(true),
-                Some(Ok(watcher::Event::Init)) => {}
+                Some(Ok(watcher::Event::InitDone)) => {
+                    self.keep_seen(&std::mem::take(&mut listed));
+                    ready.set(true)
+                }
+                Some(Ok(watcher::Event::Init)) => listed.clear(),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "watching tasks failed, retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -178,6 +186,13 @@ impl Agent {
                 self.forget(&uid);
             }
         });
+    }
+
+    fn keep_seen(&self, live: &HashSet<String>) {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|u| live.contains(u));
     }
 
     fn forget(&self, uid: &str) {
@@ -633,6 +648,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the uid stayed in `seen` after the take failed");
+    }
+
+    #[tokio::test]
+    async fn seen_keeps_only_listed_tasks() {
+        let client =
+            Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let (_tx, config) = tokio::sync::watch::channel(None);
+        let agent = Agent {
+            client,
+            opts: AgentOptions {
+                node: "n".into(),
+                namespace: "ns".into(),
+                configmap: "c".into(),
+                config_file: None,
+                report_interval: Duration::from_secs(60),
+                provisioner_name: "p".into(),
+            },
+            seen: Mutex::new(HashSet::from(["a".to_string(), "gone".to_string()])),
+            metrics: Metrics::default(),
+            config,
+        };
+        agent.keep_seen(&HashSet::from(["a".to_string(), "new".to_string()]));
+        assert_eq!(
+            *agent.seen.lock().unwrap(),
+            HashSet::from(["a".to_string()])
+        );
     }
 
     #[tokio::test]

@@ -273,6 +273,23 @@ impl Ctx {
         }
     }
 
+    /// Drops the counts of volumes that no longer exist (claim and PV gone): the map would
+    /// otherwise keep one entry per volume that ever failed.
+    pub fn keep_failures(&self, live: &std::collections::HashSet<String>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| live.contains(k));
+    }
+
+    pub fn has_failures(&self) -> bool {
+        !self
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
     pub fn forget_failures(&self, pv: &str) {
         self.failures
             .lock()
@@ -350,5 +367,16 @@ mod tests {
             assert!(matches!(r, Err(Error::Counted(_))));
         }
         assert!(ctx.count_failure("pv", 3), "nothing was counted");
+    }
+
+    #[tokio::test]
+    async fn failures_of_gone_volumes_forgotten() {
+        let ctx = ctx();
+        ctx.count_failure("pvc-a", 3);
+        ctx.count_failure("pvc-b", 3);
+        ctx.keep_failures(&std::collections::HashSet::from(["pvc-a".to_string()]));
+        assert!(ctx.has_failures());
+        ctx.keep_failures(&Default::default());
+        assert!(!ctx.has_failures());
     }
 }

@@ -221,7 +221,31 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), Error> {
         }
         ctx.delete_task(Op::Create, &state.task.pv).await?;
     }
-    sweep_finished_deletes(ctx).await
+    sweep_finished_deletes(ctx).await?;
+    forget_gone_failures(ctx).await
+}
+
+/// Failure counts are keyed by PV name (`pvc-<claim uid>`): kept while the PV or the claim exists.
+async fn forget_gone_failures(ctx: &Ctx) -> Result<(), Error> {
+    if !ctx.has_failures() {
+        return Ok(());
+    }
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let claims: Api<PersistentVolumeClaim> = Api::all(ctx.client.clone());
+    let mut live: std::collections::HashSet<String> = pvs
+        .list_metadata(&Default::default())
+        .await?
+        .into_iter()
+        .map(|p| p.name_any())
+        .collect();
+    let claim_list = claims.list_metadata(&Default::default()).await?;
+    live.extend(
+        claim_list
+            .into_iter()
+            .filter_map(|c| Some(crate::pv_naming::pv_name(&c.uid()?))),
+    );
+    ctx.keep_failures(&live);
+    Ok(())
 }
 
 /// Delete tasks that finished for a PV that no longer exists (teardown of a leaked directory).
