@@ -564,6 +564,26 @@ mod tests {
     use super::*;
     use crate::task::Task;
 
+    /// An agent of node `n` whose API calls all fail (nothing listens at its address).
+    fn test_agent() -> Agent {
+        let cfg = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let (_tx, config) = tokio::sync::watch::channel(None);
+        Agent {
+            client: Client::try_from(cfg).unwrap(),
+            opts: AgentOptions {
+                node: "n".into(),
+                namespace: "ns".into(),
+                configmap: "c".into(),
+                config_file: None,
+                report_interval: Duration::from_secs(60),
+                provisioner_name: "p".into(),
+            },
+            seen: Mutex::default(),
+            metrics: Metrics::default(),
+            config,
+        }
+    }
+
     fn api_error(code: u16) -> kube::Error {
         kube::Error::Api(Box::new(
             kube::core::Status::failure("x", "x").with_code(code),
@@ -583,46 +603,28 @@ mod tests {
         .await;
         assert_eq!(r.unwrap(), 3);
 
-        calls.set(0);
-        let r: Result<(), _> = retry(quick, 8, || {
-            calls.set(calls.get() + 1);
-            async { Err(api_error(404)) }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls.get(), 1, "a 404 is not retried");
-
-        calls.set(0);
-        let r: Result<(), _> = retry(quick, 4, || {
-            calls.set(calls.get() + 1);
-            async { Err(api_error(409)) }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls.get(), 4, "bounded");
+        // Calls made before giving up, for a call that always fails with `code`.
+        let always = |code: u16, attempts: u32| {
+            let calls = std::cell::Cell::new(0);
+            async move {
+                let r: Result<(), _> = retry(quick, attempts, || {
+                    calls.set(calls.get() + 1);
+                    async move { Err(api_error(code)) }
+                })
+                .await;
+                assert!(r.is_err());
+                calls.get()
+            }
+        };
+        assert_eq!(always(404, 8).await, 1, "a 404 is not retried");
+        assert_eq!(always(409, 4).await, 4, "bounded");
     }
 
     /// An API call that fails (here: no apiserver at all) leaves the task to be considered
     /// again, not marked as seen for good.
     #[tokio::test]
     async fn a_task_whose_take_failed_is_considered_again() {
-        let cfg = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
-        let client = Client::try_from(cfg).unwrap();
-        let (_tx, config) = tokio::sync::watch::channel(None);
-        let agent = Arc::new(Agent {
-            client,
-            opts: AgentOptions {
-                node: "n".into(),
-                namespace: "ns".into(),
-                configmap: "c".into(),
-                config_file: None,
-                report_interval: Duration::from_secs(60),
-                provisioner_name: "p".into(),
-            },
-            seen: Mutex::default(),
-            metrics: Metrics::default(),
-            config,
-        });
+        let agent = Arc::new(test_agent());
         let t = Task {
             op: Op::Delete,
             pv: "pvc-1".into(),
@@ -652,23 +654,12 @@ mod tests {
 
     #[tokio::test]
     async fn seen_keeps_only_listed_tasks() {
-        let client =
-            Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
-        let (_tx, config) = tokio::sync::watch::channel(None);
-        let agent = Agent {
-            client,
-            opts: AgentOptions {
-                node: "n".into(),
-                namespace: "ns".into(),
-                configmap: "c".into(),
-                config_file: None,
-                report_interval: Duration::from_secs(60),
-                provisioner_name: "p".into(),
-            },
-            seen: Mutex::new(HashSet::from(["a".to_string(), "gone".to_string()])),
-            metrics: Metrics::default(),
-            config,
-        };
+        let agent = test_agent();
+        agent
+            .seen
+            .lock()
+            .unwrap()
+            .extend(["a".to_string(), "gone".to_string()]);
         agent.keep_seen(&HashSet::from(["a".to_string(), "new".to_string()]));
         assert_eq!(
             *agent.seen.lock().unwrap(),
