@@ -68,6 +68,9 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// Failed script runs per volume, against the retry counts.
     failures: Mutex<HashMap<String, u32>>,
+    /// Volumes past their retry limit, with the object's resourceVersion then: left alone until
+    /// the object changes (our own task deletions would otherwise retrigger them at once).
+    gave_up: Mutex<HashMap<String, String>>,
 }
 
 impl Ctx {
@@ -85,6 +88,7 @@ impl Ctx {
             config,
             recorder,
             failures: Mutex::default(),
+            gave_up: Mutex::default(),
         }
     }
 
@@ -245,6 +249,7 @@ impl Ctx {
         if retry {
             Err(Error::Counted(state.message.clone()))
         } else {
+            self.give_up(&state.task.pv, regarding);
             Ok(kube::runtime::controller::Action::await_change())
         }
     }
@@ -269,7 +274,32 @@ impl Ctx {
             Err(e)
         } else {
             tracing::warn!(key, error = %e, "retry limit reached; waiting for a change");
+            self.give_up(key, regarding);
             Ok(kube::runtime::controller::Action::await_change())
+        }
+    }
+
+    fn give_up(&self, key: &str, regarding: &ObjectReference) {
+        let rv = regarding.resource_version.clone().unwrap_or_default();
+        self.gave_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.to_string(), rv);
+    }
+
+    /// True while `key` is past its retry limit and `regarding` has not changed since; a
+    /// changed object starts again with a fresh count.
+    pub fn given_up(&self, key: &str, regarding: &ObjectReference) -> bool {
+        let mut g = self.gave_up.lock().unwrap_or_else(PoisonError::into_inner);
+        match g.get(key) {
+            None => false,
+            Some(rv) if Some(rv) == regarding.resource_version.as_ref() => true,
+            Some(_) => {
+                g.remove(key);
+                drop(g);
+                self.forget_failures(key);
+                false
+            }
         }
     }
 
@@ -277,6 +307,10 @@ impl Ctx {
     /// otherwise keep one entry per volume that ever failed.
     pub fn keep_failures(&self, live: &std::collections::HashSet<String>) {
         self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| live.contains(k));
+        self.gave_up
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|k, _| live.contains(k));
@@ -367,6 +401,25 @@ mod tests {
             assert!(matches!(r, Err(Error::Counted(_))));
         }
         assert!(ctx.count_failure("pv", 3), "nothing was counted");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_left_alone_until_the_object_changes() {
+        let ctx = ctx();
+        let v1 = ObjectReference {
+            resource_version: Some("1".into()),
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let _ = ctx.counted(Err(Error::NoConfig), &v1, "pv", "X", 3).await;
+        }
+        assert!(ctx.given_up("pv", &v1), "same object: left alone");
+        let v2 = ObjectReference {
+            resource_version: Some("2".into()),
+            ..Default::default()
+        };
+        assert!(!ctx.given_up("pv", &v2), "changed: tried again");
+        assert!(ctx.count_failure("pv", 3), "with a fresh count");
     }
 
     #[tokio::test]

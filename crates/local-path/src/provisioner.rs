@@ -129,10 +129,13 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
             "claims",
             claims,
             |claim, ctx| async move {
-                let r = provision::reconcile(claim.clone(), ctx.clone()).await;
                 let key = pv_naming::pv_name(&claim.uid().unwrap_or_default());
-                let limit = ctx.opts.provisioning_retry_count;
                 let regarding = claim.object_ref(&());
+                if ctx.given_up(&key, &regarding) {
+                    return Ok(kube::runtime::controller::Action::await_change());
+                }
+                let r = provision::reconcile(claim.clone(), ctx.clone()).await;
+                let limit = ctx.opts.provisioning_retry_count;
                 ctx.counted(r, &regarding, &key, "ProvisioningFailed", limit)
                     .await
             },
@@ -143,9 +146,12 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
             "volumes",
             volumes,
             |pv, ctx| async move {
+                let regarding = pv.object_ref(&());
+                if ctx.given_up(&pv.name_any(), &regarding) {
+                    return Ok(kube::runtime::controller::Action::await_change());
+                }
                 let r = delete::reconcile(pv.clone(), ctx.clone()).await;
                 let limit = ctx.opts.deletion_retry_count;
-                let regarding = pv.object_ref(&());
                 ctx.counted(r, &regarding, &pv.name_any(), "VolumeFailedDelete", limit)
                     .await
             },
