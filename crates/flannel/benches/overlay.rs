@@ -45,7 +45,7 @@ async fn run() -> String {
     let mut md = String::from("# flannel benchmark\n\n");
     let _ = writeln!(
         md,
-        "`cargo bench -p flannel --bench overlay` (release build), {} on {} cores. All traffic inside network namespaces created by the run.\n",
+        "`cargo bench -p flannel --bench overlay --profile small` (as shipped: opt-level s, fat LTO), {} on {} cores. All traffic inside network namespaces created by the run.\n",
         kernel(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -231,7 +231,7 @@ fn cni_latency(md: &mut String) {
     let (own, noop) = own_cost(&d);
     let _ = writeln!(
         md,
-        "The difference of two ~40 ms chains is within their noise (veth teardown waits for RCU), so the plugin's own cost is also measured against a no-op delegate (`/bin/true`), {NOOP_ROUNDS} rounds: `flannel` → no-op ADD+DEL p50 {own:.2} ms vs the no-op alone {noop:.2} ms, i.e. **{:.2} ms per ADD+DEL = {:.1}% of the direct bridge → host-local chain** (process start, subnet.env, the saved config with fsync, one extra exec).\n",
+        "The difference of two chains of tens of milliseconds is within their noise (veth teardown waits for RCU), so the plugin's own cost is also measured against a no-op delegate (`/bin/true`), {NOOP_ROUNDS} rounds: `flannel` → no-op ADD+DEL p50 {own:.2} ms vs the no-op alone {noop:.2} ms, i.e. **{:.2} ms per ADD+DEL = {:.1}% of the direct bridge → host-local chain** (process start, subnet.env, writing the saved config, one extra exec).\n",
         own - noop,
         (own - noop) / dct * 100.0
     );

@@ -33,6 +33,18 @@ impl Keys {
             node_public_ip: k("node-public-ip"),
         }
     }
+
+    /// Every key flanneld reads.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.subnet_manager,
+            &self.backend_type,
+            &self.backend_data,
+            &self.public_ip,
+            &self.public_ip_overwrite,
+            &self.node_public_ip,
+        ]
+    }
 }
 
 /// A MAC address, printed lower-case with colons as Go's `net.HardwareAddr`.

@@ -98,13 +98,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<()> {
     let client = kube_common::client::client(args.kubeconfig_file.as_deref()).await?;
     let name = ksm::node_name(&client).await?;
     tracing::info!(node = %name, network = %conf.network, "starting");
-    let nodes = Nodes::start(client.clone()).await?;
+    let keys = Keys::new(&args.kube_annotation_prefix);
+    let nodes = Nodes::start(client.clone(), &keys).await?;
     if !conf.enable_nftables && !std::path::Path::new(BR_NETFILTER).exists() {
         bail!(
             "{BR_NETFILTER} is missing: load the br_netfilter module (modprobe br_netfilter), as upstream flannel requires"
         );
     }
-    let keys = Keys::new(&args.kube_annotation_prefix);
     let Some(node) = wait_for_pod_cidr(&nodes, &name, &shutdown).await else {
         return Ok(());
     };
@@ -285,6 +285,7 @@ fn setup_rules(args: &Args, tm: &TrafficManager, rules: &Rules) -> Result<()> {
             ..rules.clone()
         })?;
     }
+    tm.remove_other_variant(rules)?;
     tm.ensure(rules)?;
     Ok(())
 }

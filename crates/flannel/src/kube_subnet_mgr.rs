@@ -59,13 +59,13 @@ pub struct Nodes {
 
 impl Nodes {
     /// Starts a list+watch of all Nodes and waits for the first full list.
-    pub async fn start(client: Client) -> Result<Nodes, KubeError> {
+    pub async fn start(client: Client, keys: &Keys) -> Result<Nodes, KubeError> {
         let (store, writer) = reflector::store::<Node>();
         let changed = Arc::new(Notify::new());
         let notify = changed.clone();
         let stream = reflector::reflector(
             writer,
-            watcher(Api::<Node>::all(client), watcher::Config::default()).modify(strip),
+            watcher(Api::<Node>::all(client), watcher::Config::default()).modify(strip(keys)),
         )
         .default_backoff()
         .touched_objects();
@@ -165,11 +165,26 @@ fn peer_leases(
     out
 }
 
-/// Keeps only what flannel reads (metadata annotations, spec.podCIDR(s)): a cache of every
-/// Node's full status and managed fields would dominate the daemon's memory on a big cluster.
-fn strip(n: &mut Node) {
-    n.metadata.managed_fields = None;
-    n.status = None;
+/// Keeps only what flannel reads (its own annotations, spec.podCIDR(s), name, uid, version and
+/// age): a cache of every Node's status, labels and other annotations would dominate the
+/// daemon's memory on a big cluster.
+fn strip(keys: &Keys) -> impl Fn(&mut Node) + use<> {
+    let keep: Vec<String> = keys.all().map(str::to_string).to_vec();
+    move |n: &mut Node| {
+        let m = &mut n.metadata;
+        m.managed_fields = None;
+        m.labels = None;
+        m.owner_references = None;
+        if let Some(a) = m.annotations.as_mut() {
+            a.retain(|k, _| keep.contains(k));
+        }
+        n.status = None;
+        n.spec = n.spec.take().map(|s| k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: s.pod_cidr,
+            pod_cidrs: s.pod_cidrs,
+            ..Default::default()
+        });
+    }
 }
 
 /// Whether `node` lacks any of `annotations` (or holds another value).
@@ -255,6 +270,26 @@ mod tests {
             }),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn the_cache_keeps_only_what_flannel_reads() {
+        let keys = Keys::new(DEFAULT_PREFIX);
+        let mut n = (*node("a", "10.244.1.0/24", "172.31.250.11")).clone();
+        let ours = n.metadata.annotations.clone().unwrap();
+        n.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
+        n.metadata.labels = Some(BTreeMap::from([("k".to_string(), "v".to_string())]));
+        n.spec.get_or_insert_default().provider_id = Some("x".into());
+        n.status = Some(Default::default());
+        strip(&keys)(&mut n);
+        assert_eq!(n.metadata.annotations, Some(ours));
+        assert!(n.metadata.labels.is_none() && n.status.is_none());
+        let spec = n.spec.unwrap();
+        assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
+        assert!(spec.provider_id.is_none());
     }
 
     #[test]

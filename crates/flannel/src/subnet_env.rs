@@ -120,7 +120,7 @@ impl SubnetEnv {
 
     /// Writes the file atomically; a reader sees the old or the new file, never a part.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        write_atomic(path, self.render().as_bytes(), 0o644, true).map_err(|source| {
+        write_atomic(path, self.render().as_bytes(), 0o644, Durability::Synced).map_err(|source| {
             SubnetEnvError::Io {
                 path: path.display().to_string(),
                 source,
@@ -129,9 +129,24 @@ impl SubnetEnv {
     }
 }
 
-/// Temp file in the same directory, fsync, rename over `path`, and (with `sync_dir`) fsync the
-/// directory so the rename itself survives a crash.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, sync_dir: bool) -> std::io::Result<()> {
+/// How much of an atomic write must be on disk before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Rename only: a crash of the process never leaves a partial file, but a power loss may
+    /// leave an empty one (readers must cope: the CNI plugin's DEL does).
+    Rename,
+    /// File and directory fsynced: the new contents survive a power loss.
+    Synced,
+}
+
+/// Temp file in the same directory, rename over `path`; with [`Durability::Synced`] the file is
+/// fsynced before and the directory after the rename.
+pub fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -151,9 +166,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, sync_dir: bool) -> std
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durability == Durability::Synced {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        if sync_dir {
+        if durability == Durability::Synced {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
@@ -200,8 +217,8 @@ mod tests {
     fn atomic_write_replaces() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("run/flannel/subnet.env");
-        write_atomic(&p, b"a", 0o644, true).unwrap();
-        write_atomic(&p, b"b", 0o644, false).unwrap();
+        write_atomic(&p, b"a", 0o644, Durability::Synced).unwrap();
+        write_atomic(&p, b"b", 0o644, Durability::Rename).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"b");
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }

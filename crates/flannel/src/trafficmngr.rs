@@ -98,6 +98,15 @@ pub fn masq_rules(network: Ipv4Net, subnet: Ipv4Net, fully_random: bool) -> Vec<
     ]
 }
 
+/// The masquerade rules of the other `--random-fully` setting that differ from `r`'s.
+fn other_variant(r: &Rules) -> Vec<Rule> {
+    let now = masq_rules(r.network, r.subnet, r.fully_random);
+    masq_rules(r.network, r.subnet, !r.fully_random)
+        .into_iter()
+        .filter(|x| !now.contains(x))
+        .collect()
+}
+
 /// Upstream's forward rules (`ForwardRules`).
 pub fn forward_rules(network: Ipv4Net) -> Vec<Rule> {
     vec![
@@ -399,6 +408,15 @@ impl TrafficManager {
         }
     }
 
+    /// Removes the masquerade rules a run with the other `--random-fully` setting left for the
+    /// same subnet (iptables upgraded, or the flag changed); the rules both share stay.
+    pub fn remove_other_variant(&self, r: &Rules) -> Result<(), RulesError> {
+        match self {
+            TrafficManager::Iptables(ipt) if r.masq => ipt.delete(&other_variant(r)),
+            _ => Ok(()),
+        }
+    }
+
     /// Installs or repairs the rules; returns whether anything was written.
     pub fn ensure(&self, r: &Rules) -> Result<bool, RulesError> {
         match self {
@@ -500,6 +518,32 @@ mod tests {
         assert_eq!(
             ipt.exec("filter", "-C", FWD_CHAIN, &rules[1].spec).ok(),
             Some(false)
+        );
+    }
+
+    #[test]
+    fn other_variant_is_only_the_random_fully_rules() {
+        let r = Rules {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            masq: true,
+            forward: true,
+            fully_random: true,
+        };
+        let other = other_variant(&r);
+        assert!(!other.is_empty());
+        for x in &other {
+            assert!(x.spec.contains(&"MASQUERADE".to_string()), "{x:?}");
+            assert!(!x.spec.contains(&"--random-fully".to_string()), "{x:?}");
+        }
+        let back = other_variant(&Rules {
+            fully_random: false,
+            ..r
+        });
+        assert_eq!(back.len(), other.len());
+        assert!(
+            back.iter()
+                .all(|x| x.spec.contains(&"--random-fully".to_string()))
         );
     }
 

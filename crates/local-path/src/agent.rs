@@ -30,7 +30,10 @@ use crate::volume;
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node: String,
+    /// Where `local-path-config` is (read only).
     pub namespace: String,
+    /// Where tasks and this node's report are (read and written).
+    pub task_namespace: String,
     pub configmap: String,
     pub config_file: Option<std::path::PathBuf>,
     pub report_interval: Duration,
@@ -112,7 +115,7 @@ pub async fn run(mgr: &Manager, opts: AgentOptions) {
 
 impl Agent {
     fn tasks(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &self.opts.namespace)
+        Api::namespaced(self.client.clone(), &self.opts.task_namespace)
     }
 
     async fn watch_tasks(
@@ -573,6 +576,7 @@ mod tests {
             opts: AgentOptions {
                 node: "n".into(),
                 namespace: "ns".into(),
+                task_namespace: "ns".into(),
                 configmap: "c".into(),
                 config_file: None,
                 report_interval: Duration::from_secs(60),

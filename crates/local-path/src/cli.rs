@@ -55,6 +55,10 @@ pub struct StartArgs {
     pub namespace: String,
     #[arg(long, default_value = "local-path-config", env = "CONFIGMAP_NAME")]
     pub configmap_name: String,
+    /// Namespace of the task ConfigMaps (default: the --namespace). deploy/ gives them their own,
+    /// so the node agents need no write access where `local-path-config` is.
+    #[arg(long, env = "TASK_NAMESPACE")]
+    pub task_namespace: Option<String>,
     /// Parsed for compatibility; upstream ignores it too (helperPod.yaml's image wins).
     #[arg(
         long,
@@ -68,9 +72,9 @@ pub struct StartArgs {
         env = "SERVICE_ACCOUNT_NAME"
     )]
     pub service_account_name: String,
-    /// Parsed for compatibility; reconciles run concurrently on one async runtime.
+    /// upstream's threadiness: claims (and volumes) reconciled at once, each on one async runtime.
     #[arg(long, default_value_t = 4, env = "WORKER_THREADS")]
-    pub worker_threads: u32,
+    pub worker_threads: u16,
     #[arg(long, default_value_t = 15, env = "PROVISIONING_RETRY_COUNT")]
     pub provisioning_retry_count: u32,
     #[arg(long, default_value_t = 15, env = "DELETION_RETRY_COUNT")]
@@ -91,6 +95,10 @@ pub struct AgentArgs {
     pub namespace: String,
     #[arg(long, default_value = "local-path-config", env = "CONFIGMAP_NAME")]
     pub configmap_name: String,
+    /// Namespace of the task ConfigMaps (default: the --namespace). deploy/ gives them their own,
+    /// so the node agents need no write access where `local-path-config` is.
+    #[arg(long, env = "TASK_NAMESPACE")]
+    pub task_namespace: Option<String>,
     /// Mounted config.json (for the paths to report on); else read via the API.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -133,6 +141,9 @@ pub async fn start(common: CommonArgs, args: StartArgs) -> anyhow::Result<()> {
     });
     let opts = Options {
         provisioner_name: args.provisioner_name,
+        task_namespace: args
+            .task_namespace
+            .unwrap_or_else(|| args.namespace.clone()),
         namespace: args.namespace,
         service_account: args.service_account_name,
         mode: args.mode,
@@ -140,6 +151,7 @@ pub async fn start(common: CommonArgs, args: StartArgs) -> anyhow::Result<()> {
         deletion_retry_count: args.deletion_retry_count,
         configmap: args.configmap_name.clone(),
         sweep_interval: args.task_sweep_interval,
+        worker_threads: args.worker_threads,
     };
     let source = ConfigSource {
         configmap: args.configmap_name,
@@ -155,6 +167,9 @@ pub async fn agent(common: CommonArgs, args: AgentArgs) -> anyhow::Result<()> {
         &mgr,
         AgentOptions {
             node: args.node_name,
+            task_namespace: args
+                .task_namespace
+                .unwrap_or_else(|| args.namespace.clone()),
             namespace: args.namespace,
             configmap: args.configmap_name,
             config_file: args.config,

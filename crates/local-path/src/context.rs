@@ -29,6 +29,10 @@ pub enum Mode {
 pub struct Options {
     pub provisioner_name: String,
     pub namespace: String,
+    /// Where task ConfigMaps live. A namespace of their own in deploy/, so the agents (which
+    /// must write tasks) get no write access to `local-path-config`, whose scripts every node
+    /// runs as root.
+    pub task_namespace: String,
     pub service_account: String,
     pub mode: Mode,
     pub provisioning_retry_count: u32,
@@ -37,6 +41,8 @@ pub struct Options {
     pub configmap: String,
     /// How often tasks left by claims deleted mid-provisioning are cleaned up.
     pub sweep_interval: std::time::Duration,
+    /// `--worker-threads`: reconciles at once per controller (0: no limit).
+    pub worker_threads: u16,
 }
 
 #[derive(Debug, Error)]
@@ -117,7 +123,7 @@ impl Ctx {
     }
 
     pub fn tasks(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &self.opts.namespace)
+        Api::namespaced(self.client.clone(), &self.opts.task_namespace)
     }
 
     pub fn helper_pods(&self) -> Api<Pod> {
@@ -190,7 +196,7 @@ impl Ctx {
                 .await
                 .map(|_| ())
         } else {
-            let cm = t.to_configmap(&self.opts.namespace);
+            let cm = t.to_configmap(&self.opts.task_namespace);
             self.tasks()
                 .create(&PostParams::default(), &cm)
                 .await
@@ -368,12 +374,14 @@ mod tests {
         let opts = Options {
             provisioner_name: "p".into(),
             namespace: "ns".into(),
+            task_namespace: "ns".into(),
             service_account: "sa".into(),
             mode: Mode::Agent,
             provisioning_retry_count: 3,
             deletion_retry_count: 3,
             configmap: "c".into(),
             sweep_interval: std::time::Duration::from_secs(1),
+            worker_threads: 4,
         };
         Ctx::new(client, opts, config, recorder, None)
     }

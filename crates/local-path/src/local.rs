@@ -68,12 +68,14 @@ pub async fn run(
         Options {
             provisioner_name: "rancher.io/local-path".into(),
             namespace: opts.namespace.clone(),
+            task_namespace: opts.namespace.clone(),
             service_account: "local-path-provisioner-service-account".into(),
             mode: Mode::Agent,
             provisioning_retry_count: 15,
             deletion_retry_count: 15,
             configmap: "local-path-config".into(),
             sweep_interval: provisioner::SWEEP_INTERVAL,
+            worker_threads: 4,
         },
         ConfigSource {
             configmap: "local-path-config".into(),
@@ -86,6 +88,7 @@ pub async fn run(
         let a = AgentOptions {
             node: node.clone(),
             namespace: opts.namespace.clone(),
+            task_namespace: opts.namespace.clone(),
             configmap: "local-path-config".into(),
             config_file: Some(config.clone()),
             report_interval: Duration::from_secs(60),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_common::Manager;
 use kube_common::leader::{self, LeaseConfig};
@@ -100,14 +100,18 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
     wait_config(&ctx.config, &stop).await;
     let client = mgr.client.clone();
     let ns = ctx.opts.namespace.clone();
-    let tasks: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let tasks: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.opts.task_namespace);
     let task_wc = watcher::Config::default().labels(TASK_LABEL);
 
     let helpers: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // upstream's threadiness: this many reconciles at once per queue (claims, volumes), which
+    // also bounds the provisioner's API connections and memory under a burst of claims.
+    let workers = controller::Config::default().concurrency(ctx.opts.worker_threads);
     let claims = Controller::new(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
+    .with_config(workers.clone())
     .watches(tasks.clone(), task_wc.clone(), |cm: ConfigMap| {
         claim_of_task(task::parse(&cm)?)
     })
@@ -118,6 +122,7 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default(),
     )
+    .with_config(workers)
     .watches(tasks, task_wc.clone(), |cm: ConfigMap| {
         pv_of_task(task::parse(&cm)?)
     })

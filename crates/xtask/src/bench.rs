@@ -54,13 +54,16 @@ pub fn proxy(extra: &[String]) -> Result<()> {
     })
 }
 
-/// `cargo bench -p <package>`: the benchmark targets of one component crate.
+/// `cargo bench -p <package> --profile small`: the benchmark targets of one component crate,
+/// built as the component ships (see `[profile.small]`).
 pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
-    let mut args = vec!["bench", "-p", package];
+    let mut args = vec!["bench", "-p", package, "--profile", "small"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    step(&format!("cargo bench -p {package}"), || cargo(&args))
+    step(&format!("cargo bench -p {package} --profile small"), || {
+        cargo(&args)
+    })
 }

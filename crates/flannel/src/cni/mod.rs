@@ -139,14 +139,7 @@ fn cmd_add(env: &Env, n: &NetConf) -> Result<Output, CniError> {
     delegate::check_container_id(id)?;
     env.require("CNI_NETNS")?;
     env.require("CNI_IFNAME")?;
-    let senv = read_env(n)?;
-    let dconf = conf::delegate_config(n, &senv);
-    let dtype = dconf
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("bridge")
-        .to_string();
-    let bytes = dconf.to_string().into_bytes();
+    let (dtype, bytes) = delegate_for(n)?;
     delegate::find(&dtype, env.cni_path())?;
     delegate::save(&n.data_dir, id, &bytes)?;
     match delegate::exec(&dtype, "ADD", &bytes, env.cni_path(), &[]) {
@@ -159,6 +152,18 @@ fn cmd_add(env: &Env, n: &NetConf) -> Result<Output, CniError> {
             Err(e)
         }
     }
+}
+
+/// The delegate's type and config, as ADD saves it, from the conf and the current subnet.env.
+fn delegate_for(n: &NetConf) -> Result<(String, Vec<u8>), CniError> {
+    let senv = read_env(n)?;
+    let dconf = conf::delegate_config(n, &senv);
+    let dtype = dconf
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("bridge")
+        .to_string();
+    Ok((dtype, dconf.to_string().into_bytes()))
 }
 
 /// A delegate result labelled with the version the runtime asked for (1.1.0 runs as 1.0.0).
@@ -179,22 +184,23 @@ fn cmd_del(env: &Env, n: &NetConf) -> Result<Output, CniError> {
     let id = env.require("CNI_CONTAINERID")?;
     delegate::check_container_id(id)?;
     env.require("CNI_IFNAME")?;
-    del_saved(env, &n.data_dir, id, &[])
+    del_saved(env, n, id, &[])
 }
 
 /// Replays a saved config's DEL; a missing one is success. The file goes only on success.
-fn del_saved(
-    env: &Env,
-    data_dir: &str,
-    id: &str,
-    extra: &[(&str, &str)],
-) -> Result<Output, CniError> {
-    let Some(saved) = delegate::load(data_dir, id)? else {
+fn del_saved(env: &Env, n: &NetConf, id: &str, extra: &[(&str, &str)]) -> Result<Output, CniError> {
+    let Some(saved) = delegate::load(&n.data_dir, id)? else {
         return Ok(Vec::new());
     };
-    let dtype = delegate::saved_type(&saved)?;
-    delegate::exec(&dtype, "DEL", &saved, env.cni_path(), extra)?;
-    delegate::remove(data_dir, id)?;
+    let (dtype, conf) = match delegate::saved_type(&saved) {
+        Ok(t) => (t, saved),
+        // Empty or cut (a power loss soon after ADD: the save is not fsynced): the config ADD
+        // would save now, so the delegate still releases the address and the interface.
+        Err(e) if e.code == code::DECODE => delegate_for(n).map_err(|_| e)?,
+        Err(e) => return Err(e),
+    };
+    delegate::exec(&dtype, "DEL", &conf, env.cni_path(), extra)?;
+    delegate::remove(&n.data_dir, id)?;
     Ok(Vec::new())
 }
 
@@ -226,7 +232,7 @@ fn cmd_gc(env: &Env, n: &NetConf) -> Result<Output, CniError> {
             continue;
         }
         let extra = [("CNI_CONTAINERID", id.as_str()), ("CNI_IFNAME", "eth0")];
-        if let Err(e) = del_saved(env, &n.data_dir, &id, &extra) {
+        if let Err(e) = del_saved(env, n, &id, &extra) {
             first_err.get_or_insert(e);
         }
     }
@@ -292,5 +298,39 @@ mod tests {
             run(&gc, conf.as_bytes()).unwrap_err().1.code,
             code::INCOMPATIBLE_VERSION
         );
+    }
+
+    #[test]
+    fn del_of_an_empty_saved_config_runs_the_current_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let bin = d.path().join("bin");
+        let data = d.path().join("data");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        let bridge = bin.join("bridge");
+        std::fs::write(&bridge, "#!/bin/sh\ncat > \"$(dirname \"$0\")/stdin\"\n").unwrap();
+        std::fs::set_permissions(&bridge, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let senv = d.path().join("subnet.env");
+        std::fs::write(
+            &senv,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        std::fs::write(data.join("c1"), b"").unwrap();
+        let conf = json!({"cniVersion":"0.3.1","name":"cbr0","type":"flannel",
+            "subnetFile": senv, "dataDir": data});
+        let env = Env::from_pairs(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", bin.to_str().unwrap()),
+        ]);
+        assert_eq!(run(&env, conf.to_string().as_bytes()).unwrap(), b"");
+        let sent: Value =
+            serde_json::from_slice(&std::fs::read(bin.join("stdin")).unwrap()).unwrap();
+        assert_eq!(sent["type"], "bridge");
+        assert_eq!(sent["ipam"]["type"], "host-local");
+        assert!(!data.join("c1").exists());
     }
 }

@@ -56,6 +56,8 @@ pub async fn cluster() -> &'static Cluster {
 pub struct Env {
     pub client: Client,
     pub ns: String,
+    /// Where tasks and node reports are (`--task-namespace`): apart from the config, as deployed.
+    pub task_ns: String,
     pub provisioner: String,
     pub root: tempfile::TempDir,
     pub kubeconfig: PathBuf,
@@ -73,6 +75,10 @@ impl Env {
         let c = cluster().await;
         let client = c.client().await.expect("client");
         let ns = c.namespace(prefix).await.expect("namespace");
+        let task_ns = c
+            .namespace(&format!("{prefix}-tasks"))
+            .await
+            .expect("namespace");
         let root = tempfile::Builder::new()
             .prefix(&format!("lp-{ns}-"))
             .tempdir()
@@ -84,6 +90,7 @@ impl Env {
             client,
             provisioner: format!("test.io/{ns}"),
             ns,
+            task_ns,
             root,
             kubeconfig: c.kubeconfig_path().to_path_buf(),
             procs: Mutex::default(),
@@ -156,6 +163,8 @@ impl Env {
             &self.provisioner,
             "--namespace",
             &self.ns,
+            "--task-namespace",
+            &self.task_ns,
             "--health-address",
             &format!("127.0.0.1:{port}"),
             "--leader-elect-lease-duration",
@@ -186,6 +195,8 @@ impl Env {
                 n,
                 "--namespace",
                 &self.ns,
+                "--task-namespace",
+                &self.task_ns,
                 "--report-interval",
                 "1s",
                 "--provisioner-name",
@@ -322,8 +333,14 @@ impl Env {
         Api::all(self.client.clone())
     }
 
+    /// The config's namespace (`local-path-config`).
     pub fn configmaps(&self) -> Api<ConfigMap> {
         Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Tasks and node reports.
+    pub fn tasks(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.task_ns)
     }
 
     /// Waits for the claim to be Bound; returns its PV.
