@@ -212,16 +212,23 @@ impl Net {
             .collect())
     }
 
-    /// Unicast IPv4 routes with an output interface in `oifs`, as [`Route`]s.
+    /// Unicast main-table IPv4 routes with an output interface in `oifs`, as [`Route`]s. Each
+    /// message is reduced as it arrives: with hundreds of peers the raw dump would be most of
+    /// the daemon's peak memory.
     pub async fn owned_routes(&self, oifs: &[u32]) -> Result<Vec<Route>> {
-        Ok(self
-            .routes_v4()
-            .await?
-            .iter()
-            .filter(|r| r.header.kind == RouteType::Unicast)
-            .filter_map(to_route)
-            .filter(|r| oifs.contains(&r.oif))
-            .collect())
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        self.handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_filter_map(|r| {
+                let keep = route_table(&r) == MAIN_TABLE && r.header.kind == RouteType::Unicast;
+                let route = to_route(&r).filter(|x| keep && oifs.contains(&x.oif));
+                futures::future::ready(Ok(route))
+            })
+            .try_collect()
+            .await
+            .map_err(req("listing routes"))
     }
 
     pub async fn replace_route(&self, r: &Route) -> Result<()> {
@@ -273,44 +280,44 @@ impl Net {
             .execute()
     }
 
-    /// IPv4 neighbours on `index`.
+    /// IPv4 neighbours on `index` (reduced as they arrive, as [`Net::owned_routes`]).
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neigh>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .neigh_dump(AddressFamily::Inet)
+        self.neigh_dump(AddressFamily::Inet)
+            .try_filter_map(|m| {
+                let n = (m.header.ifindex == index)
+                    .then(|| {
+                        Some(Neigh {
+                            ip: neigh_ip(&m)?,
+                            mac: neigh_mac(&m),
+                            permanent: m.header.state == NeighbourState::Permanent,
+                        })
+                    })
+                    .flatten();
+                futures::future::ready(Ok(n))
+            })
             .try_collect()
             .await
-            .map_err(req("listing neighbours"))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| m.header.ifindex == index)
-            .filter_map(|m| {
-                Some(Neigh {
-                    ip: neigh_ip(m)?,
-                    mac: neigh_mac(m),
-                    permanent: m.header.state == NeighbourState::Permanent,
-                })
-            })
-            .collect())
+            .map_err(req("listing neighbours"))
     }
 
-    /// Bridge FDB entries on `index` (AF_BRIDGE neighbours).
+    /// Bridge FDB entries on `index` (AF_BRIDGE neighbours, reduced as they arrive).
     pub async fn fdb(&self, index: u32) -> Result<Vec<Fdb>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .neigh_dump(AddressFamily::Bridge)
+        self.neigh_dump(AddressFamily::Bridge)
+            .try_filter_map(|m| {
+                let f = (m.header.ifindex == index)
+                    .then(|| {
+                        Some(Fdb {
+                            mac: neigh_mac(&m)?,
+                            dst: neigh_ip(&m),
+                            permanent: m.header.state == NeighbourState::Permanent,
+                        })
+                    })
+                    .flatten();
+                futures::future::ready(Ok(f))
+            })
             .try_collect()
             .await
-            .map_err(req("listing FDB"))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| m.header.ifindex == index)
-            .filter_map(|m| {
-                Some(Fdb {
-                    mac: neigh_mac(m)?,
-                    dst: neigh_ip(m),
-                    permanent: m.header.state == NeighbourState::Permanent,
-                })
-            })
-            .collect())
+            .map_err(req("listing FDB"))
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`.

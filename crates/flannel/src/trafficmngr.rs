@@ -400,8 +400,11 @@ impl TrafficManager {
     pub fn remove_stale(&self, old: &Rules) -> Result<(), RulesError> {
         match self {
             TrafficManager::Iptables(ipt) => {
-                ipt.delete(&masq_rules(old.network, old.subnet, old.fully_random))?;
-                ipt.delete(&masq_rules(old.network, old.subnet, !old.fully_random))
+                ipt.delete(&masq_rules(old.network, old.subnet, false))?;
+                if self.supports_random_fully() {
+                    ipt.delete(&masq_rules(old.network, old.subnet, true))?;
+                }
+                Ok(())
             }
             // The nft chains are flushed and rewritten on every apply.
             TrafficManager::Nftables(_) => Ok(()),
@@ -409,10 +412,15 @@ impl TrafficManager {
     }
 
     /// Removes the masquerade rules a run with the other `--random-fully` setting left for the
-    /// same subnet (iptables upgraded, or the flag changed); the rules both share stay.
+    /// same subnet (iptables upgraded, or the flag changed); the rules both share stay. An
+    /// iptables without `--random-fully` cannot even name those rules (nor can it have them).
     pub fn remove_other_variant(&self, r: &Rules) -> Result<(), RulesError> {
         match self {
-            TrafficManager::Iptables(ipt) if r.masq => ipt.delete(&other_variant(r)),
+            TrafficManager::Iptables(ipt)
+                if r.masq && (r.fully_random || self.supports_random_fully()) =>
+            {
+                ipt.delete(&other_variant(r))
+            }
             _ => Ok(()),
         }
     }

@@ -72,8 +72,9 @@ pub struct StartArgs {
         env = "SERVICE_ACCOUNT_NAME"
     )]
     pub service_account_name: String,
-    /// upstream's threadiness: claims (and volumes) reconciled at once, each on one async runtime.
-    #[arg(long, default_value_t = 4, env = "WORKER_THREADS")]
+    /// upstream's threadiness: claims (and volumes) reconciled at once, on one async runtime.
+    #[arg(long, default_value_t = 4, env = "WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
     #[arg(long, default_value_t = 15, env = "PROVISIONING_RETRY_COUNT")]
     pub provisioning_retry_count: u32,

@@ -336,24 +336,32 @@ async fn on_task(
 }
 
 /// The directory the agent (or helper pod) reports becomes the PV's path, later handed to
-/// teardown: it must lie strictly below one of the task's base paths.
-fn result_dir(state: &TaskState) -> Result<String, Error> {
+/// teardown. Whoever can write tasks can rewrite them, so it must be exactly `<base>/<folder>`
+/// for one of the task's base paths, with `folder` computed again here from the claim and class
+/// (which the agents cannot write): never another volume's directory.
+fn result_dir(state: &TaskState, folder: &str) -> Result<String, Error> {
+    use crate::config::{clean, strictly_below};
+    let t = &state.task;
     let path = state
         .result_dir
-        .clone()
+        .as_deref()
+        .map(clean)
         .ok_or_else(|| Error::Retry("agent reported success without a directory".into()))?;
-    if !state
-        .task
-        .base_paths
-        .iter()
-        .any(|b| crate::config::strictly_below(&path, b))
-    {
+    let under = |b: &String| clean(&format!("{b}/{folder}"));
+    // Helper-pod mode decides the whole directory up front; agent mode only the folder.
+    let ok = if t.vol_dir.starts_with('/') {
+        let dir = clean(&t.vol_dir);
+        path == dir && t.base_paths.iter().any(|b| under(b) == dir)
+    } else {
+        t.vol_dir == folder && t.base_paths.iter().any(|b| under(b) == path)
+    };
+    if !ok || !t.base_paths.iter().any(|b| strictly_below(&path, b)) {
         return Err(Error::Retry(format!(
-            "reported directory {path:?} is not below the task's paths ({}): no PV made",
-            state.task.base_paths.join(", ")
+            "reported directory {path:?} is not {folder:?} below the task's paths ({}): no PV made",
+            t.base_paths.join(", ")
         )));
     }
-    Ok(crate::config::clean(&path))
+    Ok(path)
 }
 
 async fn create_pv(
@@ -362,7 +370,9 @@ async fn create_pv(
     state: &TaskState,
     ctx: &Ctx,
 ) -> Result<(), Error> {
-    let path = result_dir(state)?;
+    let folder =
+        folder_for(claim, class, &state.task.pv).map_err(|e| Error::Retry(e.to_string()))?;
+    let path = result_dir(state, &folder)?;
     let volume_type = VolumeType::for_claim(claim, class).map_err(Error::Retry)?;
     let shared = ctx
         .config
@@ -443,12 +453,31 @@ mod tests {
             result_dir: Some("/disk/b/pvc-1_ns_c".into()),
             message: String::new(),
         };
-        assert_eq!(result_dir(&state).unwrap(), "/disk/b/pvc-1_ns_c");
-        for bad in ["/etc", "/disk/a", "/disk/a/../../etc", "/disk/ab/x"] {
+        let folder = "pvc-1_ns_c";
+        assert_eq!(result_dir(&state, folder).unwrap(), "/disk/b/pvc-1_ns_c");
+        assert!(
+            result_dir(&state, "pvc-2_ns_d").is_err(),
+            "a folder other than the claim's"
+        );
+        for bad in [
+            "/etc",
+            "/disk/a",
+            "/disk/a/../../etc",
+            "/disk/ab/x",
+            "/disk/b/pvc-2_ns_d",
+        ] {
             state.result_dir = Some(bad.into());
-            assert!(result_dir(&state).is_err(), "{bad}");
+            assert!(result_dir(&state, folder).is_err(), "{bad}");
         }
         state.result_dir = None;
-        assert!(result_dir(&state).is_err());
+        assert!(result_dir(&state, folder).is_err());
+        // Helper-pod mode: the task names the whole directory.
+        state.task.base_paths = vec!["/disk/a".into()];
+        state.task.vol_dir = "/disk/a/pvc-1_ns_c".into();
+        state.result_dir = Some("/disk/a/pvc-1_ns_c".into());
+        assert_eq!(result_dir(&state, folder).unwrap(), "/disk/a/pvc-1_ns_c");
+        state.task.vol_dir = "/disk/a/pvc-2_ns_d".into();
+        state.result_dir = Some("/disk/a/pvc-2_ns_d".into());
+        assert!(result_dir(&state, folder).is_err());
     }
 }

@@ -988,6 +988,14 @@ async fn deployed_agent_cannot_write_the_config() {
         ),
         (
             &agent,
+            "watch",
+            "configmaps/local-path-config",
+            "local-path-storage",
+            "yes",
+        ),
+        (&agent, "list", "configmaps", "local-path-storage", "no"),
+        (
+            &agent,
             "update",
             "configmaps/local-path-create-pvc-x",
             "local-path-tasks",

@@ -196,7 +196,10 @@ fn del_saved(env: &Env, n: &NetConf, id: &str, extra: &[(&str, &str)]) -> Result
         Ok(t) => (t, saved),
         // Empty or cut (a power loss soon after ADD: the save is not fsynced): the config ADD
         // would save now, so the delegate still releases the address and the interface.
-        Err(e) if e.code == code::DECODE => delegate_for(n).map_err(|_| e)?,
+        Err(e) if e.code == code::DECODE => delegate_for(n).map_err(|env_err| {
+            let details = format!("{}; {}: {}", env_err.details, e.msg, e.details);
+            env_err.with_details(details)
+        })?,
         Err(e) => return Err(e),
     };
     delegate::exec(&dtype, "DEL", &conf, env.cni_path(), extra)?;
