@@ -45,7 +45,7 @@ async fn run() -> String {
     let mut md = String::from("# flannel benchmark\n\n");
     let _ = writeln!(
         md,
-        "`cargo bench -p flannel --bench overlay --profile small` (as shipped: opt-level s, fat LTO), {} on {} cores. All traffic inside network namespaces created by the run.\n",
+        "`cargo bench -p flannel --bench overlay --profile small` (as shipped: opt-level z, fat LTO), {} on {} cores. All traffic inside network namespaces created by the run.\n",
         kernel(),
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -61,7 +61,7 @@ async fn run() -> String {
     .await
     .expect("lab");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle: Vec<(u64, u64)> = (0..3).map(|i| rss(&lab, i)).collect();
+    let idle: Vec<[u64; 4]> = (0..3).map(|i| rss(&lab, i)).collect();
     throughput(&mut md, &lab);
     let client = lab.client().clone();
     let three = node_added(&lab, &client, "n3").await;
@@ -92,33 +92,31 @@ async fn run() -> String {
             pct(&s, 100.0)
         );
     }
-    let peak: Vec<(u64, u64)> = (0..3).map(|i| rss(&lab, i)).collect();
+    let peak: Vec<[u64; 4]> = (0..3).map(|i| rss(&lab, i)).collect();
     let _ = writeln!(
         md,
-        "\n## flanneld memory\n\nVmRSS / VmHWM from /proc of the three flanneld processes. Goal: < 10 MiB (upstream flanneld, a Go daemon, uses tens of MiB).\n"
+        "\n## flanneld memory\n\nVmRSS / VmHWM from /proc of the three flanneld processes, and VmRSS split into RssAnon (heap and stacks) and RssFile (pages of the binary). Goal: < 10 MiB (upstream flanneld, a Go daemon, uses tens of MiB).\n"
     );
     let _ = writeln!(
         md,
-        "| when | RSS per node (KiB) | peak RSS per node (KiB) |\n|---|---|---|"
+        "| when | RSS per node (KiB) | peak RSS per node (KiB) | heap and stacks (KiB) | binary pages (KiB) |\n|---|---|---|---|---|"
     );
-    let fmt = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| {
+    let fmt = |v: &[[u64; 4]], i: usize| {
         v.iter()
-            .map(|x| f(x).to_string())
+            .map(|x| x[i].to_string())
             .collect::<Vec<_>>()
             .join(" / ")
     };
-    let _ = writeln!(
-        md,
-        "| idle, 3 nodes | {} | {} |",
-        fmt(&idle, |x| x.0),
-        fmt(&idle, |x| x.1)
-    );
-    let _ = writeln!(
-        md,
-        "| after 300 nodes | {} | {} |",
-        fmt(&peak, |x| x.0),
-        fmt(&peak, |x| x.1)
-    );
+    for (when, v) in [("idle, 3 nodes", &idle), ("after 300 nodes", &peak)] {
+        let _ = writeln!(
+            md,
+            "| {when} | {} | {} | {} | {} |",
+            fmt(v, 0),
+            fmt(v, 1),
+            fmt(v, 2),
+            fmt(v, 3)
+        );
+    }
     md
 }
 
@@ -138,7 +136,8 @@ fn pct(v: &[f64], p: f64) -> f64 {
     s[idx.min(s.len() - 1)]
 }
 
-fn rss(lab: &Lab, i: usize) -> (u64, u64) {
+/// VmRSS, VmHWM, RssAnon, RssFile (KiB).
+fn rss(lab: &Lab, i: usize) -> [u64; 4] {
     let pid = lab.nodes[i].flanneld_pid().unwrap_or(0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -149,7 +148,7 @@ fn rss(lab: &Lab, i: usize) -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    ["VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"].map(field)
 }
 
 /// Runs `bin` with CNI env and `conf` on stdin (from a thread inside the node namespace).

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use crate::kube_subnet_mgr::CachedNode;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
 
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
 
@@ -132,7 +132,7 @@ pub fn own_annotations(
 }
 
 /// The IPv4 podCIDR of a node: `spec.podCIDRs` (1–2 entries), else `spec.podCIDR`.
-pub fn pod_cidr(node: &Node) -> Result<Option<Ipv4Net>, String> {
+pub fn pod_cidr(node: &CachedNode) -> Result<Option<Ipv4Net>, String> {
     let spec = node.spec.as_ref();
     let cidrs = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     let list = if cidrs.is_empty() {
@@ -158,7 +158,7 @@ pub fn pod_cidr(node: &Node) -> Result<Option<Ipv4Net>, String> {
     Ok(None)
 }
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+fn annotation<'a>(node: &'a CachedNode, key: &str) -> Option<&'a str> {
     node.metadata
         .annotations
         .as_ref()
@@ -167,17 +167,17 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 }
 
 /// `node-public-ip` (user-set): overrides `--public-ip` and drives interface selection.
-pub fn node_public_ip(node: &Node, keys: &Keys) -> Option<Ipv4Addr> {
+pub fn node_public_ip(node: &CachedNode, keys: &Keys) -> Option<Ipv4Addr> {
     annotation(node, &keys.node_public_ip).and_then(|s| s.trim().parse().ok())
 }
 
 /// `public-ip-overwrite` (user-set, for NAT): published as `public-ip` instead of ours.
-pub fn public_ip_overwrite(node: &Node, keys: &Keys) -> Option<Ipv4Addr> {
+pub fn public_ip_overwrite(node: &CachedNode, keys: &Keys) -> Option<Ipv4Addr> {
     annotation(node, &keys.public_ip_overwrite).and_then(|s| s.trim().parse().ok())
 }
 
 /// The VTEP MAC this node published earlier for `vni`, so the device keeps it across restarts.
-pub fn stored_mac(node: &Node, keys: &Keys, vni: u32) -> Option<Mac> {
+pub fn stored_mac(node: &CachedNode, keys: &Keys, vni: u32) -> Option<Mac> {
     parse_backend_data(annotation(node, &keys.backend_data)?)
         .filter(|(v, _)| *v == vni)
         .map(|(_, m)| m)
@@ -208,7 +208,7 @@ pub enum LeaseError {
 /// Upstream `nodeToLease` for the vxlan backend: `Ok(None)` unless the node runs flannel
 /// (`kube-subnet-manager=true`), is vxlan and has a podCIDR; an error when it does but its
 /// addresses do not parse.
-pub fn lease(node: &Node, keys: &Keys) -> Result<Option<Lease>, LeaseError> {
+pub fn lease(node: &CachedNode, keys: &Keys) -> Result<Option<Lease>, LeaseError> {
     if annotation(node, &keys.subnet_manager) != Some("true")
         || annotation(node, &keys.backend_type) != Some("vxlan")
     {
@@ -267,7 +267,7 @@ mod tests {
     #[test]
     fn lease_needs_flannel_annotations_and_pod_cidr() {
         let keys = Keys::new(DEFAULT_PREFIX);
-        let mut node = Node {
+        let mut node = CachedNode {
             spec: Some(k8s_openapi::api::core::v1::NodeSpec {
                 pod_cidr: Some("10.244.2.0/24".into()),
                 ..Default::default()

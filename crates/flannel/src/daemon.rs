@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube_common::backoff::Backoff;
 use prometheus_client::metrics::counter::Counter;
@@ -20,7 +19,7 @@ use crate::annotations::{self, Keys};
 use crate::args::Args;
 use crate::config::NetConf;
 use crate::iface::{self, ExtIface, Selector};
-use crate::kube_subnet_mgr::{self as ksm, Nodes};
+use crate::kube_subnet_mgr::{self as ksm, CachedNode, Nodes};
 use crate::netlink::Net;
 use crate::reconcile::{self, Local, Peer};
 use crate::subnet_env::SubnetEnv;
@@ -188,7 +187,7 @@ async fn wait_for_pod_cidr(
     nodes: &Nodes,
     name: &str,
     shutdown: &CancellationToken,
-) -> Option<Arc<Node>> {
+) -> Option<Arc<CachedNode>> {
     let mut logged = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
         let node = nodes.get(name);
@@ -216,7 +215,7 @@ async fn setup_node(
     client: &Client,
     conf: NetConf,
     keys: Keys,
-    node: &Node,
+    node: &CachedNode,
     name: String,
 ) -> Result<Node0> {
     let pod_cidr = annotations::pod_cidr(node)

@@ -3,12 +3,14 @@
 //! annotations through `nodes/status` (the only write flannel's RBAC allows) and finally reports
 //! NetworkUnavailable=False.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -51,7 +53,7 @@ pub async fn node_name(client: &Client) -> Result<String, KubeError> {
 /// The Node cache; `changed` fires on every watch event.
 #[derive(Clone)]
 pub struct Nodes {
-    pub store: Store<Node>,
+    pub store: Store<CachedNode>,
     pub changed: Arc<Notify>,
     /// Each peer's last lease that parsed, kept while its annotations are malformed.
     last_good: Arc<Mutex<Memory>>,
@@ -60,12 +62,12 @@ pub struct Nodes {
 impl Nodes {
     /// Starts a list+watch of all Nodes and waits for the first full list.
     pub async fn start(client: Client, keys: &Keys) -> Result<Nodes, KubeError> {
-        let (store, writer) = reflector::store::<Node>();
+        let (store, writer) = reflector::store::<CachedNode>();
         let changed = Arc::new(Notify::new());
         let notify = changed.clone();
         let stream = reflector::reflector(
             writer,
-            watcher(Api::<Node>::all(client), watcher::Config::default()).modify(strip(keys)),
+            watcher(Api::<CachedNode>::all(client), watcher::Config::default()).modify(strip(keys)),
         )
         .default_backoff()
         .touched_objects();
@@ -88,7 +90,7 @@ impl Nodes {
         })
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Node>> {
+    pub fn get(&self, name: &str) -> Option<Arc<CachedNode>> {
         self.store
             .state()
             .into_iter()
@@ -117,7 +119,7 @@ struct Memory {
 /// A peer whose annotations turn malformed keeps its last good lease (upstream keeps the old
 /// entries too), with a warning; leases of deleted Nodes are forgotten.
 fn peer_leases(
-    mut nodes: Vec<Arc<Node>>,
+    mut nodes: Vec<Arc<CachedNode>>,
     keys: &Keys,
     own: &str,
     mem: &mut Memory,
@@ -165,12 +167,46 @@ fn peer_leases(
     out
 }
 
+/// What flanneld keeps of a Node: metadata and spec. `status`, most of a Node's bytes
+/// (conditions, images, addresses), is skipped while decoding, never allocated.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct CachedNode {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<NodeSpec>,
+}
+
+impl kube::Resource for CachedNode {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Node".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Keeps only what flannel reads (its own annotations, spec.podCIDR(s), name, uid, version and
-/// age): a cache of every Node's status, labels and other annotations would dominate the
-/// daemon's memory on a big cluster.
-fn strip(keys: &Keys) -> impl Fn(&mut Node) + use<> {
+/// age): the other annotations, labels and spec fields of every Node would otherwise dominate
+/// the daemon's memory on a big cluster.
+fn strip(keys: &Keys) -> impl Fn(&mut CachedNode) + use<> {
     let keep: Vec<String> = keys.all().map(str::to_string).to_vec();
-    move |n: &mut Node| {
+    move |n: &mut CachedNode| {
         let m = &mut n.metadata;
         m.managed_fields = None;
         m.labels = None;
@@ -178,8 +214,7 @@ fn strip(keys: &Keys) -> impl Fn(&mut Node) + use<> {
         if let Some(a) = m.annotations.as_mut() {
             a.retain(|k, _| keep.contains(k));
         }
-        n.status = None;
-        n.spec = n.spec.take().map(|s| k8s_openapi::api::core::v1::NodeSpec {
+        n.spec = n.spec.take().map(|s| NodeSpec {
             pod_cidr: s.pod_cidr,
             pod_cidrs: s.pod_cidrs,
             ..Default::default()
@@ -188,7 +223,7 @@ fn strip(keys: &Keys) -> impl Fn(&mut Node) + use<> {
 }
 
 /// Whether `node` lacks any of `annotations` (or holds another value).
-pub fn differs(node: &Node, annotations: &BTreeMap<String, String>) -> bool {
+pub fn differs(node: &CachedNode, annotations: &BTreeMap<String, String>) -> bool {
     let current = node.metadata.annotations.as_ref();
     annotations
         .iter()
@@ -199,7 +234,7 @@ pub fn differs(node: &Node, annotations: &BTreeMap<String, String>) -> bool {
 /// times 3 s apart (upstream `AcquireLease`: every 3 s for up to 30 s).
 pub async fn publish(
     client: &Client,
-    node: &Node,
+    node: &CachedNode,
     annotations: &BTreeMap<String, String>,
     attempts: u32,
 ) -> Result<bool, KubeError> {
@@ -254,11 +289,11 @@ mod tests {
     use super::*;
     use crate::annotations::{DEFAULT_PREFIX, Mac, own_annotations};
 
-    fn node(name: &str, subnet: &str, public_ip: &str) -> Arc<Node> {
+    fn node(name: &str, subnet: &str, public_ip: &str) -> Arc<CachedNode> {
         let keys = Keys::new(DEFAULT_PREFIX);
         let mut a = own_annotations(&keys, 1, Mac([2, 0, 0, 0, 0, 1]), [172, 31, 250, 9].into());
         a.insert(keys.public_ip.clone(), public_ip.into());
-        Arc::new(Node {
+        Arc::new(CachedNode {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.into()),
                 annotations: Some(a),
@@ -268,7 +303,6 @@ mod tests {
                 pod_cidr: Some(subnet.into()),
                 ..Default::default()
             }),
-            ..Default::default()
         })
     }
 
@@ -283,10 +317,9 @@ mod tests {
             .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
         n.metadata.labels = Some(BTreeMap::from([("k".to_string(), "v".to_string())]));
         n.spec.get_or_insert_default().provider_id = Some("x".into());
-        n.status = Some(Default::default());
         strip(&keys)(&mut n);
         assert_eq!(n.metadata.annotations, Some(ours));
-        assert!(n.metadata.labels.is_none() && n.status.is_none());
+        assert!(n.metadata.labels.is_none());
         let spec = n.spec.unwrap();
         assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
         assert!(spec.provider_id.is_none());

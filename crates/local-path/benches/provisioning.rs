@@ -191,7 +191,7 @@ async fn main() {
     .join("\n");
     let report = format!(
         "# local-path provisioning benchmark\n\n\
-         `cargo bench -p local-path --bench provisioning --profile small` (as shipped: opt-level s, fat LTO; real kube-apiserver, \
+         `cargo bench -p local-path --bench provisioning --profile small` (as shipped: opt-level z, fat LTO; real kube-apiserver, \
          kube-controller-manager and kube-scheduler v1.20.2 on loopback, three registered Nodes, \
          our provisioner and one agent process per node; default setup/teardown scripts).\n\n\
          {table}\n\n\
