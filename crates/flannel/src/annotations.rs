@@ -268,7 +268,7 @@ mod tests {
     fn lease_needs_flannel_annotations_and_pod_cidr() {
         let keys = Keys::new(DEFAULT_PREFIX);
         let mut node = CachedNode {
-            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            spec: Some(crate::kube_subnet_mgr::CachedSpec {
                 pod_cidr: Some("10.244.2.0/24".into()),
                 ..Default::default()
             }),

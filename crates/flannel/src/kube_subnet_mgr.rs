@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, NodeSpec, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -174,7 +174,16 @@ pub struct CachedNode {
     #[serde(default)]
     pub metadata: ObjectMeta,
     #[serde(default)]
-    pub spec: Option<NodeSpec>,
+    pub spec: Option<CachedSpec>,
+}
+
+/// The part of `NodeSpec` flanneld reads (other fields are skipped while decoding).
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct CachedSpec {
+    #[serde(rename = "podCIDR", default)]
+    pub pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Option<Vec<String>>,
 }
 
 impl kube::Resource for CachedNode {
@@ -201,9 +210,9 @@ impl kube::Resource for CachedNode {
     }
 }
 
-/// Keeps only what flannel reads (its own annotations, spec.podCIDR(s), name, uid, version and
-/// age): the other annotations, labels and spec fields of every Node would otherwise dominate
-/// the daemon's memory on a big cluster.
+/// Keeps only what flannel reads (its own annotations, name and age): the other annotations and
+/// labels of every Node would otherwise dominate the daemon's memory on a big cluster. (The
+/// watcher has taken the resourceVersion before this runs; the store keys by name.)
 fn strip(keys: &Keys) -> impl Fn(&mut CachedNode) + use<> {
     let keep: Vec<String> = keys.all().map(str::to_string).to_vec();
     move |n: &mut CachedNode| {
@@ -211,14 +220,11 @@ fn strip(keys: &Keys) -> impl Fn(&mut CachedNode) + use<> {
         m.managed_fields = None;
         m.labels = None;
         m.owner_references = None;
+        m.uid = None;
+        m.resource_version = None;
         if let Some(a) = m.annotations.as_mut() {
             a.retain(|k, _| keep.contains(k));
         }
-        n.spec = n.spec.take().map(|s| NodeSpec {
-            pod_cidr: s.pod_cidr,
-            pod_cidrs: s.pod_cidrs,
-            ..Default::default()
-        });
     }
 }
 
@@ -299,7 +305,7 @@ mod tests {
                 annotations: Some(a),
                 ..Default::default()
             },
-            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            spec: Some(CachedSpec {
                 pod_cidr: Some(subnet.into()),
                 ..Default::default()
             }),
@@ -316,13 +322,27 @@ mod tests {
             .get_or_insert_default()
             .insert("node.alpha.kubernetes.io/ttl".into(), "0".into());
         n.metadata.labels = Some(BTreeMap::from([("k".to_string(), "v".to_string())]));
-        n.spec.get_or_insert_default().provider_id = Some("x".into());
         strip(&keys)(&mut n);
         assert_eq!(n.metadata.annotations, Some(ours));
         assert!(n.metadata.labels.is_none());
+        assert_eq!(n.spec.unwrap().pod_cidr.as_deref(), Some("10.244.1.0/24"));
+    }
+
+    #[test]
+    fn a_node_decodes_without_its_status() {
+        let n: CachedNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "a", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"],
+                     "providerID": "x", "taints": [{"key": "k", "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        assert_eq!(n.metadata.name.as_deref(), Some("a"));
+        assert!(n.metadata.creation_timestamp.is_some());
         let spec = n.spec.unwrap();
         assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
-        assert!(spec.provider_id.is_none());
+        assert_eq!(spec.pod_cidrs.unwrap(), ["10.244.1.0/24"]);
     }
 
     #[test]
