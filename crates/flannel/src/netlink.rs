@@ -269,55 +269,51 @@ impl Net {
         }
     }
 
-    fn neigh_dump(
+    /// The `family` neighbour entries on `index`, each reduced by `f` as it arrives (as
+    /// [`Net::owned_routes`]).
+    async fn neigh_entries<T>(
         &self,
         family: AddressFamily,
-    ) -> impl futures::Stream<Item = Result<NeighbourMessage, rtnetlink::Error>> {
+        index: u32,
+        what: &str,
+        f: impl Fn(&NeighbourMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
         self.handle
             .neighbours()
             .get()
             .set_address_family(family)
             .execute()
+            .try_filter_map(|m| {
+                let entry = (m.header.ifindex == index).then(|| f(&m)).flatten();
+                futures::future::ready(Ok(entry))
+            })
+            .try_collect()
+            .await
+            .map_err(req(what))
     }
 
-    /// IPv4 neighbours on `index` (reduced as they arrive, as [`Net::owned_routes`]).
+    /// IPv4 neighbours on `index`.
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neigh>> {
-        self.neigh_dump(AddressFamily::Inet)
-            .try_filter_map(|m| {
-                let n = (m.header.ifindex == index)
-                    .then(|| {
-                        Some(Neigh {
-                            ip: neigh_ip(&m)?,
-                            mac: neigh_mac(&m),
-                            permanent: m.header.state == NeighbourState::Permanent,
-                        })
-                    })
-                    .flatten();
-                futures::future::ready(Ok(n))
+        self.neigh_entries(AddressFamily::Inet, index, "listing neighbours", |m| {
+            Some(Neigh {
+                ip: neigh_ip(m)?,
+                mac: neigh_mac(m),
+                permanent: m.header.state == NeighbourState::Permanent,
             })
-            .try_collect()
-            .await
-            .map_err(req("listing neighbours"))
+        })
+        .await
     }
 
-    /// Bridge FDB entries on `index` (AF_BRIDGE neighbours, reduced as they arrive).
+    /// Bridge FDB entries on `index` (AF_BRIDGE neighbours).
     pub async fn fdb(&self, index: u32) -> Result<Vec<Fdb>> {
-        self.neigh_dump(AddressFamily::Bridge)
-            .try_filter_map(|m| {
-                let f = (m.header.ifindex == index)
-                    .then(|| {
-                        Some(Fdb {
-                            mac: neigh_mac(&m)?,
-                            dst: neigh_ip(&m),
-                            permanent: m.header.state == NeighbourState::Permanent,
-                        })
-                    })
-                    .flatten();
-                futures::future::ready(Ok(f))
+        self.neigh_entries(AddressFamily::Bridge, index, "listing FDB", |m| {
+            Some(Fdb {
+                mac: neigh_mac(m)?,
+                dst: neigh_ip(m),
+                permanent: m.header.state == NeighbourState::Permanent,
             })
-            .try_collect()
-            .await
-            .map_err(req("listing FDB"))
+        })
+        .await
     }
 
     /// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`.
