@@ -162,10 +162,43 @@ fn tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&buf[start..]).into_owned()
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released: good enough for tests on one machine).
+/// A free TCP port on 127.0.0.1 (bound, then released, for a server started next). Taken below
+/// the kernel's ephemeral range: a port from `bind(0)` is an ephemeral one, and between its
+/// release and the server's bind any outgoing connection on the machine may take it (seen as
+/// "bind: address already in use" from kube-apiserver).
 pub fn free_port() -> Result<u16> {
+    let (low, _) = ephemeral_range();
+    let floor: u16 = 10_000;
+    let span = u64::from(low.saturating_sub(floor).max(1));
+    for _ in 0..200 {
+        let port = floor + u16::try_from(random_u64() % span).unwrap_or(0);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?.port());
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// `net.ipv4.ip_local_port_range` (Linux's default when unreadable).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A different value on every call (std's per-process random hash keys and a counter).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Looks up `program` on $PATH, else fails naming the set-up command.
@@ -202,4 +235,22 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_bindable() {
+        let (low, _) = ephemeral_range();
+        for _ in 0..20 {
+            let p = free_port().unwrap();
+            assert!(
+                p < low || low <= 10_000,
+                "{p} in the ephemeral range from {low}"
+            );
+            drop(std::net::TcpListener::bind(("127.0.0.1", p)).unwrap());
+        }
+    }
 }
