@@ -1,7 +1,7 @@
-//! The provisioner ↔ node-agent protocol: one ConfigMap per volume operation in the
-//! task namespace (`--task-namespace`, by default the provisioner's), named like upstream's helper pod (`local-path-create-<pv>`,
-//! `local-path-delete-<pv>`), so a name can only ever stand for one operation and a provisioner
-//! that restarts finds the one it started. The provisioner writes the request; the agent of the
+//! The provisioner ↔ node-agent protocol: one ConfigMap per volume operation in the task
+//! namespace (`--task-namespace`, by default the provisioner's), named like upstream's helper
+//! pod (`local-path-create-<pv>`, `local-path-delete-<pv>`), so a name can only ever stand for
+//! one operation and a provisioner that restarts finds the one it started. The provisioner writes the request; the agent of the
 //! node takes it (an update with the object's resourceVersion, so only one agent runs it), runs
 //! the script and writes the result; the provisioner acts on the result and deletes the task.
 
