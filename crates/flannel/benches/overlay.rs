@@ -22,8 +22,19 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client};
 
-const PLUGIN: &str = env!("CARGO_BIN_EXE_flannel");
-const FLANNELD: &str = env!("CARGO_BIN_EXE_flanneld");
+/// The binaries measured: those `xtask bench flannel` built as shipped (`SHIPPED_BIN_DIR`: static,
+/// `--profile small`), else the ones cargo built beside this bench.
+fn shipped(name: &str, cargo_built: &str) -> String {
+    match std::env::var_os("SHIPPED_BIN_DIR") {
+        Some(dir) => Path::new(&dir).join(name).display().to_string(),
+        None => cargo_built.to_string(),
+    }
+}
+
+static PLUGIN_PATH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| shipped("flannel", env!("CARGO_BIN_EXE_flannel")));
+static FLANNELD_PATH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| shipped("flanneld", env!("CARGO_BIN_EXE_flanneld")));
 const SUBNET_ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 const CNI_ROUNDS: usize = 80;
 const NODE_SAMPLES: usize = 20;
@@ -45,18 +56,28 @@ async fn run() -> String {
     let mut md = String::from("# flannel benchmark\n\n");
     let _ = writeln!(
         md,
-        "`cargo bench -p flannel --bench overlay --profile small` (as shipped: opt-level z, fat LTO), {} on {} cores. All traffic inside network namespaces created by the run.\n",
+        "`cargo run -p xtask -- bench flannel` (`cargo bench -p flannel --bench overlay --profile small`), {} on {} cores. All traffic inside network namespaces created by the run.\n",
         kernel(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
+    );
+    let _ = writeln!(
+        md,
+        "Binaries measured: {}.\n",
+        match std::env::var("SHIPPED_BIN_DIR") {
+            Ok(dir) => format!(
+                "as shipped by `xtask bench flannel` (static, `--profile small`), from `{dir}`"
+            ),
+            Err(_) => "cargo bench's own (`--profile small`, dynamically linked)".into(),
+        }
     );
     cni_latency(&mut md);
     let lab = Lab::start(LabOptions {
         net_conf: r#"{"Network": "10.240.0.0/12", "Backend": {"Type": "vxlan"}}"#.into(),
         cluster_cidr: "10.240.0.0/12",
         flanneld_args: vec![],
-        ..LabOptions::new(FLANNELD, PLUGIN)
+        ..LabOptions::new(FLANNELD_PATH.as_str(), PLUGIN_PATH.as_str())
     })
     .await
     .expect("lab");
@@ -182,13 +203,17 @@ fn cni_latency(md: &mut String) {
     let direct = serde_json::json!({"cniVersion":"0.3.1","name":"cbr0","type":"bridge","hairpinMode":true,"isDefaultGateway":true,"ipMasq":false,"isGateway":true,"mtu":1450,
         "ipam":{"type":"host-local","dataDir": d.join("networks"),"ranges":[[{"subnet":"10.244.1.0/24"}]],"routes":[{"dst":"10.244.0.0/16"}]}})
     .to_string();
-    let plugin_dir = Path::new(PLUGIN).parent().unwrap().display().to_string();
+    let plugin_dir = Path::new(PLUGIN_PATH.as_str())
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
     let cni_path = format!("{plugin_dir}:{DEBIAN_CNI_DIR}");
     let netns = pod.path();
     let (ours_t, direct_t) = node
         .run_in(move || {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            let flannel = PathBuf::from(PLUGIN);
+            let flannel = PathBuf::from(PLUGIN_PATH.as_str());
             let bridge = Path::new(DEBIAN_CNI_DIR).join("bridge");
             // One warm-up each (creates cni0), then alternate.
             cni(&flannel, "ADD", "w", &netns, &cni_path, &ours);
@@ -252,8 +277,21 @@ fn own_cost(dir: &Path) -> (f64, f64) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..NOOP_ROUNDS {
         let id = format!("n{i}");
-        let t = cni(Path::new(PLUGIN), "ADD", &id, netns, &cni_path, &conf)
-            + cni(Path::new(PLUGIN), "DEL", &id, netns, &cni_path, &conf);
+        let t = cni(
+            Path::new(PLUGIN_PATH.as_str()),
+            "ADD",
+            &id,
+            netns,
+            &cni_path,
+            &conf,
+        ) + cni(
+            Path::new(PLUGIN_PATH.as_str()),
+            "DEL",
+            &id,
+            netns,
+            &cni_path,
+            &conf,
+        );
         a.push(t.as_secs_f64() * 1000.0);
         let t = cni(&noop, "ADD", &id, netns, &cni_path, &conf)
             + cni(&noop, "DEL", &id, netns, &cni_path, &conf);

@@ -9,6 +9,7 @@ use clap::{ArgAction, Parser};
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "flanneld",
+    version,
     about = "flannel VXLAN overlay daemon (kube subnet manager)"
 )]
 pub struct Args {

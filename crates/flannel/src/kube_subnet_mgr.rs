@@ -4,7 +4,7 @@
 //! NetworkUnavailable=False.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -91,10 +91,7 @@ impl Nodes {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<CachedNode>> {
-        self.store
-            .state()
-            .into_iter()
-            .find(|n| n.name_any() == name)
+        self.store.get(&reflector::ObjectRef::new(name))
     }
 
     /// Every other flannel vxlan node's name and lease, oldest Node first (then by name): the
@@ -106,6 +103,10 @@ impl Nodes {
             .unwrap_or_else(PoisonError::into_inner);
         peer_leases(self.store.state(), keys, own, &mut good)
     }
+}
+
+fn name_of(n: &CachedNode) -> &str {
+    n.metadata.name.as_deref().unwrap_or_default()
 }
 
 /// Per peer: the last lease that parsed and the last parse error warned about (so a node that
@@ -124,14 +125,18 @@ fn peer_leases(
     own: &str,
     mem: &mut Memory,
 ) -> Vec<(String, Lease)> {
-    nodes.retain(|n| n.name_any() != own);
-    nodes.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), n.name_any()));
-    let present = |name: &String| nodes.iter().any(|n| n.name_any() == *name);
-    mem.good.retain(|name, _| present(name));
-    mem.warned.retain(|name, _| present(name));
+    // Every pass walks all Nodes: borrow names and times, clone nothing per comparison.
+    nodes.retain(|n| name_of(n) != own);
+    nodes.sort_by(|a, b| {
+        let created = |n: &CachedNode| n.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (created(a), name_of(a)).cmp(&(created(b), name_of(b)))
+    });
+    let present: HashSet<&str> = nodes.iter().map(|n| name_of(n)).collect();
+    mem.good.retain(|name, _| present.contains(name.as_str()));
+    mem.warned.retain(|name, _| present.contains(name.as_str()));
     let mut out = Vec::new();
     for n in &nodes {
-        let name = n.name_any();
+        let name = name_of(n).to_owned();
         let e = match lease(n, keys) {
             Ok(l) => {
                 mem.warned.remove(&name);

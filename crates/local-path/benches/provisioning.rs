@@ -191,7 +191,7 @@ async fn main() {
     .join("\n");
     let report = format!(
         "# local-path provisioning benchmark\n\n\
-         `cargo bench -p local-path --bench provisioning --profile small` (as shipped: opt-level z, fat LTO; real kube-apiserver, \
+         `cargo run -p xtask -- bench local-path` (`cargo bench -p local-path --bench provisioning --profile small`; {}; real kube-apiserver, \
          kube-controller-manager and kube-scheduler v1.20.2 on loopback, three registered Nodes, \
          our provisioner and one agent process per node; default setup/teardown scripts).\n\n\
          {table}\n\n\
@@ -204,6 +204,11 @@ async fn main() {
          scheduled, its image present or pulled, the container started by the kubelet, and the \
          provisioner polls its phase once a second; there is no kubelet in this environment, so \
          upstream is not measured side by side here.\n",
+        if std::env::var_os("SHIPPED_BIN_DIR").is_some() {
+            "the binary as shipped: static, musl"
+        } else {
+            "cargo's own binary, dynamically linked"
+        },
         all_bound.as_secs_f64(),
         idle_kib as f64 / 1024.0,
         idle_anon as f64 / 1024.0,

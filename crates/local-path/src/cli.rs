@@ -20,6 +20,7 @@ pub const HEALTH_ADDRESS: &str = "0.0.0.0:8080";
 #[derive(Parser, Debug)]
 #[command(
     name = "local-path-provisioner",
+    version,
     about = "Local Path Provisioner (rancher.io/local-path), Rust drop-in"
 )]
 pub struct Cli {

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, setup, step};
+use crate::{cargo, cargo_with_env, setup, step};
 
 pub fn proxy(extra: &[String]) -> Result<()> {
     setup::all()?;
@@ -55,15 +55,54 @@ pub fn proxy(extra: &[String]) -> Result<()> {
 }
 
 /// `cargo bench -p <package> --profile small`: the benchmark targets of one component crate,
-/// built as the component ships (see `[profile.small]`).
+/// measuring the component's binaries as they ship: `--profile small`, linked statically
+/// against musl (what the images carry), handed to the bench in `SHIPPED_BIN_DIR`.
 pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
+    let dir = shipped_binaries(package)?;
     let mut args = vec!["bench", "-p", package, "--profile", "small"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
+    let shipped = std::env::current_dir()?.join(dir);
     step(&format!("cargo bench -p {package} --profile small"), || {
-        cargo(&args)
+        cargo_with_env(&args, &[("SHIPPED_BIN_DIR", shipped.as_os_str())])
     })
+}
+
+/// Builds `package`'s binaries for `<arch>-unknown-linux-musl` with `--profile small`; returns
+/// the directory holding them.
+fn shipped_binaries(package: &str) -> Result<PathBuf> {
+    let triple = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
+    step(&format!("rustup target add {triple}"), || {
+        let status = Command::new("rustup")
+            .args(["target", "add", &triple])
+            .status()
+            .context("running rustup (the musl target links the shipped binaries statically)")?;
+        if !status.success() {
+            bail!("rustup target add {triple} failed ({status})");
+        }
+        Ok(())
+    })?;
+    step(
+        &format!("cargo build -p {package} --bins (static, {triple})"),
+        || {
+            cargo(&[
+                "build",
+                "-p",
+                package,
+                "--bins",
+                "--profile",
+                "small",
+                "--target",
+                &triple,
+            ])
+        },
+    )?;
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join(&triple)
+        .join("small"))
 }

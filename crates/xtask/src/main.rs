@@ -113,9 +113,14 @@ pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "nghttp2-client",
     // The pingora benchmark peer's zlib-ng build.
     "cmake",
+    // musl-gcc: C parts (ring) of the statically linked binaries the component benchmarks measure.
+    "musl-tools",
 ];
 
 /// The deb-src entry this project adds when the machine has none.

@@ -2,38 +2,38 @@
 
 use std::io::{Read, Write};
 
+use flannel::cni::{self, error::CniError, version::LATEST};
+
 fn main() {
+    // A hook rather than `catch_unwind`: it also holds when the binary is built with
+    // `panic = "abort"` (as shipped), where nothing unwinds.
+    std::panic::set_hook(Box::new(|info| {
+        let e = CniError::new(
+            cni::error::code::INTERNAL,
+            "internal error in the flannel plugin",
+        )
+        .with_details(info.to_string());
+        finish(e.to_json(LATEST).as_bytes(), 1);
+    }));
     let mut stdin = Vec::new();
     let read = std::io::stdin().take(16 << 20).read_to_end(&mut stdin);
-    let env = flannel::cni::Env::from_process();
-    let read = read.map_err(|e| e.to_string());
-    let result = std::panic::catch_unwind(|| match read {
-        Ok(_) => flannel::cni::run(&env, &stdin),
+    let env = cni::Env::from_process();
+    let result = match read {
+        Ok(_) => cni::run(&env, &stdin),
         Err(e) => Err((
-            flannel::cni::version::LATEST.to_string(),
-            flannel::cni::error::CniError::new(flannel::cni::error::code::IO, "reading stdin")
-                .with_details(e),
+            LATEST.to_string(),
+            CniError::new(cni::error::code::IO, "reading stdin").with_details(e.to_string()),
         )),
-    });
-    let mut out = std::io::stdout().lock();
-    let code = match result {
-        Ok(Ok(bytes)) => {
-            let _ = out.write_all(&bytes);
-            0
-        }
-        Ok(Err((version, e))) => {
-            let _ = out.write_all(e.to_json(&version).as_bytes());
-            1
-        }
-        Err(_) => {
-            let e = flannel::cni::error::CniError::new(
-                flannel::cni::error::code::INTERNAL,
-                "internal error in the flannel plugin",
-            );
-            let _ = out.write_all(e.to_json(flannel::cni::version::LATEST).as_bytes());
-            1
-        }
     };
+    match result {
+        Ok(bytes) => finish(&bytes, 0),
+        Err((version, e)) => finish(e.to_json(&version).as_bytes(), 1),
+    }
+}
+
+fn finish(bytes: &[u8], code: i32) -> ! {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes);
     let _ = out.flush();
     std::process::exit(code);
 }

@@ -138,7 +138,10 @@ impl Env {
     }
 
     fn spawn(&self, name: &str, args: Vec<String>) -> ManagedProcess {
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_local-path-provisioner"));
+        // `xtask bench local-path` hands over the binary as shipped (static, profile small).
+        let bin = std::env::var_os("SHIPPED_BIN_DIR")
+            .map(|d| PathBuf::from(d).join("local-path-provisioner"))
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_local-path-provisioner")));
         let log = self.root.path().join(format!("{name}.log"));
         let mut all = vec![
             "--kubeconfig".to_string(),
