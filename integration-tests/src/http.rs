@@ -20,7 +20,8 @@ impl Reply {
     }
 }
 
-fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
+/// A client config trusting only `ca_pem` (no roots at all without it).
+pub(crate) fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     crate::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = ca_pem {

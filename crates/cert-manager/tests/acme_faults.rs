@@ -1,15 +1,21 @@
 //! ACME faults the real pebble produces: rejected nonces (half of them), and the server going
-//! away mid-life (stopped, then restarted with no memory of accounts or orders).
+//! away mid-life (stopped, then restarted with no memory of accounts or orders); and one it
+//! cannot be asked to produce, injected by a proxy in front of it: a server error right after
+//! new-order.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use integration_tests::faults::HttpsFaultProxy;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(90);
+
+/// The tests share one pebble and one stops it: they take turns.
+static PEBBLE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn env() -> Shared {
     shared(EnvOptions {
@@ -42,6 +48,7 @@ async fn certificate(client: &kube::Client, ns: &str, name: &str, issuer: &str, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issues_with_half_the_nonces_rejected_and_survives_an_acme_outage() {
     let shared = env();
+    let _pebble = PEBBLE.lock().await;
     let client = client().await;
     let ns = namespace("cm-faults").await;
     let issuer = format!("le-{ns}");
@@ -118,4 +125,69 @@ async fn issues_with_half_the_nonces_rejected_and_survives_an_acme_outage() {
         "order sync errors during the outage:\n{metrics}"
     );
     assert!(!root.is_empty());
+}
+
+/// Issue 13: a transient error after new-order (here the first authorization fetch, answered
+/// 500 by the proxy) must not make the retry open a second ACME order and spend the CA's
+/// new-orders limit: the Order records the order URL before anything else can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_after_new_order_does_not_open_a_second_acme_order() {
+    let shared = env();
+    let _pebble = PEBBLE.lock().await;
+    let client = client().await;
+    let proxy = HttpsFaultProxy::start(&shared.directory_url, &shared.pebble_ca_pem)
+        .await
+        .expect("fault proxy");
+    let through_proxy = Shared {
+        directory_url: proxy.url("/dir"),
+        pebble_ca_pem: proxy.ca_pem().to_string(),
+        ..shared.clone()
+    };
+    let ns = namespace("cm-order-once").await;
+    let issuer = format!("le-{ns}");
+    cluster_issuer(
+        &client,
+        &through_proxy,
+        &issuer,
+        &format!("{issuer}-account"),
+    )
+    .await;
+
+    // pebble's new-order path, from its directory (read through the proxy, so it names it).
+    let directory = integration_tests::http::get(&proxy.url("/dir"), Some(proxy.ca_pem()))
+        .await
+        .expect("directory");
+    let directory: serde_json::Value = serde_json::from_slice(&directory.body).expect("JSON");
+    let new_order = directory["newOrder"]
+        .as_str()
+        .and_then(|u| u.strip_prefix(&proxy.url("")))
+        .unwrap_or_else(|| panic!("newOrder through the proxy in {directory}"))
+        .to_string();
+
+    // pebble's authorization URLs are /authZ/<id>; the first fetch comes right after new-order.
+    proxy.fail_next("/authZ/", 1);
+    certificate(&client, &ns, "once", &issuer, &format!("once.{ns}.test")).await;
+    wait_for("issued despite the fault", LIMIT, || {
+        certificate_ready(&client, &ns, "once")
+    })
+    .await;
+
+    let log = proxy.exchanges();
+    let shown = log.iter().map(|e| format!("\n  {e}")).collect::<String>();
+    let injected = log
+        .iter()
+        .filter(|e| e.injected && e.path.starts_with("/authZ/"))
+        .count();
+    assert_eq!(injected, 1, "the authorization fetch failed once: {shown}");
+    // Rejected nonces make instant-acme repeat a request; an accepted new-order (201) is one
+    // ACME order.
+    let orders = log
+        .iter()
+        .filter(|e| e.path == new_order && e.status == 201)
+        .count();
+    assert_eq!(orders, 1, "one Order makes one ACME order: {shown}");
+    assert!(
+        log.iter().any(|e| e.path.starts_with("/finalize-order/")),
+        "issued through the proxy: {shown}"
+    );
 }
