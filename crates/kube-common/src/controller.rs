@@ -115,6 +115,25 @@ where
     }
 }
 
+/// `Controller::new`, except that the cached objects carry no `managedFields`: often most of an
+/// object's bytes (every field manager's field set as a JSON tree), and no controller reads
+/// them. Measured on local-path-provisioner, those trees were the largest share of its heap
+/// under a burst of claims.
+pub fn lean_controller<K>(api: kube::Api<K>, wc: kube::runtime::watcher::Config) -> Controller<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Clone + Eq + Hash + Debug + Unpin,
+{
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, wc)
+        .default_backoff()
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(stream, reader)
+}
+
 /// What every controller of a process shares.
 #[derive(Clone)]
 pub struct Manager {

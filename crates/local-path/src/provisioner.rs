@@ -7,9 +7,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, controller, watcher};
+use kube::runtime::{controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_common::Manager;
+use kube_common::controller::lean_controller;
 use kube_common::leader::{self, LeaseConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -107,7 +108,7 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
     // upstream's threadiness: this many reconciles at once per queue (claims, volumes), which
     // also bounds the provisioner's API connections and memory under a burst of claims.
     let workers = controller::Config::default().concurrency(ctx.opts.worker_threads);
-    let claims = Controller::new(
+    let claims = lean_controller(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -118,7 +119,7 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
     .watches(helpers.clone(), task_wc.clone(), |pod: Pod| {
         claim_of_task(helper_pod::parse(&pod)?)
     });
-    let volumes = Controller::new(
+    let volumes = lean_controller(
         Api::<PersistentVolume>::all(client.clone()),
         watcher::Config::default(),
     )

@@ -89,12 +89,16 @@ async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
     eprintln!("claim deleted → PV gone after {:?}", started.elapsed());
     assert!(!dir.exists(), "teardown removed the directory");
     assert!(env.volume_dirs().is_empty(), "{:?}", env.volume_dirs());
-    let tasks = env
-        .tasks()
-        .list(&ListParams::default().labels("local-path.homecluster.io/task"))
-        .await
-        .unwrap();
-    assert!(tasks.items.is_empty(), "no task left behind");
+    // The PV goes first, then its finished task: wait for the second step too.
+    eventually("no task left behind", LIMIT, || async {
+        env.tasks()
+            .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
 }
 
 /// Retain: the claim goes, the PV is Released and nothing on disk changes, byte for byte.
