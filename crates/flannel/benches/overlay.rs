@@ -66,8 +66,14 @@ async fn run() -> String {
         md,
         "Binaries measured: {}.\n",
         match std::env::var("SHIPPED_BIN_DIR") {
+            // The target triple, not the machine's absolute path.
             Ok(dir) => format!(
-                "as shipped by `xtask bench flannel` (static, `--profile small`), from `{dir}`"
+                "as shipped by `xtask bench flannel` (static, `--profile small`, `{}`)",
+                Path::new(&dir)
+                    .parent()
+                    .and_then(Path::file_name)
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ),
             Err(_) => "cargo bench's own (`--profile small`, dynamically linked)".into(),
         }

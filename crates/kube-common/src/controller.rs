@@ -126,8 +126,8 @@ where
 {
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (reader, writer) = reflector::store();
+    // No `default_backoff()`: as with `Controller::new`, the runner backs off the trigger stream.
     let stream = watcher(api, wc)
-        .default_backoff()
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
         .applied_objects();

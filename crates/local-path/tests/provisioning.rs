@@ -876,8 +876,13 @@ async fn local_run_serves_rancher_local_path() {
 
 /// deploy/local-path-storage and the postgres manifest are accepted by the real apiserver
 /// (server-side dry run, so nothing in them acts on the shared test cluster).
+/// The two tests that apply deploy/'s objects to the shared cluster take turns: a dry run's
+/// create fails with AlreadyExists when the other test creates the same Role in between.
+static DEPLOY_OBJECTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deploy_manifests_pass_server_side_validation() {
+    let _turn = DEPLOY_OBJECTS.lock().await;
     let c = cluster().await;
     let client = c.client().await.unwrap();
     for ns in [
@@ -918,6 +923,7 @@ async fn deploy_manifests_pass_server_side_validation() {
 /// local-path-tasks; the provisioner manages tasks there.
 #[tokio::test(flavor = "multi_thread")]
 async fn deployed_agent_cannot_write_the_config() {
+    let _turn = DEPLOY_OBJECTS.lock().await;
     let c = cluster().await;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
     let text =

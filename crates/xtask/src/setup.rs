@@ -36,8 +36,6 @@ const PACKAGES: &[&str] = &[
     "nghttp2-client",
     // The pingora benchmark peer's zlib-ng build.
     "cmake",
-    // musl-gcc: C parts (ring) of the statically linked binaries the component benchmarks measure.
-    "musl-tools",
 ];
 
 /// The deb-src entry this project adds when the machine has none.
@@ -86,9 +84,14 @@ fn oha() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    ensure_packages(PACKAGES)
+}
+
+/// Installs those of `packages` that are missing (apt, as root or through sudo).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
-        eprintln!("    all {} packages present", PACKAGES.len());
+        eprintln!("    all {} packages present", packages.len());
         return Ok(());
     }
     eprintln!("    installing {}", missing.join(" "));

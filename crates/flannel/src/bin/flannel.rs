@@ -7,7 +7,9 @@ use flannel::cni::{self, error::CniError, version::LATEST};
 fn main() {
     // A hook rather than `catch_unwind`: it also holds when the binary is built with
     // `panic = "abort"` (as shipped), where nothing unwinds.
-    std::panic::set_hook(Box::new(|info| {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info); // the message on stderr, which the runtime logs
         let e = CniError::new(
             cni::error::code::INTERNAL,
             "internal error in the flannel plugin",
