@@ -90,9 +90,16 @@ async fn pod_claim_is_provisioned_on_its_node_and_deleted() {
     assert!(!dir.exists(), "teardown removed the directory");
     assert!(env.volume_dirs().is_empty(), "{:?}", env.volume_dirs());
     // The PV goes first, then its finished task: wait for the second step too.
-    eventually("no task left behind", LIMIT, || async {
-        env.tasks()
-            .list(&ListParams::default().labels("local-path.homecluster.io/task"))
+    none_labelled_task("no task left behind", &env.tasks()).await;
+}
+
+/// Waits until no object of `api` carries the task label (task ConfigMaps or helper pods).
+async fn none_labelled_task<K>(what: &str, api: &kube::Api<K>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(what, LIMIT, || async {
+        api.list(&ListParams::default().labels("local-path.homecluster.io/task"))
             .await
             .unwrap()
             .items
@@ -824,15 +831,7 @@ async fn helper_pod_mode_is_upstream_compatible() {
     assert!(dir.is_dir());
     run_helper_pod(&env, &format!("helper-pod-delete-pvc-{uid}"), Some(&node)).await;
     assert!(!dir.exists());
-    eventually("helper pods swept", LIMIT, || async {
-        env.pods()
-            .list(&ListParams::default().labels("local-path.homecluster.io/task"))
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    })
-    .await;
+    none_labelled_task("helper pods swept", &env.pods()).await;
 }
 
 /// What `xtask up` runs: `local_path::local::run` (provisioner + one agent per node in one
