@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kube::Client;
-use kube::runtime::events::Recorder;
+use kube_common::events::Recorder;
 
 use crate::cli::ControllerArgs;
 use crate::http01::Solver;

@@ -7,11 +7,11 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::Api;
 use kube::core::DynamicObject;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube_common::Manager;
 use kube_common::controller::wait_synced;
+use kube_common::events::{Event, EventType, Recorder};
 use tokio::sync::Notify;
 
 use crate::endpoints::{Slice, slice_resource};

@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use crate::events::Recorder;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -192,13 +192,7 @@ impl Manager {
 
     /// An Events recorder reporting as `controller` (events.k8s.io/v1).
     pub fn recorder(&self, controller: &str) -> Recorder {
-        Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: controller.to_string(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        )
+        Recorder::new(self.client.clone(), controller)
     }
 
     /// Starts the `/healthz` `/readyz` `/metrics` server; returns the bound address.

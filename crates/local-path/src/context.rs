@@ -6,9 +6,9 @@ use std::sync::{Mutex, PoisonError};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
-use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
+use kube_common::events::{EventType, Recorder};
 use thiserror::Error;
 
 use crate::helper_pod;
@@ -370,7 +370,7 @@ mod tests {
         let client =
             Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
         let (_tx, config) = tokio::sync::watch::channel(None);
-        let recorder = Recorder::new(client.clone(), "test".into());
+        let recorder = Recorder::new(client.clone(), "test");
         let opts = Options {
             provisioner_name: "p".into(),
             namespace: "ns".into(),

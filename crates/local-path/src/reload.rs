@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::watcher;
 use kube::{Api, Client};
+use kube_common::events::{EventType, Recorder};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -312,13 +312,7 @@ async fn warn(
     regarding: &ObjectReference,
     refusal: &Refusal,
 ) -> Result<(), kube::Error> {
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let recorder = kube_common::events::Recorder::new(client.clone(), FIELD_MANAGER);
     kube_common::events::publish(
         &recorder,
         regarding,
