@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::events::Recorder;
 use futures::StreamExt;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -134,6 +134,42 @@ where
     Controller::for_stream(stream, reader)
 }
 
+/// Announcements a subscriber may fall behind by before it misses some (then it is told how
+/// many it missed; triggered controllers still have their requeue timers).
+const ANNOUNCE_BUFFER: usize = 1024;
+
+/// A cache whose changes are announced (see [`Manager::reflect_announced`]).
+#[derive(Clone)]
+pub struct Announced<K: Resource + 'static>
+where
+    K::DynamicType: Eq + Hash,
+{
+    pub store: Store<K>,
+    tx: tokio::sync::broadcast::Sender<Arc<K>>,
+}
+
+impl<K> Announced<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash,
+{
+    /// The objects changed from now on, for `Controller::watches_shared_stream`.
+    pub fn subscribe(&self) -> impl futures::Stream<Item = Arc<K>> + Send + 'static {
+        use tokio::sync::broadcast::error::RecvError;
+        futures::stream::unfold(self.tx.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(o) => return Some((o, rx)),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "a subscriber fell behind a cache's changes")
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+}
+
 /// What every controller of a process shares.
 #[derive(Clone)]
 pub struct Manager {
@@ -241,6 +277,57 @@ impl Manager {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K::DynamicType: Clone + Eq + Hash + Send + Sync,
     {
+        self.reflect_with(name, api, wc, dyntype, move |_, _| changed.notify_one())
+    }
+
+    /// A cache of `K` like [`Manager::reflect`] whose every change (deletions too) is announced
+    /// to subscribers after the cache has it, so a controller triggered by it reads the object
+    /// it was woken for, never an older one.
+    pub fn reflect_announced<K>(
+        &self,
+        name: &str,
+        api: kube::Api<K>,
+        wc: kube::runtime::watcher::Config,
+    ) -> Announced<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Clone + Eq + Hash + Send + Sync,
+    {
+        use kube::runtime::watcher::Event;
+        let (tx, _) = tokio::sync::broadcast::channel(ANNOUNCE_BUFFER);
+        let sender = tx.clone();
+        let store = self.reflect_with(name, api, wc, Default::default(), move |ev, store| {
+            if sender.receiver_count() == 0 {
+                return;
+            }
+            match ev {
+                Event::Apply(o) | Event::Delete(o) => {
+                    let _ = sender.send(Arc::new(o.clone()));
+                }
+                // After a relist the cache holds exactly the listed objects: announce them all.
+                Event::InitDone => {
+                    for o in store.state() {
+                        let _ = sender.send(o);
+                    }
+                }
+                Event::Init | Event::InitApply(_) => {}
+            }
+        });
+        Announced { store, tx }
+    }
+
+    fn reflect_with<K>(
+        &self,
+        name: &str,
+        api: kube::Api<K>,
+        wc: kube::runtime::watcher::Config,
+        dyntype: K::DynamicType,
+        mut on_event: impl FnMut(&kube::runtime::watcher::Event<K>, &Store<K>) + Send + 'static,
+    ) -> Store<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Send + Sync,
+    {
         use kube::runtime::WatchStreamExt;
         let writer = kube::runtime::reflector::store::Writer::new(dyntype);
         let store = writer.as_reader();
@@ -249,10 +336,16 @@ impl Manager {
             self.readiness
                 .register(format!("{}/{}", self.component, name)),
         );
-        let stream =
-            kube::runtime::reflector(writer, kube::runtime::watcher(api, wc).default_backoff());
+        // managedFields is most of a cached object's size and nothing here reads it.
+        let stream = kube::runtime::reflector(
+            writer,
+            kube::runtime::watcher(api, wc)
+                .default_backoff()
+                .modify(|o: &mut K| o.meta_mut().managed_fields = None),
+        );
         let shutdown = self.shutdown.clone();
         let name = name.to_string();
+        let reader = store.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             loop {
@@ -261,7 +354,7 @@ impl Manager {
                     next = stream.next() => next,
                 };
                 match next {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(ev)) => on_event(&ev, &reader),
                     Some(Err(e)) => {
                         tracing::warn!(cache = %name, error = %e, "watch failed, retrying")
                     }

@@ -8,6 +8,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
+use kube_common::controller::Announced;
 use kube_common::events::{EventType, Recorder};
 use thiserror::Error;
 
@@ -58,12 +59,14 @@ pub enum Error {
     Counted(String),
 }
 
-/// Caches of what every reconcile reads (StorageClasses, Nodes); a miss asks the API, so a
-/// cache that lags never hides an object.
+/// Caches of what every reconcile reads. StorageClasses and Nodes: a miss asks the API, so a
+/// cache that lags never hides an object. Tasks and helper pods: see [`Ctx::current_task`].
 #[derive(Clone)]
 pub struct Caches {
     pub classes: Store<StorageClass>,
     pub nodes: Store<Node>,
+    pub tasks: Announced<ConfigMap>,
+    pub helpers: Announced<Pod>,
 }
 
 pub struct Ctx {
@@ -130,7 +133,34 @@ impl Ctx {
         Api::namespaced(self.client.clone(), &self.opts.namespace)
     }
 
-    /// The task for `pv`, from its ConfigMap (agent mode) or its helper pod.
+    /// The task for `pv` as far as this process can tell without asking: a running one from
+    /// the cache (whose changes wake the controllers, so a newer state is on its way); a
+    /// finished one confirmed with the API, since it may be one this process already acted on
+    /// and deleted (acting twice would count a failure twice). `None` when the cache has none:
+    /// the caller then checks the API for what a task would make before starting one.
+    pub async fn current_task(&self, op: Op, pv: &str) -> Result<Option<TaskState>, Error> {
+        let Some(caches) = &self.caches else {
+            return self.get_task(op, pv).await;
+        };
+        let cached = if self.opts.mode == Mode::HelperPod {
+            let key = ObjectRef::new(&helper_pod::name(op, pv)).within(&self.opts.namespace);
+            caches
+                .helpers
+                .store
+                .get(&key)
+                .and_then(|p| helper_pod::parse(&p))
+        } else {
+            let key = ObjectRef::new(&task::name(op, pv)).within(&self.opts.task_namespace);
+            caches.tasks.store.get(&key).and_then(|c| task::parse(&c))
+        };
+        match cached {
+            Some(s) if s.phase == Phase::Pending => Ok(Some(s)),
+            Some(_) => self.get_task(op, pv).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The task for `pv`, from its ConfigMap (agent mode) or its helper pod, asked of the API.
     pub async fn get_task(&self, op: Op, pv: &str) -> Result<Option<TaskState>, Error> {
         if self.opts.mode == Mode::HelperPod {
             let name = helper_pod::name(op, pv);
@@ -176,8 +206,9 @@ impl Ctx {
         })
     }
 
-    /// Creates the task; an existing one of the same name (ours, from before a restart) wins.
-    pub async fn create_task(&self, t: &Task) -> Result<(), Error> {
+    /// Creates the task; an existing one of the same name (ours, from before a restart or one
+    /// the cache has not shown yet) wins. True if this call made it.
+    pub async fn create_task(&self, t: &Task) -> Result<bool, Error> {
         let result = if self.opts.mode == Mode::HelperPod {
             let template = self
                 .config
@@ -203,8 +234,8 @@ impl Ctx {
                 .map(|_| ())
         };
         match result {
-            Ok(()) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Ok(()) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

@@ -25,7 +25,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Actio
         return Ok(Action::await_change());
     }
     let name = pv.name_any();
-    if let Some(state) = ctx.get_task(Op::Delete, &name).await? {
+    if let Some(state) = ctx.current_task(Op::Delete, &name).await? {
         return match state.phase {
             // A node that went away while its teardown waited: nobody will run it.
             Phase::Pending
@@ -143,7 +143,12 @@ async fn withdraw_untaken(ctx: &Ctx, pv: &PersistentVolume) -> Result<(), Error>
         return Ok(());
     }
     let name = pv.name_any();
-    if let Some(state) = ctx.get_task(Op::Delete, &name).await?
+    // Asked of the API only when the cache has an untaken teardown (every Bound volume's
+    // update comes here). A teardown the cache does not show yet is safe too: the agent
+    // checks the volume is still Released and Delete before running it.
+    let cached = ctx.current_task(Op::Delete, &name).await?;
+    if cached.is_some_and(|s| s.phase == Phase::Pending && s.agent.is_none())
+        && let Some(state) = ctx.get_task(Op::Delete, &name).await?
         && state.phase == Phase::Pending
         && state.agent.is_none()
     {

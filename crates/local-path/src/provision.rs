@@ -42,11 +42,6 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Resu
         return Ok(Action::await_change());
     };
     let pv_name = pv_naming::pv_name(&uid);
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    if pvs.get_opt(&pv_name).await?.is_some() {
-        ctx.delete_task(Op::Create, &pv_name).await?;
-        return Ok(Action::await_change());
-    }
     let Some(class) = class_of(&claim, &ctx).await? else {
         return Ok(Action::await_change());
     };
@@ -55,8 +50,12 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Resu
     if wffc && node_name.is_none() {
         return Ok(Action::await_change());
     }
-    if let Some(state) = ctx.get_task(Op::Create, &pv_name).await? {
+    if let Some(state) = ctx.current_task(Op::Create, &pv_name).await? {
         return on_task(&claim, &class, state, &ctx).await;
+    }
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    if pvs.get_opt(&pv_name).await?.is_some() {
+        return Ok(Action::await_change());
     }
     if ctx.other_actor(Op::Create, &pv_name).await? {
         tracing::info!(pv = %pv_name, "another actor (helper pod or agent task) is provisioning this claim; waiting");
@@ -207,7 +206,9 @@ async fn start(
         claim_uid: claim.uid().unwrap_or_default(),
         extra_env: extra_env(&params, claim),
     };
-    ctx.create_task(&task).await?;
+    if !ctx.create_task(&task).await? {
+        return Ok(Ok(()));
+    }
     ctx.event(
         &claim_ref(claim),
         false,
@@ -411,7 +412,8 @@ async fn create_pv(
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        // Made by an earlier pass whose task deletion failed: already reported.
+        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
         Err(e) => return Err(e.into()),
     }
     ctx.event(

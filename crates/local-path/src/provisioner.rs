@@ -75,36 +75,43 @@ pub async fn run(
             (),
             changed,
         ),
+        tasks: mgr.reflect_announced(
+            "tasks",
+            Api::namespaced(mgr.client.clone(), &opts.task_namespace),
+            watcher::Config::default().labels(TASK_LABEL),
+        ),
+        helpers: mgr.reflect_announced(
+            "helper-pods",
+            Api::namespaced(mgr.client.clone(), &opts.namespace),
+            watcher::Config::default().labels(TASK_LABEL),
+        ),
     };
     let ctx = Arc::new(Ctx::new(
         mgr.client.clone(),
         opts,
         config,
         recorder,
-        Some(caches),
+        Some(caches.clone()),
     ));
     match lease {
         None => {
-            controllers(mgr, ctx, mgr.shutdown.clone()).await;
+            controllers(mgr, ctx, &caches, mgr.shutdown.clone()).await;
             Ok(())
         }
         Some(cfg) => {
             leader::run_leader_elected(mgr.client.clone(), cfg, mgr.shutdown.clone(), |stop| {
-                controllers(mgr, ctx, stop)
+                controllers(mgr, ctx, &caches, stop)
             })
             .await
         }
     }
 }
 
-async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
+async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, caches: &Caches, stop: CancellationToken) {
     wait_config(&ctx.config, &stop).await;
     let client = mgr.client.clone();
-    let ns = ctx.opts.namespace.clone();
-    let tasks: Api<ConfigMap> = Api::namespaced(client.clone(), &ctx.opts.task_namespace);
-    let task_wc = watcher::Config::default().labels(TASK_LABEL);
-
-    let helpers: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // Tasks and helper pods wake the controllers from the caches the reconciles read, after
+    // the caches have the change.
     // upstream's threadiness: this many reconciles at once per queue (claims, volumes), which
     // also bounds the provisioner's API connections and memory under a burst of claims.
     let workers = controller::Config::default().concurrency(ctx.opts.worker_threads);
@@ -113,10 +120,10 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
         watcher::Config::default(),
     )
     .with_config(workers.clone())
-    .watches(tasks.clone(), task_wc.clone(), |cm: ConfigMap| {
+    .watches_shared_stream(caches.tasks.subscribe(), |cm: Arc<ConfigMap>| {
         claim_of_task(task::parse(&cm)?)
     })
-    .watches(helpers.clone(), task_wc.clone(), |pod: Pod| {
+    .watches_shared_stream(caches.helpers.subscribe(), |pod: Arc<Pod>| {
         claim_of_task(helper_pod::parse(&pod)?)
     });
     let volumes = lean_controller(
@@ -124,10 +131,10 @@ async fn controllers(mgr: &Manager, ctx: Arc<Ctx>, stop: CancellationToken) {
         watcher::Config::default(),
     )
     .with_config(workers)
-    .watches(tasks, task_wc.clone(), |cm: ConfigMap| {
+    .watches_shared_stream(caches.tasks.subscribe(), |cm: Arc<ConfigMap>| {
         pv_of_task(task::parse(&cm)?)
     })
-    .watches(helpers, task_wc, |pod: Pod| {
+    .watches_shared_stream(caches.helpers.subscribe(), |pod: Arc<Pod>| {
         pv_of_task(helper_pod::parse(&pod)?)
     });
     tokio::join!(
