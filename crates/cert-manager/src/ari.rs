@@ -89,10 +89,11 @@ impl Ari {
             pick,
             next_check,
         };
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, entry);
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Answers past their re-check time are asked again anyway: dropping them here is what
+        // keeps deleted Certificates from staying in the map for good.
+        entries.retain(|_, e| e.next_check > now);
+        entries.insert(key, entry);
         pick
     }
 }

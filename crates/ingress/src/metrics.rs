@@ -67,7 +67,7 @@ pub struct RequestSeries {
 pub struct SeriesCache(std::sync::RwLock<Vec<SeriesEntry>>);
 
 /// (status, method, host) and its series.
-type SeriesEntry = (u16, http::Method, Box<str>, RequestSeries);
+type SeriesEntry = (u16, &'static str, Box<str>, RequestSeries);
 
 /// Entries past this many are looked up in the families each time (a wildcard host can see
 /// unboundedly many hosts).
@@ -78,14 +78,14 @@ impl SeriesCache {
     pub fn get_or_insert(
         &self,
         status: u16,
-        method: &http::Method,
+        method: &'static str,
         host: &str,
         make: impl FnOnce() -> RequestSeries,
     ) -> RequestSeries {
         let hit = |entries: &[SeriesEntry]| {
             entries
                 .iter()
-                .find(|(s, m, h, _)| *s == status && m == method && &**h == host)
+                .find(|(s, m, h, _)| *s == status && *m == method && &**h == host)
                 .map(|(_, _, _, series)| series.clone())
         };
         if let Some(series) = hit(&self
@@ -101,9 +101,41 @@ impl SeriesCache {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() < SERIES_CACHE_MAX && hit(&entries).is_none() {
-            entries.push((status, method.clone(), host.into(), series.clone()));
+            entries.push((status, method, host.into(), series.clone()));
         }
         series
+    }
+}
+
+/// The `method` label: the standard methods by name, anything else (a client may send any
+/// token) folded into one value, so clients cannot grow the families.
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(m, _)| m == method)
+        .map_or("UNKNOWN", |(_, name)| name)
+}
+
+/// The `host` label: the request's host when an Ingress rule names it exactly, else empty
+/// (ingress-nginx's default without `--metrics-per-undefined-host`): a catch-all or wildcard
+/// rule would otherwise make a series per host a client invents.
+pub fn host_label<'a>(rule_host: &str, from_ingress: bool, request_host: &'a str) -> &'a str {
+    if from_ingress && rule_host == request_host {
+        request_host
+    } else {
+        ""
     }
 }
 
@@ -299,6 +331,21 @@ mod tests {
             text.contains("size_sum 5.0") && text.contains("size_count 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn labels_a_client_controls_are_bounded() {
+        use http::Method;
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for m in ["FOO", "get", "PROPFIND", "X1234567"] {
+            let m = Method::from_bytes(m.as_bytes()).expect("token");
+            assert_eq!(method_label(&m), "UNKNOWN");
+        }
+        assert_eq!(host_label("a.example", true, "a.example"), "a.example");
+        assert_eq!(host_label("*.example", true, "x.example"), "", "wildcard");
+        assert_eq!(host_label("_", true, "anything"), "", "catch-all rule");
+        assert_eq!(host_label("a.example", false, "a.example"), "");
     }
 
     #[test]

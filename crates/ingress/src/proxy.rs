@@ -159,7 +159,8 @@ impl Proxy {
         started: Instant,
     ) -> Response<Body> {
         let status = response.status().as_u16();
-        let host = if location.ingress.is_some() { host } else { "" };
+        let host = crate::metrics::host_label(&location.host, location.ingress.is_some(), host);
+        let method = crate::metrics::method_label(method);
         let series = location.metrics.get_or_insert(status, method, host, || {
             let (namespace, ingress) = location
                 .ingress
@@ -173,7 +174,7 @@ impl Proxy {
             };
             self.metrics.series(&RequestLabels {
                 status: status.to_string(),
-                method: method.as_str().to_string(),
+                method: method.to_string(),
                 path: location.path.clone(),
                 namespace,
                 ingress,

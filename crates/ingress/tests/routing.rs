@@ -98,6 +98,45 @@ async fn routes_host_and_path_with_upstream_headers() {
     );
 }
 
+/// Method and Host are the client's: a loop of invented ones must not add a metric series
+/// each (memory would grow without bound). Rule hosts label series; others are folded.
+#[tokio::test]
+async fn metric_labels_a_client_controls_stay_bounded() {
+    let env = env("labels", &[]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let wildcard = format!("*.{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("web", &wildcard, "/", "Prefix", "web"),
+    )
+    .await;
+    let http = env.running.http;
+    let probe = format!("probe.{}.example", env.ns);
+    eventually("wildcard served", WAIT, || async {
+        get(http, &probe, "/").await.status == 200
+    })
+    .await;
+    let series = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("nginx_ingress_controller_requests{"))
+            .count()
+    };
+    let before = series(&env.mgr.encode_metrics().expect("metrics"));
+    for i in 0..200 {
+        let host = format!("h{i}.{}.example", env.ns);
+        let r = request(http, &host, "/", &format!("M{i}"), &[], Default::default()).await;
+        assert_eq!(r.status, 200, "{host}");
+        get(http, &format!("nowhere{i}.example"), "/").await;
+    }
+    let m = env.mgr.encode_metrics().expect("metrics");
+    // New series: UNKNOWN 200 on the wildcard rule, GET 404 on the default backend.
+    assert!(series(&m) <= before + 2, "{m}");
+    assert!(!m.contains("h17.") && !m.contains("nowhere17"), "{m}");
+    assert!(m.contains("method=\"UNKNOWN\""), "{m}");
+}
+
 #[tokio::test]
 async fn endpoints_follow_slices_round_robin_ready_only() {
     let env = env("eps", &[]).await;

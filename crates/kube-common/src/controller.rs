@@ -134,6 +134,44 @@ where
     Controller::for_stream(stream, reader)
 }
 
+/// Consecutive failures per object, for the retry backoff.
+struct Failures<K: Resource>
+where
+    K::DynamicType: Eq + Hash,
+{
+    counts: HashMap<ObjectRef<K>, u32>,
+    /// Size at which objects no longer in the cache are dropped next (doubling, so pruning
+    /// stays linear overall however many objects fail at once).
+    prune_at: usize,
+}
+
+impl<K: Resource> Default for Failures<K>
+where
+    K::DynamicType: Eq + Hash,
+{
+    fn default() -> Self {
+        Self {
+            counts: HashMap::new(),
+            prune_at: FAILURES_PRUNE_MIN,
+        }
+    }
+}
+
+const FAILURES_PRUNE_MIN: usize = 64;
+
+/// Objects deleted while failing are never reconciled again to clear their count.
+fn prune_deleted<K>(f: &mut Failures<K>, store: &Store<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    if f.counts.len() < f.prune_at {
+        return;
+    }
+    f.counts.retain(|k, _| store.get(k).is_some());
+    f.prune_at = (f.counts.len() * 2).max(FAILURES_PRUNE_MIN);
+}
+
 /// Announcements a subscriber may fall behind by before it misses some (then it is told how
 /// many it missed; triggered controllers still have their requeue timers).
 const ANNOUNCE_BUFFER: usize = 1024;
@@ -388,7 +426,7 @@ impl Manager {
             .register(format!("{}/{}", self.component, name));
         mark_ready_when_synced(controller.store(), ready);
 
-        let failures: Arc<Mutex<HashMap<ObjectRef<K>, u32>>> = Arc::default();
+        let failures: Arc<Mutex<Failures<K>>> = Arc::default();
         let metrics = self.metrics.clone();
         let backoff = self.backoff;
         let label = name.to_string();
@@ -406,16 +444,19 @@ impl Manager {
                     failures
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
+                        .counts
                         .remove(&ObjectRef::from_obj(&*obj));
                 }
                 result
             }
         };
         let policy_label = name.to_string();
+        let store = controller.store();
         let error_policy = move |obj: Arc<K>, err: &E, _ctx: Arc<Ctx>| {
             let key = ObjectRef::from_obj(&*obj);
             let mut map = failures.lock().unwrap_or_else(PoisonError::into_inner);
-            let count = map.entry(key.clone()).or_insert(0);
+            prune_deleted(&mut map, &store);
+            let count = map.counts.entry(key.clone()).or_insert(0);
             *count = count.saturating_add(1);
             let delay = backoff.delay(*count);
             tracing::warn!(controller = %policy_label, object = %key, error = %err, attempt = *count, retry_in = ?delay, "reconcile failed");
@@ -440,5 +481,36 @@ impl Manager {
                 futures::future::ready(())
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+
+    fn cm(name: &str) -> ConfigMap {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some("ns".into());
+        c
+    }
+
+    #[test]
+    fn failures_of_deleted_objects_are_pruned() {
+        let mut writer = Writer::<ConfigMap>::default();
+        writer.apply_watcher_event(&Event::Apply(cm("live")));
+        let store = writer.as_reader();
+        let mut f = Failures::<ConfigMap>::default();
+        f.counts.insert(ObjectRef::from_obj(&cm("live")), 3);
+        for i in 0..200 {
+            f.counts
+                .insert(ObjectRef::from_obj(&cm(&format!("gone{i}"))), 1);
+            prune_deleted(&mut f, &store);
+            assert!(f.counts.len() <= FAILURES_PRUNE_MIN, "{}", f.counts.len());
+        }
+        assert_eq!(f.counts.get(&ObjectRef::from_obj(&cm("live"))), Some(&3));
     }
 }

@@ -101,6 +101,60 @@ fn summary(label: &str, mut v: Vec<Duration>) -> String {
     )
 }
 
+/// The same burst of claims and pods against PVs created beforehand (static provisioning):
+/// the real scheduler and PV controller's own time, the floor under any provisioner.
+async fn static_burst(env: &Env, seen: &Seen) -> Vec<Duration> {
+    use k8s_openapi::api::storage::v1::StorageClass;
+    use kube::api::PostParams;
+    let class = format!("{}-static", env.ns);
+    let sc: StorageClass = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": class},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "reclaimPolicy": "Retain",
+    }))
+    .expect("class");
+    Api::<StorageClass>::all(env.client.clone())
+        .create(&PostParams::default(), &sc)
+        .await
+        .expect("static class");
+    for i in 0..BURST {
+        let node = NODES[i % NODES.len()];
+        let pv: PersistentVolume = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{}-static-{i}", env.ns)},
+            "spec": {
+                "capacity": {"storage": "1Mi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": class,
+                "persistentVolumeReclaimPolicy": "Retain",
+                "local": {"path": env.disk(node).join(format!("static-{i}"))},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+            }
+        }))
+        .expect("pv");
+        env.pvs()
+            .create(&PostParams::default(), &pv)
+            .await
+            .expect("static pv");
+    }
+    let creates = (0..BURST).map(|i| {
+        let class = &class;
+        async move {
+            let name = format!("static-{i}");
+            let start = Instant::now();
+            env.claim(&name, class, "1Mi", "ReadWriteOnce").await;
+            env.pod(&format!("{name}-pod"), &name).await;
+            (name, start)
+        }
+    });
+    let mut took = Vec::new();
+    for (name, start) in futures::future::join_all(creates).await {
+        took.push(wait_bound(seen, &name).await - start);
+    }
+    took
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let env = Env::new("lp-bench").await;
@@ -119,15 +173,18 @@ async fn main() {
     let idle_file = proc_kib(pid, "RssFile:");
     let (selected, seen) = watch_claims(&env);
     let pvs = watch_pvs(&env);
+    // (created → selected node, selected node → PV, PV → claim Bound)
     let stage = |name: &str, start: Instant| {
         let sel = selected.lock().unwrap().get(name).copied();
         let pv = pvs.lock().unwrap().get(name).copied();
+        let bound = seen.lock().unwrap().get(name).copied();
         (
             sel.map(|t| t - start),
             sel.zip(pv).map(|(s, p)| p.saturating_duration_since(s)),
+            pv.zip(bound).map(|(p, b)| b.saturating_duration_since(p)),
         )
     };
-    let (mut sched, mut ours) = (Vec::new(), Vec::new());
+    let (mut sched, mut ours, mut binding) = (Vec::new(), Vec::new(), Vec::new());
 
     let mut one = Vec::new();
     for i in 0..SEQUENTIAL {
@@ -138,8 +195,7 @@ async fn main() {
         one.push(wait_bound(&seen, &name).await - t0);
     }
     for i in 0..SEQUENTIAL {
-        let (a, b) = stage(&format!("seq-{i}"), Instant::now());
-        let _ = a;
+        let (_, b, _) = stage(&format!("seq-{i}"), Instant::now());
         ours.extend(b);
     }
     let one_ours = std::mem::take(&mut ours);
@@ -162,12 +218,14 @@ async fn main() {
         burst.push(wait_bound(&seen, name).await - *start);
     }
     for (name, start) in &started {
-        let (a, b) = stage(name, *start);
+        let (a, b, c) = stage(name, *start);
         sched.extend(a);
         ours.extend(b);
+        binding.extend(c);
     }
     let all_bound = t0.elapsed();
     let peak_kib = proc_kib(pid, "VmHWM:");
+    let floor = static_burst(&env, &seen).await;
     let agent_kib: Vec<u64> = (0..3)
         .filter_map(|i| env.pid(i))
         .map(|p| proc_kib(p, "VmHWM:"))
@@ -187,6 +245,14 @@ async fn main() {
         ),
         summary("… created → selected node set (kube-scheduler)", sched),
         summary("… selected node → PV created (provisioner + agent)", ours),
+        summary(
+            "… PV created → claim Bound (kube-controller-manager's PV controller)",
+            binding,
+        ),
+        summary(
+            &format!("floor: {BURST} claims at once on PVs made beforehand (no provisioner)"),
+            floor,
+        ),
     ]
     .join("\n");
     let report = format!(
@@ -195,7 +261,10 @@ async fn main() {
          kube-controller-manager and kube-scheduler v1.20.2 on loopback, three registered Nodes, \
          our provisioner and one agent process per node; default setup/teardown scripts).\n\n\
          {table}\n\n\
-         All {BURST} claims of the burst Bound {:.2} s after the first was created.\n\n\
+         All {BURST} claims of the burst Bound {:.2} s after the first was created. The floor \
+         row is the same burst with no provisioner at all (class `kubernetes.io/no-provisioner`, \
+         {BURST} `local` PVs created first): what kube-scheduler and kube-controller-manager alone \
+         take here to bind {BURST} claims, which no provisioner can go below.\n\n\
          | process | RSS |\n|---|---|\n\
          | provisioner idle (VmRSS, config loaded, caches synced) | {:.1} MiB (heap and stacks {:.1} MiB, binary pages {:.1} MiB) |\n\
          | provisioner peak (VmHWM, after the burst) | {:.1} MiB |\n\
