@@ -12,9 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
@@ -23,6 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
+use kube_common::serve::{HEADER_TIMEOUT, Limits, accept_loop, serve_http};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -573,32 +573,23 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(obj: &K) -> Option<OwnerReferenc
 }
 
 async fn serve(listener: TcpListener, tokens: Tokens, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTP-01 solver accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let tokens = tokens.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let tokens = tokens.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&tokens, &req)) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(32));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+    accept_loop(
+        "http01-solver",
+        listener,
+        Limits::default(),
+        shutdown,
+        move |a| {
+            let tokens = tokens.clone();
+            async move {
+                serve_http(a.stream, HEADER_TIMEOUT, &a.drain, move |req| {
+                    let answer = answer(&tokens, &req);
+                    async move { answer }
+                })
+                .await
+            }
+        },
+    )
+    .await
 }
 
 /// acmesolver's answer: the key authorization for a known token and matching Host, else 404.

@@ -24,6 +24,8 @@ pub struct Running {
     pub https: SocketAddr,
     pub health: SocketAddr,
     pub proxy: Arc<Proxy>,
+    /// The HTTP and HTTPS servers: they end once shutdown has drained their connections.
+    pub servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn object_key(flag: &str, value: Option<&String>) -> Result<Option<ObjectKey>> {
@@ -133,18 +135,20 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
             generations,
         },
     ));
-    tokio::spawn(crate::server::serve(
-        http_listener,
-        None,
-        proxy.clone(),
-        mgr.shutdown.clone(),
-    ));
-    tokio::spawn(crate::server::serve(
-        https_listener,
-        Some(tls_config.clone()),
-        proxy.clone(),
-        mgr.shutdown.clone(),
-    ));
+    let servers = vec![
+        tokio::spawn(crate::server::serve(
+            http_listener,
+            None,
+            proxy.clone(),
+            mgr.shutdown.clone(),
+        )),
+        tokio::spawn(crate::server::serve(
+            https_listener,
+            Some(tls_config.clone()),
+            proxy.clone(),
+            mgr.shutdown.clone(),
+        )),
+    ];
     let health_addr = args
         .common
         .health_address
@@ -157,6 +161,7 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         https,
         health,
         proxy,
+        servers,
     })
 }
 

@@ -9,7 +9,11 @@ use kube_common::Manager;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mgr = Manager::from_args("ingress-nginx", &args.common).await?;
-    ingress::app::start(&mgr, &args).await?;
+    let running = ingress::app::start(&mgr, &args).await?;
     mgr.shutdown.cancelled().await;
+    // New connections are refused from here; open ones finish their requests.
+    for server in running.servers {
+        let _ = server.await;
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use kube_common::serve::{Accepted, Limits, accept_loop, tls_handshake};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -16,122 +17,123 @@ use crate::framing::{Scanned, Verdicts};
 use crate::keepalive::{Activity, Tracked};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// ingress-nginx's `max-worker-connections` default: connections one listener keeps open.
+const MAX_CONNECTIONS: usize = 16_384;
+/// ingress-nginx's `worker-shutdown-timeout` default: how long open connections get to finish
+/// after shutdown starts.
+const DRAIN: Duration = Duration::from_secs(240);
+/// While draining, a connection with no request in progress for this long is closed.
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
 
-/// Accepts until `shutdown`; connections already open finish on their own.
+/// Accepts until `shutdown` (kube-common's accept loop), then lets open connections finish the
+/// requests they have in progress.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, remote) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let local = match stream.local_addr() {
-            Ok(a) => a,
-            Err(_) => continue,
-        };
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        drain: DRAIN,
+    };
+    let name = if tls.is_some() { "https" } else { "http" };
+    accept_loop(name, listener, limits, shutdown, move |a| {
+        connection(a, tls.clone(), proxy.clone())
+    })
+    .await
+}
+
+async fn connection(
+    a: Accepted,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    proxy: Arc<Proxy>,
+) {
+    let Accepted {
+        stream,
+        remote,
+        drain,
+    } = a;
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let cfg = proxy.snapshot().config.clone();
+    let conn = ConnInfo::new(remote, local, tls.is_some());
+    let activity = Arc::new(Activity::default());
+    let in_service = activity.clone();
+    let verdicts = Arc::new(Verdicts::default());
+    let framing = verdicts.clone();
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let guard = in_service.enter();
+        // HTTP/1 only: one verdict per request head, in order.
+        let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
         let proxy = proxy.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let cfg = proxy.snapshot().config.clone();
-            let conn = ConnInfo::new(remote, local, tls.is_some());
-            let activity = Arc::new(Activity::default());
-            let in_service = activity.clone();
-            let verdicts = Arc::new(Verdicts::default());
-            let framing = verdicts.clone();
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let guard = in_service.enter();
-                // HTTP/1 only: one verdict per request head, in order.
-                let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
-                let proxy = proxy.clone();
-                let conn = conn.clone();
-                async move {
-                    if conflict {
-                        return Ok(plain(
-                            http::StatusCode::BAD_REQUEST,
-                            "400 Bad Request: both Content-Length and Transfer-Encoding\n",
-                        ));
-                    }
-                    let response = proxy.handle(req, conn).await;
-                    drop(guard);
-                    response
-                }
-            });
-            let keep_alive = cfg.keep_alive;
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(cfg.client_header_timeout)
-                .max_buf_size(cfg.max_header_bytes.max(8192))
-                // keep-alive: 0 turns keep-alive off, as in nginx.
-                .keep_alive(!keep_alive.is_zero());
-            builder.http2().timer(TokioTimer::new());
-            // HTTP/1 connections use hyper's own HTTP/1 server, without the auto builder's
-            // protocol sniffing and rewind buffer (measurably cheaper per request, see
-            // benches/README.md). The header limit is checked on the head itself, so it is
-            // exact whatever the read sizes.
-            let mut http1 = hyper::server::conn::http1::Builder::new();
-            http1
-                .timer(TokioTimer::new())
-                .header_read_timeout(cfg.client_header_timeout)
-                .max_buf_size(cfg.max_header_bytes.max(8192))
-                .max_header_size(cfg.max_header_bytes)
-                .keep_alive(!keep_alive.is_zero());
-            macro_rules! http1_conn {
-                ($io:expr) => {{
-                    let serving = http1.serve_connection($io, service).with_upgrades();
-                    let conn: Connection<'_> =
-                        Box::pin(async move { serving.await.map_err(Into::into) });
-                    conn
-                }};
+        let conn = conn.clone();
+        async move {
+            if conflict {
+                return Ok(plain(
+                    http::StatusCode::BAD_REQUEST,
+                    "400 Bad Request: both Content-Length and Transfer-Encoding\n",
+                ));
             }
-            match tls {
-                None => {
-                    let io = TokioIo::new(Scanned::new(
-                        Tracked::new(stream, activity.clone()),
-                        verdicts,
-                    ));
-                    until_idle(http1_conn!(io), &activity, keep_alive).await;
-                }
-                Some(config) => {
-                    // The current settings (ssl-protocols, use-http2) for each new connection.
-                    let acceptor = TlsAcceptor::from(config.load_full());
-                    let tracked = Tracked::new(stream, activity.clone());
-                    let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tracked)).await
-                    else {
-                        return;
-                    };
-                    // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
-                    let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol()
-                        == Some(b"h2")
-                    {
-                        Box::pin(
-                            builder
-                                .serve_connection_with_upgrades(TokioIo::new(tls_stream), service),
-                        )
-                    } else {
-                        // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
-                        http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
-                    };
-                    until_idle(conn, &activity, keep_alive).await;
-                }
-            }
-        });
+            let response = proxy.handle(req, conn).await;
+            drop(guard);
+            response
+        }
+    });
+    let keep_alive = cfg.keep_alive;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        // keep-alive: 0 turns keep-alive off, as in nginx.
+        .keep_alive(!keep_alive.is_zero());
+    builder.http2().timer(TokioTimer::new());
+    // HTTP/1 connections use hyper's own HTTP/1 server, without the auto builder's
+    // protocol sniffing and rewind buffer (measurably cheaper per request, see
+    // benches/README.md). The header limit is checked on the head itself, so it is
+    // exact whatever the read sizes.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_header_size(cfg.max_header_bytes)
+        .keep_alive(!keep_alive.is_zero());
+    macro_rules! http1_conn {
+        ($io:expr) => {{
+            let serving = http1.serve_connection($io, service).with_upgrades();
+            let conn: Connection<'_> = Box::pin(async move { serving.await.map_err(Into::into) });
+            conn
+        }};
+    }
+    match tls {
+        None => {
+            let io = TokioIo::new(Scanned::new(
+                Tracked::new(stream, activity.clone()),
+                verdicts,
+            ));
+            until_idle(http1_conn!(io), &activity, keep_alive, &drain).await;
+        }
+        Some(config) => {
+            // The current settings (ssl-protocols, use-http2) for each new connection.
+            let acceptor = TlsAcceptor::from(config.load_full());
+            let tracked = Tracked::new(stream, activity.clone());
+            let Some(tls_stream) = tls_handshake(&acceptor, tracked).await else {
+                return;
+            };
+            // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
+            let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service))
+            } else {
+                // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
+                http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
+            };
+            until_idle(conn, &activity, keep_alive, &drain).await;
+        }
     }
 }
 
@@ -145,15 +147,29 @@ type Connection<'a> = std::pin::Pin<
     >,
 >;
 
-/// Drives a connection until it ends or has been idle for `keep_alive` (dropping it closes it).
-async fn until_idle(conn: Connection<'_>, activity: &Activity, keep_alive: Duration) {
+/// Drives a connection until it ends, has been idle for `keep_alive`, or has no request in
+/// progress once draining (dropping it closes it).
+async fn until_idle(
+    conn: Connection<'_>,
+    activity: &Activity,
+    keep_alive: Duration,
+    drain: &CancellationToken,
+) {
     let mut conn = conn;
-    if keep_alive.is_zero() {
-        let _ = conn.await;
-        return;
-    }
+    let draining = async {
+        drain.cancelled().await;
+        activity.idle_for(DRAIN_IDLE).await
+    };
+    let idle = async {
+        if keep_alive.is_zero() {
+            std::future::pending().await
+        } else {
+            activity.idle_for(keep_alive).await
+        }
+    };
     tokio::select! {
         _ = &mut conn => {}
-        () = activity.idle_for(keep_alive) => {}
+        () = idle => {}
+        () = draining => {}
     }
 }

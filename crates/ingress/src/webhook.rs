@@ -2,19 +2,19 @@
 //! `validate.nginx.ingress.kubernetes.io`, but pure: class, pathType and annotation checks and
 //! the host+path overlap check run in-process; no generated configuration is ever executed.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::reflector::Store;
+use kube_common::serve::{
+    Accepted, HEADER_TIMEOUT, Limits, accept_loop, serve_http, tls_handshake,
+};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -113,27 +113,25 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let acceptor = TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-            };
+    tokio::spawn(accept_loop(
+        "webhook",
+        listener,
+        Limits::default(),
+        shutdown,
+        move |a: Accepted| {
             let (acceptor, validator) = (acceptor.clone(), validator.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
+            async move {
+                let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
                     return;
                 };
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                serve_http(tls, HEADER_TIMEOUT, &a.drain, move |req| {
                     let validator = validator.clone();
-                    async move { Ok::<_, Infallible>(handle(&validator, req).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+                    async move { handle(&validator, req).await }
+                })
+                .await;
+            }
+        },
+    ));
     Ok(bound)
 }
 

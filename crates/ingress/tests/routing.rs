@@ -137,6 +137,46 @@ async fn metric_labels_a_client_controls_stay_bounded() {
     assert!(m.contains("method=\"UNKNOWN\""), "{m}");
 }
 
+/// Shutdown: the listeners close at once (a second instance can take the port), requests in
+/// flight still complete, and the servers end when their connections have drained.
+#[tokio::test]
+async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
+    let mut env = env("drain", &[]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("web", &host, "/", "Prefix", "web"),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    let in_flight = tokio::spawn({
+        let host = host.clone();
+        async move { get(http, &host, "/slow").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "new connections refused once draining"
+    );
+    let r = in_flight.await.expect("request task");
+    assert_eq!(r.status, 200, "the request in flight completed");
+    for server in std::mem::take(&mut env.running.servers) {
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("drained")
+            .expect("server task");
+    }
+}
+
 #[tokio::test]
 async fn endpoints_follow_slices_round_robin_ready_only() {
     let env = env("eps", &[]).await;

@@ -2,17 +2,15 @@
 //! check ready, 503 before) and `/metrics` (OpenMetrics text of the component's registry).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::serve::{HEADER_TIMEOUT, Limits, accept_loop, serve_http};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -94,30 +92,22 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
     tracing::info!(address = %local, "serving /healthz, /readyz and /metrics");
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "health server accept failed");
-                        continue;
-                    }
-                },
-            };
+    let task = tokio::spawn(accept_loop(
+        "health",
+        listener,
+        Limits::default(),
+        shutdown,
+        move |a| {
             let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, &req)) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+            async move {
+                serve_http(a.stream, HEADER_TIMEOUT, &a.drain, move |req| {
+                    let response = route(&state, &req);
+                    async move { response }
+                })
+                .await
+            }
+        },
+    ));
     Ok((local, task))
 }
 

@@ -11,6 +11,7 @@ pub mod events;
 pub mod health;
 pub mod leader;
 pub mod metrics;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -7,17 +7,17 @@ pub mod admission;
 pub mod authority;
 pub mod validation;
 
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube_common::Manager;
 use kube_common::args::CommonArgs;
+use kube_common::serve::{
+    Accepted, HEADER_TIMEOUT, Limits, accept_loop, serve_http, tls_handshake,
+};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -155,25 +155,22 @@ async fn serve_admission(
 ) -> Result<SocketAddr, WebhookError> {
     let (listener, bound) = bind(addr).await?;
     let acceptor = TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-            };
+    tokio::spawn(accept_loop(
+        "webhook",
+        listener,
+        Limits::default(),
+        shutdown,
+        move |a: Accepted| {
             let acceptor = acceptor.clone();
-            tokio::spawn(async move {
+            async move {
                 // Handshakes fail while no certificate is loaded yet; the apiserver retries.
-                let Ok(tls) = acceptor.accept(stream).await else {
+                let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
                     return;
                 };
-                let svc = service_fn(|req| async move { Ok::<_, Infallible>(admit(req).await) });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+                serve_http(tls, HEADER_TIMEOUT, &a.drain, admit).await;
+            }
+        },
+    ));
     Ok(bound)
 }
 

@@ -126,6 +126,10 @@ fn serve_echo(name: &'static str, listener: TcpListener) -> SocketAddr {
                         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                         .collect();
                     let uri = req.uri().to_string();
+                    // A request that takes a while, to catch one in flight.
+                    if uri.starts_with("/slow") {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
                     let body = req
                         .into_body()
                         .collect()

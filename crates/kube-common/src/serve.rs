@@ -1,0 +1,283 @@
+//! The accept loop every server uses (the ingress proxy, both admission webhooks, the HTTP-01
+//! solver, the health/metrics server), so each gets the same defences:
+//! - a bound on open connections: at the bound no more are accepted until one closes (the
+//!   kernel's backlog holds the rest), as nginx stops accepting when `worker_connections` are
+//!   in use;
+//! - accept errors (out of file descriptors, for one) back off from 5 ms doubling to 1 s, as Go's
+//!   `net/http` does, instead of spinning; accepting resumes when descriptors free up;
+//! - TLS handshakes that do not finish in time are dropped ([`tls_handshake`]);
+//! - on shutdown the listener closes first (new connections are refused), then open
+//!   connections get a drain period to finish what they are doing.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// A TLS handshake not done by then is dropped (a client that opens a connection and sends
+/// nothing would otherwise hold it for good).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Request heads to the small servers must arrive within this (slowloris).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Bounds of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once at most.
+    pub max_connections: usize,
+    /// After shutdown, how long open connections get to finish.
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    /// For the small servers (health, webhooks, the solver): enough for any legitimate caller.
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            drain: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One accepted connection, for the server's handler.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub remote: SocketAddr,
+    /// Cancelled when the server starts draining: finish the request in progress, then close.
+    pub drain: CancellationToken,
+}
+
+/// Accepts on `listener` until `shutdown`, each connection handled by `handle` on its own task;
+/// returns once the open connections have finished or `limits.drain` has passed.
+pub async fn accept_loop<H, Fut>(
+    name: &str,
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+    handle: H,
+) where
+    H: Fn(Accepted) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max));
+    let drain = CancellationToken::new();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut at_bound = false;
+    loop {
+        if slots.available_permits() == 0 && !at_bound {
+            tracing::warn!(
+                server = name,
+                max,
+                "connection bound reached; accepting resumes when one closes"
+            );
+        }
+        at_bound = slots.available_permits() == 0;
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(server = name, error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        backoff = ACCEPT_BACKOFF_MIN;
+        let conn = handle(Accepted {
+            stream,
+            remote,
+            drain: drain.clone(),
+        });
+        tokio::spawn(async move {
+            conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    drain.cancel();
+    // Every open connection holds a slot: having them all back means all have closed.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.drain, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            server = name,
+            open = max - slots.available_permits(),
+            "drain period over; closing the remaining connections"
+        );
+    }
+}
+
+/// The TLS handshake with [`TLS_HANDSHAKE_TIMEOUT`]; `None` if it failed or took too long.
+pub async fn tls_handshake<IO>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: IO,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    handshake_within(TLS_HANDSHAKE_TIMEOUT, acceptor, io).await
+}
+
+async fn handshake_within<IO>(
+    limit: Duration,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    io: IO,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(limit, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on `io` for the small servers: request heads must arrive within
+/// `header_timeout`; on drain, the request in progress finishes, then the connection closes
+/// (HTTP/2 clients get a GOAWAY).
+pub async fn serve_http<IO, F, Fut, B>(
+    io: IO,
+    header_timeout: Duration,
+    drain: &CancellationToken,
+    service: F,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let service = Arc::new(service);
+    let svc = hyper::service::service_fn(move |req| {
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(service(req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn hold_until_closed(a: Accepted) {
+        let mut s = a.stream;
+        let mut buf = [0u8; 16];
+        tokio::select! {
+            _ = s.read(&mut buf) => {}
+            _ = a.drain.cancelled() => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_bound_no_more_connections_are_served_until_one_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let limits = Limits {
+            max_connections: 2,
+            drain: Duration::from_secs(1),
+        };
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = served.clone();
+        let server = tokio::spawn(accept_loop("t", listener, limits, stop.clone(), move |a| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            hold_until_closed(a)
+        }));
+        let c1 = TcpStream::connect(addr).await.expect("c1");
+        let _c2 = TcpStream::connect(addr).await.expect("c2");
+        // The third completes the TCP handshake in the backlog but is not taken.
+        let _c3 = TcpStream::connect(addr).await.expect("c3");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let mut c1 = c1;
+        c1.write_all(b"x").await.expect("write");
+        drop(c1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("drained in time")
+            .expect("server task");
+        assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    }
+
+    #[tokio::test]
+    async fn a_silent_tls_client_is_dropped() {
+        let (server_io, _client_io) = tokio::io::duplex(64);
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCert));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let handshake = handshake_within(Duration::from_millis(100), &acceptor, server_io);
+        let gave_up = tokio::time::timeout(Duration::from_secs(5), handshake).await;
+        assert!(matches!(gave_up, Ok(None)), "given up after the timeout");
+    }
+
+    #[derive(Debug)]
+    struct NoCert;
+
+    impl rustls::server::ResolvesServerCert for NoCert {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+}
