@@ -22,8 +22,6 @@ const MAX_CONNECTIONS: usize = 16_384;
 /// ingress-nginx's `worker-shutdown-timeout` default: how long open connections get to finish
 /// after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(240);
-/// While draining, a connection with no request in progress for this long is closed.
-const DRAIN_IDLE: Duration = Duration::from_millis(100);
 
 /// Accepts until `shutdown` (kube-common's accept loop), then lets open connections finish the
 /// requests they have in progress.
@@ -103,12 +101,29 @@ async fn connection(
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_header_size(cfg.max_header_bytes)
         .keep_alive(!keep_alive.is_zero());
-    macro_rules! http1_conn {
-        ($io:expr) => {{
-            let serving = http1.serve_connection($io, service).with_upgrades();
-            let conn: Connection<'_> = Box::pin(async move { serving.await.map_err(Into::into) });
+    // On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
+    // `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY.
+    macro_rules! until_drained {
+        ($serving:expr) => {{
+            let serving = $serving;
+            let drain = drain.clone();
+            let conn: Connection<'_> = Box::pin(async move {
+                let mut serving = std::pin::pin!(serving);
+                tokio::select! {
+                    r = serving.as_mut() => r.map_err(Into::into),
+                    _ = drain.cancelled() => {
+                        serving.as_mut().graceful_shutdown();
+                        serving.await.map_err(Into::into)
+                    }
+                }
+            });
             conn
         }};
+    }
+    macro_rules! http1_conn {
+        ($io:expr) => {
+            until_drained!(http1.serve_connection($io, service).with_upgrades())
+        };
     }
     match tls {
         None => {
@@ -116,7 +131,7 @@ async fn connection(
                 Tracked::new(stream, activity.clone()),
                 verdicts,
             ));
-            until_idle(http1_conn!(io), &activity, keep_alive, &drain).await;
+            until_idle(http1_conn!(io), &activity, keep_alive).await;
         }
         Some(config) => {
             // The current settings (ssl-protocols, use-http2) for each new connection.
@@ -127,12 +142,14 @@ async fn connection(
             };
             // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
             let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service))
+                until_drained!(
+                    builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                )
             } else {
                 // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
                 http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
             };
-            until_idle(conn, &activity, keep_alive, &drain).await;
+            until_idle(conn, &activity, keep_alive).await;
         }
     }
 }
@@ -147,29 +164,15 @@ type Connection<'a> = std::pin::Pin<
     >,
 >;
 
-/// Drives a connection until it ends, has been idle for `keep_alive`, or has no request in
-/// progress once draining (dropping it closes it).
-async fn until_idle(
-    conn: Connection<'_>,
-    activity: &Activity,
-    keep_alive: Duration,
-    drain: &CancellationToken,
-) {
+/// Drives a connection until it ends or has been idle for `keep_alive` (dropping it closes it).
+async fn until_idle(conn: Connection<'_>, activity: &Activity, keep_alive: Duration) {
     let mut conn = conn;
-    let draining = async {
-        drain.cancelled().await;
-        activity.idle_for(DRAIN_IDLE).await
-    };
-    let idle = async {
-        if keep_alive.is_zero() {
-            std::future::pending().await
-        } else {
-            activity.idle_for(keep_alive).await
-        }
-    };
+    if keep_alive.is_zero() {
+        let _ = conn.await;
+        return;
+    }
     tokio::select! {
         _ = &mut conn => {}
-        () = idle => {}
-        () = draining => {}
+        () = activity.idle_for(keep_alive) => {}
     }
 }

@@ -12,11 +12,8 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::reflector::Store;
-use kube_common::serve::{
-    Accepted, HEADER_TIMEOUT, Limits, accept_loop, serve_http, tls_handshake,
-};
+use kube_common::serve::serve_https;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingress_class::ClassSelector;
@@ -112,24 +109,14 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(tls);
-    tokio::spawn(accept_loop(
+    tokio::spawn(serve_https(
         "webhook",
         listener,
-        Limits::default(),
+        tls,
         shutdown,
-        move |a: Accepted| {
-            let (acceptor, validator) = (acceptor.clone(), validator.clone());
-            async move {
-                let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
-                    return;
-                };
-                serve_http(tls, HEADER_TIMEOUT, &a.drain, move |req| {
-                    let validator = validator.clone();
-                    async move { handle(&validator, req).await }
-                })
-                .await;
-            }
+        move |req| {
+            let validator = validator.clone();
+            async move { handle(&validator, req).await }
         },
     ));
     Ok(bound)

@@ -334,21 +334,27 @@ impl Manager {
         use kube::runtime::watcher::Event;
         let (tx, _) = tokio::sync::broadcast::channel(ANNOUNCE_BUFFER);
         let sender = tx.clone();
+        // What the cache held when a relist began: objects deleted while the watch was down
+        // are announced too, once the relist shows them gone.
+        let mut before: Vec<Arc<K>> = Vec::new();
         let store = self.reflect_with(name, api, wc, Default::default(), move |ev, store| {
-            if sender.receiver_count() == 0 {
-                return;
-            }
             match ev {
-                Event::Apply(o) | Event::Delete(o) => {
+                Event::Apply(o) | Event::Delete(o) if sender.receiver_count() > 0 => {
                     let _ = sender.send(Arc::new(o.clone()));
                 }
-                // After a relist the cache holds exactly the listed objects: announce them all.
+                Event::Apply(_) | Event::Delete(_) => {}
+                Event::Init => before = store.state(),
+                // After a relist the cache holds exactly the listed objects: announce them all,
+                // and the ones that went.
                 Event::InitDone => {
-                    for o in store.state() {
+                    let gone = std::mem::take(&mut before)
+                        .into_iter()
+                        .filter(|o| store.get(&ObjectRef::from_obj(&**o)).is_none());
+                    for o in store.state().into_iter().chain(gone) {
                         let _ = sender.send(o);
                     }
                 }
-                Event::Init | Event::InitApply(_) => {}
+                Event::InitApply(_) => {}
             }
         });
         Announced { store, tx }

@@ -65,29 +65,35 @@ impl Recorder {
         let key = self.key(ev, regarding);
         let namespace = regarding.namespace.as_deref().unwrap_or("default");
         let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), namespace);
-        let next = match self.repeat_of(key, now) {
-            Some(s) => {
-                let count = s.count + 1;
-                let patch = serde_json::json!({"series": {
-                    "count": count, "lastObservedTime": MicroTime(now)}});
-                events
-                    .patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
-                Series {
-                    count,
-                    last: now,
-                    ..s
+        if let Some(s) = self.repeat_of(key, now) {
+            let count = s.count + 1;
+            let patch = serde_json::json!({"series": {
+                "count": count, "lastObservedTime": MicroTime(now)}});
+            match events
+                .patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    let next = Series {
+                        count,
+                        last: now,
+                        ..s
+                    };
+                    self.remember(key, next, now);
+                    return Ok(());
                 }
+                // The Event is gone (expired by the apiserver, deleted): start a new one, as
+                // client-go does.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
             }
-            None => {
-                let event = self.new_event(ev, regarding, now);
-                let created = events.create(&PostParams::default(), &event).await?;
-                Series {
-                    name: created.metadata.name.unwrap_or_default(),
-                    count: 1,
-                    last: now,
-                }
-            }
+        }
+        let event = self.new_event(ev, regarding, now);
+        let created = events.create(&PostParams::default(), &event).await?;
+        let next = Series {
+            name: created.metadata.name.unwrap_or_default(),
+            count: 1,
+            last: now,
         };
         self.remember(key, next, now);
         Ok(())

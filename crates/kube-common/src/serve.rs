@@ -27,8 +27,18 @@ use tokio_util::sync::CancellationToken;
 /// nothing would otherwise hold it for good).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Request heads to the small servers must arrive within this (slowloris).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request heads to the small servers must arrive within this (slowloris). hyper applies it
+/// while a keep-alive connection waits for its next request too, so it is also their idle
+/// timeout (hyper's default value).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The same for servers whose client pools idle connections (the apiserver calling webhooks
+/// keeps them 90 s, Go's default): longer than the client's, so the client always closes first
+/// and never sends a request on a connection the server is closing.
+pub const POOLED_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// HTTP/2 pings this often find peers that went away without closing.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -168,7 +178,7 @@ where
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` for the small servers: request heads must arrive within
-/// `header_timeout`; on drain, the request in progress finishes, then the connection closes
+/// `header_timeout` (also the HTTP/1 idle timeout, see [`HEADER_TIMEOUT`]); on drain, the request in progress finishes, then the connection closes
 /// (HTTP/2 clients get a GOAWAY).
 pub async fn serve_http<IO, F, Fut, B>(
     io: IO,
@@ -193,7 +203,10 @@ pub async fn serve_http<IO, F, Fut, B>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
@@ -203,6 +216,36 @@ pub async fn serve_http<IO, F, Fut, B>(
             let _ = conn.await;
         }
     }
+}
+
+/// An HTTPS server for clients that pool connections (the admission webhooks): TLS with
+/// `tls`, then [`serve_http`] with [`POOLED_CLIENT_HEADER_TIMEOUT`], every request answered by
+/// `service`.
+pub async fn serve_https<F, Fut, B>(
+    name: &str,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+    service: F,
+) where
+    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    accept_loop(name, listener, Limits::default(), shutdown, move |a| {
+        let (acceptor, service) = (acceptor.clone(), service.clone());
+        async move {
+            // Fails while no certificate is loaded yet; the apiserver retries.
+            let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
+                return;
+            };
+            serve_http(tls, POOLED_CLIENT_HEADER_TIMEOUT, &a.drain, service).await;
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -15,11 +15,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
 use kube_common::Manager;
 use kube_common::args::CommonArgs;
-use kube_common::serve::{
-    Accepted, HEADER_TIMEOUT, Limits, accept_loop, serve_http, tls_handshake,
-};
+use kube_common::serve::serve_https;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use authority::{Authority, DynamicCert};
@@ -154,23 +151,7 @@ async fn serve_admission(
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, WebhookError> {
     let (listener, bound) = bind(addr).await?;
-    let acceptor = TlsAcceptor::from(tls);
-    tokio::spawn(accept_loop(
-        "webhook",
-        listener,
-        Limits::default(),
-        shutdown,
-        move |a: Accepted| {
-            let acceptor = acceptor.clone();
-            async move {
-                // Handshakes fail while no certificate is loaded yet; the apiserver retries.
-                let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
-                    return;
-                };
-                serve_http(tls, HEADER_TIMEOUT, &a.drain, admit).await;
-            }
-        },
-    ));
+    tokio::spawn(serve_https("webhook", listener, tls, shutdown, admit));
     Ok(bound)
 }
 
