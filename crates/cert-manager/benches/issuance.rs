@@ -4,6 +4,7 @@
 //! `cargo bench -p cert-manager --bench issuance` (after `cargo run -p xtask -- setup`).
 //! `ISSUANCE_ROUNDS` (default 7) sets the number of Ingresses. The self-check runs one pass
 //! here (`--acme-http01-self-check-passes=1`); the default of 3 passes 1 s apart adds 2 s.
+#![allow(clippy::unwrap_used)] // test code
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -2,6 +2,7 @@
 //! away mid-life (stopped, then restarted with no memory of accounts or orders); and one it
 //! cannot be asked to produce, injected by a proxy in front of it: a server error right after
 //! new-order.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! cainjector against the real apiserver: CA bundles land in webhook configurations, CRD
 //! conversion webhooks and APIServices that ask for them, and follow the source.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common_admission;
 

@@ -1,6 +1,7 @@
 //! External account binding against pebble configured to require it (as ZeroSSL and some
 //! enterprise CAs do): the issuer registers with the key from its Secret, and a wrong key is
 //! reported on the issuer.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Issuance end to end against the real apiserver, pebble and our ingress controller: Ingress
 //! annotation → Certificate → CertificateRequest → Order → Challenge (HTTP-01 through the
 //! ingress) → TLS Secret, served by the proxy for its SNI name.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

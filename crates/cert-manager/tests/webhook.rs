@@ -1,5 +1,6 @@
 //! The webhook, called by the real kube-apiserver through Validating and Mutating
 //! WebhookConfigurations (AdmissionReview v1), serving TLS from its self-managed CA Secret.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common_admission;
 

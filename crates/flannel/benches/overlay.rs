@@ -7,6 +7,7 @@
 //! 4. Pod-to-pod TCP throughput over VXLAN vs over a plain veth pair.
 //!
 //! Runs as root; everything lives in namespaces the run creates.
+#![allow(clippy::unwrap_used)] // test code
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};

@@ -1,6 +1,7 @@
 //! The `flannel` CNI plugin against the real delegates (Debian's bridge, host-local, portmap) in
 //! a node network namespace, called exactly as a runtime calls it. No control plane needed:
 //! subnet.env is written in flanneld's format.
+#![allow(clippy::unwrap_used)] // test code
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

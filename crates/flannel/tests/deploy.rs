@@ -1,5 +1,6 @@
 //! deploy/kube-flannel: upstream's object names, RBAC, ConfigMap contents, probes and mounts,
 //! accepted by the real apiserver (server-side dry run) and readable by our own parsers.
+#![allow(clippy::unwrap_used)] // test code
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};

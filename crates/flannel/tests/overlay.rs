@@ -1,6 +1,7 @@
 //! flanneld against real peers: node network namespaces on one underlay bridge (three Pis on
 //! one LAN), the real kube-apiserver and kube-controller-manager with node IPAM, one flanneld
 //! per node, pods set up through the CNI conflist. See `integration_tests::overlay`.
+#![allow(clippy::unwrap_used)] // test code
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

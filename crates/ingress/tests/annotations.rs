@@ -1,4 +1,5 @@
 //! Annotation behaviour and Ingress merging against the real kube-apiserver.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! HTTP/2 from clients (ALPN), gRPC to an h2c backend with trailers, and WebSocket upgrades.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Routing against the real kube-apiserver: Ingress + Service + EndpointSlice in, traffic out.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! TLS against the real kube-apiserver: SNI certificates from Secrets, the fake default
 //! certificate, rotation without restart, invalid Secrets keeping the last good certificate,
 //! ssl-redirect with the ACME challenge exemption, and ssl-reject-handshake via the ConfigMap.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

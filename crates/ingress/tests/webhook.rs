@@ -1,5 +1,6 @@
 //! The validating webhook, called by the real kube-apiserver through a
 //! ValidatingWebhookConfiguration (AdmissionReview v1).
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The controller scaffolding against the real kube-apiserver: it survives an apiserver
 //! stop/start and sees objects created afterwards; `/healthz`, `/readyz` and `/metrics` answer
 //! with the right codes and parseable OpenMetrics.
+#![allow(clippy::unwrap_used)] // test code
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

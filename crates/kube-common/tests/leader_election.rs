@@ -1,6 +1,7 @@
 //! Leader election against the real kube-apiserver: one leader at a time, takeover after a crash
 //! within lease duration + retry period, immediate takeover after a graceful release, and a leader
 //! cut off from the apiserver stops acting before anyone else takes over.
+#![allow(clippy::unwrap_used)] // test code
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -1,6 +1,7 @@
 //! PVC created → Bound with the pod placed by the real scheduler, for one claim at a time and
 //! for 100 claims at once, and the provisioner's idle and peak RSS. Writes
 //! benches/results/local-path.md. Run on purpose: `cargo bench -p local-path --bench provisioning`.
+#![allow(clippy::unwrap_used)] // test code
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -225,11 +226,11 @@ async fn main() {
     }
     let all_bound = t0.elapsed();
     let peak_kib = proc_kib(pid, "VmHWM:");
-    let floor = static_burst(&env, &seen).await;
     let agent_kib: Vec<u64> = (0..3)
         .filter_map(|i| env.pid(i))
         .map(|p| proc_kib(p, "VmHWM:"))
         .collect();
+    let floor = static_burst(&env, &seen).await;
 
     let table = [
         "| case | claims | p50 ms | p99 ms | max ms |".to_string(),

@@ -1,6 +1,7 @@
 //! Against the real kube-apiserver, kube-controller-manager (PV controller, binder) and
 //! kube-scheduler (volume binding sets the selected node): our provisioner and one agent
 //! process per node, each node's disk a directory of its own.
+#![allow(clippy::unwrap_used)] // test code
 
 mod common;
 

@@ -1,7 +1,7 @@
 //! One environment per test binary: the real apiserver, pebble + challtestsrv, our ingress
 //! controller (the HTTP-01 path and the TLS it serves) and our cert-manager controller, all
 //! on a runtime of their own so every test (each with its own runtime) can use them.
-
+#![allow(clippy::unwrap_used)] // test code
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

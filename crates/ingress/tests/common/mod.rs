@@ -1,6 +1,6 @@
 //! Shared pieces of the ingress tests: an in-process controller against the real apiserver,
 //! echo backends, and raw HTTP/HTTPS clients that set Host and SNI freely.
-
+#![allow(clippy::unwrap_used)] // test code
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 //! own provisioner name and StorageClasses, its own provisioner process and one agent process
 //! per node, and its own directory per node standing for that node's disk, so tests run in
 //! parallel without seeing each other's volumes.
-
+#![allow(clippy::unwrap_used)] // test code
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
