@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use instant_acme::{AuthorizationStatus, ChallengeStatus as AcmeChallengeStatus, ChallengeType};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{self, finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::api::{Challenge, ChallengeStatus, Order};
 use crate::context::Context;
@@ -29,6 +29,8 @@ pub enum ChallengeError {
     Http01(#[from] Http01Error),
     #[error("ACME: {0}")]
     Acme(#[from] instant_acme::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<ChallengeError>>),
 }
 
 /// Self-check passes so far, per Challenge uid (in memory: a restart starts counting again).
@@ -60,23 +62,6 @@ async fn patch_status(
     crate::status::apply(&ctx.client, ch, status).await
 }
 
-async fn set_finalizers(
-    ctx: &Context,
-    ch: &Challenge,
-    finalizers: Vec<String>,
-) -> Result<(), kube::Error> {
-    let api: Api<Challenge> =
-        Api::namespaced(ctx.client.clone(), &ch.namespace().unwrap_or_default());
-    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": ch.resource_version() } });
-    api.patch(
-        &ch.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
-    Ok(())
-}
-
 async fn event(ctx: &Context, ch: &Challenge, type_: EventType, reason: &str, note: String) {
     kube_common::events::publish(
         &ctx.recorder,
@@ -96,53 +81,64 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
     let Some(ch) = api.get_opt(&ch.name_any()).await? else {
         return Ok(Action::await_change());
     };
-    let uid = ch.uid().unwrap_or_default();
-    if ch.meta().deletion_timestamp.is_some() {
-        ctx.solver.cleanup(&ctx.client, &ch).await?;
-        ctx.self_checks.reset(&uid);
-        let rest: Vec<String> = ch
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        if rest.len() != ch.finalizers().len() {
-            set_finalizers(&ctx, &ch, rest).await?;
-        }
-        return Ok(Action::await_change());
+    let state = ch
+        .status
+        .as_ref()
+        .and_then(|s| s.state.clone())
+        .unwrap_or_default();
+    // A finished challenge is cleaned up and left alone. It gets no finalizer: as upstream,
+    // only a challenge in progress holds its own deletion back.
+    if ch.meta().deletion_timestamp.is_none() && is_final(&state) {
+        return finished(&ctx, &ch).await;
     }
+    finalizer(&api, FINALIZER, Arc::new(ch), |event| async {
+        match event {
+            finalizer::Event::Apply(ch) => solve(&ch, &ctx).await,
+            finalizer::Event::Cleanup(ch) => cleanup(&ch, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| ChallengeError::Finalizer(Box::new(e)))
+}
+
+/// Deleted: the token is no longer answered (the finalizer goes once this succeeds).
+async fn cleanup(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> {
+    ctx.solver.cleanup(&ctx.client, ch).await?;
+    ctx.self_checks.reset(&ch.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+/// Valid, invalid, expired or errored: stop presenting the token.
+async fn finished(ctx: &Context, ch: &Challenge) -> Result<Action, ChallengeError> {
     let mut status = ch.status.clone().unwrap_or_default();
-    let state = status.state.clone().unwrap_or_default();
-    if is_final(&state) {
-        if status.presented == Some(true) {
-            ctx.solver.cleanup(&ctx.client, &ch).await?;
-            status.presented = Some(false);
-            status.processing = Some(false);
-            patch_status(&ctx, &ch, &status).await?;
-        }
-        return Ok(Action::await_change());
+    if status.presented == Some(true) {
+        ctx.solver.cleanup(&ctx.client, ch).await?;
+        status.presented = Some(false);
+        status.processing = Some(false);
+        patch_status(ctx, ch, &status).await?;
     }
-    if !ch.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut f = ch.finalizers().to_vec();
-        f.push(FINALIZER.into());
-        set_finalizers(&ctx, &ch, f).await?;
-        return Ok(Action::await_change());
-    }
+    Ok(Action::await_change())
+}
+
+/// Present the token, self-check, ask the ACME server to validate, record the outcome.
+async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> {
+    let uid = ch.uid().unwrap_or_default();
+    let mut status = ch.status.clone().unwrap_or_default();
     if ch.spec.type_ != "HTTP-01" || ch.spec.solver.http01.is_none() {
         status.reason = Some("Only HTTP-01 challenges are supported by this implementation".into());
         status.state = Some("errored".into());
-        patch_status(&ctx, &ch, &status).await?;
+        patch_status(ctx, ch, &status).await?;
         return Ok(Action::await_change());
     }
 
     if status.presented != Some(true) {
-        if let Err(e) = ctx.solver.present(&ctx.client, &ch).await {
+        if let Err(e) = ctx.solver.present(&ctx.client, ch).await {
             status.reason = Some(format!("Error presenting challenge: {e}"));
             status.processing = Some(true);
-            patch_status(&ctx, &ch, &status).await?;
+            patch_status(ctx, ch, &status).await?;
             event(
-                &ctx,
-                &ch,
+                ctx,
+                ch,
                 EventType::Warning,
                 "PresentError",
                 format!("Error presenting challenge: {e}"),
@@ -155,10 +151,10 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
         status.processing = Some(true);
         status.state = Some("pending".into());
         status.reason = Some("Waiting for HTTP-01 challenge propagation".into());
-        patch_status(&ctx, &ch, &status).await?;
+        patch_status(ctx, ch, &status).await?;
         event(
-            &ctx,
-            &ch,
+            ctx,
+            ch,
             EventType::Normal,
             "Presented",
             "Presented challenge using HTTP-01 challenge mechanism".to_string(),
@@ -172,7 +168,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
     }
 
     let issuer = issuers::resolve(
-        &ctx,
+        ctx,
         &ch.namespace().unwrap_or_default(),
         &ch.spec.issuer_ref,
     )
@@ -180,10 +176,10 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
     let Some(issuer) = issuer else {
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
-    let account = issuers::account(&ctx, &issuer).await?;
+    let account = issuers::account(ctx, &issuer).await?;
 
     // Has the ACME server been told already? Look at the authorization.
-    let Some(order_url) = order_url(&ctx, &ch).await? else {
+    let Some(order_url) = order_url(ctx, ch).await? else {
         return Ok(Action::requeue(Duration::from_secs(5)));
     };
     let mut acme_order = account.order(order_url).await?;
@@ -222,7 +218,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
                     return Ok(Action::requeue(Duration::from_secs((due - now) as u64)));
                 }
             } else {
-                match ctx.solver.self_check(&ch).await {
+                match ctx.solver.self_check(ch).await {
                     Ok(()) => {
                         let passes = ctx.self_checks.pass(&uid);
                         if passes < ctx.args.acme_http01_self_check_passes {
@@ -235,7 +231,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
                         let reason = format!("Waiting for HTTP-01 challenge propagation: {e}");
                         if status.reason.as_deref() != Some(reason.as_str()) {
                             status.reason = Some(reason);
-                            patch_status(&ctx, &ch, &status).await?;
+                            patch_status(ctx, ch, &status).await?;
                         }
                         return Ok(Action::requeue(ctx.args.acme_http01_self_check_interval));
                     }
@@ -248,7 +244,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             ctx.self_checks.reset(&uid);
             status.reason = Some("Waiting for authorization to be valid".into());
             status.state = Some("processing".into());
-            patch_status(&ctx, &ch, &status).await?;
+            patch_status(ctx, ch, &status).await?;
             return Ok(Action::requeue(Duration::from_millis(250)));
         }
         found = Some((authz_status, error));
@@ -257,7 +253,7 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
     let Some((authz_status, error)) = found else {
         status.state = Some("errored".into());
         status.reason = Some("authorization not found in the ACME order".into());
-        patch_status(&ctx, &ch, &status).await?;
+        patch_status(ctx, ch, &status).await?;
         return Ok(Action::await_change());
     };
     match authz_status {
@@ -266,8 +262,8 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             status.reason = Some("Successfully authorized domain".into());
             status.processing = Some(false);
             event(
-                &ctx,
-                &ch,
+                ctx,
+                ch,
                 EventType::Normal,
                 "DomainVerified",
                 format!(
@@ -285,12 +281,12 @@ pub async fn reconcile(ch: Arc<Challenge>, ctx: Arc<Context>) -> Result<Action, 
             status.state = Some("invalid".into());
             status.reason = Some(format!("Error accepting authorization: {detail}"));
             status.processing = Some(false);
-            event(&ctx, &ch, EventType::Warning, "Failed", detail).await;
+            event(ctx, ch, EventType::Warning, "Failed", detail).await;
         }
     }
-    ctx.solver.cleanup(&ctx.client, &ch).await?;
+    ctx.solver.cleanup(&ctx.client, ch).await?;
     status.presented = Some(false);
-    patch_status(&ctx, &ch, &status).await?;
+    patch_status(ctx, ch, &status).await?;
     Ok(Action::await_change())
 }
 

@@ -554,3 +554,61 @@ async fn edit_in_place_adds_and_removes_the_solver_path() {
         "{events:?}"
     );
 }
+
+/// A Challenge deleted while it is being solved: its finalizer (kube-runtime's helper) holds
+/// the deletion until the solver's objects are gone, then lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_deleted_in_progress_is_cleaned_up_then_released() {
+    use cert_manager::api::Challenge;
+    let _shared = shared(EnvOptions::default());
+    let client = client().await;
+    let ns = namespace("cm-chdel").await;
+    let challenges: Api<Challenge> = Api::namespaced(client.clone(), &ns);
+    let ch: Challenge = serde_json::from_value(json!({
+        "apiVersion": "acme.cert-manager.io/v1", "kind": "Challenge",
+        "metadata": {"name": "in-progress", "namespace": ns},
+        "spec": {
+            "url": "https://127.0.0.1:1/chal/x", "authorizationURL": "https://127.0.0.1:1/authz/x",
+            "dnsName": format!("gone.{ns}.test"), "type": "HTTP-01",
+            "token": "tok", "key": "tok.thumbprint",
+            "solver": {"http01": {"ingress": {"ingressClassName": "nginx"}}},
+            "issuerRef": {"name": "absent", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+        }
+    }))
+    .expect("challenge");
+    challenges
+        .create(&PostParams::default(), &ch)
+        .await
+        .expect("create challenge");
+    let solver_ingresses = || async {
+        Api::<Ingress>::namespaced(client.clone(), &ns)
+            .list(
+                &kube::api::ListParams::default().labels("acme.cert-manager.io/http01-solver=true"),
+            )
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0)
+    };
+    eventually("finalizer added and token presented", LIMIT, || async {
+        challenges.get("in-progress").await.is_ok_and(|c| {
+            c.finalizers()
+                .iter()
+                .any(|f| f == cert_manager::challenges::FINALIZER)
+                && c.status.as_ref().and_then(|s| s.presented) == Some(true)
+        })
+    })
+    .await;
+    assert_eq!(solver_ingresses().await, 1, "solver Ingress made");
+    challenges
+        .delete("in-progress", &DeleteParams::default())
+        .await
+        .expect("delete challenge");
+    eventually("challenge released", LIMIT, || async {
+        challenges
+            .get_opt("in-progress")
+            .await
+            .is_ok_and(|c| c.is_none())
+    })
+    .await;
+    assert_eq!(solver_ingresses().await, 0, "solver Ingress removed first");
+}
