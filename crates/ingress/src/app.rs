@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use kube_common::Manager;
 
@@ -26,6 +27,18 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     /// The HTTP and HTTPS servers: they end once shutdown has drained their connections.
     pub servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Cancelled `--shutdown-grace-period` seconds after `shutdown`.
+fn after_grace(shutdown: &CancellationToken, grace_secs: u64) -> CancellationToken {
+    let later = CancellationToken::new();
+    let (shutdown, stop) = (shutdown.clone(), later.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(std::time::Duration::from_secs(grace_secs)).await;
+        stop.cancel();
+    });
+    later
 }
 
 fn object_key(flag: &str, value: Option<&String>) -> Result<Option<ObjectKey>> {
@@ -135,18 +148,19 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
             generations,
         },
     ));
+    let stop_accepting = after_grace(&mgr.shutdown, args.shutdown_grace_period);
     let servers = vec![
         tokio::spawn(crate::server::serve(
             http_listener,
             None,
             proxy.clone(),
-            mgr.shutdown.clone(),
+            stop_accepting.clone(),
         )),
         tokio::spawn(crate::server::serve(
             https_listener,
             Some(tls_config.clone()),
             proxy.clone(),
-            mgr.shutdown.clone(),
+            stop_accepting,
         )),
     ];
     let health_addr = args

@@ -56,6 +56,11 @@ pub struct Args {
     pub validating_webhook_certificate: Option<std::path::PathBuf>,
     #[arg(long)]
     pub validating_webhook_key: Option<std::path::PathBuf>,
+    /// Seconds to keep accepting after the shutdown signal (`/readyz` fails meanwhile, so load
+    /// balancers and endpoints move away first); then the listeners close and open connections
+    /// drain.
+    #[arg(long, default_value_t = 0)]
+    pub shutdown_grace_period: u64,
 
     #[command(flatten)]
     pub common: CommonArgs,

@@ -178,6 +178,42 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
     }
 }
 
+/// `--shutdown-grace-period` (ingress-nginx's flag): after the signal, new connections are still
+/// served for the grace period while `/readyz` fails; then the listeners close.
+#[tokio::test]
+async fn shutdown_grace_period_keeps_serving_while_not_ready() {
+    let env = env("grace", &["--shutdown-grace-period=2"]).await;
+    let b = backend("web").await;
+    service(&env.client, &env.ns, "web", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("web", &host, "/", "Prefix", "web"),
+    )
+    .await;
+    let (http, health) = (env.running.http, env.running.health);
+    eventually("served", WAIT, || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    assert_eq!(get(health, "health", "/readyz").await.status, 200);
+    env.shutdown.cancel();
+    eventually("not ready once shutting down", WAIT, || async {
+        get(health, "health", "/readyz").await.status == 503
+    })
+    .await;
+    assert_eq!(
+        get(http, &host, "/").await.status,
+        200,
+        "a new connection in the grace period is served"
+    );
+    eventually("listeners closed after the grace period", WAIT, || async {
+        tokio::net::TcpStream::connect(http).await.is_err()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn endpoints_follow_slices_round_robin_ready_only() {
     let env = env("eps", &[]).await;

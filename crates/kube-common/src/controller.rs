@@ -275,7 +275,17 @@ impl Manager {
             readiness: self.readiness.clone(),
             registry: self.registry.clone(),
         };
-        let (bound, _task) = health::serve(addr, state, self.shutdown.clone()).await?;
+        // From the shutdown signal on, /readyz fails so Services and load balancers stop sending
+        // new work; the server itself answers until the process ends, so liveness holds while
+        // connections drain.
+        let serving = self.readiness.register("not-shutting-down");
+        serving.set(true);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            serving.set(false);
+        });
+        let (bound, _task) = health::serve(addr, state, CancellationToken::new()).await?;
         Ok(bound)
     }
 
