@@ -22,7 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use kube_common::serve::{HEADER_TIMEOUT, Limits, accept_loop, serve_http};
+use kube_common::serve::{IDLE_TIMEOUT, Limits, accept_loop, serve_http};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -581,7 +581,7 @@ async fn serve(listener: TcpListener, tokens: Tokens, shutdown: CancellationToke
         move |a| {
             let tokens = tokens.clone();
             async move {
-                serve_http(a.stream, HEADER_TIMEOUT, &a.drain, move |req| {
+                serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
                     let answer = answer(&tokens, &req);
                     async move { answer }
                 })

@@ -358,6 +358,9 @@ impl Proxy {
         let mut req = req;
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let tunnel_guard = req
+            .extensions_mut()
+            .remove::<Arc<kube_common::idle::InFlight>>();
         let (mut parts, body) = req.into_parts();
         let original_host = request_host_parts(&parts).unwrap_or_default();
         let scheme = if matches!(
@@ -541,6 +544,7 @@ impl Proxy {
                     let mut u = hyper_util::rt::TokioIo::new(u);
                     let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
                 }
+                drop(tunnel_guard);
             });
             let (rparts, _) = resp.into_parts();
             return Response::from_parts(

@@ -8,13 +8,13 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use kube_common::idle::{Activity, Tracked};
 use kube_common::serve::{Accepted, Limits, accept_loop, tls_handshake};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::framing::{Scanned, Verdicts};
-use crate::keepalive::{Activity, Tracked};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
 /// ingress-nginx's `max-worker-connections` default: connections one listener keeps open.
@@ -62,8 +62,15 @@ async fn connection(
     let in_service = activity.clone();
     let verdicts = Arc::new(Verdicts::default());
     let framing = verdicts.clone();
-    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let guard = in_service.enter();
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let mut guard = Some(in_service.enter());
+        // An upgrade's tunnel outlives its request: it takes the guard along, so the
+        // connection keeps its slot in the accept loop until the tunnel ends.
+        if req.headers().contains_key(http::header::UPGRADE)
+            && let Some(g) = guard.take()
+        {
+            req.extensions_mut().insert(Arc::new(g));
+        }
         // HTTP/1 only: one verdict per request head, in order.
         let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
         let proxy = proxy.clone();
@@ -132,6 +139,7 @@ async fn connection(
                 verdicts,
             ));
             until_idle(http1_conn!(io), &activity, keep_alive).await;
+            activity.requests_done().await;
         }
         Some(config) => {
             // The current settings (ssl-protocols, use-http2) for each new connection.
@@ -150,6 +158,7 @@ async fn connection(
                 http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
             };
             until_idle(conn, &activity, keep_alive).await;
+            activity.requests_done().await;
         }
     }
 }

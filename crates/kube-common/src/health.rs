@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::serve::{HEADER_TIMEOUT, Limits, accept_loop, serve_http};
+use crate::serve::{IDLE_TIMEOUT, Limits, accept_loop, serve_http};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -100,7 +100,7 @@ pub async fn serve(
         move |a| {
             let state = state.clone();
             async move {
-                serve_http(a.stream, HEADER_TIMEOUT, &a.drain, move |req| {
+                serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
                     let response = route(&state, &req);
                     async move { response }
                 })

@@ -9,6 +9,7 @@ pub mod discovery;
 mod error;
 pub mod events;
 pub mod health;
+pub mod idle;
 pub mod leader;
 pub mod metrics;
 pub mod serve;

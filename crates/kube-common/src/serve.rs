@@ -23,19 +23,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::idle::{Activity, Tracked};
+
 /// A TLS handshake not done by then is dropped (a client that opens a connection and sends
 /// nothing would otherwise hold it for good).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Request heads to the small servers must arrive within this (slowloris). hyper applies it
-/// while a keep-alive connection waits for its next request too, so it is also their idle
-/// timeout (hyper's default value).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The small servers' [`serve_http`] timeout: request heads must arrive, and idle connections
+/// close, within this (hyper's default header timeout).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The same for servers whose client pools idle connections (the apiserver calling webhooks
 /// keeps them 90 s, Go's default): longer than the client's, so the client always closes first
 /// and never sends a request on a connection the server is closing.
-pub const POOLED_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+pub const POOLED_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// HTTP/2 pings this often find peers that went away without closing.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -177,12 +178,14 @@ where
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on `io` for the small servers: request heads must arrive within
-/// `header_timeout` (also the HTTP/1 idle timeout, see [`HEADER_TIMEOUT`]); on drain, the request in progress finishes, then the connection closes
-/// (HTTP/2 clients get a GOAWAY).
+/// Serves HTTP/1.1 or HTTP/2 on `io` for the small servers. Request heads must arrive, and a
+/// connection with no request in progress and no bytes moving closes, within `timeout` (the
+/// second also for HTTP/2, which hyper does not time out by itself: idle connections cannot
+/// pile up against the connection bound). On drain, the request in progress finishes, then the
+/// connection closes (HTTP/2 clients get a GOAWAY).
 pub async fn serve_http<IO, F, Fut, B>(
     io: IO,
-    header_timeout: Duration,
+    timeout: Duration,
     drain: &CancellationToken,
     service: F,
 ) where
@@ -193,24 +196,33 @@ pub async fn serve_http<IO, F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let activity = Arc::new(Activity::default());
+    let in_service = activity.clone();
     let service = Arc::new(service);
     let svc = hyper::service::service_fn(move |req| {
+        let guard = in_service.enter();
         let service = service.clone();
-        async move { Ok::<_, Infallible>(service(req).await) }
+        async move {
+            let response = service(req).await;
+            drop(guard);
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let io = TokioIo::new(Tracked::new(io, activity.clone()));
+    let conn = builder.serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        () = activity.idle_for(timeout) => {}
         _ = drain.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
@@ -219,7 +231,7 @@ pub async fn serve_http<IO, F, Fut, B>(
 }
 
 /// An HTTPS server for clients that pool connections (the admission webhooks): TLS with
-/// `tls`, then [`serve_http`] with [`POOLED_CLIENT_HEADER_TIMEOUT`], every request answered by
+/// `tls`, then [`serve_http`] with [`POOLED_CLIENT_IDLE_TIMEOUT`], every request answered by
 /// `service`.
 pub async fn serve_https<F, Fut, B>(
     name: &str,
@@ -242,7 +254,7 @@ pub async fn serve_https<F, Fut, B>(
             let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
                 return;
             };
-            serve_http(tls, POOLED_CLIENT_HEADER_TIMEOUT, &a.drain, service).await;
+            serve_http(tls, POOLED_CLIENT_IDLE_TIMEOUT, &a.drain, service).await;
         }
     })
     .await
@@ -310,6 +322,41 @@ mod tests {
         let handshake = handshake_within(Duration::from_millis(100), &acceptor, server_io);
         let gave_up = tokio::time::timeout(Duration::from_secs(5), handshake).await;
         assert!(matches!(gave_up, Ok(None)), "given up after the timeout");
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed() {
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let drain = CancellationToken::new();
+        let server = tokio::spawn(async move {
+            serve_http(
+                server_io,
+                Duration::from_millis(200),
+                &drain,
+                |_req| async {
+                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                        b"ok",
+                    )))
+                },
+            )
+            .await
+        });
+        // HTTP/2 with prior knowledge: a request, then nothing.
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri("http://x/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let r = sender.send_request(req).await.expect("response");
+        assert_eq!(r.status(), 200);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("idle connection closed")
+            .expect("server task");
     }
 
     #[derive(Debug)]

@@ -1,7 +1,8 @@
-//! Client keep-alive (`keep-alive`, nginx's `keepalive_timeout`): a connection with no request
-//! in progress and no bytes moving for that long is closed. hyper has no idle timer of its own
-//! for this (its header-read timer is `client-header-timeout`), so the connection's I/O is
-//! wrapped to record activity and a watchdog ends idle connections.
+//! Idle connections: a connection with no request in progress and no bytes moving for a while
+//! is closed. hyper has no idle timer of its own (its HTTP/1 header-read timer only covers the
+//! wait for a request head, and HTTP/2 has none), so the connection's I/O is wrapped to record
+//! activity and a watchdog ends idle connections. The ingress proxy uses it for `keep-alive`
+//! (nginx's `keepalive_timeout`); [`crate::serve::serve_http`] for the small servers.
 
 use std::io;
 use std::pin::Pin;
@@ -52,6 +53,14 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.touch();
         InFlight(self.clone())
+    }
+
+    /// Resolves once no request is in progress (an upgraded connection's tunnel counts as one
+    /// while it holds its request's guard).
+    pub async fn requests_done(&self) {
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Resolves once the connection has been idle (no request, no I/O) for `timeout`.
