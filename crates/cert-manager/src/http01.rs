@@ -22,7 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use kube_common::serve::{IDLE_TIMEOUT, Limits, accept_loop, serve_http};
+use kube_common::serve::serve_plain;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -573,22 +573,9 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(obj: &K) -> Option<OwnerReferenc
 }
 
 async fn serve(listener: TcpListener, tokens: Tokens, shutdown: CancellationToken) {
-    accept_loop(
-        "http01-solver",
-        listener,
-        Limits::default(),
-        shutdown,
-        move |a| {
-            let tokens = tokens.clone();
-            async move {
-                serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
-                    let answer = answer(&tokens, &req);
-                    async move { answer }
-                })
-                .await
-            }
-        },
-    )
+    serve_plain("http01-solver", listener, shutdown, move |req| {
+        answer(&tokens, req)
+    })
     .await
 }
 

@@ -138,11 +138,8 @@ async fn metric_labels_a_client_controls_stay_bounded() {
     assert!(m.contains("method=\"UNKNOWN\""), "{m}");
 }
 
-/// Shutdown: the listeners close at once (a second instance can take the port), requests in
-/// flight still complete, and the servers end when their connections have drained.
-#[tokio::test]
-async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
-    let mut env = env("drain", &[]).await;
+/// An echo backend "web" behind `<ns>.example/`, served: returns the host.
+async fn serve_web(env: &Env) -> String {
     let b = backend("web").await;
     service(&env.client, &env.ns, "web", &[b], &[]).await;
     let host = format!("{}.example", env.ns);
@@ -157,6 +154,16 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
         get(http, &host, "/").await.status == 200
     })
     .await;
+    host
+}
+
+/// Shutdown: the listeners close at once (a second instance can take the port), requests in
+/// flight still complete, and the servers end when their connections have drained.
+#[tokio::test]
+async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
+    let mut env = env("drain", &[]).await;
+    let host = serve_web(&env).await;
+    let http = env.running.http;
     let in_flight = tokio::spawn({
         let host = host.clone();
         async move { get(http, &host, "/slow").await }
@@ -183,20 +190,8 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
 #[tokio::test]
 async fn shutdown_grace_period_keeps_serving_while_not_ready() {
     let env = env("grace", &["--shutdown-grace-period=2"]).await;
-    let b = backend("web").await;
-    service(&env.client, &env.ns, "web", &[b], &[]).await;
-    let host = format!("{}.example", env.ns);
-    apply_ingress(
-        &env.client,
-        &env.ns,
-        simple_ingress("web", &host, "/", "Prefix", "web"),
-    )
-    .await;
+    let host = serve_web(&env).await;
     let (http, health) = (env.running.http, env.running.health);
-    eventually("served", WAIT, || async {
-        get(http, &host, "/").await.status == 200
-    })
-    .await;
     assert_eq!(get(health, "health", "/readyz").await.status, 200);
     env.shutdown.cancel();
     eventually("not ready once shutting down", WAIT, || async {

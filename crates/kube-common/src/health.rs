@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::serve::{IDLE_TIMEOUT, Limits, accept_loop, serve_http};
+use crate::serve::serve_plain;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -92,22 +92,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
     tracing::info!(address = %local, "serving /healthz, /readyz and /metrics");
-    let task = tokio::spawn(accept_loop(
-        "health",
-        listener,
-        Limits::default(),
-        shutdown,
-        move |a| {
-            let state = state.clone();
-            async move {
-                serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
-                    let response = route(&state, &req);
-                    async move { response }
-                })
-                .await
-            }
-        },
-    ));
+    let task = tokio::spawn(serve_plain("health", listener, shutdown, move |req| {
+        route(&state, req)
+    }));
     Ok((local, task))
 }
 

@@ -230,6 +230,32 @@ pub async fn serve_http<IO, F, Fut, B>(
     }
 }
 
+/// A plain HTTP server of the small kind (health, the HTTP-01 solver): every request answered
+/// at once by `answer`, with [`IDLE_TIMEOUT`].
+pub async fn serve_plain<F, B>(
+    name: &str,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    answer: F,
+) where
+    F: Fn(&hyper::Request<Incoming>) -> hyper::Response<B> + Clone + Send + Sync + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    accept_loop(name, listener, Limits::default(), shutdown, move |a| {
+        let answer = answer.clone();
+        async move {
+            serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
+                let response = answer(&req);
+                async move { response }
+            })
+            .await
+        }
+    })
+    .await
+}
+
 /// An HTTPS server for clients that pool connections (the admission webhooks): TLS with
 /// `tls`, then [`serve_http`] with [`POOLED_CLIENT_IDLE_TIMEOUT`], every request answered by
 /// `service`.
