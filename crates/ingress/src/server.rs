@@ -59,34 +59,8 @@ async fn connection(
     let cfg = proxy.snapshot().config.clone();
     let conn = ConnInfo::new(remote, local, tls.is_some());
     let activity = Arc::new(Activity::default());
-    let in_service = activity.clone();
     let verdicts = Arc::new(Verdicts::default());
-    let framing = verdicts.clone();
-    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let mut guard = Some(in_service.enter());
-        // An upgrade's tunnel outlives its request: it takes the guard along, so the
-        // connection keeps its slot in the accept loop until the tunnel ends.
-        if req.headers().contains_key(http::header::UPGRADE)
-            && let Some(g) = guard.take()
-        {
-            req.extensions_mut().insert(Arc::new(g));
-        }
-        // HTTP/1 only: one verdict per request head, in order.
-        let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
-        let proxy = proxy.clone();
-        let conn = conn.clone();
-        async move {
-            if conflict {
-                return Ok(plain(
-                    http::StatusCode::BAD_REQUEST,
-                    "400 Bad Request: both Content-Length and Transfer-Encoding\n",
-                ));
-            }
-            let response = proxy.handle(req, conn).await;
-            drop(guard);
-            response
-        }
-    });
+    let service = request_service(proxy, conn, activity.clone(), verdicts.clone());
     let keep_alive = cfg.keep_alive;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -161,6 +135,48 @@ async fn connection(
             activity.requests_done().await;
         }
     }
+}
+
+/// Each request of one connection: refused when its head had conflicting framing, else
+/// proxied, counted as in progress meanwhile.
+fn request_service(
+    proxy: Arc<Proxy>,
+    conn: ConnInfo,
+    activity: Arc<Activity>,
+    framing: Arc<Verdicts>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::proxy::Body>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let mut guard = Some(activity.enter());
+        // An upgrade's tunnel outlives its request: it takes the guard along, so the
+        // connection keeps its slot in the accept loop until the tunnel ends.
+        if req.headers().contains_key(http::header::UPGRADE)
+            && let Some(g) = guard.take()
+        {
+            req.extensions_mut().insert(Arc::new(g));
+        }
+        // HTTP/1 only: one verdict per request head, in order.
+        let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
+        let proxy = proxy.clone();
+        let conn = conn.clone();
+        async move {
+            if conflict {
+                return Ok(plain(
+                    http::StatusCode::BAD_REQUEST,
+                    "400 Bad Request: both Content-Length and Transfer-Encoding\n",
+                ));
+            }
+            let response = proxy.handle(req, conn).await;
+            drop(guard);
+            response
+        }
+    })
 }
 
 /// A serving connection, boxed: spelling its type out keeps the spawned future `Send` (the

@@ -141,7 +141,7 @@ pub async fn accept_loop<H, Fut>(
         tracing::info!(
             server = name,
             open = max - slots.available_permits(),
-            "drain period over; closing the remaining connections"
+            "drain period over; the remaining connections end with the process"
         );
     }
 }
@@ -225,7 +225,10 @@ pub async fn serve_http<IO, F, Fut, B>(
         () = activity.idle_for(timeout) => {}
         _ = drain.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = activity.idle_for(timeout) => {}
+            }
         }
     }
 }
