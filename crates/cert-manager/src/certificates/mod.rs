@@ -1,7 +1,7 @@
-//! Certificates, along upstream's `pkg/controller/certificates/*` seams: [`trigger`] (whether to
-//! issue: policy chain and failure backoff), [`key_manager`] (next private key Secret),
-//! [`request_manager`] (`<name>-<revision>` CertificateRequest), [`issuing`] (the Secret) and
-//! [`readiness`] (Ready condition, renewal time). Upstream runs five controllers over one
+//! Certificates, along upstream's `pkg/controller/certificates/*` seams: `trigger` (whether to
+//! issue: policy chain and failure backoff), `key_manager` (next private key Secret),
+//! `request_manager` (`<name>-<revision>` CertificateRequest), `issuing` (the Secret) and
+//! `readiness` (Ready condition, renewal time). Upstream runs five controllers over one
 //! status; here they are steps of one reconcile, so they never race each other's writes.
 
 mod issuing;
