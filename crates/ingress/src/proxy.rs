@@ -138,7 +138,12 @@ impl Proxy {
         let started = Instant::now();
         let snap = self.snapshot.load_full();
         let method = req.method().clone();
-        let host = request_host(&req)
+        if let Err(why) = check_host(req.version(), req.uri(), req.headers()) {
+            let location = snap.default_location.clone();
+            let response = plain(StatusCode::BAD_REQUEST, why);
+            return Ok(self.record(&method, "", &location, response, started));
+        }
+        let host = request_host(req.uri(), req.headers())
             .map(|h| normalize_host(&h))
             .unwrap_or_default();
         let (location, rewrite) = route(&snap, &host, req.uri().path());
@@ -362,7 +367,13 @@ impl Proxy {
             .extensions_mut()
             .remove::<Arc<kube_common::idle::InFlight>>();
         let (mut parts, body) = req.into_parts();
-        let original_host = request_host_parts(&parts).unwrap_or_default();
+        let original_host = request_host(&parts.uri, &parts.headers).unwrap_or_default();
+        // The Host the upstream sees is the one the request was routed by: the target's
+        // authority when it has one (absolute-form, HTTP/2), else the Host field.
+        let host_value = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
         let scheme = if matches!(
             ann.backend_protocol,
             BackendProtocol::Https | BackendProtocol::Grpcs
@@ -444,7 +455,6 @@ impl Proxy {
         } else {
             (own_proto, conn.local_port.clone())
         };
-        let host_value = parts.headers.get(header::HOST).cloned();
         let headers = &mut parts.headers;
         if let Some(xff) = &original_xff {
             set(
@@ -530,6 +540,11 @@ impl Proxy {
                         "413 Request Entity Too Large\n",
                     );
                 }
+                // A malformed request body (an invalid chunk size, say) is the client's error,
+                // as nginx answers it, not a failed upstream.
+                if progress.client_failed() {
+                    return plain(StatusCode::BAD_REQUEST, "400 Bad Request\n");
+                }
                 return plain(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
             }
             Ok(Ok(r)) => r,
@@ -614,21 +629,31 @@ fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+/// The host a request names: its target's authority when it has one (absolute-form, where
+/// RFC 9112 §3.2.2 says the Host field is ignored; HTTP/2's `:authority`), else the Host field.
+fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    uri.authority().map(|a| a.to_string()).or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    })
 }
 
-fn request_host_parts(parts: &http::request::Parts) -> Option<String> {
-    parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host field or with
+/// more than one (nginx does).
+fn check_host(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+    if version > http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("400 Bad Request: more than one Host field\n"),
+        (None, _) if version == http::Version::HTTP_11 && uri.authority().is_none() => {
+            Err("400 Bad Request: no Host field\n")
+        }
+        _ => Ok(()),
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -803,5 +828,42 @@ impl RequestIds {
             }
         }
         HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(hosts: &[&'static str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for host in hosts {
+            h.append(header::HOST, HeaderValue::from_static(host));
+        }
+        h
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host() {
+        let origin: Uri = "/a".parse().unwrap();
+        let v11 = http::Version::HTTP_11;
+        assert!(check_host(v11, &origin, &headers(&["a.test"])).is_ok());
+        assert!(check_host(v11, &origin, &headers(&[])).is_err());
+        assert!(check_host(v11, &origin, &headers(&["a.test", "b.test"])).is_err());
+        // HTTP/1.0 may leave Host out; absolute-form names the host itself.
+        assert!(check_host(http::Version::HTTP_10, &origin, &headers(&[])).is_ok());
+        let absolute: Uri = "http://a.test/a".parse().unwrap();
+        assert!(check_host(v11, &absolute, &headers(&[])).is_ok());
+        assert!(check_host(http::Version::HTTP_2, &absolute, &headers(&[])).is_ok());
+    }
+
+    #[test]
+    fn the_target_authority_wins_over_the_host_field() {
+        let absolute: Uri = "http://other.test/a".parse().unwrap();
+        let host = request_host(&absolute, &headers(&["bench.test"]));
+        assert_eq!(host.as_deref(), Some("other.test"));
+        let origin: Uri = "/a".parse().unwrap();
+        let host = request_host(&origin, &headers(&["bench.test"]));
+        assert_eq!(host.as_deref(), Some("bench.test"));
     }
 }

@@ -20,6 +20,9 @@ pub struct Progress {
     /// Milliseconds since `start` of the last pulled frame.
     last_ms: AtomicU64,
     done: AtomicBool,
+    /// Reading the client's body failed (bad chunked framing, say): the client's fault, not
+    /// the upstream's.
+    failed: AtomicBool,
 }
 
 impl Default for Progress {
@@ -28,6 +31,7 @@ impl Default for Progress {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         }
     }
 }
@@ -36,6 +40,11 @@ impl Progress {
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether reading the client's body failed.
+    pub fn client_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Resolves once the body has gone `timeout` without progress; never once it is done.
@@ -87,8 +96,11 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.progress.touch();
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.progress.done.store(true, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.progress.failed.store(true, Ordering::Relaxed),
+            Poll::Ready(None) => self.progress.done.store(true, Ordering::Relaxed),
+            _ if self.inner.is_end_stream() => self.progress.done.store(true, Ordering::Relaxed),
+            _ => {}
         }
         polled
     }
