@@ -20,8 +20,10 @@ impl Reply {
     }
 }
 
-/// A client config trusting only `ca_pem` (no roots at all without it).
-pub(crate) fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
+/// A rustls client config (TLS 1.2 and 1.3) trusting only the certificates of `ca_pem`
+/// (no roots at all without it): tests check the chain a server presents against the CA that
+/// issued it, never against the system's roots.
+pub fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     crate::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = ca_pem {
@@ -36,6 +38,20 @@ pub(crate) fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     Ok(rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// A TLS connection to `addr` with SNI (and verified name) `server_name`.
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    config: rustls::ClientConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(std::io::Error::other)?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
 }
 
 /// Sends `method url` with `body`, trusting only `ca_pem` for HTTPS.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::api::{ObjectMeta, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
@@ -24,6 +26,8 @@ use crate::{HarnessError, Result};
 const DIR_PREFIX: &str = "homecluster-k8s-";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const ADMIN_TOKEN_LEN: usize = 32;
+/// Generous: the shared apiserver is busy with other tests on 2 cores.
+const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What to start besides etcd and the apiserver.
 #[derive(Clone, Copy, Debug, Default)]
@@ -530,4 +534,59 @@ pub async fn ensure_ingress_class(client: &Client, name: &str, controller: &str)
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Applies `crds` (server-side, idempotent: tests of one binary share the apiserver) and waits
+/// until each is Established, so custom resources can be created right after.
+pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds {
+        let name = crd.name_any();
+        api.patch(
+            &name,
+            &PatchParams::apply("integration-tests").force(),
+            &Patch::Apply(crd),
+        )
+        .await?;
+    }
+    for crd in crds {
+        let name = crd.name_any();
+        let deadline = Instant::now() + CRD_ESTABLISHED_TIMEOUT;
+        while !established(&api.get(&name).await?) {
+            if Instant::now() > deadline {
+                return Err(HarnessError::NotReady {
+                    what: format!("CRD {name}"),
+                    secs: CRD_ESTABLISHED_TIMEOUT.as_secs(),
+                    log: "not Established".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+fn established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
+}
+
+/// Labels namespace `ns` `homecluster-test=webhook-<ns>` and returns that value: an admission
+/// webhook configuration that selects it (and is named after it) sees only this test's
+/// objects, though every test of the binary shares the apiserver.
+pub async fn webhook_scope(client: &Client, ns: &str) -> Result<String> {
+    let label = format!("webhook-{ns}");
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"homecluster-test": label}}})),
+        )
+        .await?;
+    Ok(label)
 }

@@ -6,6 +6,7 @@
 pub mod acme;
 pub mod faults;
 pub mod http;
+pub mod ingress;
 pub mod kube;
 pub mod netns;
 pub mod nodes;

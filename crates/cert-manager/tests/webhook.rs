@@ -14,7 +14,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::{ApiResource, GroupVersionKind};
@@ -160,13 +160,7 @@ async fn apiserver_calls_webhook_which_rejects_invalid_and_mutates_requests() {
 
     // Scope the configurations to this test's namespace (namespaced kinds); ClusterIssuers are
     // cluster-scoped and always go through (no other test in this binary registers webhooks).
-    let label = format!("webhook-{}", env.ns);
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &env.ns,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"homecluster-test": label}}})),
-        )
+    let label = integration_tests::kube::webhook_scope(client, &env.ns)
         .await
         .expect("label namespace");
     let port = env.running.secure_addr.port();

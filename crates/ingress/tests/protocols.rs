@@ -122,12 +122,7 @@ async fn http2_clients_and_grpc_backends() {
     .await;
 
     let h2 = |sni: String| async move {
-        let stream = TcpStream::connect(https).await.expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(h2_client_config()))
-            .connect(
-                rustls::pki_types::ServerName::try_from(sni).expect("name"),
-                stream,
-            )
+        let tls = integration_tests::http::tls_connect(https, &sni, h2_client_config())
             .await
             .expect("tls");
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));

@@ -99,12 +99,7 @@ async fn sni_certificates_rotation_redirects_and_fake_default() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut config = ingress::upstream::upstream_tls_config();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let stream = tokio::net::TcpStream::connect(https)
-            .await
-            .expect("connect");
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).expect("name");
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-            .connect(name, stream)
+        let mut tls = integration_tests::http::tls_connect(https, &host, config)
             .await
             .expect("tls");
         let raw = format!(
@@ -279,13 +274,7 @@ async fn tls12_handshake(addr: std::net::SocketAddr, sni: &str) -> Result<(), st
         .expect("tls12")
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let name =
-        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, stream)
-        .await
-    {
+    match integration_tests::http::tls_connect(addr, sni, config).await {
         // An unknown-CA failure means the TLS 1.2 handshake itself went through.
         Err(e) if e.to_string().contains("UnknownIssuer") => Ok(()),
         Err(e) => Err(e),
@@ -345,25 +334,8 @@ async fn default_ssl_certificate_force_redirect_and_rotation_keeps_open_connecti
             .is_ok_and(|r| r.status == 200)
     })
     .await;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let stream = tokio::net::TcpStream::connect(https)
-        .await
-        .expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from(host.clone()).expect("name"),
-            stream,
-        )
+    let config = integration_tests::http::tls_config(Some(&ca.cert_pem)).expect("CA PEM");
+    let tls = integration_tests::http::tls_connect(https, &host, config)
         .await
         .expect("handshake");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))

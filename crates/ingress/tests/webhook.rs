@@ -11,9 +11,8 @@ use common::*;
 use integration_tests::kube::Cluster;
 use integration_tests::pki::TestCa;
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -40,13 +39,7 @@ async fn apiserver_calls_webhook_which_rejects_bad_and_overlapping_ingresses() {
     let port = env.running.webhook.expect("webhook address").port();
 
     // Scope the webhook to this test's namespace (other tests share the cluster).
-    let label = format!("webhook-{}", env.ns);
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &env.ns,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"labels": {"homecluster-test": label}}})),
-        )
+    let label = integration_tests::kube::webhook_scope(&client, &env.ns)
         .await
         .expect("label namespace");
     let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({

@@ -6,17 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use base64::Engine;
 use clap::Parser;
 use integration_tests::acme::{Pebble, PebbleOptions};
 use integration_tests::kube::Cluster;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use kube_common::Manager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -103,14 +101,7 @@ async fn run_env(opts: EnvOptions, tx: std::sync::mpsc::Sender<Shared>) {
     ensure_class(&client, "nginx", "k8s.io/ingress-nginx").await;
 
     let shutdown = CancellationToken::new();
-    let ing_args = ingress::cli::Args::parse_from([
-        "ingress-controller",
-        "--http-port=0",
-        "--https-port=0",
-        "--healthz-port=0",
-        "--bind-address=127.0.0.1",
-        "--leader-elect=false",
-    ]);
+    let ing_args = ingress::cli::Args::parse_from(integration_tests::ingress::controller_args(&[]));
     let ing_mgr = Manager::new("ingress-nginx", client.clone(), shutdown.clone());
     let ing = ingress::app::start(&ing_mgr, &ing_args)
         .await
@@ -216,33 +207,9 @@ pub async fn namespace(prefix: &str) -> String {
 }
 
 pub async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in cert_manager::crds::all() {
-        let name = crd.name_any();
-        api.patch(
-            &name,
-            &PatchParams::apply("cert-manager-tests").force(),
-            &Patch::Apply(&crd),
-        )
+    integration_tests::kube::install_crds(client, &cert_manager::crds::all())
         .await
-        .expect("CRD applies");
-    }
-    eventually("CRDs established", Duration::from_secs(30), || async {
-        let list = api.list(&Default::default()).await.expect("list CRDs");
-        cert_manager::crds::all().iter().all(|want| {
-            list.items.iter().any(|c| {
-                c.name_any() == want.name_any()
-                    && c.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| {
-                            cs.iter()
-                                .any(|c| c.type_ == "Established" && c.status == "True")
-                        })
-            })
-        })
-    })
-    .await;
+        .expect("cert-manager CRDs");
 }
 
 pub async fn ensure_namespace(client: &Client, name: &str) {
@@ -337,26 +304,8 @@ pub async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<String> {
 
 /// TLS handshake to `addr` with SNI `host`, verifying against `root_pem`; the served leaf.
 pub async fn served_leaf(addr: SocketAddr, host: &str, root_pem: &str) -> Result<Vec<u8>, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()).flatten() {
-        roots.add(c).map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-    let tls = connector
-        .connect(name, tcp)
+    let config = integration_tests::http::tls_config(Some(root_pem)).map_err(|e| e.to_string())?;
+    let tls = integration_tests::http::tls_connect(addr, host, config)
         .await
         .map_err(|e| e.to_string())?;
     let (_, conn) = tls.get_ref();

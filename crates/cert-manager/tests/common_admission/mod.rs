@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
+use kube::Client;
 
 pub use integration_tests::poll::wait_for as eventually;
 
@@ -17,26 +15,9 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// Applies the six cert-manager CRDs (server-side, idempotent) and waits until each is
 /// Established.
 pub async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in cert_manager::crds::all() {
-        let name = crd.metadata.name.clone().expect("CRD name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("cert-manager-tests").force(),
-            &Patch::Apply(&crd),
-        )
+    integration_tests::kube::install_crds(client, &cert_manager::crds::all())
         .await
-        .expect("apply CRD");
-        eventually(&format!("CRD {name} Established"), WAIT, || async {
-            let crd = crds.get(&name).await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        })
-        .await;
-    }
+        .expect("cert-manager CRDs");
 }
 
 /// A self-signed CA certificate, PEM.

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,18 +49,7 @@ pub async fn env(prefix: &str, extra_args: &[&str]) -> Env {
     let client = cluster.client().await.expect("client");
     let ns = cluster.namespace(prefix).await.expect("namespace");
     ensure_class(&client, "nginx", "k8s.io/ingress-nginx").await;
-    let mut args = vec![
-        "ingress-controller",
-        "--http-port=0",
-        "--https-port=0",
-        "--healthz-port=0",
-        "--bind-address=127.0.0.1",
-    ];
-    if !extra_args.iter().any(|a| a.starts_with("--leader-elect=")) {
-        args.push("--leader-elect=false");
-    }
-    args.extend_from_slice(extra_args);
-    let args = Args::parse_from(args);
+    let args = Args::parse_from(integration_tests::ingress::controller_args(extra_args));
     let shutdown = CancellationToken::new();
     let mgr = Manager::new("ingress-nginx", client.clone(), shutdown.clone());
     let running = ingress::app::start(&mgr, &args)
@@ -335,12 +323,7 @@ pub async fn tls_get(
     path: &str,
     ca_pem: Option<&str>,
 ) -> Result<Reply, std::io::Error> {
-    let config = client_config(ca_pem);
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let stream = TcpStream::connect(addr).await?;
-    let name =
-        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    let tls = connector.connect(name, stream).await?;
+    let tls = integration_tests::http::tls_connect(addr, sni, client_config(ca_pem)).await?;
     let cert = tls
         .get_ref()
         .1
@@ -351,18 +334,8 @@ pub async fn tls_get(
 }
 
 fn client_config(ca_pem: Option<&str>) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("versions");
     match ca_pem {
-        Some(pem) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes()) {
-                roots.add(c.expect("ca pem")).expect("ca");
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        Some(pem) => integration_tests::http::tls_config(Some(pem)).expect("CA PEM"),
         None => ingress::upstream::upstream_tls_config(),
     }
 }
