@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, header};
@@ -105,14 +106,33 @@ impl std::fmt::Display for Exchange {
     }
 }
 
+/// How the [`HttpsFaultProxy`] answers during an outage window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// Every request answered 503 at once (an ACME `serverInternal` problem).
+    ServerError,
+    /// Every request held until the window ends, then answered 504: a server that stopped
+    /// answering (the client's own timeout decides when it gives up).
+    Hang,
+}
+
 #[derive(Default)]
 struct ProxyState {
     /// Path prefix → how many more requests under it to fail.
     faults: Vec<(String, usize)>,
+    /// Outage windows, in order, as (end, kind); each starts where the previous one ends.
+    outages: Vec<(tokio::time::Instant, Outage)>,
     log: Vec<Exchange>,
 }
 
 impl ProxyState {
+    /// The outage in force now and when it ends, dropping windows already over.
+    fn outage(&mut self) -> Option<(tokio::time::Instant, Outage)> {
+        let now = tokio::time::Instant::now();
+        self.outages.retain(|(end, _)| *end > now);
+        self.outages.first().copied()
+    }
+
     /// Takes one armed fault for `path`, if any.
     fn take_fault(&mut self, path: &str) -> bool {
         match self
@@ -227,6 +247,15 @@ impl HttpsFaultProxy {
         lock(&self.state).faults.push((prefix.to_string(), n));
     }
 
+    /// Makes the upstream unavailable for `length`, in the way `kind` says, starting when the
+    /// outages armed before it end (or now).
+    pub fn outage(&self, kind: Outage, length: Duration) {
+        let mut state = lock(&self.state);
+        let now = tokio::time::Instant::now();
+        let start = state.outages.last().map_or(now, |(end, _)| (*end).max(now));
+        state.outages.push((start + length, kind));
+    }
+
     /// Every request answered so far, in order.
     pub fn exchanges(&self) -> Vec<Exchange> {
         lock(&self.state).log.clone()
@@ -251,8 +280,18 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let injected = lock(state).take_fault(&path);
-    let response = if injected {
+    let outage = lock(state).outage();
+    let injected = outage.is_some() || lock(state).take_fault(&path);
+    let response = if let Some((end, kind)) = outage {
+        if kind == Outage::Hang {
+            tokio::time::sleep_until(end).await;
+        }
+        let status = match kind {
+            Outage::ServerError => StatusCode::SERVICE_UNAVAILABLE,
+            Outage::Hang => StatusCode::GATEWAY_TIMEOUT,
+        };
+        problem(status, "serverInternal", "injected outage")
+    } else if injected {
         problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "serverInternal",

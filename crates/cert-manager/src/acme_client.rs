@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -13,6 +13,10 @@ use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use rustls_pki_types::pem::PemObject;
 
 use crate::metrics::{AcmeLabels, Metrics};
+
+/// Upstream's ACME HTTP client gives each request 30 s: a CA that stops answering fails the
+/// step (retried with backoff) instead of holding a worker forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Inner = HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
 
@@ -89,7 +93,16 @@ impl HttpClient for MeteredClient {
         let fut = HttpClient::request(&self.inner, req);
         Box::pin(async move {
             let started = Instant::now();
-            let result = fut.await;
+            let result = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(instant_acme::Error::Other(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{} {uri}: no answer within {REQUEST_TIMEOUT:?}",
+                        labels.method
+                    ),
+                )))),
+            };
             labels.status = match &result {
                 Ok(rsp) => rsp.parts.status.as_u16().to_string(),
                 Err(_) => "999".into(),
@@ -120,6 +133,32 @@ fn action(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A CA that accepts the connection and never answers fails the request after the
+    /// timeout, instead of holding the caller forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_times_out() {
+        kube_common::client::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let client = MeteredClient::new(Trust::Insecure, metrics).unwrap();
+        let req = http::Request::get(format!("https://{addr}/dir"))
+            .body(BodyWrapper::from(Vec::new()))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let result = client.request(req).await;
+        assert!(result.is_err(), "a silent server is an error");
+        assert!(started.elapsed() >= REQUEST_TIMEOUT);
+    }
+
     #[test]
     fn action_is_the_first_path_segment() {
         assert_eq!(super::action("/order-plz"), "order-plz");

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use integration_tests::faults::HttpsFaultProxy;
+use integration_tests::faults::{HttpsFaultProxy, Outage};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
@@ -44,6 +44,19 @@ async fn certificate(client: &kube::Client, ns: &str, name: &str, issuer: &str, 
         .create(&PostParams::default(), &cert)
         .await
         .expect("create certificate");
+}
+
+/// pebble's new-order path, from its directory (read through the proxy, so it names it).
+async fn new_order_path(proxy: &HttpsFaultProxy) -> String {
+    let directory = integration_tests::http::get(&proxy.url("/dir"), Some(proxy.ca_pem()))
+        .await
+        .expect("directory");
+    let directory: serde_json::Value = serde_json::from_slice(&directory.body).expect("JSON");
+    directory["newOrder"]
+        .as_str()
+        .and_then(|u| u.strip_prefix(&proxy.url("")))
+        .unwrap_or_else(|| panic!("newOrder through the proxy in {directory}"))
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,16 +167,7 @@ async fn a_fault_after_new_order_does_not_open_a_second_acme_order() {
     )
     .await;
 
-    // pebble's new-order path, from its directory (read through the proxy, so it names it).
-    let directory = integration_tests::http::get(&proxy.url("/dir"), Some(proxy.ca_pem()))
-        .await
-        .expect("directory");
-    let directory: serde_json::Value = serde_json::from_slice(&directory.body).expect("JSON");
-    let new_order = directory["newOrder"]
-        .as_str()
-        .and_then(|u| u.strip_prefix(&proxy.url("")))
-        .unwrap_or_else(|| panic!("newOrder through the proxy in {directory}"))
-        .to_string();
+    let new_order = new_order_path(&proxy).await;
 
     // pebble's authorization URLs are /authZ/<id>; the first fetch comes right after new-order.
     proxy.fail_next("/authZ/", 1);
@@ -191,4 +195,75 @@ async fn a_fault_after_new_order_does_not_open_a_second_acme_order() {
         log.iter().any(|e| e.path.starts_with("/finalize-order/")),
         "issued through the proxy: {shown}"
     );
+}
+
+/// Issue 13: the CA answers 503 for 30 s, then stops answering for 30 s. The Order rides it
+/// out with backoff (a request every second or more, not a tight loop; a silent request is
+/// given up after upstream's 30 s client timeout), opens exactly one ACME order, and the
+/// certificate is issued once the CA is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acme_outage_of_errors_then_silence_is_ridden_out_with_one_order() {
+    let shared = env();
+    let _pebble = PEBBLE.lock().await;
+    let client = client().await;
+    let proxy = HttpsFaultProxy::start(&shared.directory_url, &shared.pebble_ca_pem)
+        .await
+        .expect("fault proxy");
+    let through_proxy = Shared {
+        directory_url: proxy.url("/dir"),
+        pebble_ca_pem: proxy.ca_pem().to_string(),
+        ..shared.clone()
+    };
+    let ns = namespace("cm-acme-outage").await;
+    let issuer = format!("le-{ns}");
+    cluster_issuer(
+        &client,
+        &through_proxy,
+        &issuer,
+        &format!("{issuer}-account"),
+    )
+    .await;
+    let issuers: Api<cert_manager::api::ClusterIssuer> = Api::all(client.clone());
+    wait_for("issuer registered", LIMIT, || async {
+        let ci = issuers.get_opt(&issuer).await.ok()??;
+        condition(&ci.status?.conditions, "Ready")?
+            .is_true()
+            .then_some(())
+    })
+    .await;
+
+    let new_order = new_order_path(&proxy).await;
+    let outage = Duration::from_secs(30);
+    proxy.outage(Outage::ServerError, outage);
+    proxy.outage(Outage::Hang, outage);
+    let started = std::time::Instant::now();
+    certificate(
+        &client,
+        &ns,
+        "outage",
+        &issuer,
+        &format!("outage.{ns}.test"),
+    )
+    .await;
+    tokio::time::sleep(2 * outage).await;
+    wait_for("issued after the outage", 2 * LIMIT, || {
+        certificate_ready(&client, &ns, "outage")
+    })
+    .await;
+    println!("issued {:?} after creation", started.elapsed());
+
+    let log = proxy.exchanges();
+    let shown = log.iter().map(|e| format!("\n  {e}")).collect::<String>();
+    let during = log.iter().filter(|e| e.injected).count();
+    println!("requests during the 60 s outage: {during}");
+    assert!(during >= 2, "the outage was met: {shown}");
+    assert!(
+        during <= 60,
+        "{during} requests in 60 s: retried without backoff: {shown}"
+    );
+    let new_orders = log
+        .iter()
+        .filter(|e| e.status == 201 && e.path == new_order)
+        .count();
+    assert_eq!(new_orders, 1, "one Order makes one ACME order: {shown}");
 }
