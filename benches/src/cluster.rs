@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Error;
-use crate::peers::{Backend, HOST, Peer, PeerKind, Shared};
+use crate::peers::{HOST, Peer, PeerKind, Shared};
 use crate::probe;
 
 const MANAGER: &str = "homecluster-bench";
@@ -82,7 +82,7 @@ pub async fn start(
     cluster: &Cluster,
     shared: &Shared,
     program: &Path,
-    backend: &Backend,
+    backend: SocketAddr,
 ) -> Result<IngressEnv, Error> {
     let client = cluster.client().await?;
     let ns = cluster.namespace("bench").await?;
@@ -96,7 +96,7 @@ pub async fn start(
         "stringData": {"tls.crt": shared.cert_pem, "tls.key": shared.key_pem}});
     apply(&secrets, SECRET, secret).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let port = backend.plain.port();
+    let port = backend.port();
     let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE},
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}]}});
     apply(&services, SERVICE, svc).await?;
@@ -107,7 +107,7 @@ pub async fn start(
         "metadata": {"name": format!("{SERVICE}-1"), "labels": {"kubernetes.io/service-name": SERVICE}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [backend.plain.ip().to_string()], "conditions": {"ready": true}}],
+        "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true}}],
     });
     let slices: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
     slices
@@ -195,6 +195,24 @@ const POLL: Duration = Duration::from_millis(1);
 const SERVE_LIMIT: Duration = Duration::from_secs(60);
 
 impl IngressEnv {
+    /// An Ingress without a host, so requests naming any host (an IP address, say) reach the
+    /// backend too, as nginx's default server does; waits until it is served.
+    pub async fn catch_all(&self) -> Result<(), Error> {
+        let ingresses: Api<Ingress> = Api::namespaced(self.client.clone(), &self.ns);
+        let mut obj = ingress("catch-all", HOST, json!([path("/", "Prefix")]), false);
+        obj["spec"]["rules"] = json!([{"http": {"paths": [path("/", "Prefix")]}}]);
+        apply(&ingresses, "catch-all", obj).await?;
+        probe::wait_status(
+            self.peer.http,
+            "127.0.0.1",
+            "/",
+            200,
+            Duration::from_millis(50),
+            SERVE_LIMIT,
+        )
+        .await
+    }
+
     /// Grows the filler Ingresses to `n` (one host each, same Service) and waits until the
     /// last one is served.
     pub async fn fillers(&mut self, n: usize) -> Result<(), Error> {

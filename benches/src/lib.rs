@@ -10,6 +10,7 @@ pub mod peers;
 pub mod probe;
 pub mod procfs;
 pub mod report;
+pub mod security;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -420,7 +421,7 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
     .await?;
 
     let cluster = Cluster::start(ClusterOptions::default()).await?;
-    let mut env = cluster::start(&cluster, &shared, &p.ingress_controller, &backend).await?;
+    let mut env = cluster::start(&cluster, &shared, &p.ingress_controller, backend.plain).await?;
     let mut others = vec![
         peers::nginx(&shared, &p.nginx, &backend)?,
         peers::haproxy(&shared, &p.haproxy, &backend)?,

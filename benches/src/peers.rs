@@ -116,6 +116,8 @@ pub struct Shared {
     pub combined: PathBuf,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The CA that signed `cert` (clients that verify it trust this).
+    pub ca_pem: String,
     /// `taskset -c` list for the proxies, when pinning.
     pub proxy_cpus: Option<String>,
     /// Worker processes/threads each proxy gets (= the CPUs it may use).
@@ -140,6 +142,7 @@ impl Shared {
             combined,
             cert_pem: leaf.cert_pem,
             key_pem: leaf.key_pem,
+            ca_pem: ca.cert_pem,
             proxy_cpus,
             workers,
         })
@@ -171,7 +174,7 @@ impl Shared {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -244,7 +247,7 @@ impl Backend {
     }
 }
 
-fn version_of(program: &Path, arg: &str) -> String {
+pub(crate) fn version_of(program: &Path, arg: &str) -> String {
     Command::new(program)
         .arg(arg)
         .output()

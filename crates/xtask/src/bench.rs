@@ -5,6 +5,9 @@
 //! wrk, nghttp2-client; oha), builds the ingress controller and the harness in release mode,
 //! then runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
+//!
+//! `cargo run -p xtask -- bench security`: the same build, then `bench-security` (nginx,
+//! testssl.sh, slowhttptest from set-up), which writes `benches/results/security.md`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +16,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cargo, cargo_with_env, setup, step};
 
-pub fn proxy(extra: &[String]) -> Result<()> {
+/// Builds the ingress controller and the harness binaries (release), then runs `harness`.
+pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
     step(
         "cargo build --release (ingress-controller, benches)",
@@ -36,19 +40,23 @@ pub fn proxy(extra: &[String]) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("target"))
         .join("release");
     let root = std::env::current_dir()?;
-    step("bench-proxy", || {
-        let status = Command::new(target.join("bench-proxy"))
-            .arg(format!(
-                "--ingress-controller={}",
-                target.join("ingress-controller").display()
-            ))
-            .arg(format!("--root={}", root.display()))
-            .arg(format!("--out={}", root.join("benches/results").display()))
+    step(harness, || {
+        let mut cmd = Command::new(target.join(harness));
+        cmd.arg(format!(
+            "--ingress-controller={}",
+            target.join("ingress-controller").display()
+        ))
+        .arg(format!("--out={}", root.join("benches/results").display()));
+        if harness == "bench-proxy" {
+            // It builds the pingora peer from the workspace.
+            cmd.arg(format!("--root={}", root.display()));
+        }
+        let status = cmd
             .args(extra)
             .status()
-            .context("running bench-proxy")?;
+            .with_context(|| format!("running {harness}"))?;
         if !status.success() {
-            bail!("bench-proxy failed ({status})");
+            bail!("{harness} failed ({status})");
         }
         Ok(())
     })

@@ -41,9 +41,9 @@ enum Task {
     Setup,
     /// Start a local control plane with deploy/ applied; stays up until Ctrl-C.
     Up,
-    /// Benchmarks (`bench proxy|flannel|local-path [-- flags]`): writes benches/results/.
+    /// Benchmarks (`bench proxy|security|flannel|local-path [-- flags]`): writes benches/results/.
     Bench {
-        /// What to benchmark: `proxy`, `flannel` or `local-path`.
+        /// What to benchmark: `proxy`, `security`, `flannel` or `local-path`.
         what: String,
         /// Extra flags for the harness, e.g. `--rounds 5 --seconds 10 --no-pin`.
         #[arg(last = true)]
@@ -87,9 +87,12 @@ fn main() -> Result<()> {
             step("cargo test", || cargo(&args))
         }
         Task::Bench { what, args } => match what.as_str() {
-            "proxy" => bench::proxy(&args),
+            "proxy" => bench::harness("bench-proxy", &args),
+            "security" => bench::harness("bench-security", &args),
             "flannel" | "local-path" => bench::crate_benches(&what, &args),
-            other => bail!("unknown benchmark {other:?} (known: proxy, flannel, local-path)"),
+            other => {
+                bail!("unknown benchmark {other:?} (known: proxy, security, flannel, local-path)")
+            }
         },
         Task::Up => {
             setup::all()?;

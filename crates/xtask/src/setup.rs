@@ -34,6 +34,9 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "nghttp2-client",
+    // Security benchmark tools (benches/src/security; its quick variant runs in the suite).
+    "testssl.sh",
+    "slowhttptest",
     // The pingora benchmark peer's zlib-ng build.
     "cmake",
 ];

@@ -1,0 +1,170 @@
+//! Connection limits: many idle keep-alive connections (memory per connection), then the peer's
+//! file descriptors exhausted (its limit lowered with `prlimit` while it runs): it must not
+//! crash or spin, and must serve again once descriptors free up.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::peers::HOST;
+use crate::{Error, procfs};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Idle {
+    /// Connections opened, each after one request answered.
+    pub opened: usize,
+    /// Of those, still open (not closed by the peer) when all were open.
+    pub held: usize,
+    pub rss_before_mib: f64,
+    pub rss_after_mib: f64,
+    /// (after - before) / held.
+    pub kib_per_connection: f64,
+    /// A new client was served while they were all open.
+    pub served_meanwhile: bool,
+}
+
+/// One keep-alive GET on a new connection, left open.
+async fn open_one(addr: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /idle HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    // The recorder answers "ok\n" with content-length 3: the response ends with it.
+    while !got.ends_with(b"ok\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Some(s)
+}
+
+/// Still open: a read would block (no EOF queued).
+fn is_open(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+pub async fn idle(addr: SocketAddr, pid: u32, count: usize) -> Idle {
+    let before = procfs::stats(pid).rss_bytes as f64 / 1024.0;
+    let mut conns = Vec::with_capacity(count);
+    // 64 at a time: a burst of thousands of SYNs overflows the listen backlog.
+    for chunk in (0..count).collect::<Vec<_>>().chunks(64) {
+        let opened = futures::future::join_all(chunk.iter().map(|_| open_one(addr))).await;
+        conns.extend(opened.into_iter().flatten());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = procfs::stats(pid).rss_bytes as f64 / 1024.0;
+    let held = conns.iter().filter(|c| is_open(c)).count();
+    let served_meanwhile = open_one(addr).await.is_some();
+    let per = if held > 0 {
+        (after - before).max(0.0) / held as f64
+    } else {
+        0.0
+    };
+    let idle = Idle {
+        opened: conns.len(),
+        held,
+        rss_before_mib: before / 1024.0,
+        rss_after_mib: after / 1024.0,
+        kib_per_connection: per,
+        served_meanwhile,
+    };
+    drop(conns);
+    idle
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Exhaustion {
+    /// Soft descriptor limit set on every process of the peer (the most any had open + 32).
+    pub limit: u64,
+    /// Connections the attacker held open.
+    pub held: usize,
+    /// CPU the peer used while it could not accept, in % of one core.
+    pub cpu_percent: f64,
+    /// The peer's processes all still ran afterwards.
+    pub survived: bool,
+    /// Of 20 fresh requests after the attacker let go, how many were answered.
+    pub served_after: usize,
+}
+
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+}
+
+fn prlimit(pid: u32, limit: &str) -> Result<(), Error> {
+    integration_tests::process::run(
+        "prlimit",
+        &[&format!("--pid={pid}"), &format!("--nofile={limit}")],
+    )?;
+    Ok(())
+}
+
+pub async fn exhaust(
+    addr: SocketAddr,
+    root: u32,
+    attackers: usize,
+    hold: Duration,
+) -> Result<Exhaustion, Error> {
+    let pids = procfs::tree(root);
+    let most = pids.iter().map(|&p| open_fds(p)).max().unwrap_or(0);
+    let limit = most + 32;
+    // Only the soft limit: lowering the hard one could not be undone without
+    // CAP_SYS_RESOURCE.
+    let originals: Vec<(u32, String)> = pids
+        .iter()
+        .filter_map(|&p| Some((p, format!("{}:", nofile_soft(p)?))))
+        .collect();
+    for &p in &pids {
+        prlimit(p, &format!("{limit}:"))?;
+    }
+    let mut held = Vec::new();
+    for _ in 0..attackers {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+    }
+    let (cpu0, t0) = (procfs::stats(root).cpu_seconds, Instant::now());
+    tokio::time::sleep(hold).await;
+    let cpu_percent = 100.0 * (procfs::stats(root).cpu_seconds - cpu0) / t0.elapsed().as_secs_f64();
+    let held_n = held.len();
+    drop(held);
+    for (p, original) in &originals {
+        let _ = prlimit(*p, original);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let survived = pids
+        .iter()
+        .all(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    let mut served_after = 0;
+    for _ in 0..20 {
+        if open_one(addr).await.is_some() {
+            served_after += 1;
+        }
+    }
+    Ok(Exhaustion {
+        limit,
+        held: held_n,
+        cpu_percent,
+        survived,
+        served_after,
+    })
+}
+
+/// The process's current soft descriptor limit.
+fn nofile_soft(pid: u32) -> Option<String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3).map(str::to_string)
+}

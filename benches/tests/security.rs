@@ -1,0 +1,132 @@
+//! The security benchmark's quick variant (`Options::quick`): every case against our
+//! ingress-controller and nginx for a few seconds. It asserts what must hold for ours whatever
+//! the machine's speed (no request smuggled, attacks closed or bounded, the normal client
+//! served, descriptors recovered, no TLS finding nginx lacks); the figures themselves are the
+//! benchmark's (`cargo run -p xtask -- bench security`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use benches::security::h2flood::Attack;
+use benches::security::{Options, Programs, tls};
+use integration_tests::process::which;
+
+const OURS: &str = "ingress-controller";
+
+/// The debug ingress-controller next to this test's own target dir (built here if missing).
+fn ingress_controller() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("ingress-controller");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "ingress", "--bin", "ingress-controller"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building ingress-controller failed");
+    }
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ours_holds_where_it_must() {
+    let tool = |name: &str| {
+        which(name)
+            .unwrap_or_else(|e| panic!("{e}: run `{}` once", integration_tests::SETUP_COMMAND))
+    };
+    let programs = Programs {
+        ingress_controller: ingress_controller(),
+        nginx: tool("nginx"),
+        testssl: tool("testssl"),
+        slowhttptest: tool("slowhttptest"),
+    };
+    let r = benches::security::run(&Options::quick(programs))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let md = r.markdown(&[]);
+    assert!(
+        r.errors.is_empty(),
+        "cases failed to run: {:?}\n{md}",
+        r.errors
+    );
+
+    let ours: Vec<_> = r.smuggling.iter().filter(|o| o.peer == OURS).collect();
+    assert_eq!(ours.len(), benches::security::smuggling::VECTORS.len());
+    for o in ours {
+        assert!(
+            o.safe,
+            "smuggling vector {} not handled safely: {o:?}\n{md}",
+            o.id
+        );
+    }
+
+    for (peer, attack, seen, cost) in r.h2.iter().filter(|(p, ..)| p == OURS) {
+        // Attacks that hyper's h2 stops must end the connection; the floods of control frames
+        // must at least stay bounded.
+        if matches!(
+            attack,
+            Attack::RapidReset | Attack::ContinuationFlood | Attack::HugeHeaders
+        ) {
+            assert!(
+                seen.closed,
+                "{peer} {}: connection not closed: {seen:?}\n{md}",
+                attack.id()
+            );
+        }
+        assert!(
+            cost.rss_peak_mib - cost.rss_before_mib < 64.0,
+            "{} grew memory: {cost:?}\n{md}",
+            attack.id()
+        );
+        assert!(
+            cost.client.success_pct() >= 99.0,
+            "{}: normal client failed: {cost:?}\n{md}",
+            attack.id()
+        );
+    }
+    for (_, mode, tool, cost) in r.slow.iter().filter(|(p, ..)| p == OURS) {
+        assert!(
+            tool.max_connected > 0,
+            "{}: slowhttptest held nothing\n{md}",
+            mode.id()
+        );
+        assert!(
+            cost.client.success_pct() >= 99.0,
+            "{}: normal client failed: {cost:?}\n{md}",
+            mode.id()
+        );
+    }
+    for (_, idle) in r.idle.iter().filter(|(p, _)| p == OURS) {
+        assert_eq!(idle.held, idle.opened, "idle connections dropped\n{md}");
+        assert!(idle.served_meanwhile, "{md}");
+    }
+    let (_, ex) = r
+        .exhaustion
+        .iter()
+        .find(|(p, _)| p == OURS)
+        .expect("descriptor case ran");
+    assert!(ex.survived && ex.served_after == 20, "{ex:?}\n{md}");
+    // A loop without back-off on EMFILE burns a whole core.
+    assert!(
+        ex.cpu_percent < 20.0,
+        "spinning while out of descriptors: {ex:?}\n{md}"
+    );
+
+    let findings = |peer: &str| {
+        r.tls
+            .iter()
+            .find(|(p, _)| p == peer)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_else(|| panic!("no testssl scan of {peer}\n{md}"))
+    };
+    let (ours, nginx) = (findings(OURS), findings("nginx"));
+    let only = tls::ours_only(&ours, &nginx);
+    assert!(
+        only.is_empty(),
+        "TLS findings nginx does not have: {only:?}\n{md}"
+    );
+}
