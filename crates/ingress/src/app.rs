@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use kube_common::Manager;
@@ -71,12 +70,15 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     mgr.register_metrics(|r| metrics = Some(Metrics::register(r, &args.controller_class)));
     let metrics = metrics.context("registering metrics")?;
 
-    let http_listener = TcpListener::bind((args.bind_address, args.http_port))
-        .await
-        .with_context(|| format!("binding HTTP port {}", args.http_port))?;
-    let https_listener = TcpListener::bind((args.bind_address, args.https_port))
-        .await
-        .with_context(|| format!("binding HTTPS port {}", args.https_port))?;
+    // SO_REUSEPORT, as ingress-nginx's `reuse-port` default: a new instance on the same node
+    // binds the ports while this one drains. (The listeners exist before the ConfigMap is
+    // read, so the key's default applies.)
+    let bind = |port: u16, what: &str| {
+        kube_common::serve::bind(std::net::SocketAddr::new(args.bind_address, port), true)
+            .with_context(|| format!("binding {what} port {port}"))
+    };
+    let http_listener = bind(args.http_port, "HTTP")?;
+    let https_listener = bind(args.https_port, "HTTPS")?;
     let http = http_listener.local_addr()?;
     let https = https_listener.local_addr()?;
 

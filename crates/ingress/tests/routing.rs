@@ -209,6 +209,76 @@ async fn shutdown_grace_period_keeps_serving_while_not_ready() {
     .await;
 }
 
+/// Issue 13: hand-over on one node. A second instance binds the same ports (SO_REUSEPORT, as
+/// ingress-nginx's `reuse-port`); the first gets the shutdown signal with a grace period while
+/// clients keep opening connections and a slow request is in flight. No request fails, and
+/// requests keep succeeding after the first instance has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_takes_over_the_ports_without_a_failed_request() {
+    let mut first = env("handover", &["--shutdown-grace-period=1"]).await;
+    let host = serve_web(&first).await;
+    let (http, https) = (first.running.http, first.running.https);
+    let ports = [
+        format!("--http-port={}", http.port()),
+        format!("--https-port={}", https.port()),
+    ];
+    let second = env("handover-b", &[&ports[0], &ports[1]]).await;
+    eventually("the second instance routes the host", WAIT, || async {
+        let snap = second.running.proxy.snapshot();
+        ingress::proxy::route(&snap, &host, "/").0.ingress.is_some()
+    })
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, host) = (stop.clone(), host.clone());
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // A new connection each time; a refused or reset one panics in `get`.
+                    let host = host.clone();
+                    let r = tokio::spawn(async move { get(http, &host, "/").await }).await;
+                    sent += 1;
+                    if !r.is_ok_and(|r| r.status == 200) {
+                        failed += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_flight = tokio::spawn({
+        let host = host.clone();
+        async move { get(http, &host, "/slow").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first.shutdown.cancel();
+    for server in std::mem::take(&mut first.running.servers) {
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the first instance drains")
+            .expect("server task");
+    }
+    // The first instance has stopped: these are all the second's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut failed) = (0, 0);
+    for c in clients {
+        let (s, f) = c.await.expect("client");
+        sent += s;
+        failed += f;
+    }
+    assert_eq!(in_flight.await.expect("slow request").status, 200);
+    assert!(sent > 100, "clients ran throughout: {sent}");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed in the hand-over"
+    );
+}
+
 #[tokio::test]
 async fn endpoints_follow_slices_round_robin_ready_only() {
     let env = env("eps", &[]).await;

@@ -6,7 +6,8 @@
 //! - accept errors (out of file descriptors, for one) back off from 5 ms doubling to 1 s, as Go's
 //!   `net/http` does, instead of spinning; accepting resumes when descriptors free up;
 //! - TLS handshakes that do not finish in time are dropped ([`tls_handshake`]);
-//! - on shutdown the listener closes first (new connections are refused), then open
+//! - on shutdown the connections already queued are taken, the listener closes (new connections
+//!   are refused, or go to another process sharing the port with SO_REUSEPORT), then open
 //!   connections get a drain period to finish what they are doing.
 
 use std::convert::Infallible;
@@ -41,6 +42,14 @@ pub const POOLED_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// HTTP/2 pings this often find peers that went away without closing.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
+/// Connections accepted in the last moment before shutdown get this long to send their first
+/// request before the drain asks them to close (hyper closes a connection that has not sent
+/// anything yet at once, which its client would see as a failure).
+const LAST_ACCEPTED_GRACE: Duration = Duration::from_millis(500);
+
+/// The listen backlog (tokio's default for `TcpListener::bind`).
+const BACKLOG: u32 = 1024;
+
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -61,6 +70,23 @@ impl Default for Limits {
             drain: Duration::from_secs(5),
         }
     }
+}
+
+/// Binds a listener on `addr`; with `reuse_port`, SO_REUSEPORT lets another process of the same
+/// user bind the same port (a new instance taking over while this one drains, as nginx's
+/// `listen ... reuseport`).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// One accepted connection, for the server's handler.
@@ -120,17 +146,17 @@ pub async fn accept_loop<H, Fut>(
             },
         };
         backoff = ACCEPT_BACKOFF_MIN;
-        let conn = handle(Accepted {
-            stream,
-            remote,
-            drain: drain.clone(),
-        });
-        tokio::spawn(async move {
-            conn.await;
-            drop(slot);
-        });
+        spawn_connection(&handle, stream, remote, &drain, slot);
+    }
+    // Connections the kernel has queued would be reset when the listener closes: take them.
+    while let Ok(slot) = slots.clone().try_acquire_owned() {
+        match futures::FutureExt::now_or_never(listener.accept()) {
+            Some(Ok((stream, remote))) => spawn_connection(&handle, stream, remote, &drain, slot),
+            _ => break,
+        }
     }
     drop(listener);
+    tokio::time::sleep(LAST_ACCEPTED_GRACE).await;
     drain.cancel();
     // Every open connection holds a slot: having them all back means all have closed.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
@@ -144,6 +170,27 @@ pub async fn accept_loop<H, Fut>(
             "drain period over; the remaining connections end with the process"
         );
     }
+}
+
+fn spawn_connection<H, Fut>(
+    handle: &H,
+    stream: TcpStream,
+    remote: SocketAddr,
+    drain: &CancellationToken,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
+    H: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let conn = handle(Accepted {
+        stream,
+        remote,
+        drain: drain.clone(),
+    });
+    tokio::spawn(async move {
+        conn.await;
+        drop(slot);
+    });
 }
 
 /// The TLS handshake with [`TLS_HANDSHAKE_TIMEOUT`]; `None` if it failed or took too long.
