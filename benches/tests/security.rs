@@ -65,15 +65,17 @@ async fn ours_holds_where_it_must() {
     }
 
     for (peer, attack, seen, cost) in r.h2.iter().filter(|(p, ..)| p == OURS) {
-        // Attacks that hyper's h2 stops must end the connection; the floods of control frames
-        // must at least stay bounded.
-        if matches!(
-            attack,
-            Attack::RapidReset | Attack::ContinuationFlood | Attack::HugeHeaders
-        ) {
+        // Every attack ends the offending connection (the control-frame floods by our budget,
+        // with GOAWAY).
+        assert!(
+            seen.closed,
+            "{peer} {}: connection not closed: {seen:?}\n{md}",
+            attack.id()
+        );
+        if matches!(attack, Attack::SettingsFlood | Attack::PingFlood) {
             assert!(
-                seen.closed,
-                "{peer} {}: connection not closed: {seen:?}\n{md}",
+                seen.goaway.is_some(),
+                "{}: no GOAWAY: {seen:?}\n{md}",
                 attack.id()
             );
         }

@@ -158,7 +158,7 @@ fn literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// `GET https://<HOST>/h2` as an HPACK block.
+/// `GET https://<HOST>/` as an HPACK block.
 fn request_block() -> Vec<u8> {
     // :method GET (static 2), :scheme https (7), :path / (4) indexed; :authority (1) literal.
     let mut b = vec![0x82, 0x87, 0x84];
@@ -303,7 +303,9 @@ async fn send(attack: Attack, wr: &mut WriteHalf<TlsStream<TcpStream>>, budget: 
         match tokio::time::timeout_at(deadline, wr.write_all(&batch)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
+                // Written in part at most: counted, the peer closed while reading it.
                 sent.failed = true;
+                sent.frames += n;
                 break;
             }
             Err(_) => {

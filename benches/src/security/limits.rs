@@ -125,8 +125,16 @@ pub async fn exhaust(
         .iter()
         .filter_map(|&p| Some((p, format!("{}:", nofile_soft(p)?))))
         .collect();
+    let restore = |originals: &[(u32, String)]| {
+        for (p, original) in originals {
+            let _ = prlimit(*p, original);
+        }
+    };
     for &p in &pids {
-        prlimit(p, &format!("{limit}:"))?;
+        if let Err(e) = prlimit(p, &format!("{limit}:")) {
+            restore(&originals);
+            return Err(e);
+        }
     }
     let mut held = Vec::new();
     for _ in 0..attackers {
@@ -140,9 +148,7 @@ pub async fn exhaust(
     let cpu_percent = 100.0 * (procfs::stats(root).cpu_seconds - cpu0) / t0.elapsed().as_secs_f64();
     let held_n = held.len();
     drop(held);
-    for (p, original) in &originals {
-        let _ = prlimit(*p, original);
-    }
+    restore(&originals);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let survived = pids
         .iter()

@@ -91,7 +91,8 @@ pub const INGRESS_NGINX_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA
 
 /// nginx with ingress-nginx's defaults where they matter here: protocols and ciphers, client
 /// header and body timeouts (60 s), header buffers (4 8k), body size (1m), keep-alive (75 s,
-/// 1000 requests), HTTP/2 streams (128), one default server for any host.
+/// 1000 requests), HTTP/2 streams (128), the Host field forwarded as received, one default
+/// server for any host. (`peers::nginx` is the throughput benchmark's, tuned for speed.)
 pub fn nginx(
     shared: &Shared,
     program: &Path,
@@ -152,7 +153,8 @@ http {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host $host;
+            # ingress-nginx forwards $best_http_host: the Host field as received.
+            proxy_set_header Host $http_host;
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_set_header X-Forwarded-Proto $scheme;
@@ -205,7 +207,7 @@ impl Stand {
         let dir = tempfile::Builder::new()
             .prefix("homecluster-security-")
             .tempdir()?;
-        // nginx's workers drop root and still need to reach their temp paths under here.
+        // nginx's temp paths are under here (its workers keep root in this configuration).
         std::fs::set_permissions(
             dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),

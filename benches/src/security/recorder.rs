@@ -1,5 +1,5 @@
 //! The backend of the security runs: a small HTTP/1.1 server that records every request a proxy
-//! forwards (method, path, body length), so a smuggling vector that reached it, or a second
+//! forwards (method, path, Host, raw control bytes), so a smuggling vector that reached it, or a second
 //! request hidden in a first one's body, shows up by its path.
 
 use std::net::SocketAddr;
@@ -23,7 +23,6 @@ pub struct Seen {
     pub path: String,
     /// The Host header as forwarded.
     pub host: String,
-    pub body: usize,
     /// The head carried a control byte other than CR, LF and HTAB (or a bare CR): forwarded
     /// unsanitised.
     pub raw_ctl: bool,
@@ -108,25 +107,22 @@ async fn serve(mut stream: TcpStream, log: Arc<Mutex<Log>>) {
             return;
         };
         buf.drain(..used);
+        // Recorded on the head: a proxy that forwards a head and then aborts its body has still
+        // forwarded it.
+        record(&log, seen.clone());
         let body = match framing {
-            Framing::Length(n) => read_exact_len(&mut stream, &mut buf, n).await,
-            Framing::Chunked => read_chunked(&mut stream, &mut buf).await,
+            Some(Framing::Length(n)) => read_exact_len(&mut stream, &mut buf, n).await,
+            Some(Framing::Chunked) => read_chunked(&mut stream, &mut buf).await,
+            None => None,
         };
-        let Some(body) = body else {
+        if body.is_none() {
             return;
-        };
+        }
         let size = if seen.path.starts_with("/big") {
             BIG
         } else {
             3
         };
-        record(
-            &log,
-            Seen {
-                body,
-                ..seen.clone()
-            },
-        );
         let head = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ncontent-type: text/plain\r\n\r\n"
         );
@@ -158,7 +154,7 @@ async fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     log: &Mutex<Log>,
-) -> Option<(Seen, Framing, usize)> {
+) -> Option<(Seen, Option<Framing>, usize)> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut headers);
@@ -174,11 +170,9 @@ async fn read_head(
                     method: req.method.unwrap_or("").to_string(),
                     path: req.path.unwrap_or("").to_string(),
                     host,
-                    body: 0,
                     raw_ctl: has_ctl(&buf[..used]),
                 };
-                let framing = framing(req.headers)?;
-                return Some((seen, framing, used));
+                return Some((seen, framing(req.headers), used));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => fill(stream, buf).await?,
             _ => {
@@ -209,7 +203,6 @@ fn unparsed(buf: &[u8]) -> Option<Seen> {
         method,
         path,
         host: String::new(),
-        body: 0,
         raw_ctl: has_ctl(&buf[..end]),
     })
 }

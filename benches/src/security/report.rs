@@ -8,9 +8,14 @@ use super::smuggling::{Rule, VECTORS};
 use super::steady::Figures;
 use super::{Cost, Results, tls};
 
-/// The normal client held up: at least 99% success and p99 within 2x of its unloaded figure.
+/// Below this an unloaded p99 is the VM's timer and scheduler noise, not the peer: it counts as
+/// this much when judging "within 2x".
+pub const P99_FLOOR_MS: f64 = 2.5;
+
+/// The normal client held up: at least 99% success and p99 within 2x of its unloaded figure
+/// (at least [`P99_FLOOR_MS`]).
 pub fn client_held(during: &Figures, unloaded: &Figures) -> bool {
-    during.success_pct() >= 99.0 && during.p99_ms <= 2.0 * unloaded.p99_ms.max(1.0)
+    during.success_pct() >= 99.0 && during.p99_ms <= 2.0 * unloaded.p99_ms.max(P99_FLOOR_MS)
 }
 
 impl Results {
@@ -32,7 +37,8 @@ impl Results {
              (protocols, ciphers, client timeouts 60 s, header buffers 4 8k, body 1m, \
              keep-alive 75 s, 128 HTTP/2 streams). The normal client is 4 keep-alive workers, \
              one GET every 20 ms each, on the plain listener; \"held\" means >= 99% success and \
-             p99 within 2x of its unloaded p99.\n"
+             p99 within 2x of its unloaded p99 (an unloaded p99 under {P99_FLOOR_MS} ms counts \
+             as {P99_FLOOR_MS} ms: below that the figure is this VM's scheduling noise).\n"
         );
         for (peer, version) in &self.peers {
             let b = self.unloaded(peer);

@@ -206,51 +206,65 @@ impl Outcome {
     }
 }
 
-/// Sends every vector to `addr` (a plain HTTP listener) and judges what happened.
+/// Sends every vector to `addr` (a plain HTTP listener), one after the other (a proxy that
+/// desynchronised its upstream connection on one must not blur the next one's verdict), and
+/// judges what the client got back and the backend received.
 pub async fn run(peer: &str, addr: SocketAddr, backend: &Recorder) -> Vec<Outcome> {
     let mut out = Vec::new();
     for (i, v) in VECTORS.iter().enumerate() {
         // A path unique to this peer and vector: the backend's log is shared.
         let path = format!("/sm{i}{}", peer.replace('-', ""));
-        let raw = render(v.raw, &path);
-        let (statuses, closed) = exchange(addr, raw.as_bytes()).await;
+        let (statuses, closed) = exchange(addr, render(v.raw, &path)).await;
         // Give a forwarded request time to arrive.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let seen = backend.seen(&path);
-        let smuggled = seen
-            .iter()
-            .any(|s| s.path.starts_with(&format!("{path}-x")));
-        let own: Vec<_> = seen.iter().filter(|s| !s.path.contains("-x")).collect();
-        let raw_ctl = seen.iter().any(|s| s.raw_ctl);
-        let host = own.first().map(|s| s.host.clone());
-        let first = statuses.first().copied();
-        let rejected = matches!(first, Some(400..=499 | 501)) && own.is_empty();
-        let safe = !smuggled
-            && !raw_ctl
-            && match v.rule {
-                Rule::Reject => rejected,
-                Rule::RejectOrNormalise => {
-                    rejected || (matches!(first, Some(200..=299)) && statuses.len() == 1)
-                }
-                Rule::TargetAuthority => {
-                    rejected
-                        || (own.is_empty() && matches!(first, Some(404)))
-                        || host.as_deref() == Some("other.test")
-                }
-            };
-        out.push(Outcome {
-            id: v.id,
-            peer: peer.to_string(),
-            statuses,
-            closed,
-            forwarded: own.len(),
-            smuggled,
-            raw_ctl,
-            host,
-            safe,
-        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        out.push(judge(v, peer, &path, statuses, closed, backend));
     }
     out
+}
+
+fn judge(
+    v: &Vector,
+    peer: &str,
+    path: &str,
+    statuses: Vec<u16>,
+    closed: bool,
+    backend: &Recorder,
+) -> Outcome {
+    let seen = backend.seen(path);
+    let hidden = format!("{path}-x");
+    let smuggled = seen.iter().any(|s| s.path.starts_with(&hidden));
+    let own: Vec<_> = seen
+        .iter()
+        .filter(|s| !s.path.starts_with(&hidden))
+        .collect();
+    let raw_ctl = seen.iter().any(|s| s.raw_ctl);
+    let host = own.first().map(|s| s.host.clone());
+    let first = statuses.first().copied();
+    let rejected = matches!(first, Some(400..=499 | 501)) && own.is_empty();
+    let safe = !smuggled
+        && !raw_ctl
+        && match v.rule {
+            Rule::Reject => rejected,
+            Rule::RejectOrNormalise => {
+                rejected || (matches!(first, Some(200..=299)) && statuses.len() == 1)
+            }
+            Rule::TargetAuthority => {
+                rejected
+                    || (own.is_empty() && matches!(first, Some(404)))
+                    || host.as_deref() == Some("other.test")
+            }
+        };
+    Outcome {
+        id: v.id,
+        peer: peer.to_string(),
+        statuses,
+        closed,
+        forwarded: own.len(),
+        smuggled,
+        raw_ctl,
+        host,
+        safe,
+    }
 }
 
 fn render(template: &str, path: &str) -> String {
@@ -266,11 +280,11 @@ fn render(template: &str, path: &str) -> String {
 
 /// Writes `raw`, then reads until the peer closes or stays silent for a moment; returns the
 /// statuses of the responses read and whether the peer closed.
-async fn exchange(addr: SocketAddr, raw: &[u8]) -> (Vec<u16>, bool) {
+async fn exchange(addr: SocketAddr, raw: String) -> (Vec<u16>, bool) {
     let Ok(mut stream) = TcpStream::connect(addr).await else {
         return (Vec::new(), true);
     };
-    if stream.write_all(raw).await.is_err() {
+    if stream.write_all(raw.as_bytes()).await.is_err() {
         return (Vec::new(), true);
     }
     let mut got = Vec::new();
@@ -280,7 +294,7 @@ async fn exchange(addr: SocketAddr, raw: &[u8]) -> (Vec<u16>, bool) {
         let quiet = if got.is_empty() {
             Duration::from_secs(2)
         } else {
-            Duration::from_millis(500)
+            Duration::from_millis(300)
         };
         match tokio::time::timeout_at(
             deadline.min(tokio::time::Instant::now() + quiet),

@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control_frames;
 pub mod controller;
 pub mod cors;
 pub mod endpoints;

@@ -643,6 +643,12 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 /// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host field or with
 /// more than one (nginx does).
 fn check_host(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+    // Userinfo (`user:pass@host`) has no place in a request's authority (RFC 9110 §4.2.4,
+    // RFC 9113 §8.3.1); nginx refuses it. Accepted, it would split routing (the part after
+    // the last `:`) from what the upstream is told.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("400 Bad Request: userinfo in the request target\n");
+    }
     if version > http::Version::HTTP_11 {
         return Ok(());
     }
@@ -854,6 +860,9 @@ mod tests {
         assert!(check_host(http::Version::HTTP_10, &origin, &headers(&[])).is_ok());
         let absolute: Uri = "http://a.test/a".parse().unwrap();
         assert!(check_host(v11, &absolute, &headers(&[])).is_ok());
+        let userinfo: Uri = "http://public.test:x@admin.test/".parse().unwrap();
+        assert!(check_host(v11, &userinfo, &headers(&["public.test"])).is_err());
+        assert!(check_host(http::Version::HTTP_2, &userinfo, &headers(&[])).is_err());
         assert!(check_host(http::Version::HTTP_2, &absolute, &headers(&[])).is_ok());
     }
 

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::control_frames::ControlFrames;
 use crate::framing::{Scanned, Verdicts};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
@@ -22,6 +23,8 @@ const MAX_CONNECTIONS: usize = 16_384;
 /// ingress-nginx's `worker-shutdown-timeout` default: how long open connections get to finish
 /// after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(240);
+/// How long a connection closed for flooding control frames gets to send its GOAWAY.
+const FLOOD_LINGER: Duration = Duration::from_secs(1);
 
 /// Accepts until `shutdown` (kube-common's accept loop), then lets open connections finish the
 /// requests they have in progress.
@@ -84,17 +87,34 @@ async fn connection(
         .keep_alive(!keep_alive.is_zero());
     // On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
     // `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY.
+    // A connection that spent its control-frame budget (`control_frames`) gets GOAWAY the same
+    // way, then at most FLOOD_LINGER to finish: nothing more is read from it.
     macro_rules! until_drained {
-        ($serving:expr) => {{
+        ($serving:expr, $flood:expr) => {{
             let serving = $serving;
             let drain = drain.clone();
+            let flood: Option<CancellationToken> = $flood;
             let conn: Connection<'_> = Box::pin(async move {
                 let mut serving = std::pin::pin!(serving);
+                let flooded = async {
+                    match &flood {
+                        Some(f) => f.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    // Serving first: a request already in the socket is read before a drain
+                    // that is already due asks the connection to close.
+                    biased;
                     r = serving.as_mut() => r.map_err(Into::into),
                     _ = drain.cancelled() => {
                         serving.as_mut().graceful_shutdown();
                         serving.await.map_err(Into::into)
+                    }
+                    _ = flooded => {
+                        serving.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(FLOOD_LINGER, serving).await;
+                        Ok(())
                     }
                 }
             });
@@ -103,7 +123,7 @@ async fn connection(
     }
     macro_rules! http1_conn {
         ($io:expr) => {
-            until_drained!(http1.serve_connection($io, service).with_upgrades())
+            until_drained!(http1.serve_connection($io, service).with_upgrades(), None)
         };
     }
     match tls {
@@ -124,8 +144,11 @@ async fn connection(
             };
             // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
             let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let flood = CancellationToken::new();
+                let io = TokioIo::new(ControlFrames::new(tls_stream, flood.clone()));
                 until_drained!(
-                    builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                    builder.serve_connection_with_upgrades(io, service),
+                    Some(flood)
                 )
             } else {
                 // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.

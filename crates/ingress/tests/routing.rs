@@ -218,6 +218,14 @@ async fn a_second_instance_takes_over_the_ports_without_a_failed_request() {
     let mut first = env("handover", &["--shutdown-grace-period=1"]).await;
     let host = serve_web(&first).await;
     let (http, https) = (first.running.http, first.running.https);
+    // A connection to the first instance (the only one yet), for a request in flight when it
+    // is told to stop.
+    let stream = tokio::net::TcpStream::connect(http).await.expect("connect");
+    let (mut to_first, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
     let ports = [
         format!("--http-port={}", http.port()),
         format!("--https-port={}", https.port()),
@@ -249,12 +257,24 @@ async fn a_second_instance_takes_over_the_ports_without_a_failed_request() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let in_flight = tokio::spawn({
-        let host = host.clone();
-        async move { get(http, &host, "/slow").await }
-    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow = http::Request::get("/slow")
+        .header("host", host.as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let in_flight = tokio::spawn(async move { to_first.send_request(slow).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // A burst of new connections right as the first instance stops (and closes its listener
+    // a grace period later), on top of the steady clients.
+    let burst: Vec<_> = (0..50)
+        .map(|i| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30 * i)).await;
+                get(http, &host, "/").await.status
+            })
+        })
+        .collect();
     first.shutdown.cancel();
     for server in std::mem::take(&mut first.running.servers) {
         tokio::time::timeout(Duration::from_secs(10), server)
@@ -271,7 +291,18 @@ async fn a_second_instance_takes_over_the_ports_without_a_failed_request() {
         sent += s;
         failed += f;
     }
-    assert_eq!(in_flight.await.expect("slow request").status, 200);
+    let slow = in_flight
+        .await
+        .expect("slow request task")
+        .expect("answered");
+    assert_eq!(
+        slow.status(),
+        200,
+        "the request in flight on the first instance completed"
+    );
+    for b in burst {
+        assert_eq!(b.await.expect("burst request"), 200);
+    }
     assert!(sent > 100, "clients ran throughout: {sent}");
     assert_eq!(
         failed, 0,

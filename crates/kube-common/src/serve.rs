@@ -114,6 +114,7 @@ pub async fn accept_loop<H, Fut>(
     let drain = CancellationToken::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut at_bound = false;
+    let mut last_accept = tokio::time::Instant::now() - LAST_ACCEPTED_GRACE;
     loop {
         if slots.available_permits() == 0 && !at_bound {
             tracing::warn!(
@@ -146,17 +147,13 @@ pub async fn accept_loop<H, Fut>(
             },
         };
         backoff = ACCEPT_BACKOFF_MIN;
+        last_accept = tokio::time::Instant::now();
         spawn_connection(&handle, stream, remote, &drain, slot);
     }
-    // Connections the kernel has queued would be reset when the listener closes: take them.
-    while let Ok(slot) = slots.clone().try_acquire_owned() {
-        match futures::FutureExt::now_or_never(listener.accept()) {
-            Some(Ok((stream, remote))) => spawn_connection(&handle, stream, remote, &drain, slot),
-            _ => break,
-        }
+    if sweep_queue(listener, &slots, &handle, &drain) || last_accept.elapsed() < LAST_ACCEPTED_GRACE
+    {
+        tokio::time::sleep(LAST_ACCEPTED_GRACE).await;
     }
-    drop(listener);
-    tokio::time::sleep(LAST_ACCEPTED_GRACE).await;
     drain.cancel();
     // Every open connection holds a slot: having them all back means all have closed.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
@@ -170,6 +167,38 @@ pub async fn accept_loop<H, Fut>(
             "drain period over; the remaining connections end with the process"
         );
     }
+}
+
+/// Takes the connections the kernel has already queued (they would be reset when the listener
+/// closes) and closes the listener; true if there were any. Asks the socket itself until it
+/// would block: tokio's readiness flag may not know of connections queued since its last poll.
+fn sweep_queue<H, Fut>(
+    listener: TcpListener,
+    slots: &Arc<Semaphore>,
+    handle: &H,
+    drain: &CancellationToken,
+) -> bool
+where
+    H: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Ok(listener) = listener.into_std() else {
+        return false;
+    };
+    let mut any = false;
+    while let Ok(slot) = slots.clone().try_acquire_owned() {
+        let Ok((stream, remote)) = listener.accept() else {
+            break;
+        };
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            spawn_connection(handle, stream, remote, drain, slot);
+            any = true;
+        }
+    }
+    any
 }
 
 fn spawn_connection<H, Fut>(
@@ -268,6 +297,8 @@ pub async fn serve_http<IO, F, Fut, B>(
     let conn = builder.serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
+        // The connection first: a request already sent is read before a due drain closes it.
+        biased;
         _ = conn.as_mut() => {}
         () = activity.idle_for(timeout) => {}
         _ = drain.cancelled() => {
