@@ -552,7 +552,9 @@ pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) ->
     for crd in crds {
         let name = crd.name_any();
         let deadline = Instant::now() + CRD_ESTABLISHED_TIMEOUT;
-        while !established(&api.get(&name).await?) {
+        // A failed GET is retried like a CRD not yet Established (the apiserver may still be
+        // settling its new resources); the deadline bounds both.
+        while !api.get(&name).await.is_ok_and(|c| established(&c)) {
             if Instant::now() > deadline {
                 return Err(HarnessError::NotReady {
                     what: format!("CRD {name}"),

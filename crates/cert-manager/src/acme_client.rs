@@ -93,7 +93,21 @@ impl HttpClient for MeteredClient {
         let fut = HttpClient::request(&self.inner, req);
         Box::pin(async move {
             let started = Instant::now();
-            let result = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            // The body is read inside the deadline too (instant-acme reads it later,
+            // without one): a CA that sends headers and then stalls fails the same way.
+            let whole = async {
+                let mut rsp = fut.await?;
+                let body = rsp
+                    .body
+                    .into_bytes()
+                    .await
+                    .map_err(instant_acme::Error::Other)?;
+                Ok(BytesResponse {
+                    parts: rsp.parts,
+                    body: Box::new(body),
+                })
+            };
+            let result = match tokio::time::timeout(REQUEST_TIMEOUT, whole).await {
                 Ok(r) => r,
                 Err(_) => Err(instant_acme::Error::Other(Box::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
