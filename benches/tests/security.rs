@@ -4,33 +4,14 @@
 //! served, descriptors recovered, no TLS finding nginx lacks); the figures themselves are the
 //! benchmark's (`cargo run -p xtask -- bench security`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
 use benches::security::h2flood::Attack;
 use benches::security::{Options, Programs, tls};
+use common::ingress_controller;
 use integration_tests::process::which;
 
 const OURS: &str = "ingress-controller";
-
-/// The debug ingress-controller next to this test's own target dir (built here if missing).
-fn ingress_controller() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("ingress-controller");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "ingress", "--bin", "ingress-controller"])
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building ingress-controller failed");
-    }
-    bin
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ours_holds_where_it_must() {

@@ -250,6 +250,35 @@ impl Stand {
     }
 }
 
+/// Runs a tool to completion off the async threads, then reads the file it wrote; a missing
+/// file is an error naming the tool's last lines of output.
+pub(crate) async fn tool_output(
+    tool: &str,
+    program: &Path,
+    args: Vec<String>,
+    writes: &Path,
+) -> Result<String, Error> {
+    let err = |message: String| Error::Tool {
+        tool: tool.to_string(),
+        message,
+    };
+    let program = program.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&program).args(&args).output()
+    })
+    .await?
+    .map_err(|e| err(e.to_string()))?;
+    std::fs::read_to_string(writes).map_err(|e| {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = stdout.lines().rev().take(10).collect();
+        err(format!(
+            "no {} ({e}); output: {}",
+            writes.display(),
+            tail.join(" | ")
+        ))
+    })
+}
+
 /// The harness holds thousands of sockets in the limits case: the soft limit up to the hard one.
 fn raise_nofile() {
     use rustix::process::{Resource, getrlimit, setrlimit};

@@ -2,8 +2,7 @@
 //! body (R-U-Dead-Yet) and slow read (a tiny receive window), each while the normal client runs.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -84,25 +83,8 @@ pub async fn run(
         .map(|s| s.to_string()),
     );
     args.push(prefix.display().to_string());
-    let program: PathBuf = program.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || Command::new(&program).args(&args).output())
-        .await?
-        .map_err(|e| Error::Tool {
-            tool: "slowhttptest".into(),
-            message: e.to_string(),
-        })?;
-    let csv = std::fs::read_to_string(prefix.with_extension("csv")).map_err(|e| Error::Tool {
-        tool: "slowhttptest".into(),
-        message: format!(
-            "no statistics ({e}); output: {}",
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ),
-    })?;
+    let csv =
+        super::tool_output("slowhttptest", program, args, &prefix.with_extension("csv")).await?;
     Ok(parse_csv(&csv))
 }
 

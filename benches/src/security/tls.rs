@@ -2,8 +2,7 @@
 //! MEDIUM or worse, ours next to nginx's with ingress-nginx's default protocols and ciphers.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,25 +57,7 @@ pub async fn scan(
     args.push("--jsonfile".into());
     args.push(json.display().to_string());
     args.push(addr.to_string());
-    let program: PathBuf = program.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || Command::new(&program).args(&args).output())
-        .await?
-        .map_err(|e| Error::Tool {
-            tool: "testssl".into(),
-            message: e.to_string(),
-        })?;
-    let text = std::fs::read_to_string(&json).map_err(|e| Error::Tool {
-        tool: "testssl".into(),
-        message: format!(
-            "no JSON ({e}); output: {}",
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ),
-    })?;
+    let text = super::tool_output("testssl", program, args, &json).await?;
     let findings: Vec<Finding> = serde_json::from_str(&text)?;
     Ok(findings)
 }

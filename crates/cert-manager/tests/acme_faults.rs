@@ -46,6 +46,33 @@ async fn certificate(client: &kube::Client, ns: &str, name: &str, issuer: &str, 
         .expect("create certificate");
 }
 
+/// A fault proxy in front of pebble, and a ClusterIssuer (in a new namespace's name) whose
+/// ACME server is pebble through it.
+async fn issuer_through_proxy(
+    shared: &Shared,
+    client: &kube::Client,
+    prefix: &str,
+) -> (HttpsFaultProxy, String, String) {
+    let proxy = HttpsFaultProxy::start(&shared.directory_url, &shared.pebble_ca_pem)
+        .await
+        .expect("fault proxy");
+    let through_proxy = Shared {
+        directory_url: proxy.url("/dir"),
+        pebble_ca_pem: proxy.ca_pem().to_string(),
+        ..shared.clone()
+    };
+    let ns = namespace(prefix).await;
+    let issuer = format!("le-{ns}");
+    cluster_issuer(
+        client,
+        &through_proxy,
+        &issuer,
+        &format!("{issuer}-account"),
+    )
+    .await;
+    (proxy, ns, issuer)
+}
+
 /// pebble's new-order path, from its directory (read through the proxy, so it names it).
 async fn new_order_path(proxy: &HttpsFaultProxy) -> String {
     let directory = integration_tests::http::get(&proxy.url("/dir"), Some(proxy.ca_pem()))
@@ -149,23 +176,7 @@ async fn a_fault_after_new_order_does_not_open_a_second_acme_order() {
     let shared = env();
     let _pebble = PEBBLE.lock().await;
     let client = client().await;
-    let proxy = HttpsFaultProxy::start(&shared.directory_url, &shared.pebble_ca_pem)
-        .await
-        .expect("fault proxy");
-    let through_proxy = Shared {
-        directory_url: proxy.url("/dir"),
-        pebble_ca_pem: proxy.ca_pem().to_string(),
-        ..shared.clone()
-    };
-    let ns = namespace("cm-order-once").await;
-    let issuer = format!("le-{ns}");
-    cluster_issuer(
-        &client,
-        &through_proxy,
-        &issuer,
-        &format!("{issuer}-account"),
-    )
-    .await;
+    let (proxy, ns, issuer) = issuer_through_proxy(&shared, &client, "cm-order-once").await;
 
     let new_order = new_order_path(&proxy).await;
 
@@ -206,23 +217,7 @@ async fn an_acme_outage_of_silence_then_errors_is_ridden_out_with_one_order() {
     let shared = env();
     let _pebble = PEBBLE.lock().await;
     let client = client().await;
-    let proxy = HttpsFaultProxy::start(&shared.directory_url, &shared.pebble_ca_pem)
-        .await
-        .expect("fault proxy");
-    let through_proxy = Shared {
-        directory_url: proxy.url("/dir"),
-        pebble_ca_pem: proxy.ca_pem().to_string(),
-        ..shared.clone()
-    };
-    let ns = namespace("cm-acme-outage").await;
-    let issuer = format!("le-{ns}");
-    cluster_issuer(
-        &client,
-        &through_proxy,
-        &issuer,
-        &format!("{issuer}-account"),
-    )
-    .await;
+    let (proxy, ns, issuer) = issuer_through_proxy(&shared, &client, "cm-acme-outage").await;
     let issuers: Api<cert_manager::api::ClusterIssuer> = Api::all(client.clone());
     wait_for("issuer registered", LIMIT, || async {
         let ci = issuers.get_opt(&issuer).await.ok()??;
