@@ -16,7 +16,7 @@ use crate::proxy::Body;
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The most a pooled HTTP/1 upstream connection reads ahead of its client.
-const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
 
 /// Settings that need their own pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,10 +46,11 @@ impl Clients {
                 .pool_max_idle_per_host(s.keepalive_connections as usize)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
-                // What one response may hold in the proxy while its client reads slowly: hyper's
-                // default (about 400 KiB for the read buffer and again for a chunk in flight)
-                // let 200 slow readers pin 150 MiB. nginx without proxy buffering holds one
-                // `proxy-buffer-size` buffer.
+                // What one response may hold in the proxy while its client reads slowly:
+                // hyper's default (about 400 KiB for the read buffer and again for a chunk in
+                // flight) let 1,000 slow readers pin 800 MiB; 16 KiB holds about 50 KiB per
+                // reader (nginx without proxy buffering holds one 4-8 KiB buffer). The cost
+                // on 64 KiB bodies is in benches/README.md.
                 .http1_max_buf_size(UPSTREAM_READ_BUFFER)
                 .http2_only(h2);
             b
