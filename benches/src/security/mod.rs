@@ -250,8 +250,9 @@ impl Stand {
     }
 }
 
-/// Runs a tool to completion off the async threads, then reads the file it wrote; a missing
-/// file is an error naming the tool's last lines of output.
+/// Runs a tool to completion (killed after [`TOOL_LIMIT`]: a hung scan must not hang the
+/// suite), then reads the file it wrote; a missing file is an error naming the tool's last
+/// lines of output.
 pub(crate) async fn tool_output(
     tool: &str,
     program: &Path,
@@ -262,12 +263,14 @@ pub(crate) async fn tool_output(
         tool: tool.to_string(),
         message,
     };
-    let program = program.to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&program).args(&args).output()
-    })
-    .await?
-    .map_err(|e| err(e.to_string()))?;
+    let run = tokio::process::Command::new(program)
+        .args(&args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(TOOL_LIMIT, run)
+        .await
+        .map_err(|_| err(format!("no result within {TOOL_LIMIT:?}")))?
+        .map_err(|e| err(e.to_string()))?;
     std::fs::read_to_string(writes).map_err(|e| {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let tail: Vec<&str> = stdout.lines().rev().take(10).collect();
@@ -278,6 +281,9 @@ pub(crate) async fn tool_output(
         ))
     })
 }
+
+/// The longest any tool may run (testssl's full scan takes 2-4 minutes here).
+const TOOL_LIMIT: Duration = Duration::from_secs(900);
 
 /// The harness holds thousands of sockets in the limits case: the soft limit up to the hard one.
 fn raise_nofile() {

@@ -73,6 +73,14 @@ async fn issuer_through_proxy(
     (proxy, ns, issuer)
 }
 
+/// cert-manager's /metrics text.
+async fn metrics(shared: &Shared) -> String {
+    integration_tests::http::get(&format!("http://{}/metrics", shared.metrics), None)
+        .await
+        .expect("metrics")
+        .text()
+}
+
 /// pebble's new-order path, from its directory (read through the proxy, so it names it).
 async fn new_order_path(proxy: &HttpsFaultProxy) -> String {
     let directory = integration_tests::http::get(&proxy.url("/dir"), Some(proxy.ca_pem()))
@@ -151,10 +159,7 @@ async fn issues_with_half_the_nonces_rejected_and_survives_an_acme_outage() {
     assert_eq!(status.last_failure_time, None);
     // The outage was ridden out by retrying with backoff (counted as sync errors), not by
     // failing the issuance.
-    let metrics = integration_tests::http::get(&format!("http://{}/metrics", shared.metrics), None)
-        .await
-        .expect("metrics")
-        .text();
+    let metrics = metrics(&shared).await;
     let errors = metrics
         .lines()
         .find(|l| l.starts_with("certmanager_controller_sync_error_count{controller=\"orders\"}"))
@@ -257,10 +262,7 @@ async fn an_acme_outage_of_silence_then_errors_is_ridden_out_with_one_order() {
     );
     // The client's own verdict on the silent request: status "999" (no answer) in upstream's
     // ACME client metric, for this proxy's host only.
-    let metrics = integration_tests::http::get(&format!("http://{}/metrics", shared.metrics), None)
-        .await
-        .expect("metrics")
-        .text();
+    let metrics = metrics(&shared).await;
     let host = format!("localhost:{}", proxy.addr().port());
     let gave_up = metrics.lines().any(|l| {
         l.starts_with("certmanager_http_acme_client_request_count")

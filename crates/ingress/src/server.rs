@@ -45,6 +45,43 @@ pub async fn serve(
     .await
 }
 
+// On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
+// `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY.
+// A connection that spent its control-frame budget (`control_frames`) gets GOAWAY the same
+// way, then at most FLOOD_LINGER to finish: nothing more is read from it.
+macro_rules! until_drained {
+    ($serving:expr, $drain:expr, $flood:expr) => {{
+        let serving = $serving;
+        let drain: CancellationToken = $drain;
+        let flood: Option<CancellationToken> = $flood;
+        let conn: Connection<'_> = Box::pin(async move {
+            let mut serving = std::pin::pin!(serving);
+            let flooded = async {
+                match &flood {
+                    Some(f) => f.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Serving first: a request already in the socket is read before a drain
+                // that is already due asks the connection to close.
+                biased;
+                r = serving.as_mut() => r.map_err(Into::into),
+                _ = drain.cancelled() => {
+                    serving.as_mut().graceful_shutdown();
+                    serving.await.map_err(Into::into)
+                }
+                _ = flooded => {
+                    serving.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(FLOOD_LINGER, serving).await;
+                    Ok(())
+                }
+            }
+        });
+        conn
+    }};
+}
+
 async fn connection(
     a: Accepted,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
@@ -65,65 +102,15 @@ async fn connection(
     let verdicts = Arc::new(Verdicts::default());
     let service = request_service(proxy, conn, activity.clone(), verdicts.clone());
     let keep_alive = cfg.keep_alive;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.client_header_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        // keep-alive: 0 turns keep-alive off, as in nginx.
-        .keep_alive(!keep_alive.is_zero());
-    builder.http2().timer(TokioTimer::new());
-    // HTTP/1 connections use hyper's own HTTP/1 server, without the auto builder's
-    // protocol sniffing and rewind buffer (measurably cheaper per request, see
-    // benches/README.md). The header limit is checked on the head itself, so it is
-    // exact whatever the read sizes.
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.client_header_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .max_header_size(cfg.max_header_bytes)
-        .keep_alive(!keep_alive.is_zero());
-    // On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
-    // `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY.
-    // A connection that spent its control-frame budget (`control_frames`) gets GOAWAY the same
-    // way, then at most FLOOD_LINGER to finish: nothing more is read from it.
-    macro_rules! until_drained {
-        ($serving:expr, $flood:expr) => {{
-            let serving = $serving;
-            let drain = drain.clone();
-            let flood: Option<CancellationToken> = $flood;
-            let conn: Connection<'_> = Box::pin(async move {
-                let mut serving = std::pin::pin!(serving);
-                let flooded = async {
-                    match &flood {
-                        Some(f) => f.cancelled().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    // Serving first: a request already in the socket is read before a drain
-                    // that is already due asks the connection to close.
-                    biased;
-                    r = serving.as_mut() => r.map_err(Into::into),
-                    _ = drain.cancelled() => {
-                        serving.as_mut().graceful_shutdown();
-                        serving.await.map_err(Into::into)
-                    }
-                    _ = flooded => {
-                        serving.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(FLOOD_LINGER, serving).await;
-                        Ok(())
-                    }
-                }
-            });
-            conn
-        }};
-    }
+    let builder = h2_builder(&cfg);
+    let http1 = http1_builder(&cfg);
     macro_rules! http1_conn {
         ($io:expr) => {
-            until_drained!(http1.serve_connection($io, service).with_upgrades(), None)
+            until_drained!(
+                http1.serve_connection($io, service).with_upgrades(),
+                drain.clone(),
+                None
+            )
         };
     }
     match tls {
@@ -148,6 +135,7 @@ async fn connection(
                 let io = TokioIo::new(ControlFrames::new(tls_stream, flood.clone()));
                 until_drained!(
                     builder.serve_connection_with_upgrades(io, service),
+                    drain.clone(),
                     Some(flood)
                 )
             } else {
@@ -158,6 +146,35 @@ async fn connection(
             activity.requests_done().await;
         }
     }
+}
+
+/// The TLS listener's builder for connections that negotiated h2 (ALPN); its HTTP/1 settings
+/// match [`http1_builder`]'s should a client speak HTTP/1 anyway (the builder sniffs).
+fn h2_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        // keep-alive: 0 turns keep-alive off, as in nginx.
+        .keep_alive(!cfg.keep_alive.is_zero());
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// HTTP/1 connections use hyper's own HTTP/1 server, without the auto builder's protocol
+/// sniffing and rewind buffer (measurably cheaper per request, see benches/README.md). The
+/// header limit is checked on the head itself, so it is exact whatever the read sizes.
+fn http1_builder(cfg: &crate::config::Config) -> hyper::server::conn::http1::Builder {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.client_header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_header_size(cfg.max_header_bytes)
+        .keep_alive(!cfg.keep_alive.is_zero());
+    http1
 }
 
 /// Each request of one connection: refused when its head had conflicting framing, else
