@@ -70,24 +70,24 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
     mgr.register_metrics(|r| metrics = Some(Metrics::register(r, &args.controller_class)));
     let metrics = metrics.context("registering metrics")?;
 
-    // SO_REUSEPORT, as ingress-nginx's `reuse-port` default: a new instance on the same node
-    // binds the ports while this one drains. (The listeners exist before the ConfigMap is
-    // read, so the key's default applies.)
-    let bind = |port: u16, what: &str| {
-        kube_common::serve::bind(std::net::SocketAddr::new(args.bind_address, port), true)
-            .with_context(|| format!("binding {what} port {port}"))
-    };
-    let http_listener = bind(args.http_port, "HTTP")?;
-    let https_listener = bind(args.https_port, "HTTPS")?;
-    let http = http_listener.local_addr()?;
-    let https = https_listener.local_addr()?;
+    // SO_REUSEPORT, as ingress-nginx's `reuse-port` default: the workers share the ports, and
+    // a new instance on the same node binds them while this one drains. The worker count is
+    // the ConfigMap's `worker-processes` as it stands now (nginx too reads it at start).
+    let workers = crate::workers::count(&mgr.client, configmap.as_ref()).await;
+    let bound = crate::workers::bind(args.bind_address, args.http_port, args.https_port, workers)?;
+    let (http, https) = (bound.http, bound.https);
 
     let fake = fake_certificate().context("generating the default certificate")?;
     let mut builder = Builder::new(opts, fake);
     // Until the caches sync, serve the default backend (as nginx does before its first sync).
     let initial = builder.build(&Inputs::default());
     let tls = Arc::new(TlsStore::new(initial.certs));
-    let proxy = Arc::new(Proxy::new(initial.snapshot, metrics.clone(), https.port()));
+    let proxy = Arc::new(Proxy::new(
+        initial.snapshot,
+        metrics.clone(),
+        https.port(),
+        workers,
+    ));
     let cfg = proxy.snapshot().config.clone();
     let tls_config = Arc::new(arc_swap::ArcSwap::new(server_config(
         tls.clone(),
@@ -151,26 +151,18 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         },
     ));
     let stop_accepting = after_grace(&mgr.shutdown, args.shutdown_grace_period);
-    let servers = vec![
-        tokio::spawn(crate::server::serve(
-            http_listener,
-            None,
-            proxy.clone(),
-            stop_accepting.clone(),
-        )),
-        tokio::spawn(crate::server::serve(
-            https_listener,
-            Some(tls_config.clone()),
-            proxy.clone(),
-            stop_accepting,
-        )),
-    ];
+    let servers = crate::workers::spawn(
+        bound.workers,
+        tls_config.clone(),
+        proxy.clone(),
+        stop_accepting,
+    )?;
     let health_addr = args
         .common
         .health_address
         .unwrap_or(SocketAddr::new(args.bind_address, args.healthz_port));
     let health = mgr.serve_health(health_addr).await?;
-    tracing::info!(%http, %https, %health, "ingress controller serving");
+    tracing::info!(%http, %https, %health, workers, "ingress controller serving");
     Ok(Running {
         webhook,
         http,

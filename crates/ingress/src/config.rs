@@ -8,7 +8,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::values::{
-    ValueError, err, parse_bool, parse_cidrs, parse_seconds, parse_size, parse_u32,
+    ValueError, err, parse_bool, parse_cidrs, parse_nginx_time, parse_seconds, parse_size,
+    parse_u32,
 };
 
 /// Global settings; `Default` is upstream's defaults.
@@ -33,6 +34,10 @@ pub struct Config {
     pub keep_alive: Duration,
     pub upstream_keepalive_connections: u32,
     pub upstream_keepalive_timeout: Duration,
+    /// Requests one upstream connection serves before it is closed.
+    pub upstream_keepalive_requests: u32,
+    /// How long one upstream connection is kept at most.
+    pub upstream_keepalive_time: Duration,
     pub use_forwarded_headers: bool,
     pub compute_full_forwarded_for: bool,
     pub whitelist_source_range: Vec<IpNet>,
@@ -42,6 +47,12 @@ pub struct Config {
     pub limit_conn_status_code: u16,
     /// Total bytes of request line + headers (`large-client-header-buffers` "4 8k" → 32 KiB).
     pub max_header_bytes: usize,
+    /// `worker-processes`: proxy worker threads; `None` is `auto` (one per CPU this process
+    /// may run on). Read when the controller starts, as nginx reads it when it starts.
+    pub worker_processes: Option<usize>,
+    /// The `Strict-Transport-Security` value (from the `hsts*` keys), built once per
+    /// configuration rather than per response.
+    pub hsts_value: Option<http::HeaderValue>,
 }
 
 impl Default for Config {
@@ -65,6 +76,8 @@ impl Default for Config {
             keep_alive: Duration::from_secs(75),
             upstream_keepalive_connections: 320,
             upstream_keepalive_timeout: Duration::from_secs(60),
+            upstream_keepalive_requests: 10_000,
+            upstream_keepalive_time: Duration::from_secs(3600),
             use_forwarded_headers: false,
             compute_full_forwarded_for: false,
             whitelist_source_range: Vec::new(),
@@ -73,7 +86,10 @@ impl Default for Config {
             limit_req_status_code: 503,
             limit_conn_status_code: 503,
             max_header_bytes: 4 * 8 * 1024,
+            worker_processes: None,
+            hsts_value: None,
         }
+        .with_hsts_value()
     }
 }
 
@@ -87,7 +103,6 @@ pub struct Parsed {
 
 /// Keys upstream has that do not change our behaviour (nginx internals); accepted silently.
 const NGINX_ONLY: &[&str] = &[
-    "worker-processes",
     "worker-shutdown-timeout",
     "max-worker-connections",
     "ssl-session-cache",
@@ -118,7 +133,10 @@ impl Config {
             }
         }
         if errors.is_empty() {
-            Ok(Parsed { config: c, unknown })
+            Ok(Parsed {
+                config: c.with_hsts_value(),
+                unknown,
+            })
         } else {
             Err(errors)
         }
@@ -174,6 +192,8 @@ impl Config {
                 self.upstream_keepalive_connections = parse_u32(k, v)?
             }
             "upstream-keepalive-timeout" => self.upstream_keepalive_timeout = parse_seconds(k, v)?,
+            "upstream-keepalive-requests" => self.upstream_keepalive_requests = parse_u32(k, v)?,
+            "upstream-keepalive-time" => self.upstream_keepalive_time = parse_nginx_time(k, v)?,
             "use-forwarded-headers" => self.use_forwarded_headers = parse_bool(k, v)?,
             "compute-full-forwarded-for" => self.compute_full_forwarded_for = parse_bool(k, v)?,
             "whitelist-source-range" => self.whitelist_source_range = parse_cidrs(k, v)?,
@@ -196,10 +216,33 @@ impl Config {
                     _ => return Err(err(k, v, "expected \"<count> <size>\", e.g. \"4 8k\"")),
                 }
             }
+            "worker-processes" => {
+                self.worker_processes = match v.trim() {
+                    "auto" => None,
+                    n => match n.parse::<usize>() {
+                        Ok(n) if (1..=1024).contains(&n) => Some(n),
+                        _ => return Err(err(k, v, "expected \"auto\" or a count 1-1024")),
+                    },
+                }
+            }
             k if NGINX_ONLY.contains(&k) => {}
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    fn with_hsts_value(mut self) -> Self {
+        self.hsts_value = self
+            .hsts_header()
+            .and_then(|v| http::HeaderValue::from_str(&v).ok());
+        self
+    }
+
+    /// The proxy worker count: `worker-processes`, else one per CPU this process may use.
+    pub fn workers(&self) -> usize {
+        self.worker_processes.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     /// The `Strict-Transport-Security` value, if HSTS is on.
@@ -249,6 +292,31 @@ mod tests {
             c.hsts_header().as_deref(),
             Some("max-age=31536000; includeSubDomains")
         );
+    }
+
+    #[test]
+    fn worker_processes_and_the_hsts_value() {
+        let p = parse(&[
+            ("worker-processes", "3"),
+            ("hsts-preload", "true"),
+            ("upstream-keepalive-requests", "100"),
+            ("upstream-keepalive-time", "30m"),
+        ])
+        .expect("valid");
+        assert_eq!(p.config.upstream_keepalive_requests, 100);
+        assert_eq!(p.config.upstream_keepalive_time, Duration::from_secs(1800));
+        assert_eq!(p.config.worker_processes, Some(3));
+        assert_eq!(p.config.workers(), 3);
+        assert_eq!(
+            p.config.hsts_value.as_ref().map(|v| v.to_str().unwrap()),
+            Some("max-age=31536000; includeSubDomains; preload")
+        );
+        assert!(Config::default().workers() >= 1);
+        for bad in ["0", "many", "-1"] {
+            assert!(parse(&[("worker-processes", bad)]).is_err(), "{bad}");
+        }
+        let off = parse(&[("hsts", "false")]).expect("valid");
+        assert!(off.config.hsts_value.is_none());
     }
 
     #[test]

@@ -26,3 +26,4 @@ pub mod tls_store;
 pub mod upstream;
 pub mod values;
 pub mod webhook;
+pub mod workers;

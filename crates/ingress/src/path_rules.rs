@@ -65,6 +65,62 @@ pub struct BadRegex {
     pub message: String,
 }
 
+/// The regex a path becomes in regex mode: case-insensitive, anchored at the start.
+pub fn path_pattern(path: &str) -> String {
+    format!("(?i)^{path}")
+}
+
+/// Compiled regexes by pattern string, kept across snapshot builds: compiling is by far the
+/// costliest part of matching setup, and most builds (endpoint changes) reuse every pattern.
+/// Entries not asked for since the last [`RegexCache::prune`] are dropped by it, so the cache
+/// holds only the patterns of the latest build.
+#[derive(Debug, Default)]
+pub struct RegexCache {
+    /// Pattern → compile result (errors too: a bad path stays bad) and the round it was last
+    /// asked for.
+    entries: HashMap<String, (Result<Regex, regex::Error>, u64)>,
+    round: u64,
+    compilations: u64,
+}
+
+impl RegexCache {
+    /// The compiled `pattern`, compiling it only if no earlier call did. Cloning a `Regex`
+    /// shares its compiled program.
+    pub fn compile(&mut self, pattern: &str) -> Result<Regex, regex::Error> {
+        let round = self.round;
+        if let Some((compiled, used)) = self.entries.get_mut(pattern) {
+            *used = round;
+            return compiled.clone();
+        }
+        self.compilations += 1;
+        let compiled = Regex::new(pattern);
+        self.entries
+            .insert(pattern.to_owned(), (compiled.clone(), round));
+        compiled
+    }
+
+    /// Drops the patterns not asked for since the previous call.
+    pub fn prune(&mut self) {
+        let round = self.round;
+        self.entries.retain(|_, (_, used)| *used == round);
+        self.round += 1;
+    }
+
+    /// How many patterns are cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// How many times a pattern was actually compiled (cache misses).
+    pub fn compilations(&self) -> u64 {
+        self.compilations
+    }
+}
+
 impl<T> HostRules<T> {
     /// Builds the matcher. Rules earlier in `rules` win conflicts (callers order them by
     /// Ingress creationTimestamp, so the oldest Ingress wins as upstream). Rules that fail to
@@ -74,6 +130,16 @@ impl<T> HostRules<T> {
         regex_mode: bool,
         default: Option<T>,
     ) -> (Self, Vec<BadRegex>) {
+        Self::with_cache(rules, regex_mode, default, &mut RegexCache::default())
+    }
+
+    /// [`HostRules::new`], taking compiled regexes from (and adding them to) `cache`.
+    pub fn with_cache(
+        rules: Vec<PathRule<T>>,
+        regex_mode: bool,
+        default: Option<T>,
+        cache: &mut RegexCache,
+    ) -> (Self, Vec<BadRegex>) {
         let mut host = HostRules {
             exact: HashMap::new(),
             prefixes: Vec::new(),
@@ -81,7 +147,6 @@ impl<T> HostRules<T> {
             rules: Vec::new(),
             default,
         };
-        let mut errors = Vec::new();
         // Dedupe: the same (path, kind) defined twice keeps the first (oldest).
         let mut seen = std::collections::HashSet::new();
         for rule in rules {
@@ -89,41 +154,54 @@ impl<T> HostRules<T> {
                 host.rules.push(rule);
             }
         }
-        if regex_mode {
-            let mut order: Vec<usize> = (0..host.rules.len()).collect();
-            // Stable sort keeps creation order among equal lengths.
-            order.sort_by_key(|&i| std::cmp::Reverse(host.rules[i].path.len()));
-            let mut regexes = Vec::new();
-            for i in order {
-                let path = &host.rules[i].path;
-                match Regex::new(&format!("(?i)^{path}")) {
-                    Ok(re) => regexes.push((re, i)),
-                    Err(e) => errors.push(BadRegex {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    }),
-                }
-            }
-            host.regexes = Some(regexes);
-            return (host, errors);
+        if !regex_mode {
+            host.index_paths();
+            return (host, Vec::new());
         }
-        for (i, rule) in host.rules.iter().enumerate() {
+        let errors = host.compile_regexes(cache);
+        (host, errors)
+    }
+
+    /// Regex mode: every path as a regex, longest path first; returns the paths that do not
+    /// compile (left out).
+    fn compile_regexes(&mut self, cache: &mut RegexCache) -> Vec<BadRegex> {
+        let mut order: Vec<usize> = (0..self.rules.len()).collect();
+        // Stable sort keeps creation order among equal lengths.
+        order.sort_by_key(|&i| std::cmp::Reverse(self.rules[i].path.len()));
+        let mut regexes = Vec::new();
+        let mut errors = Vec::new();
+        for i in order {
+            let path = &self.rules[i].path;
+            match cache.compile(&path_pattern(path)) {
+                Ok(re) => regexes.push((re, i)),
+                Err(e) => errors.push(BadRegex {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        self.regexes = Some(regexes);
+        errors
+    }
+
+    /// Plain mode: exact paths by name, prefixes longest first.
+    fn index_paths(&mut self) {
+        for (i, rule) in self.rules.iter().enumerate() {
             match rule.kind {
                 PathKind::Exact => {
-                    host.exact.entry(rule.path.clone()).or_insert(i);
+                    self.exact.entry(rule.path.clone()).or_insert(i);
                 }
                 PathKind::Prefix => {
                     let trimmed = rule.path.trim_end_matches('/');
-                    host.prefixes.push((trimmed.to_string(), true, i));
+                    self.prefixes.push((trimmed.to_string(), true, i));
                 }
                 PathKind::ImplementationSpecific => {
-                    host.prefixes.push((rule.path.clone(), false, i));
+                    self.prefixes.push((rule.path.clone(), false, i));
                 }
             }
         }
-        host.prefixes
+        self.prefixes
             .sort_by_key(|(p, _, _)| std::cmp::Reverse(p.len()));
-        (host, errors)
     }
 
     /// The rule for `path` (without query), if any path matches.
@@ -386,6 +464,41 @@ mod tests {
             None,
         );
         assert_eq!(errs.len(), 1);
+    }
+
+    /// Building a regex host again compiles nothing (bad patterns included); a pattern that no
+    /// build since the previous prune asked for is dropped.
+    #[test]
+    fn regex_cache_compiles_once_and_keeps_only_used_patterns() {
+        let rules = |paths: &[&str]| -> Vec<PathRule<&'static str>> {
+            paths
+                .iter()
+                .map(|p| PathRule {
+                    path: p.to_string(),
+                    kind: Impl,
+                    target: "x",
+                })
+                .collect()
+        };
+        let mut cache = RegexCache::default();
+        let (_, errs) = HostRules::with_cache(rules(&["/a", "/b("]), true, None, &mut cache);
+        assert_eq!((cache.compilations(), errs.len()), (2, 1));
+        cache.prune();
+        let (h, errs) = HostRules::with_cache(rules(&["/a", "/b("]), true, None, &mut cache);
+        assert_eq!((cache.compilations(), errs.len()), (2, 1), "all cached");
+        assert!(h.lookup("/A/x").is_some(), "a cached regex still matches");
+        cache.prune();
+        HostRules::with_cache(rules(&["/a"]), true, None, &mut cache);
+        cache.prune();
+        assert_eq!(cache.len(), 1, "/b( was not used by the last build");
+        cache.prune();
+        assert!(cache.is_empty());
+        HostRules::with_cache(rules(&["/a"]), true, None, &mut cache);
+        assert_eq!(
+            cache.compilations(),
+            3,
+            "a dropped pattern is compiled again"
+        );
     }
 
     #[test]

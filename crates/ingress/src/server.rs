@@ -18,7 +18,8 @@ use crate::control_frames::ControlFrames;
 use crate::framing::{Scanned, Verdicts};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
-/// ingress-nginx's `max-worker-connections` default: connections one listener keeps open.
+/// ingress-nginx's `max-worker-connections` default: connections one worker's listener keeps
+/// open.
 const MAX_CONNECTIONS: usize = 16_384;
 /// ingress-nginx's `worker-shutdown-timeout` default: how long open connections get to finish
 /// after shutdown starts.
@@ -33,6 +34,7 @@ pub async fn serve(
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
+    worker: usize,
 ) {
     let limits = Limits {
         max_connections: MAX_CONNECTIONS,
@@ -40,7 +42,7 @@ pub async fn serve(
     };
     let name = if tls.is_some() { "https" } else { "http" };
     accept_loop(name, listener, limits, shutdown, move |a| {
-        connection(a, tls.clone(), proxy.clone())
+        connection(a, tls.clone(), proxy.clone(), worker)
     })
     .await
 }
@@ -86,6 +88,7 @@ async fn connection(
     a: Accepted,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     proxy: Arc<Proxy>,
+    worker: usize,
 ) {
     let Accepted {
         stream,
@@ -97,7 +100,7 @@ async fn connection(
         return;
     };
     let cfg = proxy.snapshot().config.clone();
-    let conn = ConnInfo::new(remote, local, tls.is_some());
+    let conn = ConnInfo::new(remote, local, tls.is_some(), worker);
     let activity = Arc::new(Activity::default());
     let verdicts = Arc::new(Verdicts::default());
     let service = request_service(proxy, conn, activity.clone(), verdicts.clone());

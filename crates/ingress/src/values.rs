@@ -51,6 +51,47 @@ pub fn parse_seconds(key: &str, v: &str) -> Result<Duration, ValueError> {
         .map_err(|_| err(key, v, "expected whole seconds"))
 }
 
+/// An nginx time (`1h`, `90s`, `1h 30m`, `500ms`; a bare number is seconds).
+pub fn parse_nginx_time(key: &str, v: &str) -> Result<Duration, ValueError> {
+    let bad = || {
+        err(
+            key,
+            v,
+            "expected an nginx time such as 1h, 30m, 90s or 1h 30m",
+        )
+    };
+    let mut total = Duration::ZERO;
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == ' ')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "" | "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            "w" => Duration::from_secs(7 * 86_400),
+            _ => return Err(bad()),
+        };
+        let part = unit
+            .checked_mul(u32::try_from(n).map_err(|_| bad())?)
+            .ok_or_else(bad)?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(total)
+}
+
 pub fn parse_u32(key: &str, v: &str) -> Result<u32, ValueError> {
     v.trim()
         .parse()
@@ -73,6 +114,19 @@ pub fn parse_cidrs(key: &str, v: &str) -> Result<Vec<IpNet>, ValueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nginx_times() {
+        let t = |v: &str| parse_nginx_time("k", v);
+        assert_eq!(t("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(t("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(t("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(t("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(t("500ms").unwrap(), Duration::from_millis(500));
+        for bad in ["", "h", "1x", "-1s", "99999999999h"] {
+            assert!(t(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes_and_times() {

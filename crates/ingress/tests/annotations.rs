@@ -75,8 +75,8 @@ async fn rewrite_regex_redirects_body_size_and_source_ranges() {
     let r = get(http, &host("rw"), "/API/v1/items?x=1").await;
     assert_eq!(
         r.json()["uri"],
-        "/v1/items",
-        "case-insensitive regex, capture group 2 rewritten"
+        "/v1/items?x=1",
+        "case-insensitive regex, capture group 2 rewritten, the query kept (as nginx's rewrite)"
     );
     assert_eq!(r.json()["headers"]["x-forwarded-prefix"], "/api");
     eventually("app-root", WAIT, || async {

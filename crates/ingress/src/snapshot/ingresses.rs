@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
 use super::{Builder, Inputs, Problem, key_of};
 use crate::annotations::Annotations;
-use crate::path_rules::PathKind;
+use crate::path_rules::{PathKind, RegexCache, path_pattern};
 
 /// Exact and Prefix paths must look like this (ingress-nginx `strict-validate-path-type`).
 fn strict_path_ok(path: &str) -> bool {
@@ -34,6 +34,15 @@ fn host_ok(host: &str) -> bool {
 
 /// Checks one Ingress; returns every problem found.
 pub fn validate(ingress: &Ingress) -> Result<Arc<Annotations>, Vec<String>> {
+    validate_cached(ingress, &mut RegexCache::default())
+}
+
+/// [`validate`], compiling regex paths through `regexes` (the builder's cache, shared with
+/// the router it builds).
+pub(super) fn validate_cached(
+    ingress: &Ingress,
+    regexes: &mut RegexCache,
+) -> Result<Arc<Annotations>, Vec<String>> {
     let mut problems = Vec::new();
     let annotations = match Annotations::parse(ingress.metadata.annotations.as_ref()) {
         Ok(a) => Some(a),
@@ -62,7 +71,7 @@ pub fn validate(ingress: &Ingress) -> Result<Arc<Annotations>, Vec<String>> {
                     ))
                 }
                 Some(_) if regex => {
-                    if let Err(e) = regex::Regex::new(&format!("(?i)^{p}")) {
+                    if let Err(e) = regexes.compile(&path_pattern(p)) {
                         problems.push(format!("path {p:?} is not a valid regular expression: {e}"));
                     }
                 }
@@ -97,7 +106,7 @@ impl Builder {
             }
             let key = key_of(ing.as_ref());
             current_keys.insert(key.clone());
-            match validate(ing) {
+            match validate_cached(ing, &mut self.regexes) {
                 Ok(ann) => {
                     self.last_good_ingress.insert(key, ing.clone());
                     effective.push((ing.clone(), ann));
@@ -116,7 +125,7 @@ impl Builder {
                         format!("{}{suffix}", errs.join("; ")),
                     );
                     if let Some(old) = kept
-                        && let Ok(ann) = validate(&old)
+                        && let Ok(ann) = validate_cached(&old, &mut self.regexes)
                     {
                         effective.push((old, ann));
                     }
@@ -133,5 +142,60 @@ impl Builder {
                 .then_with(|| key_of(a.as_ref()).cmp(&key_of(b.as_ref())))
         });
         effective
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::tests::{class, ingress, inputs};
+    use super::super::{Builder, Options};
+
+    /// A use-regex Ingress with one rule per path.
+    fn regex_ingress(paths: &[&str]) -> serde_json::Value {
+        let mut ing = ingress(
+            "web",
+            json!({"nginx.ingress.kubernetes.io/use-regex": "true"}),
+        );
+        let path = |p: &str| {
+            json!({"path": p, "pathType": "ImplementationSpecific",
+                                    "backend": {"service": {"name": "web", "port": {"number": 80}}}})
+        };
+        let paths: Vec<_> = paths.iter().map(|p| path(p)).collect();
+        ing["spec"]["rules"][0]["http"]["paths"] = json!(paths);
+        ing
+    }
+
+    /// Validation and the router share one compiled regex per pattern, kept across builds
+    /// while some build uses it.
+    #[test]
+    fn regexes_are_compiled_once_across_builds() {
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut builder = Builder::new(Options::default(), fake);
+        let first = inputs(json!([class(), regex_ingress(&["/a/(.*)", "/b"])]));
+        builder.build(&first);
+        assert_eq!(
+            builder.regexes.compilations(),
+            2,
+            "validation and router share"
+        );
+        builder.build(&first);
+        assert_eq!(builder.regexes.compilations(), 2, "nothing compiled again");
+
+        let changed = inputs(json!([class(), regex_ingress(&["/a/(.*)", "/c"])]));
+        let built = builder.build(&changed);
+        assert_eq!(builder.regexes.compilations(), 3, "only the new path");
+        assert_eq!(builder.regexes.len(), 2, "/b dropped");
+        assert!(matches!(
+            built.snapshot.router.lookup("a.example", "/A/x"),
+            crate::path_rules::Match::Rule(r, _) if r.path == "/a/(.*)"
+        ));
+
+        builder.build(&inputs(json!([class()])));
+        assert!(
+            builder.regexes.is_empty(),
+            "deleted Ingress: no patterns kept"
+        );
     }
 }

@@ -28,7 +28,7 @@ use crate::annotations::Annotations;
 use crate::config::Config;
 use crate::endpoints::Slice;
 use crate::ingress_class::ClassSelector;
-use crate::path_rules::{PathKind, Router};
+use crate::path_rules::{PathKind, RegexCache, Router};
 use crate::tls_store::{CertTable, LoadedCert};
 
 /// `namespace/name`.
@@ -230,7 +230,30 @@ pub struct Builder {
     last_good_ingress: HashMap<ObjectKey, Arc<Ingress>>,
     last_good_config: Config,
     last_good_cert: HashMap<ObjectKey, LoadedCert>,
-    reported: HashSet<String>,
+    cert_cache: certificates::CertCache,
+    /// Path regexes of the validation and the router, kept for the next build.
+    regexes: RegexCache,
+    /// The problems reported per object version (reason, message); only versions still in
+    /// the cluster are kept.
+    reported: HashMap<ObjectVersion, HashSet<(&'static str, String)>>,
+}
+
+/// One version of one object: problems are reported once per version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ObjectVersion {
+    kind: String,
+    key: ObjectKey,
+    resource_version: String,
+}
+
+impl ObjectVersion {
+    fn of<K: Resource<DynamicType = ()>>(obj: &K) -> Self {
+        Self {
+            kind: K::kind(&()).into_owned(),
+            key: key_of(obj),
+            resource_version: obj.meta().resource_version.clone().unwrap_or_default(),
+        }
+    }
 }
 
 fn key_of<K: Resource>(obj: &K) -> ObjectKey {
@@ -248,6 +271,12 @@ fn by_key<K: Resource>(objects: &[Arc<K>]) -> HashMap<ObjectKey, &K> {
         .collect()
 }
 
+fn versions<K: Resource<DynamicType = ()>>(
+    objects: &[Arc<K>],
+) -> impl Iterator<Item = ObjectVersion> + '_ {
+    objects.iter().map(|o| ObjectVersion::of(o.as_ref()))
+}
+
 impl Builder {
     pub fn new(opts: Options, fake: LoadedCert) -> Self {
         Self {
@@ -257,7 +286,9 @@ impl Builder {
             last_good_ingress: HashMap::new(),
             last_good_config: Config::default(),
             last_good_cert: HashMap::new(),
-            reported: HashSet::new(),
+            cert_cache: certificates::CertCache::default(),
+            regexes: RegexCache::default(),
+            reported: HashMap::new(),
         }
     }
 
@@ -272,19 +303,40 @@ impl Builder {
         reason: &'static str,
         message: String,
     ) {
-        let version = obj.meta().resource_version.clone().unwrap_or_default();
-        let id = format!(
-            "{}/{}/{version}/{reason}/{message}",
-            K::kind(&()),
-            key_of(obj)
-        );
-        if self.reported.insert(id) {
+        let seen = self.reported.entry(ObjectVersion::of(obj)).or_default();
+        if seen.insert((reason, message.clone())) {
             problems.push(Problem {
                 object: obj.object_ref(&()),
                 reason,
                 message,
             });
         }
+    }
+
+    /// Forgets the problems of object versions no longer in the cluster (deleted or updated
+    /// objects): a version that is gone cannot be reported again, so remembering it only grows
+    /// the set. Ingress versions in effect as the last good one count as present.
+    fn forget_stale_problems(
+        &mut self,
+        inputs: &Inputs,
+        effective: &[(Arc<Ingress>, Arc<Annotations>)],
+    ) {
+        if self.reported.is_empty() {
+            return;
+        }
+        let mut present: HashSet<ObjectVersion> = HashSet::new();
+        present.extend(versions(&inputs.ingresses));
+        present.extend(versions(&inputs.classes));
+        present.extend(versions(&inputs.services));
+        present.extend(versions(&inputs.secrets));
+        present.extend(versions(&inputs.configmaps));
+        present.extend(inputs.configmap.as_deref().map(ObjectVersion::of));
+        present.extend(
+            effective
+                .iter()
+                .map(|(ing, _)| ObjectVersion::of(ing.as_ref())),
+        );
+        self.reported.retain(|version, _| present.contains(version));
     }
 
     /// One generation, phase by phase: the ConfigMap, our Ingresses, their certificates, their
@@ -298,6 +350,8 @@ impl Builder {
         let secrets = by_key(&inputs.secrets);
         let (certs, cert_info) = self.certificates(&secrets, &effective, &config, &mut problems);
         let (router, default_location) = self.routes(inputs, &secrets, &effective, &mut problems);
+        self.regexes.prune();
+        self.forget_stale_problems(inputs, &effective);
         Built {
             snapshot: Snapshot {
                 router,
@@ -327,7 +381,7 @@ mod tests {
         Builder::new(Options::default(), fake).build(&inputs(objects))
     }
 
-    fn inputs(objects: serde_json::Value) -> Inputs {
+    pub(super) fn inputs(objects: serde_json::Value) -> Inputs {
         let mut inputs = Inputs::default();
         for o in objects.as_array().expect("array") {
             match o["kind"].as_str() {
@@ -349,14 +403,14 @@ mod tests {
         inputs
     }
 
-    fn ingress(service: &str, annotations: serde_json::Value) -> serde_json::Value {
+    pub(super) fn ingress(service: &str, annotations: serde_json::Value) -> serde_json::Value {
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
                "metadata": {"name": "i", "namespace": "ns", "annotations": annotations},
                "spec": {"ingressClassName": "nginx", "rules": [{"host": "a.example", "http": {"paths": [
                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": service, "port": {"number": 80}}}}]}}]}})
     }
 
-    fn class() -> serde_json::Value {
+    pub(super) fn class() -> serde_json::Value {
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
                "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}})
     }
@@ -428,7 +482,7 @@ mod tests {
         );
     }
 
-    fn tls_secret(name: &str, crt: &str, key: &str) -> serde_json::Value {
+    pub(super) fn tls_secret(name: &str, crt: &str, key: &str) -> serde_json::Value {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
@@ -556,5 +610,32 @@ mod tests {
         let again = builder.build(&inputs);
         assert!(again.problems.is_empty(), "each problem is reported once");
         assert_eq!(again.snapshot.generation, 2);
+    }
+
+    /// Problems are remembered per object version only while that version is in the cluster:
+    /// an update or a deletion drops the old version's entries.
+    #[test]
+    fn reported_problems_of_gone_versions_are_forgotten() {
+        let bad = |version: &str| {
+            let mut ing = ingress(
+                "web",
+                json!({"nginx.ingress.kubernetes.io/ssl-redirect": "sometimes"}),
+            );
+            ing["metadata"]["resourceVersion"] = json!(version);
+            ing
+        };
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut builder = Builder::new(Options::default(), fake);
+        let v1 = inputs(json!([class(), bad("1")]));
+        assert_eq!(builder.build(&v1).problems.len(), 1);
+        assert!(builder.build(&v1).problems.is_empty(), "once per version");
+        assert_eq!(builder.reported.len(), 1);
+
+        let v2 = inputs(json!([class(), bad("2")]));
+        assert_eq!(builder.build(&v2).problems.len(), 1, "a new version");
+        assert_eq!(builder.reported.len(), 1, "version 1 forgotten");
+
+        builder.build(&inputs(json!([class()])));
+        assert!(builder.reported.is_empty(), "deleted Ingress forgotten");
     }
 }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::annotations::Annotations;
 use crate::endpoints::{Slice, resolve, service_port};
-use crate::path_rules::{HostRules, PathKind, PathRule, Router};
+use crate::path_rules::{HostRules, PathKind, PathRule, RegexCache, Router};
 
 type Headers = Vec<(http::HeaderName, http::HeaderValue)>;
 
@@ -42,7 +42,7 @@ impl Builder {
             let settings = self.ingress_settings(ing, annotations, &configmaps, secrets, problems);
             routes.add(spec, &settings, &mut backends);
         }
-        routes.router(default_location)
+        routes.router(default_location, &mut self.regexes)
     }
 
     /// What every Location of `ing` shares; an unusable `custom-headers` ConfigMap or
@@ -213,8 +213,12 @@ impl Routes {
 
     /// The router, and the location of requests it matches nothing for. A host without a
     /// matching path falls back to its own default backend, then the catch-all Ingress's, then
-    /// `default_location`.
-    fn router(self, default_location: Arc<Location>) -> (Router<Arc<Location>>, Arc<Location>) {
+    /// `default_location`. Regex hosts take their compiled paths from `regexes`.
+    fn router(
+        self,
+        default_location: Arc<Location>,
+        regexes: &mut RegexCache,
+    ) -> (Router<Arc<Location>>, Arc<Location>) {
         let mut hosts = HashMap::new();
         let mut catch_all = None;
         for (host, rules) in self.host_rules {
@@ -225,7 +229,7 @@ impl Routes {
                 .or_else(|| self.catch_all_default.clone())
                 .unwrap_or_else(|| default_location.clone());
             let regex = self.regex_hosts.contains(&host);
-            let (rules, errors) = HostRules::new(rules, regex, Some(default));
+            let (rules, errors) = HostRules::with_cache(rules, regex, Some(default), regexes);
             for e in errors {
                 tracing::warn!(%host, error = %e, "path left out of regex matching");
             }

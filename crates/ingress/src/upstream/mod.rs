@@ -1,6 +1,10 @@
-//! Upstream connection pools (nginx's `upstream` keepalive): pooled HTTP/1.1, HTTP/2 (gRPC),
-//! and TLS clients, built per pool setting so ConfigMap changes (`upstream-keepalive-*`,
-//! `proxy-connect-timeout`) and per-Ingress `proxy-connect-timeout` apply without a restart.
+//! Upstream connection pools (nginx's `upstream` keepalive), built per pool setting so
+//! ConfigMap changes (`upstream-keepalive-*`, `proxy-connect-timeout`) and per-Ingress
+//! `proxy-connect-timeout` apply without a restart. HTTP/1 (plain and TLS) goes through each
+//! worker's own [`pool::Pool`]; HTTP/2 (gRPC) through hyper-util's pooled client, where one
+//! connection carries many streams.
+
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,21 +19,21 @@ use crate::proxy::Body;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The most a pooled HTTP/1 upstream connection reads ahead of its client.
-const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
-
 /// Settings that need their own pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub keepalive_connections: u32,
+    /// `upstream-keepalive-requests`: a connection closes after this many.
+    pub keepalive_requests: u32,
+    /// `upstream-keepalive-time`: a connection closes once this old.
+    pub keepalive_time: Duration,
 }
 
-/// The four clients of one pool setting.
+/// The clients of one pool setting.
 pub struct Clients {
-    http: Client<HttpConnector, Body>,
-    https: Client<HttpsConnector, Body>,
+    pub http1: Arc<pool::Pool>,
     h2c: Client<HttpConnector, Body>,
     h2s: Client<HttpsConnector, Body>,
 }
@@ -40,43 +44,31 @@ impl Clients {
         connector.set_connect_timeout(Some(s.connect_timeout));
         connector.set_nodelay(true);
         connector.enforce_http(false);
-        let builder = |h2: bool| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_idle_timeout(s.keepalive_timeout)
-                .pool_max_idle_per_host(s.keepalive_connections as usize)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                // What one response may hold in the proxy while its client reads slowly:
-                // hyper's default (about 400 KiB for the read buffer and again for a chunk in
-                // flight) let 1,000 slow readers pin 800 MiB; 16 KiB holds about 50 KiB per
-                // reader (nginx without proxy buffering holds one 4-8 KiB buffer). The cost
-                // on 64 KiB bodies is in benches/README.md.
-                .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-                .http2_only(h2);
-            b
-        };
+        let mut h2 = Client::builder(TokioExecutor::new());
+        h2.pool_idle_timeout(s.keepalive_timeout)
+            .pool_max_idle_per_host(s.keepalive_connections as usize)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true);
         // Upstream certificates are not verified, as nginx's `proxy_ssl_verify off` default.
         let https_conn = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(upstream_tls_config())
             .https_or_http()
-            .enable_http1()
             .enable_http2()
             .wrap_connector(connector.clone());
         Self {
-            http: builder(false).build(connector.clone()),
-            h2c: builder(true).build(connector),
-            https: builder(false).build(https_conn.clone()),
-            h2s: builder(true).build(https_conn),
+            http1: pool::Pool::new(s),
+            h2c: h2.build(connector),
+            h2s: h2.build(https_conn),
         }
     }
 
-    /// Sends `req` with the client for its scheme and protocol.
-    pub fn request(&self, tls: bool, h2: bool, req: http::Request<Body>) -> ResponseFuture {
-        match (tls, h2) {
-            (false, false) => self.http.request(req),
-            (false, true) => self.h2c.request(req),
-            (true, false) => self.https.request(req),
-            (true, true) => self.h2s.request(req),
+    /// Sends an HTTP/2 (gRPC) request; `req` carries an absolute URI.
+    pub fn request_h2(&self, tls: bool, req: http::Request<Body>) -> ResponseFuture {
+        if tls {
+            self.h2s.request(req)
+        } else {
+            self.h2c.request(req)
         }
     }
 }
@@ -129,6 +121,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_connections: 320,
+            keepalive_requests: 10_000,
+            keepalive_time: Duration::from_secs(3600),
         };
         let b = PoolSettings {
             connect_timeout: Duration::from_secs(1),

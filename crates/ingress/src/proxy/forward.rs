@@ -1,0 +1,268 @@
+//! What the upstream is told (target, Host, X-Forwarded-*, X-Request-ID; hop-by-hop headers
+//! removed) and what the client gets back (hop-by-hop removed, CORS, `add-headers`, affinity
+//! cookie, HSTS). Header values are reused (a clone shares the bytes) or static, never
+//! formatted per request where the connection or the snapshot already has them.
+
+// A phase's `Err` is the answer itself, a Response as large as what the call returns: it is
+// handed back once, never propagated through layers of callers.
+#![allow(clippy::result_large_err)]
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{StatusCode, Uri};
+
+use super::phases::{Ctx, Phase};
+use super::{ConnInfo, plain};
+
+/// The upstream's request target: origin-form for HTTP/1 (hyper serialises the URI as given),
+/// absolute for HTTP/2 (`:scheme` and `:authority`).
+pub fn target(parts: &mut Parts, rewrite: Option<String>, absolute: Option<(bool, &str)>) -> Phase {
+    let pq = match rewrite {
+        Some(p) => PathAndQuery::try_from(with_args(p, parts.uri.query())).ok(),
+        None => Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        ),
+    };
+    let mut uri_parts = http::uri::Parts::default();
+    if let Some((tls, authority)) = absolute {
+        uri_parts.scheme = Some(if tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        uri_parts.authority = http::uri::Authority::try_from(authority).ok();
+        if uri_parts.authority.is_none() {
+            return Err(bad_target());
+        }
+    }
+    uri_parts.path_and_query = pq;
+    match Uri::from_parts(uri_parts) {
+        Ok(u) if u.path_and_query().is_some() => {
+            parts.uri = u;
+            Ok(())
+        }
+        _ => Err(bad_target()),
+    }
+}
+
+/// nginx's `rewrite`: the request's arguments follow the new target (after its own arguments,
+/// if it has some), unless the target ends with `?`.
+fn with_args(target: String, args: Option<&str>) -> String {
+    if let Some(bare) = target.strip_suffix('?') {
+        return bare.to_string();
+    }
+    match args {
+        None | Some("") => target,
+        Some(args) if target.contains('?') => format!("{target}&{args}"),
+        Some(args) => format!("{target}?{args}"),
+    }
+}
+
+fn bad_target() -> http::Response<super::Body> {
+    plain(StatusCode::BAD_REQUEST, "bad request URI\n")
+}
+
+/// The request headers as ingress-nginx sets them for the upstream.
+pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_id: HeaderValue) {
+    let (cfg, conn) = (ctx.cfg, ctx.conn);
+    // The Host the upstream sees is the one the request was routed by: the target's
+    // authority when it has one (absolute-form, HTTP/2), else the Host field.
+    let original_host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    // An HTTP/1.0 request may name no host: the upstream is told an empty one.
+    .or(Some(HeaderValue::from_static("")));
+    let xff = forwarded_for(cfg, conn, &parts.headers);
+    let (proto, port) = forwarded_proto_port(cfg.use_forwarded_headers, conn, &parts.headers);
+    let headers = &mut parts.headers;
+    if let Some(xff) = headers.get("x-forwarded-for").cloned() {
+        headers.insert(HeaderName::from_static("x-original-forwarded-for"), xff);
+    }
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove("proxy");
+    match &ctx.location.annotations.upstream_vhost {
+        Some(vhost) => set(headers, header::HOST, vhost),
+        None => {
+            if let Some(v) = &original_host {
+                headers.insert(header::HOST, v.clone());
+            }
+        }
+    }
+    headers.insert(HeaderName::from_static("x-request-id"), request_id);
+    let real_ip = real_ip(conn, ctx.client_ip);
+    headers.insert(HeaderName::from_static("x-real-ip"), real_ip);
+    if let Some(xff) = xff {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), xff);
+    }
+    if let Some(v) = original_host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-port"), port);
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), proto.clone());
+    headers.insert(HeaderName::from_static("x-forwarded-scheme"), proto.clone());
+    headers.insert(HeaderName::from_static("x-scheme"), proto);
+    if let Some(prefix) = &ctx.location.annotations.x_forwarded_prefix {
+        set(
+            headers,
+            HeaderName::from_static("x-forwarded-prefix"),
+            prefix,
+        );
+    }
+}
+
+/// X-Forwarded-For: the peer, or (`compute-full-forwarded-for` behind a trusted proxy) the
+/// incoming list with the peer appended.
+fn forwarded_for(
+    cfg: &crate::config::Config,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> Option<HeaderValue> {
+    let full = cfg.compute_full_forwarded_for && cfg.use_forwarded_headers;
+    match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if full => {
+            HeaderValue::from_str(&format!("{existing}, {}", conn.remote.ip())).ok()
+        }
+        _ => Some(conn.remote_ip.clone()),
+    }
+}
+
+/// Behind a trusted load balancer (`use-forwarded-headers`), its scheme and port are passed
+/// on, as ingress-nginx does.
+fn forwarded_proto_port(
+    trusted: bool,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> (HeaderValue, HeaderValue) {
+    let own_proto = HeaderValue::from_static(if conn.tls { "https" } else { "http" });
+    if !trusted {
+        return (own_proto, conn.local_port.clone());
+    }
+    (
+        headers
+            .get("x-forwarded-proto")
+            .cloned()
+            .unwrap_or(own_proto),
+        headers
+            .get("x-forwarded-port")
+            .cloned()
+            .unwrap_or_else(|| conn.local_port.clone()),
+    )
+}
+
+fn real_ip(conn: &ConnInfo, client_ip: IpAddr) -> HeaderValue {
+    if client_ip == conn.remote.ip() {
+        return conn.remote_ip.clone();
+    }
+    HeaderValue::from_str(&client_ip.to_string()).unwrap_or_else(|_| conn.remote_ip.clone())
+}
+
+/// The response headers the client gets.
+pub fn response_headers(
+    ctx: &Ctx<'_>,
+    headers: &mut HeaderMap,
+    origin: Option<&str>,
+    set_cookie: Option<String>,
+) {
+    strip_hop_by_hop(headers, false);
+    if let Some(cors) = &ctx.location.annotations.cors {
+        cors.response_headers(origin, headers);
+    }
+    for (name, value) in ctx.location.add_headers.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Some(cookie) = set_cookie
+        && let Ok(v) = HeaderValue::from_str(&cookie)
+    {
+        headers.append(header::SET_COOKIE, v);
+    }
+    if ctx.conn.tls
+        && let Some(hsts) = &ctx.cfg.hsts_value
+    {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
+}
+
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Removes hop-by-hop headers (and those named in Connection); keeps Upgrade for WebSockets.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Connection usually names nothing beyond itself: no list is built then.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_keeps_the_query_as_nginx_does() {
+        let t = |target: &str, args: Option<&str>| with_args(target.to_string(), args);
+        assert_eq!(t("/v1/items", Some("x=1")), "/v1/items?x=1");
+        assert_eq!(t("/v1/items", None), "/v1/items");
+        assert_eq!(t("/v1?a=b", Some("x=1")), "/v1?a=b&x=1");
+        assert_eq!(t("/v1?", Some("x=1")), "/v1");
+        assert_eq!(t("/v1?a=b?", Some("x=1")), "/v1?a=b");
+    }
+
+    #[test]
+    fn the_target_is_origin_form_for_http1_and_absolute_for_h2() {
+        let req = http::Request::get("/api/v1?x=1").body(()).unwrap();
+        let (mut parts, _) = req.into_parts();
+        assert!(target(&mut parts, Some("/v1".into()), None).is_ok());
+        assert_eq!(parts.uri.to_string(), "/v1?x=1");
+        assert!(target(&mut parts, None, Some((true, "10.0.0.1:8443"))).is_ok());
+        assert_eq!(parts.uri.to_string(), "https://10.0.0.1:8443/v1?x=1");
+    }
+}

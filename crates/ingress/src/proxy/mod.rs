@@ -1,0 +1,665 @@
+//! The data plane: one request in, one request out, decided by the current [`Snapshot`].
+//! Nothing here blocks or rebuilds: the snapshot is read with one atomic load.
+
+mod forward;
+mod phases;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use kube_common::idle::InFlight;
+
+use crate::annotations::BackendProtocol;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::path_rules::{Match, normalize_host};
+use crate::ratelimit::{ConnLimiter, RateLimiter};
+use crate::snapshot::{Location, Snapshot, Target, Upstream};
+use crate::upstream::{PoolSettings, Upstreams, pool};
+use phases::{Ctx, Phase, Picked};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Per-connection facts the handler needs.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// The proxy worker serving the connection: its upstream pool is used.
+    pub worker: usize,
+    /// The peer's address and our port as header values, formatted once per connection
+    /// rather than per request.
+    remote_ip: HeaderValue,
+    local_port: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, local: SocketAddr, tls: bool, worker: usize) -> Self {
+        let value = |s: String| HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static(""));
+        Self {
+            remote,
+            local,
+            tls,
+            worker,
+            remote_ip: value(remote.ip().to_string()),
+            local_port: value(local.port().to_string()),
+        }
+    }
+}
+
+/// Shared proxy state: the current snapshot and each worker's upstream pools.
+pub struct Proxy {
+    snapshot: ArcSwap<Snapshot>,
+    /// One per worker: a worker's requests never take another worker's pool lock.
+    upstreams: Box<[Upstreams]>,
+    metrics: Metrics,
+    https_port: u16,
+    request_ids: RequestIds,
+    limits: Limits,
+}
+
+/// Limiter state per location, kept across configuration generations. Entries of locations
+/// no request has used for [`LIMITS_IDLE`] go once the map reaches [`LIMITS_PRUNE_AT`], so
+/// deleted Ingresses do not leave state behind for ever.
+#[derive(Default)]
+pub(crate) struct Limits {
+    rate: Mutex<HashMap<String, (Arc<RateLimiter>, Instant)>>,
+    conn: Mutex<HashMap<String, (Arc<ConnLimiter>, Instant)>>,
+}
+
+const LIMITS_PRUNE_AT: usize = 256;
+/// Past this a rate bucket has refilled anyway, and an unused connection count is zero.
+const LIMITS_IDLE: Duration = Duration::from_secs(600);
+
+impl Limits {
+    fn key(location: &Location) -> String {
+        let ingress = location
+            .ingress
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_default();
+        format!("{ingress}|{}|{}", location.host, location.path)
+    }
+
+    fn rate(&self, location: &Location, rps: u32, burst: u32) -> Arc<RateLimiter> {
+        let mut map = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = || Arc::new(RateLimiter::new(rps, burst));
+        let limiter = entry(&mut map, Self::key(location), fresh, |l| {
+            l.same_settings(rps, burst)
+        });
+        limiter.clone()
+    }
+
+    fn conn(&self, location: &Location, limit: u32) -> Arc<ConnLimiter> {
+        let mut map = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = || Arc::new(ConnLimiter::new(limit));
+        let limiter = entry(&mut map, Self::key(location), fresh, |l| l.limit() == limit);
+        limiter.clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.rate.lock().map_or(0, |m| m.len()) + self.conn.lock().map_or(0, |m| m.len())
+    }
+}
+
+/// The limiter under `key`, replaced when its settings changed; marks it used now.
+fn entry<T>(
+    map: &mut HashMap<String, (Arc<T>, Instant)>,
+    key: String,
+    fresh: impl Fn() -> Arc<T>,
+    same: impl Fn(&T) -> bool,
+) -> &Arc<T> {
+    let now = Instant::now();
+    if map.len() >= LIMITS_PRUNE_AT && !map.contains_key(&key) {
+        // Kept: entries a request holds right now, or used recently.
+        map.retain(|_, (l, used)| {
+            Arc::strong_count(l) > 1 || now.duration_since(*used) < LIMITS_IDLE
+        });
+    }
+    let slot = map.entry(key).or_insert_with(|| (fresh(), now));
+    if !same(&slot.0) {
+        slot.0 = fresh();
+    }
+    slot.1 = now;
+    &slot.0
+}
+
+impl Proxy {
+    /// A proxy for `workers` worker threads (each gets its own upstream pools).
+    pub fn new(initial: Snapshot, metrics: Metrics, https_port: u16, workers: usize) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(initial),
+            upstreams: (0..workers.max(1)).map(|_| Upstreams::default()).collect(),
+            metrics,
+            https_port,
+            request_ids: RequestIds::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Installs a new configuration generation for all following requests.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Handles one request; never fails (errors become 4xx/5xx responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let snap = self.snapshot.load_full();
+        let method = req.method().clone();
+        if let Err(why) = check_host(req.version(), req.uri(), req.headers()) {
+            let location = snap.default_location.clone();
+            let response = plain(StatusCode::BAD_REQUEST, why);
+            return Ok(self.record(&method, "", &location, response, started));
+        }
+        let host = request_host(req.uri(), req.headers())
+            .map(normalize_host)
+            .unwrap_or_default();
+        let (location, rewrite) = route(&snap, &host, req.uri().path());
+        let response = self
+            .serve(req, conn, &snap, &host, &location, rewrite)
+            .await;
+        Ok(self.record(&method, &host, &location, response, started))
+    }
+
+    /// Counts the request now and measures duration and size when the response body ends,
+    /// as nginx's `$request_time` and `$bytes_sent` do.
+    fn record(
+        &self,
+        method: &Method,
+        host: &str,
+        location: &Location,
+        response: Response<Body>,
+        started: Instant,
+    ) -> Response<Body> {
+        let status = response.status().as_u16();
+        let host = crate::metrics::host_label(&location.host, location.ingress.is_some(), host);
+        let method = crate::metrics::method_label(method);
+        let series = location.metrics.get_or_insert(status, method, host, || {
+            let (namespace, ingress) = location
+                .ingress
+                .as_ref()
+                .map(|k| (k.namespace.clone(), k.name.clone()))
+                .unwrap_or_default();
+            let service = match &location.target {
+                Target::Service(b) => b.service.clone(),
+                Target::Unavailable { service, .. } => service.clone(),
+                Target::BuiltIn404 => String::new(),
+            };
+            self.metrics.series(&RequestLabels {
+                status: status.to_string(),
+                method: method.to_string(),
+                path: location.path.clone(),
+                namespace,
+                ingress,
+                service,
+                host: host.to_string(),
+                canary: String::new(),
+            })
+        });
+        series.requests.inc();
+        let (parts, body) = response.into_parts();
+        let metered = crate::metrics::Metered::new(body, started, series.duration, series.size);
+        Response::from_parts(parts, metered.boxed_unsync())
+    }
+
+    /// The phases in nginx's order, then the upstream call.
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        snap: &Snapshot,
+        host: &str,
+        location: &Location,
+        rewrite: Option<String>,
+    ) -> Response<Body> {
+        let ctx = Ctx::new(
+            &conn,
+            &snap.config,
+            location,
+            host,
+            req.headers(),
+            self.https_port,
+        );
+        let answered = async {
+            phases::rewrite(&ctx, &req)?;
+            let _slot = phases::limits(&ctx, &self.limits)?;
+            phases::access(&ctx, req.headers())?;
+            let picked = phases::content(&ctx, &req)?;
+            self.call(&ctx, req, picked, rewrite).await
+        };
+        match answered.await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    /// Sends the request upstream and rewrites the response for the client.
+    async fn call(
+        &self,
+        ctx: &Ctx<'_>,
+        req: Request<Incoming>,
+        picked: Picked,
+        rewrite: Option<String>,
+    ) -> Phase<Response<Body>> {
+        let ann = &ctx.location.annotations;
+        let mut req = req;
+        let upgrade = forward::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let tunnel_guard = req.extensions_mut().remove::<Arc<InFlight>>();
+        // Only when CORS needs it on the response: no copy otherwise.
+        let origin = ann
+            .cors
+            .as_ref()
+            .and_then(|_| phases::origin(req.headers()).map(str::to_string));
+        let (mut parts, body) = req.into_parts();
+        let tls = matches!(
+            ann.backend_protocol,
+            BackendProtocol::Https | BackendProtocol::Grpcs
+        );
+        let grpc = matches!(
+            ann.backend_protocol,
+            BackendProtocol::Grpc | BackendProtocol::Grpcs
+        );
+        let authority = grpc.then(|| match &picked.upstream {
+            Upstream::Addr(a) => a.to_string(),
+            Upstream::Dns { host, port } => format!("{host}:{port}"),
+        });
+        if !grpc {
+            parts.version = http::Version::HTTP_11;
+        }
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .cloned()
+            .unwrap_or_else(|| self.request_ids.next());
+        // Headers first: they read the client's target (its authority) before it is replaced.
+        forward::request_headers(ctx, &mut parts, upgrade, request_id);
+        forward::target(&mut parts, rewrite, authority.as_deref().map(|a| (tls, a)))?;
+        let (body, progress) = limited_body(body, phases::body_limit(ctx));
+        let out = Request::from_parts(parts, body);
+        let settings = PoolSettings {
+            connect_timeout: ann
+                .proxy_connect_timeout
+                .unwrap_or(ctx.cfg.proxy_connect_timeout),
+            keepalive_timeout: ctx.cfg.upstream_keepalive_timeout,
+            keepalive_connections: ctx.cfg.upstream_keepalive_connections,
+            keepalive_requests: ctx.cfg.upstream_keepalive_requests,
+            keepalive_time: ctx.cfg.upstream_keepalive_time,
+        };
+        let clients = self.upstreams(ctx.conn.worker).get(settings);
+        let sending = async {
+            if grpc {
+                let resp = clients
+                    .request_h2(tls, out)
+                    .await
+                    .map_err(UpstreamError::from)?;
+                Ok::<_, UpstreamError>(
+                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+                )
+            } else {
+                let dest = pool::Dest::new(&picked.upstream, tls);
+                let (resp, checkin) = clients.http1.send(&dest, out).await?;
+                Ok(if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection becomes the tunnel: it never goes back to the pool.
+                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+                } else {
+                    resp.map(|b| {
+                        pool::Returning::new(b, checkin)
+                            .map_err(|e| Box::new(e) as BoxError)
+                            .boxed_unsync()
+                    })
+                })
+            }
+        };
+        let resp = self
+            .await_upstream(ctx, sending, progress.as_deref(), &picked.upstream)
+            .await?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            return Ok(tunnel(resp, client_upgrade, tunnel_guard));
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        forward::response_headers(
+            ctx,
+            &mut rparts.headers,
+            origin.as_deref(),
+            picked.set_cookie,
+        );
+        Ok(Response::from_parts(rparts, rbody))
+    }
+
+    /// The upstream's answer within `proxy-read-timeout`, unless the request body stalls for
+    /// `proxy-send-timeout`; failures as nginx answers them.
+    async fn await_upstream(
+        &self,
+        ctx: &Ctx<'_>,
+        sending: impl Future<Output = Result<Response<Body>, UpstreamError>>,
+        progress: Option<&crate::send_timeout::Progress>,
+        upstream: &Upstream,
+    ) -> Phase<Response<Body>> {
+        let ann = &ctx.location.annotations;
+        let send_timeout = ann.proxy_send_timeout.unwrap_or(ctx.cfg.proxy_send_timeout);
+        let read_timeout = ann.proxy_read_timeout.unwrap_or(ctx.cfg.proxy_read_timeout);
+        let gateway_timeout = || plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Time-out\n");
+        let stalled = async {
+            match progress {
+                Some(p) => p.stalled(send_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(read_timeout, sending) => r,
+            () = stalled => return Err(gateway_timeout()),
+        };
+        match outcome {
+            Err(_) => Err(gateway_timeout()),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                tracing::debug!(?upstream, error = %e, "upstream request failed");
+                if is_body_limit(&e) {
+                    return Err(plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413 Request Entity Too Large\n",
+                    ));
+                }
+                // A malformed request body (an invalid chunk size, say) is the client's error,
+                // as nginx answers it, not a failed upstream.
+                if progress.is_some_and(|p| p.client_failed()) {
+                    return Err(plain(StatusCode::BAD_REQUEST, "400 Bad Request\n"));
+                }
+                Err(plain(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"))
+            }
+        }
+    }
+
+    fn upstreams(&self, worker: usize) -> &Upstreams {
+        &self.upstreams[worker % self.upstreams.len()]
+    }
+}
+
+/// Why the upstream call failed (either client).
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error(transparent)]
+    Pool(#[from] pool::Error),
+    #[error(transparent)]
+    H2(#[from] hyper_util::client::legacy::Error),
+}
+
+/// The request body, capped at `proxy-body-size` and watched for `proxy-send-timeout`. A
+/// request without a body (most are) needs neither: no wrapper, no watchdog timer.
+fn limited_body(
+    body: Incoming,
+    limit: Option<u64>,
+) -> (Body, Option<Arc<crate::send_timeout::Progress>>) {
+    if body.is_end_stream() {
+        return (Empty::new().map_err(|e| match e {}).boxed_unsync(), None);
+    }
+    let body: Body = match limit {
+        Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX)).boxed_unsync(),
+        None => body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+    };
+    let progress = Arc::new(crate::send_timeout::Progress::default());
+    let body = crate::send_timeout::Tracked::new(body, progress.clone()).boxed_unsync();
+    (body, Some(progress))
+}
+
+/// A WebSocket (or other upgrade): the client gets the 101 and both connections are joined.
+/// The tunnel keeps the client connection's slot (`guard`) until it ends.
+fn tunnel(
+    resp: Response<Body>,
+    client: hyper::upgrade::OnUpgrade,
+    guard: Option<Arc<InFlight>>,
+) -> Response<Body> {
+    let mut resp = resp;
+    let upstream = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
+            let mut c = hyper_util::rt::TokioIo::new(c);
+            let mut u = hyper_util::rt::TokioIo::new(u);
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        }
+        drop(guard);
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync())
+}
+
+/// The location for `host` + `path`, and the rewritten path+query if `rewrite-target` applies.
+pub fn route(snap: &Snapshot, host: &str, path: &str) -> (Arc<Location>, Option<String>) {
+    match snap.router.lookup(host, path) {
+        Match::Rule(rule, server) => {
+            let loc = rule.target.clone();
+            let rewrite = loc.annotations.rewrite_target.as_ref().and_then(|target| {
+                let re = server.regex_for(&rule.path)?;
+                let caps = re.captures(path)?;
+                let mut out = String::new();
+                caps.expand(target, &mut out);
+                Some(out)
+            });
+            (loc, rewrite)
+        }
+        Match::HostDefault(Some(d)) => (d.clone(), None),
+        Match::HostDefault(None) => (snap.default_location.clone(), None),
+    }
+}
+
+fn is_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The host a request names: its target's authority when it has one (absolute-form, where
+/// RFC 9112 §3.2.2 says the Host field is ignored; HTTP/2's `:authority`), else the Host field.
+fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host field or with
+/// more than one (nginx does).
+fn check_host(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+    // Userinfo (`user:pass@host`) has no place in a request's authority (RFC 9110 §4.2.4,
+    // RFC 9113 §8.3.1); nginx refuses it. Accepted, it would split routing (the part after
+    // the last `:`) from what the upstream is told.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("400 Bad Request: userinfo in the request target\n");
+    }
+    if version > http::Version::HTTP_11 {
+        return Ok(());
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("400 Bad Request: more than one Host field\n"),
+        (None, _) if version == http::Version::HTTP_11 && uri.authority().is_none() => {
+            Err("400 Bad Request: no Host field\n")
+        }
+        _ => Ok(()),
+    }
+}
+
+pub fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn status_only(code: u16) -> Response<Body> {
+    let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "");
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    r
+}
+
+fn redirect(code: u16, location: &str) -> Response<Body> {
+    let mut r = plain(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::PERMANENT_REDIRECT),
+        "",
+    );
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// Unique request IDs without a syscall per request: a random per-process prefix + a counter.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            prefix: u64::from_le_bytes(seed) ^ nanos,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        // 32 lowercase hex digits written in place (no formatting machinery per request).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 32];
+        for (i, word) in [self.prefix, n].into_iter().enumerate() {
+            for j in 0..16 {
+                buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(path: &str) -> Location {
+        Location {
+            ingress: None,
+            host: "a.test".into(),
+            path: path.to_string(),
+            kind: crate::path_rules::PathKind::Prefix,
+            target: Target::BuiltIn404,
+            annotations: Arc::default(),
+            tls: false,
+            auth: None,
+            add_headers: Arc::default(),
+            metrics: crate::metrics::SeriesCache::default(),
+        }
+    }
+
+    #[test]
+    fn limiter_state_of_gone_locations_is_pruned() {
+        let limits = Limits::default();
+        let held = limits.conn(&location("/held"), 1);
+        for i in 0..LIMITS_PRUNE_AT {
+            limits.rate(&location(&format!("/r{i}")), 10, 5);
+        }
+        assert_eq!(limits.len(), LIMITS_PRUNE_AT + 1);
+        // Age every entry past the idle limit, then add one more location.
+        for (_, used) in limits.rate.lock().unwrap().values_mut() {
+            *used -= LIMITS_IDLE;
+        }
+        limits.rate(&location("/new"), 10, 5);
+        assert_eq!(
+            limits.len(),
+            2,
+            "the new entry and the recently used one stay"
+        );
+        // An entry in use by a request is kept however old.
+        for (_, used) in limits.conn.lock().unwrap().values_mut() {
+            *used -= LIMITS_IDLE;
+        }
+        for i in 0..LIMITS_PRUNE_AT {
+            limits.conn(&location(&format!("/c{i}")), 1);
+        }
+        assert!(Arc::ptr_eq(&held, &limits.conn(&location("/held"), 1)));
+    }
+
+    #[test]
+    fn a_changed_limit_replaces_its_limiter() {
+        let limits = Limits::default();
+        let a = limits.conn(&location("/a"), 1);
+        assert!(Arc::ptr_eq(&a, &limits.conn(&location("/a"), 1)));
+        assert!(!Arc::ptr_eq(&a, &limits.conn(&location("/a"), 2)));
+    }
+
+    fn headers(hosts: &[&'static str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for host in hosts {
+            h.append(header::HOST, HeaderValue::from_static(host));
+        }
+        h
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host() {
+        let origin: Uri = "/a".parse().unwrap();
+        let v11 = http::Version::HTTP_11;
+        assert!(check_host(v11, &origin, &headers(&["a.test"])).is_ok());
+        assert!(check_host(v11, &origin, &headers(&[])).is_err());
+        assert!(check_host(v11, &origin, &headers(&["a.test", "b.test"])).is_err());
+        // HTTP/1.0 may leave Host out; absolute-form names the host itself.
+        assert!(check_host(http::Version::HTTP_10, &origin, &headers(&[])).is_ok());
+        let absolute: Uri = "http://a.test/a".parse().unwrap();
+        assert!(check_host(v11, &absolute, &headers(&[])).is_ok());
+        let userinfo: Uri = "http://public.test:x@admin.test/".parse().unwrap();
+        assert!(check_host(v11, &userinfo, &headers(&["public.test"])).is_err());
+        assert!(check_host(http::Version::HTTP_2, &userinfo, &headers(&[])).is_err());
+        assert!(check_host(http::Version::HTTP_2, &absolute, &headers(&[])).is_ok());
+    }
+
+    #[test]
+    fn the_target_authority_wins_over_the_host_field() {
+        let absolute: Uri = "http://other.test/a".parse().unwrap();
+        let bench = headers(&["bench.test"]);
+        assert_eq!(request_host(&absolute, &bench), Some("other.test"));
+        let origin: Uri = "/a".parse().unwrap();
+        assert_eq!(request_host(&origin, &bench), Some("bench.test"));
+    }
+}
