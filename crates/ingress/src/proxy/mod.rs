@@ -333,6 +333,9 @@ impl Proxy {
                 })
             }
         };
+        // Pinned where it is: the timeout and select around it then move a pointer, not the
+        // request's whole state.
+        let sending = std::pin::pin!(sending);
         let resp = self
             .await_upstream(ctx, sending, progress.as_deref(), &picked.upstream)
             .await?;

@@ -133,8 +133,10 @@ impl Pool {
             }
         }
         self.put_back(dest, busy);
+        // Boxed: connecting (TCP, TLS, handshake) is the rare path, and inline its state would
+        // be copied with every request's future.
         let mut conn = Conn {
-            sender: self.connect(dest).await?,
+            sender: Box::pin(self.connect(dest)).await?,
             born: Instant::now(),
             served: 0,
         };
