@@ -156,6 +156,7 @@ pub async fn start(mgr: &Manager, args: &Args) -> Result<Running> {
         tls_config.clone(),
         proxy.clone(),
         stop_accepting,
+        mgr.shutdown.clone(),
     )?;
     let health_addr = args
         .common

@@ -52,7 +52,7 @@ pub struct Config {
     pub worker_processes: Option<usize>,
     /// The `Strict-Transport-Security` value (from the `hsts*` keys), built once per
     /// configuration rather than per response.
-    pub hsts_value: Option<http::HeaderValue>,
+    hsts_value: Option<http::HeaderValue>,
 }
 
 impl Default for Config {
@@ -238,6 +238,11 @@ impl Config {
         self
     }
 
+    /// The `Strict-Transport-Security` header value, if HSTS is on.
+    pub fn hsts_value(&self) -> Option<&http::HeaderValue> {
+        self.hsts_value.as_ref()
+    }
+
     /// The proxy worker count: `worker-processes`, else one per CPU this process may use.
     pub fn workers(&self) -> usize {
         self.worker_processes.unwrap_or_else(|| {
@@ -308,7 +313,7 @@ mod tests {
         assert_eq!(p.config.worker_processes, Some(3));
         assert_eq!(p.config.workers(), 3);
         assert_eq!(
-            p.config.hsts_value.as_ref().map(|v| v.to_str().unwrap()),
+            p.config.hsts_value().map(|v| v.to_str().unwrap()),
             Some("max-age=31536000; includeSubDomains; preload")
         );
         assert!(Config::default().workers() >= 1);
@@ -316,7 +321,7 @@ mod tests {
             assert!(parse(&[("worker-processes", bad)]).is_err(), "{bad}");
         }
         let off = parse(&[("hsts", "false")]).expect("valid");
-        assert!(off.config.hsts_value.is_none());
+        assert!(off.config.hsts_value().is_none());
     }
 
     #[test]

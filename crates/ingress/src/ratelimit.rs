@@ -109,6 +109,12 @@ impl ConnLimiter {
     pub fn limit(&self) -> u32 {
         self.limit
     }
+
+    /// Whether any client holds a slot now.
+    pub fn in_use(&self) -> bool {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        clients.values().any(|c| c.load(Ordering::Acquire) > 0)
+    }
 }
 
 #[cfg(test)]

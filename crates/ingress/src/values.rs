@@ -81,6 +81,8 @@ pub fn parse_nginx_time(key: &str, v: &str) -> Result<Duration, ValueError> {
             "h" => Duration::from_secs(3600),
             "d" => Duration::from_secs(86_400),
             "w" => Duration::from_secs(7 * 86_400),
+            "M" => Duration::from_secs(30 * 86_400),
+            "y" => Duration::from_secs(365 * 86_400),
             _ => return Err(bad()),
         };
         let part = unit
@@ -123,6 +125,7 @@ mod tests {
         assert_eq!(t("1h 30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(t("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(t("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(t("1M").unwrap(), Duration::from_secs(30 * 86_400));
         for bad in ["", "h", "1x", "-1s", "99999999999h"] {
             assert!(t(bad).is_err(), "{bad}");
         }

@@ -3,8 +3,10 @@
 //! connections over them and a request never leaves the thread that accepted it: no work
 //! stealing, no cross-thread wakeups, no shared pool lock, as nginx's worker processes.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -60,11 +62,14 @@ pub fn bind(ip: IpAddr, http_port: u16, https_port: u16, workers: usize) -> Resu
 }
 
 /// Starts one thread per worker; each handle ends when its worker has drained.
+/// A worker that ends before `stop_accepting` (it could not use its listeners, or panicked)
+/// cancels `fatal`, so the process stops rather than serving on fewer workers unnoticed.
 pub fn spawn(
     workers: Vec<Listeners>,
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
     proxy: Arc<Proxy>,
     stop_accepting: CancellationToken,
+    fatal: CancellationToken,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut handles = Vec::with_capacity(workers.len());
     for (index, listeners) in workers.into_iter().enumerate() {
@@ -81,8 +86,13 @@ pub fn spawn(
                 let _ = done.send(());
             })
             .context("starting a worker thread")?;
+        let (stop, fatal) = (stop_accepting.clone(), fatal.clone());
         handles.push(tokio::spawn(async move {
             let _ = finished.await;
+            if !stop.is_cancelled() {
+                tracing::error!(worker = index, "proxy worker ended; shutting down");
+                fatal.cancel();
+            }
         }));
     }
     Ok(handles)
@@ -109,23 +119,34 @@ async fn run(
     );
 }
 
-/// The worker count at start: the ConfigMap's `worker-processes` when it can be read and is
-/// valid, else one per CPU (the key's `auto` default). nginx too reads it only when it starts.
+/// How long start-up waits for the ConfigMap before using `auto`.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The worker count at start: the ConfigMap's `worker-processes` when it can be read (within
+/// [`READ_TIMEOUT`]) and is valid, else one per CPU (the key's `auto` default). nginx too
+/// reads it only when it starts; the sync loop reports a bad value.
 pub async fn count(client: &kube::Client, configmap: Option<&ObjectKey>) -> usize {
     let Some(key) = configmap else {
         return Config::default().workers();
     };
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &key.namespace);
-    let data = match api.get_opt(&key.name).await {
-        Ok(cm) => cm.and_then(|cm| cm.data),
-        Err(e) => {
-            tracing::warn!(configmap = %key, error = %e, "reading worker-processes; using auto");
+    let value = match tokio::time::timeout(READ_TIMEOUT, api.get_opt(&key.name)).await {
+        Ok(Ok(cm)) => cm.and_then(|cm| cm.data).and_then(|mut d| d.remove(KEY)),
+        Ok(Err(e)) => {
+            tracing::warn!(configmap = %key, error = %e, "reading {KEY}; using auto");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(configmap = %key, "reading {KEY} timed out; using auto");
             None
         }
     };
-    match Config::parse(data.as_ref()) {
+    // Only this key: a bad value elsewhere in the map does not change the worker count.
+    let only = value.map(|v| BTreeMap::from([(KEY.to_string(), v)]));
+    match Config::parse(only.as_ref()) {
         Ok(parsed) => parsed.config.workers(),
-        // The sync loop reports the bad values; the default applies meanwhile.
         Err(_) => Config::default().workers(),
     }
 }
+
+const KEY: &str = "worker-processes";

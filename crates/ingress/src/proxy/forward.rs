@@ -21,14 +21,23 @@ use super::{ConnInfo, plain};
 /// absolute for HTTP/2 (`:scheme` and `:authority`).
 pub fn target(parts: &mut Parts, rewrite: Option<String>, absolute: Option<(bool, &str)>) -> Phase {
     let pq = match rewrite {
-        Some(p) => PathAndQuery::try_from(with_args(p, parts.uri.query())).ok(),
-        None => Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        ),
+        // A rewrite must leave an origin-form target (`/...`); anything else is refused
+        // rather than sent as a request line without one.
+        Some(p) => match PathAndQuery::try_from(with_args(p, parts.uri.query())) {
+            Ok(pq) if pq.path().starts_with('/') => pq,
+            // A configuration error, as nginx answers a rewrite to nothing.
+            _ => {
+                return Err(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "500 Internal Server Error\n",
+                ));
+            }
+        },
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
     };
     let mut uri_parts = http::uri::Parts::default();
     if let Some((tls, authority)) = absolute {
@@ -42,7 +51,7 @@ pub fn target(parts: &mut Parts, rewrite: Option<String>, absolute: Option<(bool
             return Err(bad_target());
         }
     }
-    uri_parts.path_and_query = pq;
+    uri_parts.path_and_query = Some(pq);
     match Uri::from_parts(uri_parts) {
         Ok(u) if u.path_and_query().is_some() => {
             parts.uri = u;
@@ -184,7 +193,7 @@ pub fn response_headers(
         headers.append(header::SET_COOKIE, v);
     }
     if ctx.conn.tls
-        && let Some(hsts) = &ctx.cfg.hsts_value
+        && let Some(hsts) = ctx.cfg.hsts_value()
     {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
@@ -263,6 +272,14 @@ mod tests {
         assert!(target(&mut parts, Some("/v1".into()), None).is_ok());
         assert_eq!(parts.uri.to_string(), "/v1?x=1");
         assert!(target(&mut parts, None, Some((true, "10.0.0.1:8443"))).is_ok());
+        // An empty or relative rewrite result is refused, never sent without a target.
+        for bad in ["", "v1", "$1"] {
+            let (mut parts, _) = http::Request::get("/api").body(()).unwrap().into_parts();
+            assert!(
+                target(&mut parts, Some(bad.into()), None).is_err(),
+                "{bad:?}"
+            );
+        }
         assert_eq!(parts.uri.to_string(), "https://10.0.0.1:8443/v1?x=1");
     }
 }

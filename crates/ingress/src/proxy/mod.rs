@@ -97,16 +97,22 @@ impl Limits {
     fn rate(&self, location: &Location, rps: u32, burst: u32) -> Arc<RateLimiter> {
         let mut map = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
         let fresh = || Arc::new(RateLimiter::new(rps, burst));
-        let limiter = entry(&mut map, Self::key(location), fresh, |l| {
-            l.same_settings(rps, burst)
-        });
+        let same = |l: &RateLimiter| l.same_settings(rps, burst);
+        // A rate bucket idle for LIMITS_IDLE has refilled: nothing is lost by dropping it.
+        let limiter = entry(&mut map, Self::key(location), fresh, same, |_| false);
         limiter.clone()
     }
 
     fn conn(&self, location: &Location, limit: u32) -> Arc<ConnLimiter> {
         let mut map = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         let fresh = || Arc::new(ConnLimiter::new(limit));
-        let limiter = entry(&mut map, Self::key(location), fresh, |l| l.limit() == limit);
+        let limiter = entry(
+            &mut map,
+            Self::key(location),
+            fresh,
+            |l| l.limit() == limit,
+            ConnLimiter::in_use,
+        );
         limiter.clone()
     }
 
@@ -122,12 +128,13 @@ fn entry<T>(
     key: String,
     fresh: impl Fn() -> Arc<T>,
     same: impl Fn(&T) -> bool,
+    in_use: impl Fn(&T) -> bool,
 ) -> &Arc<T> {
     let now = Instant::now();
     if map.len() >= LIMITS_PRUNE_AT && !map.contains_key(&key) {
-        // Kept: entries a request holds right now, or used recently.
+        // Kept: entries requests hold right now, or used recently.
         map.retain(|_, (l, used)| {
-            Arc::strong_count(l) > 1 || now.duration_since(*used) < LIMITS_IDLE
+            Arc::strong_count(l) > 1 || in_use(l) || now.duration_since(*used) < LIMITS_IDLE
         });
     }
     let slot = map.entry(key).or_insert_with(|| (fresh(), now));
@@ -300,19 +307,19 @@ impl Proxy {
         let (body, progress) = limited_body(body, phases::body_limit(ctx));
         let out = Request::from_parts(parts, body);
         let settings = PoolSettings {
-            connect_timeout: ann
-                .proxy_connect_timeout
-                .unwrap_or(ctx.cfg.proxy_connect_timeout),
             keepalive_timeout: ctx.cfg.upstream_keepalive_timeout,
             keepalive_connections: ctx.cfg.upstream_keepalive_connections,
             keepalive_requests: ctx.cfg.upstream_keepalive_requests,
             keepalive_time: ctx.cfg.upstream_keepalive_time,
         };
+        let connect_timeout = ann
+            .proxy_connect_timeout
+            .unwrap_or(ctx.cfg.proxy_connect_timeout);
         let clients = self.upstreams(ctx.conn.worker).get(settings);
         let sending = async {
             if grpc {
                 let resp = clients
-                    .request_h2(tls, out)
+                    .request_h2(tls, connect_timeout, out)
                     .await
                     .map_err(UpstreamError::from)?;
                 Ok::<_, UpstreamError>(
@@ -320,7 +327,7 @@ impl Proxy {
                 )
             } else {
                 let dest = pool::Dest::new(&picked.upstream, tls);
-                let (resp, checkin) = clients.http1.send(&dest, out).await?;
+                let (resp, checkin) = clients.http1.send(&dest, connect_timeout, out).await?;
                 Ok(if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     // The connection becomes the tunnel: it never goes back to the pool.
                     resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
@@ -380,6 +387,8 @@ impl Proxy {
         match outcome {
             Err(_) => Err(gateway_timeout()),
             Ok(Ok(r)) => Ok(r),
+            // nginx answers a connect timeout as any other upstream timeout.
+            Ok(Err(UpstreamError::Pool(pool::Error::ConnectTimeout))) => Err(gateway_timeout()),
             Ok(Err(e)) => {
                 tracing::debug!(?upstream, error = %e, "upstream request failed");
                 if is_body_limit(&e) {
@@ -600,6 +609,8 @@ mod tests {
     fn limiter_state_of_gone_locations_is_pruned() {
         let limits = Limits::default();
         let held = limits.conn(&location("/held"), 1);
+        let slot = held.acquire(std::net::Ipv4Addr::LOCALHOST.into());
+        drop(held);
         for i in 0..LIMITS_PRUNE_AT {
             limits.rate(&location(&format!("/r{i}")), 10, 5);
         }
@@ -621,7 +632,14 @@ mod tests {
         for i in 0..LIMITS_PRUNE_AT {
             limits.conn(&location(&format!("/c{i}")), 1);
         }
-        assert!(Arc::ptr_eq(&held, &limits.conn(&location("/held"), 1)));
+        // The slot a request holds keeps its limiter: the limit still counts it.
+        assert!(slot.is_some());
+        let again = limits.conn(&location("/held"), 1);
+        assert!(
+            again
+                .acquire(std::net::Ipv4Addr::LOCALHOST.into())
+                .is_none()
+        );
     }
 
     #[test]

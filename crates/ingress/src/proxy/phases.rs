@@ -57,9 +57,14 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// `block-cidrs`, redirects (`permanent-redirect`, `temporal-redirect`, HTTPS, `app-root`) and
+/// CONNECT and TRACE refused, `block-cidrs`, redirects (`permanent-redirect`, `temporal-redirect`, HTTPS, `app-root`) and
 /// CORS preflights.
 pub fn rewrite(ctx: &Ctx<'_>, req: &Request<Incoming>) -> Phase {
+    // nginx refuses both before any location applies: CONNECT would make the upstream
+    // connection a tunnel, TRACE echoes headers (cookies included) back.
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        return Err(plain(StatusCode::METHOD_NOT_ALLOWED, "405 Not Allowed\n"));
+    }
     let (cfg, ann) = (ctx.cfg, &ctx.location.annotations);
     if cfg.block_cidrs.iter().any(|n| n.contains(&ctx.client_ip)) {
         return Err(plain(StatusCode::FORBIDDEN, "403 Forbidden\n"));

@@ -19,11 +19,12 @@ use crate::proxy::Body;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// Settings that need their own pool.
+/// The ConfigMap's keep-alive settings: a change gets a new pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PoolSettings {
-    pub connect_timeout: Duration,
     pub keepalive_timeout: Duration,
+    /// `upstream-keepalive-connections`: idle connections one worker keeps, all upstreams
+    /// together (nginx's `keepalive` in its one balancer upstream).
     pub keepalive_connections: u32,
     /// `upstream-keepalive-requests`: a connection closes after this many.
     pub keepalive_requests: u32,
@@ -31,17 +32,26 @@ pub struct PoolSettings {
     pub keepalive_time: Duration,
 }
 
-/// The clients of one pool setting.
+/// The clients of one pool setting. `proxy-connect-timeout` (which an Ingress may set) is not
+/// part of the HTTP/1 pool's identity, so Ingresses with their own timeouts share its
+/// connections; hyper-util's HTTP/2 client takes it at build time, so gRPC gets one client
+/// per timeout.
 pub struct Clients {
     pub http1: Arc<pool::Pool>,
-    h2c: Client<HttpConnector, Body>,
-    h2s: Client<HttpsConnector, Body>,
+    settings: PoolSettings,
+    h2: Mutex<HashMap<Duration, Arc<H2>>>,
 }
 
-impl Clients {
-    fn new(s: PoolSettings) -> Self {
+/// HTTP/2 (gRPC) clients for one connect timeout.
+struct H2 {
+    plain: Client<HttpConnector, Body>,
+    tls: Client<HttpsConnector, Body>,
+}
+
+impl H2 {
+    fn new(s: PoolSettings, connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(s.connect_timeout));
+        connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
         connector.enforce_http(false);
         let mut h2 = Client::builder(TokioExecutor::new());
@@ -57,18 +67,41 @@ impl Clients {
             .enable_http2()
             .wrap_connector(connector.clone());
         Self {
+            plain: h2.build(connector),
+            tls: h2.build(https_conn),
+        }
+    }
+}
+
+impl Clients {
+    fn new(s: PoolSettings) -> Self {
+        Self {
             http1: pool::Pool::new(s),
-            h2c: h2.build(connector),
-            h2s: h2.build(https_conn),
+            settings: s,
+            h2: Mutex::default(),
         }
     }
 
     /// Sends an HTTP/2 (gRPC) request; `req` carries an absolute URI.
-    pub fn request_h2(&self, tls: bool, req: http::Request<Body>) -> ResponseFuture {
+    pub fn request_h2(
+        &self,
+        tls: bool,
+        connect_timeout: Duration,
+        req: http::Request<Body>,
+    ) -> ResponseFuture {
+        let h2 = {
+            let mut all = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+            if all.len() >= MAX_POOLS && !all.contains_key(&connect_timeout) {
+                all.clear();
+            }
+            all.entry(connect_timeout)
+                .or_insert_with(|| Arc::new(H2::new(self.settings, connect_timeout)))
+                .clone()
+        };
         if tls {
-            self.h2s.request(req)
+            h2.tls.request(req)
         } else {
-            self.h2c.request(req)
+            h2.plain.request(req)
         }
     }
 }
@@ -118,21 +151,17 @@ mod tests {
     fn one_pool_per_setting() {
         let u = Upstreams::default();
         let a = PoolSettings {
-            connect_timeout: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_connections: 320,
             keepalive_requests: 10_000,
             keepalive_time: Duration::from_secs(3600),
         };
         let b = PoolSettings {
-            connect_timeout: Duration::from_secs(1),
+            keepalive_connections: 10,
             ..a
         };
         let (a1, b1, a2) = (u.get(a), u.get(b), u.get(a));
         assert!(Arc::ptr_eq(&a1, &a2), "same setting, same pool");
-        assert!(
-            !Arc::ptr_eq(&a1, &b1),
-            "per-Ingress connect timeout gets its own pool"
-        );
+        assert!(!Arc::ptr_eq(&a1, &b1), "a ConfigMap change gets a new pool");
     }
 }

@@ -59,6 +59,8 @@ pub enum Error {
     ConnectTimeout,
     #[error("no address for {0}")]
     Unresolved(String),
+    #[error("{0} is not a valid TLS server name")]
+    ServerName(String),
     #[error("upstream TLS: {0}")]
     Tls(#[source] std::io::Error),
     #[error(transparent)]
@@ -78,9 +80,42 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle connections per destination, most recently used last.
+/// Idle connections per destination, most recently used last; `upstream-keepalive-connections`
+/// bounds them all together, as nginx's one balancer upstream does.
+#[derive(Default)]
+struct IdleSet {
+    by_dest: HashMap<Dest, Vec<Idle>>,
+    total: usize,
+}
+
+impl IdleSet {
+    /// Removes the connection idle the longest, whatever its destination.
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .by_dest
+            .iter()
+            .filter_map(|(d, list)| list.first().map(|e| (e.since, d)))
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, d)| d.clone());
+        if let Some(list) = oldest.and_then(|d| self.by_dest.get_mut(&d)) {
+            list.remove(0);
+            self.total -= 1;
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Idle) -> bool) {
+        let mut total = 0;
+        self.by_dest.retain(|_, list| {
+            list.retain(&keep);
+            total += list.len();
+            !list.is_empty()
+        });
+        self.total = total;
+    }
+}
+
 pub struct Pool {
-    idle: Mutex<HashMap<Dest, Vec<Idle>>>,
+    idle: Mutex<IdleSet>,
     settings: PoolSettings,
     tls: Arc<rustls::ClientConfig>,
 }
@@ -92,7 +127,7 @@ impl Pool {
         let mut tls = super::upstream_tls_config();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let pool = Arc::new(Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleSet::default()),
             settings,
             tls: Arc::new(tls),
         });
@@ -102,41 +137,32 @@ impl Pool {
         pool
     }
 
-    /// Sends `req` on an idle connection to `dest` or a new one. The returned [`Checkin`]
-    /// gives the connection back once the response body has been read to its end.
+    /// Sends `req` on an idle connection to `dest` or a new one (within `connect_timeout`).
+    /// The returned [`Checkin`] gives the connection back once the response body has been
+    /// read to its end.
     pub async fn send(
         self: &Arc<Self>,
         dest: &Dest,
+        connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, Checkin), Error> {
         let mut req = req;
-        // Connections whose previous response ended but whose driver has not yet asked for
-        // the next request (another thread may still be running it): kept for later.
-        let mut busy = Vec::new();
         while let Some(mut conn) = self.checkout(dest) {
             match conn.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.put_back(dest, busy);
-                    return Ok((resp, self.checkin_for(dest, conn)));
-                }
-                // Not written: the connection closed (or was not ready yet) before the
-                // request went out, so it can go on another connection safely.
+                Ok(resp) => return Ok((resp, self.checkin_for(dest, conn))),
+                // Not written: the connection closed before the request went out, so it can
+                // go on another connection safely.
                 Err(mut e) => match e.take_message() {
-                    Some(r) => {
-                        req = r;
-                        if !conn.sender.is_closed() {
-                            busy.push(conn);
-                        }
-                    }
+                    Some(r) => req = r,
                     None => return Err(e.into_error().into()),
                 },
             }
         }
-        self.put_back(dest, busy);
         // Boxed: connecting (TCP, TLS, handshake) is the rare path, and inline its state would
         // be copied with every request's future.
+        let sender = Box::pin(self.connect(dest, connect_timeout)).await?;
         let mut conn = Conn {
-            sender: Box::pin(self.connect(dest)).await?,
+            sender,
             born: Instant::now(),
             served: 0,
         };
@@ -144,26 +170,32 @@ impl Pool {
         Ok((resp, self.checkin_for(dest, conn)))
     }
 
-    fn put_back(&self, dest: &Dest, conns: Vec<Conn>) {
-        for mut conn in conns {
-            // Not used after all: the count goes back too.
-            conn.served = conn.served.saturating_sub(1);
-            self.checkin(dest.clone(), conn);
-        }
-    }
-
-    /// The most recently used live connection to `dest`; expired and closed ones are dropped.
+    /// The most recently used connection to `dest` that is ready for a request; expired and
+    /// closed ones are dropped. One whose driver has not yet taken up the end of its last
+    /// response (another thread may be running it) stays for a later request.
     fn checkout(&self, dest: &Dest) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(dest)?;
+        let set = &mut *idle;
+        let list = set.by_dest.get_mut(dest)?;
         let now = Instant::now();
-        while let Some(entry) = list.pop() {
-            if entry.conn.sender.is_closed() || self.expired(&entry, now) {
-                continue;
+        let mut found = None;
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &list[i];
+            if entry.conn.sender.is_closed() || self.expired(entry, now) {
+                list.remove(i);
+                set.total -= 1;
+            } else if entry.conn.sender.is_ready() {
+                found = Some(list.remove(i).conn);
+                set.total -= 1;
+                break;
             }
-            return Some(entry.conn);
         }
-        None
+        if list.is_empty() {
+            set.by_dest.remove(dest);
+        }
+        found
     }
 
     fn expired(&self, entry: &Idle, now: Instant) -> bool {
@@ -186,15 +218,15 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(dest).or_default();
-        if list.len() >= max {
+        if idle.total >= max {
             // The least recently used goes, as nginx's keepalive cache evicts.
-            list.remove(0);
+            idle.evict_oldest();
         }
-        list.push(Idle {
+        idle.by_dest.entry(dest).or_default().push(Idle {
             conn,
             since: Instant::now(),
         });
+        idle.total += 1;
     }
 
     fn worn_out(&self, conn: &Conn) -> bool {
@@ -206,14 +238,10 @@ impl Pool {
     fn sweep_now(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|_, list| {
-            list.retain(|e| !e.conn.sender.is_closed() && !self.expired(e, now));
-            !list.is_empty()
-        });
+        idle.retain(|e| !e.conn.sender.is_closed() && !self.expired(e, now));
     }
 
-    async fn connect(&self, dest: &Dest) -> Result<SendRequest<Body>, Error> {
-        let timeout = self.settings.connect_timeout;
+    async fn connect(&self, dest: &Dest, timeout: Duration) -> Result<SendRequest<Body>, Error> {
         let tcp = tokio::time::timeout(timeout, tcp_connect(&dest.addr))
             .await
             .map_err(|_| Error::ConnectTimeout)??;
@@ -234,21 +262,27 @@ impl Pool {
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.values().map(Vec::len).sum()
+        idle.total
     }
 }
 
+/// A TCP connection to the upstream; a name is resolved and each of its addresses tried in
+/// turn, as nginx tries a name's addresses.
 async fn tcp_connect(addr: &Addr) -> Result<TcpStream, Error> {
     match addr {
         Addr::Ip(a) => TcpStream::connect(a).await.map_err(Error::Connect),
         Addr::Dns(host, port) => {
-            let mut addrs = tokio::net::lookup_host((host.as_str(), *port))
+            let addrs = tokio::net::lookup_host((host.as_str(), *port))
                 .await
                 .map_err(Error::Connect)?;
-            let a = addrs
-                .next()
-                .ok_or_else(|| Error::Unresolved(host.clone()))?;
-            TcpStream::connect(a).await.map_err(Error::Connect)
+            let mut last = Error::Unresolved(host.clone());
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Error::Connect(e),
+                }
+            }
+            Err(last)
         }
     }
 }
@@ -259,7 +293,7 @@ fn server_name(addr: &Addr) -> Result<rustls::pki_types::ServerName<'static>, Er
     match addr {
         Addr::Ip(a) => Ok(a.ip().into()),
         Addr::Dns(host, _) => rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|_| Error::Unresolved(host.clone())),
+            .map_err(|_| Error::ServerName(host.clone())),
     }
 }
 
@@ -375,9 +409,10 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    const CONNECT: Duration = Duration::from_secs(2);
+
     fn settings() -> PoolSettings {
         PoolSettings {
-            connect_timeout: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(60),
             keepalive_connections: 2,
             keepalive_requests: 100,
@@ -420,7 +455,7 @@ mod tests {
     }
 
     async fn fetch(pool: &Arc<Pool>, dest: &Dest) -> Bytes {
-        let (resp, checkin) = pool.send(dest, get()).await.unwrap();
+        let (resp, checkin) = pool.send(dest, CONNECT, get()).await.unwrap();
         let body = Returning::new(resp.into_body(), checkin);
         body.collect().await.unwrap().to_bytes()
     }
@@ -456,7 +491,7 @@ mod tests {
         let (addr, _) = server().await;
         let pool = Pool::new(settings());
         let dest = Dest::new(&Upstream::Addr(addr), false);
-        let (resp, checkin) = pool.send(&dest, get()).await.unwrap();
+        let (resp, checkin) = pool.send(&dest, CONNECT, get()).await.unwrap();
         // The head has arrived; the body may or may not be complete yet: only an ended body
         // gives the connection back.
         let body = Returning::new(resp.into_body(), checkin);
@@ -475,9 +510,9 @@ mod tests {
         let dest = Dest::new(&Upstream::Addr(addr), false);
         // Three at once: three connections, of which two stay idle.
         let (a, b, c) = tokio::join!(
-            pool.send(&dest, get()),
-            pool.send(&dest, get()),
-            pool.send(&dest, get())
+            pool.send(&dest, CONNECT, get()),
+            pool.send(&dest, CONNECT, get()),
+            pool.send(&dest, CONNECT, get())
         );
         for (resp, checkin) in [a.unwrap(), b.unwrap(), c.unwrap()] {
             Returning::new(resp.into_body(), checkin)
@@ -492,6 +527,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_idle_bound_covers_all_upstreams_together() {
+        let ((a, _), (b, _)) = (server().await, server().await);
+        let pool = Pool::new(settings());
+        let (da, db) = (
+            Dest::new(&Upstream::Addr(a), false),
+            Dest::new(&Upstream::Addr(b), false),
+        );
+        for dest in [&da, &da, &db] {
+            assert_eq!(fetch(&pool, dest).await, "hello");
+        }
+        let (x, y) = tokio::join!(fetch(&pool, &da), fetch(&pool, &da));
+        assert_eq!((x, y), (Bytes::from("hello"), Bytes::from("hello")));
+        // Two connections to a, one to b were idle; the bound is 2 in all: b's (the oldest)
+        // went.
+        assert_eq!(pool.idle_count(), 2);
+        assert!(pool.checkout(&db).is_none());
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_an_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -499,7 +553,7 @@ mod tests {
         let pool = Pool::new(settings());
         let dest = Dest::new(&Upstream::Addr(addr), false);
         assert!(matches!(
-            pool.send(&dest, get()).await,
+            pool.send(&dest, CONNECT, get()).await,
             Err(Error::Connect(_))
         ));
     }
