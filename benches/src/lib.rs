@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod idle;
 pub mod load;
 pub mod peers;
 pub mod probe;
@@ -19,10 +20,12 @@ use std::time::Duration;
 use integration_tests::kube::{Cluster, ClusterOptions};
 use thiserror::Error;
 
+use crate::cluster::IngressEnv;
 use crate::load::{LoadResult, Tools, WrkRun};
 use crate::peers::{Backend, HOST, Peer, PeerKind, Shared};
 use crate::report::{
-    Machine, Method, PeerFigures, PropagationSummary, Resources, Results, Scenario, Stat,
+    IdlePeer, Machine, Method, PeerFigures, PropagationSummary, Resources, Results, ScaleSummary,
+    Scenario, Stat,
 };
 
 #[derive(Debug, Error)]
@@ -47,6 +50,8 @@ pub enum Error {
     Timeout(String),
     #[error("task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("options: {0}")]
+    Options(String),
 }
 
 /// The programs the run uses.
@@ -81,9 +86,15 @@ pub struct Options {
     pub edits: usize,
     /// Edits during the failed-requests measurement.
     pub edits_under_load: usize,
+    /// Idle keep-alive connections held against each proxy.
+    pub idle_connections: usize,
+    /// Other Ingresses in the cluster in the scale scenario (plain and TLS together).
+    pub scale_ingresses: usize,
+    /// Of those, Ingresses with a `tls` section naming their own Secret.
+    pub scale_certificates: usize,
     /// Measure only these peers (by name), e.g. for a quick A/B while profiling.
     pub only_peers: Option<Vec<String>>,
-    /// Run only these throughput scenarios (by id).
+    /// Run only these scenarios and phases (ids from [`scenario_ids`]).
     pub only_scenarios: Option<Vec<String>>,
     pub programs: Programs,
 }
@@ -103,6 +114,9 @@ impl Options {
             fillers: vec![0, 100, 1000],
             edits: 100,
             edits_under_load: 100,
+            idle_connections: 10_000,
+            scale_ingresses: 10_000,
+            scale_certificates: 1_000,
             only_peers: None,
             only_scenarios: None,
             programs,
@@ -118,9 +132,51 @@ impl Options {
             fillers: vec![0, 5, 10],
             edits: 3,
             edits_under_load: 5,
+            idle_connections: 200,
+            scale_ingresses: 100,
+            scale_certificates: 10,
             ..Options::full(programs)
         }
     }
+
+    /// Whether the scenario or phase `id` runs.
+    pub fn selected(&self, id: &str) -> bool {
+        self.only_scenarios
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == id))
+    }
+
+    /// Fails on a scenario id that names nothing (a typo would otherwise run nothing quietly).
+    fn check(&self) -> Result<(), Error> {
+        let known = scenario_ids();
+        let unknown = self
+            .only_scenarios
+            .iter()
+            .flatten()
+            .find(|id| !known.contains(&id.as_str()));
+        match unknown {
+            Some(id) => Err(Error::Options(format!(
+                "unknown scenario {id:?}; known: {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The phases besides the throughput scenarios, by the id `--scenarios` selects them with.
+pub const IDLE: &str = "idle";
+pub const LATENCY: &str = "latency";
+pub const PROPAGATION: &str = "propagation";
+pub const EDITS_UNDER_LOAD: &str = "edits-under-load";
+pub const SCALE: &str = "scale";
+
+/// Every scenario and phase id, in the order they run.
+pub fn scenario_ids() -> Vec<&'static str> {
+    let mut ids = vec![IDLE];
+    ids.extend(SCENARIOS.iter().map(|d| d.id));
+    ids.extend([LATENCY, PROPAGATION, EDITS_UNDER_LOAD, SCALE]);
+    ids
 }
 
 #[derive(Clone, Copy)]
@@ -231,6 +287,7 @@ struct Runner<'a> {
     tools: Tools,
     backend: Backend,
     split: Option<(String, String, usize)>,
+    shared: Shared,
 }
 
 impl Runner<'_> {
@@ -323,6 +380,7 @@ fn figures(peer: &Peer, samples: &[Sample], value: impl Fn(&Sample) -> f64) -> P
         cpu_us_per_request: Stat::of(&per_req),
         user_us_per_request: Stat::of(&user_per_req),
         cpu_cores: Stat::of(&cores),
+        vs_floor: None,
         errors: samples.iter().map(|s| s.load.errors).sum(),
         non_2xx: samples.iter().map(|s| s.load.non_2xx).sum(),
     }
@@ -376,24 +434,24 @@ fn rustc_version() -> String {
         .unwrap_or_default()
 }
 
-/// Runs every scenario against every peer and returns the figures (not yet written).
+/// Runs every selected scenario against every peer and returns the figures (not yet written).
+///
+/// Order: idle keep-alive connections first, each proxy in a fresh process; then every peer
+/// restarted for the throughput and latency rounds (so neither the idle figures nor the peak
+/// RSS under load carry the other's allocations); then, with the other proxies stopped, the
+/// Ingress edit phases and the scale scenario (our controller started afresh once more).
 pub async fn run(opts: &Options) -> Result<Results, Error> {
+    opts.check()?;
     integration_tests::install_crypto_provider();
+    // The idle scenario holds thousands of sockets here; peers started later inherit the limit.
+    idle::raise_nofile();
     let loadavg_before = procfs::loadavg();
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let split = if opts.pin { cpu_split(cores) } else { None };
-    let workers = split.as_ref().map(|s| s.2).unwrap_or(cores);
-    if let Some((_, loadgen, _)) = &split {
-        // The harness (and the apiserver and etcd it starts) stay off the proxies' CPUs.
-        let me = std::process::id().to_string();
-        integration_tests::process::run("taskset", &["-a", "-p", "-c", loadgen, &me])?;
-    }
+    let split = placement(opts)?;
+    let workers = split.as_ref().map(|s| s.2).unwrap_or_else(cores);
     let dir = tempfile::Builder::new()
         .prefix("homecluster-bench-")
         .tempdir()?;
@@ -404,52 +462,9 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
     )?;
     let shared = Shared::new(dir.path(), split.as_ref().map(|s| s.0.clone()), workers)?;
     let p = &opts.programs;
-    let backend = Backend::start(
-        &shared,
-        &p.backend,
-        split.as_ref().map(|s| s.1.as_str()),
-        workers,
-    )?;
-    probe::wait_status(
-        backend.plain,
-        HOST,
-        "/1k",
-        200,
-        Duration::from_millis(50),
-        Duration::from_secs(10),
-    )
-    .await?;
-
+    let backend = start_backend(&shared, &p.backend, split.as_ref(), workers).await?;
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let mut env = cluster::start(&cluster, &shared, &p.ingress_controller, backend.plain).await?;
-    let mut others = vec![
-        peers::nginx(&shared, &p.nginx, &backend)?,
-        peers::haproxy(&shared, &p.haproxy, &backend)?,
-    ];
-    let mut skipped = Vec::new();
-    match &p.pingora {
-        Ok(path) => others.push(peers::pingora(&shared, path, &backend)?),
-        Err(why) => skipped.push(("pingora".to_string(), why.clone())),
-    }
-    others.push(Peer::direct(&backend));
-    for peer in &mut others {
-        if let Err(e) = probe::wait_status(
-            peer.http,
-            HOST,
-            "/1k",
-            200,
-            Duration::from_millis(50),
-            Duration::from_secs(20),
-        )
-        .await
-        {
-            return Err(Error::Peer {
-                peer: peer.kind.name().into(),
-                message: format!("{e}; log: {}", peer.log_tail()),
-            });
-        }
-    }
-
     let tools = Tools {
         wrk: p.wrk.clone(),
         h2load: p.h2load.clone(),
@@ -462,125 +477,381 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
         "kube-apiserver".into(),
         integration_tests::paths::K8S_VERSION.into(),
     );
+    let mut results = Results {
+        started_unix,
+        method: method(opts, split.as_ref(), workers),
+        ..Results::default()
+    };
     let runner = Runner {
         opts,
         tools,
         backend,
-        split: split.clone(),
+        split,
+        shared,
     };
 
-    // Our peer first, then the others, in the same order in every round.
+    if opts.selected(IDLE) {
+        runner.idle_phase(&mut env, &mut results).await?;
+    }
+    if runner.load_selected() {
+        runner.load_phases(&mut env, &mut results).await?;
+    }
+    runner.ingress_phases(&mut env, &mut results).await?;
+
+    versions.extend(results.peers.iter().cloned());
+    results.machine = machine(versions);
+    results.machine.loadavg_before = loadavg_before;
+    results.machine.loadavg_after = procfs::loadavg();
+    results.evaluate_targets();
+    drop(env);
+    drop(cluster);
+    Ok(results)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// The CPU split when pinning; the harness (and the apiserver and etcd it starts) moves off
+/// the proxies' CPUs.
+fn placement(opts: &Options) -> Result<Option<(String, String, usize)>, Error> {
+    let split = if opts.pin { cpu_split(cores()) } else { None };
+    if let Some((_, loadgen, _)) = &split {
+        let me = std::process::id().to_string();
+        integration_tests::process::run("taskset", &["-a", "-p", "-c", loadgen, &me])?;
+    }
+    Ok(split)
+}
+
+/// Starts the backend on the load generators' CPUs and waits until it answers.
+async fn start_backend(
+    shared: &Shared,
+    program: &std::path::Path,
+    split: Option<&(String, String, usize)>,
+    workers: usize,
+) -> Result<Backend, Error> {
+    let backend = Backend::start(shared, program, split.map(|s| s.1.as_str()), workers)?;
+    probe::wait_status(
+        backend.plain,
+        HOST,
+        "/1k",
+        200,
+        Duration::from_millis(50),
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(backend)
+}
+
+fn method(opts: &Options, split: Option<&(String, String, usize)>, workers: usize) -> Method {
+    Method {
+        rounds: opts.rounds,
+        seconds_per_run: opts.duration.as_secs_f64(),
+        warmup_seconds: opts.warmup.as_secs_f64(),
+        proxy_cpus: split.map(|s| s.0.clone()),
+        loadgen_cpus: split.map(|s| s.1.clone()),
+        workers_per_proxy: workers,
+        wrk_connections: opts.wrk_connections,
+        h2_clients: opts.h2_clients,
+        h2_streams: opts.h2_streams,
+        latency_rate: 0.0,
+        latency_connections: opts.latency_connections,
+        idle_connections: opts.idle_connections,
+        notes: Vec::new(),
+    }
+}
+
+/// Waits until `peer` answers on its plain listener; its log is in the error otherwise.
+async fn wait_serving(peer: &mut Peer) -> Result<(), Error> {
+    let ready = probe::wait_status(
+        peer.http,
+        HOST,
+        "/1k",
+        200,
+        Duration::from_millis(50),
+        Duration::from_secs(20),
+    )
+    .await;
+    ready.map_err(|e| Error::Peer {
+        peer: peer.kind.name().into(),
+        message: format!("{e}; log: {}", peer.log_tail()),
+    })
+}
+
+/// Our peer first, then the others, in the same order every time; `--only` narrows it.
+fn chosen<'p>(
+    opts: &Options,
+    env: &'p mut IngressEnv,
+    others: &'p mut [Peer],
+) -> Vec<&'p mut Peer> {
     let mut all: Vec<&mut Peer> = std::iter::once(&mut env.peer)
         .chain(others.iter_mut())
         .collect();
     if let Some(only) = &opts.only_peers {
         all.retain(|p| only.iter().any(|o| o == p.kind.name()));
     }
-    for peer in &all {
-        versions.insert(peer.kind.name().into(), peer.version.clone());
-    }
-    let scenarios: Vec<&Def> = SCENARIOS
-        .iter()
-        .filter(|d| {
-            opts.only_scenarios
-                .as_ref()
-                .is_none_or(|o| o.iter().any(|id| id == d.id))
-        })
-        .collect();
-    let start_stats: Vec<procfs::ProcStats> = all.iter().map(|p| procfs::stats(p.pid)).collect();
-    let mut requests = vec![0u64; all.len()];
+    all
+}
 
-    // Throughput: rounds × scenarios × peers.
-    let mut samples: Vec<Vec<Vec<Sample>>> = (0..scenarios.len())
-        .map(|_| (0..all.len()).map(|_| Vec::new()).collect())
-        .collect();
-    for round in 0..opts.rounds {
-        for (si, def) in scenarios.iter().enumerate() {
-            for (pi, peer) in all.iter_mut().enumerate() {
-                eprintln!(
-                    "    round {}/{} {:<16} {}",
-                    round + 1,
-                    opts.rounds,
-                    def.id,
-                    peer.kind.name()
-                );
-                if !opts.warmup.is_zero() {
-                    runner.load(def, peer, opts.warmup).await?;
-                }
-                peer.check_running()?;
-                let peer: &Peer = peer;
-                let s = runner
-                    .measure(peer, || runner.load(def, peer, opts.duration))
-                    .await?;
-                requests[pi] += s.load.requests;
-                samples[si][pi].push(s);
-            }
+/// Records which peers took part (and their versions) once each.
+fn note_peers<'p>(results: &mut Results, peers: impl IntoIterator<Item = &'p Peer>) {
+    for peer in peers {
+        let name = peer.kind.name();
+        if !results.peers.iter().any(|(n, _)| n == name) {
+            results.peers.push((name.into(), peer.version.clone()));
         }
     }
-    let throughput: Vec<Scenario> = scenarios
-        .iter()
-        .enumerate()
-        .map(|(si, def)| {
-            let mut s = Scenario {
-                id: def.id.into(),
-                description: def.description.into(),
-                unit: "req/s".into(),
-                higher_is_better: true,
-                peers: all
-                    .iter()
-                    .enumerate()
-                    .map(|(pi, peer)| figures(peer, &samples[si][pi], |s| s.load.rps))
-                    .collect(),
-            };
-            s.compute_ratios();
-            s
-        })
-        .collect();
+}
 
-    // Fixed-rate latency at half of nginx's saturation rate (HTTP/1.1, 1 KiB).
-    let saturation = throughput
+impl Runner<'_> {
+    /// nginx, haproxy, pingora (when it could be built) and direct, freshly started and
+    /// serving.
+    async fn start_others(&self, results: &mut Results) -> Result<Vec<Peer>, Error> {
+        let p = &self.opts.programs;
+        let mut others = vec![
+            peers::nginx(&self.shared, &p.nginx, &self.backend)?,
+            peers::haproxy(&self.shared, &p.haproxy, &self.backend)?,
+        ];
+        match &p.pingora {
+            Ok(path) => others.push(peers::pingora(&self.shared, path, &self.backend)?),
+            Err(why) if !results.skipped.iter().any(|(n, _)| n == "pingora") => {
+                results.skipped.push(("pingora".into(), why.clone()));
+            }
+            Err(_) => {}
+        }
+        others.push(Peer::direct(&self.backend));
+        for peer in &mut others {
+            wait_serving(peer).await?;
+        }
+        Ok(others)
+    }
+
+    /// Idle keep-alive connections against every proxy, each in a fresh process (allocations
+    /// of earlier load would otherwise be reused and hide the cost); then our controller is
+    /// restarted so that what follows starts fresh too (the other proxies are started anew
+    /// for it anyway).
+    async fn idle_phase(&self, env: &mut IngressEnv, results: &mut Results) -> Result<(), Error> {
+        let count = self.opts.idle_connections;
+        let mut others = self.start_others(results).await?;
+        let mut peers = chosen(self.opts, env, &mut others);
+        // The backend is no proxy: direct has no figure here.
+        peers.retain(|p| p.kind != PeerKind::Direct);
+        note_peers(results, peers.iter().map(|p| &**p));
+        for peer in peers {
+            eprintln!(
+                "    idle: {count} keep-alive connections to {}",
+                peer.kind.name()
+            );
+            let figures = idle::idle(peer.http, peer.pid, count).await;
+            // A peer that died under the connections is an error, not a figure.
+            peer.check_running()?;
+            results.idle.push(IdlePeer {
+                peer: peer.kind.name().into(),
+                idle: figures,
+                vs_nginx: None,
+            });
+        }
+        report::idle_ratios(&mut results.idle);
+        drop(others);
+        env.restart(&self.shared).await
+    }
+
+    fn load_selected(&self) -> bool {
+        SCENARIOS.iter().any(|d| self.opts.selected(d.id)) || self.opts.selected(LATENCY)
+    }
+
+    /// Throughput rounds, then fixed-rate latency, against fresh peers; memory and CPU over
+    /// both. The other proxies are stopped at the end so the edit phases have the machine.
+    async fn load_phases(&self, env: &mut IngressEnv, results: &mut Results) -> Result<(), Error> {
+        let mut others = self.start_others(results).await?;
+        let mut all = chosen(self.opts, env, &mut others);
+        note_peers(results, all.iter().map(|p| &**p));
+        let start: Vec<procfs::ProcStats> = all.iter().map(|p| procfs::stats(p.pid)).collect();
+        let mut requests = vec![0u64; all.len()];
+        results.throughput = self.throughput(&mut all, &mut requests).await?;
+        if self.opts.selected(LATENCY) {
+            match nginx_saturation(&results.throughput) {
+                Some(saturation) => {
+                    let rate = saturation * 0.5;
+                    results.method.latency_rate = rate;
+                    results.latency = self.latency(&mut all, rate, &mut requests).await?;
+                }
+                None => results.method.notes.push(
+                    "The fixed-rate latency phase did not run: its rate is half of nginx's h1-1k \
+                     figure from the same run, which this run did not measure."
+                        .into(),
+                ),
+            }
+        }
+        results.resources = resources(&all, &start, &requests);
+        Ok(())
+    }
+
+    /// Throughput: rounds × scenarios × peers.
+    async fn throughput(
+        &self,
+        all: &mut [&mut Peer],
+        requests: &mut [u64],
+    ) -> Result<Vec<Scenario>, Error> {
+        let opts = self.opts;
+        let scenarios: Vec<&Def> = SCENARIOS.iter().filter(|d| opts.selected(d.id)).collect();
+        let mut samples: Vec<Vec<Vec<Sample>>> = (0..scenarios.len())
+            .map(|_| (0..all.len()).map(|_| Vec::new()).collect())
+            .collect();
+        for round in 0..opts.rounds {
+            for (si, def) in scenarios.iter().enumerate() {
+                for (pi, peer) in all.iter_mut().enumerate() {
+                    eprintln!(
+                        "    round {}/{} {:<16} {}",
+                        round + 1,
+                        opts.rounds,
+                        def.id,
+                        peer.kind.name()
+                    );
+                    if !opts.warmup.is_zero() {
+                        self.load(def, peer, opts.warmup).await?;
+                    }
+                    peer.check_running()?;
+                    let peer: &Peer = peer;
+                    let s = self
+                        .measure(peer, || self.load(def, peer, opts.duration))
+                        .await?;
+                    requests[pi] += s.load.requests;
+                    samples[si][pi].push(s);
+                }
+            }
+        }
+        Ok(scenarios
+            .iter()
+            .enumerate()
+            .map(|(si, def)| {
+                let mut s = Scenario {
+                    id: def.id.into(),
+                    description: def.description.into(),
+                    unit: "req/s".into(),
+                    higher_is_better: true,
+                    peers: all
+                        .iter()
+                        .enumerate()
+                        .map(|(pi, peer)| figures(peer, &samples[si][pi], |s| s.load.rps))
+                        .collect(),
+                    floor_us_per_request: None,
+                };
+                s.compute_ratios();
+                s.compute_floor();
+                s
+            })
+            .collect())
+    }
+
+    /// One fixed-rate oha run (after its warm-up) against `peer`.
+    async fn latency_run(&self, peer: &mut Peer, rate: f64) -> Result<Sample, Error> {
+        let url = Runner::url(peer, false, "/1k");
+        let o = self.opts;
+        let (conns, duration, warmup) = (o.latency_connections, o.duration, o.warmup);
+        if !warmup.is_zero() {
+            let (tools, url) = (self.tools.clone(), url.clone());
+            tokio::task::spawn_blocking(move || tools.oha_rate(&url, HOST, rate, conns, warmup))
+                .await??;
+        }
+        peer.check_running()?;
+        let peer: &Peer = peer;
+        self.measure(peer, || {
+            let (tools, url) = (self.tools.clone(), url.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    tools.oha_rate(&url, HOST, rate, conns, duration)
+                })
+                .await?
+            }
+        })
+        .await
+    }
+
+    /// Fixed-rate latency at `rate` (HTTP/1.1, 1 KiB): p50, p99 and p99.9 per peer.
+    async fn latency(
+        &self,
+        all: &mut [&mut Peer],
+        rate: f64,
+        requests: &mut [u64],
+    ) -> Result<Vec<Scenario>, Error> {
+        let mut lat: Vec<Vec<Sample>> = (0..all.len()).map(|_| Vec::new()).collect();
+        for round in 0..self.opts.rounds {
+            for (pi, peer) in all.iter_mut().enumerate() {
+                eprintln!(
+                    "    round {}/{} latency@{rate:.0}/s  {}",
+                    round + 1,
+                    self.opts.rounds,
+                    peer.kind.name()
+                );
+                let s = self.latency_run(peer, rate).await?;
+                requests[pi] += s.load.requests;
+                lat[pi].push(s);
+            }
+        }
+        Ok(latency_scenarios(all, &lat, rate))
+    }
+
+    /// Edit propagation, edits under load and the scale scenario (our controller only: the
+    /// other peers have no Ingress API).
+    async fn ingress_phases(
+        &self,
+        env: &mut IngressEnv,
+        results: &mut Results,
+    ) -> Result<(), Error> {
+        let o = self.opts;
+        if o.selected(PROPAGATION) {
+            for &n in &o.fillers {
+                eprintln!("    edit propagation with {n} other Ingresses");
+                let p = env.propagation(n, o.edits).await?;
+                results.propagation.push(PropagationSummary::of(&p));
+            }
+        }
+        if o.selected(EDITS_UNDER_LOAD) {
+            eprintln!("    {} edits under load", o.edits_under_load);
+            results.edits_under_load = Some(env.edits_under_load(o.edits_under_load).await?);
+        }
+        if o.selected(SCALE) {
+            eprintln!(
+                "    scale: {} Ingresses, {} of them with their own TLS Secret; {} edits",
+                o.scale_ingresses, o.scale_certificates, o.edits
+            );
+            let s = env
+                .scale(
+                    &self.shared,
+                    o.scale_ingresses,
+                    o.scale_certificates,
+                    o.edits,
+                )
+                .await;
+            // It runs last: a failure here is reported with everything measured before it
+            // rather than losing a quarter of an hour of figures.
+            match s {
+                Ok(s) => results.scale = Some(ScaleSummary::of(s)),
+                Err(e) => results.failed.push((SCALE.into(), e.to_string())),
+            }
+        }
+        if o.selected(PROPAGATION) || o.selected(EDITS_UNDER_LOAD) || o.selected(SCALE) {
+            note_peers(results, [&env.peer]);
+        }
+        Ok(())
+    }
+}
+
+/// nginx's median `h1-1k` rate in this run, which sets the fixed-rate latency phase's rate.
+fn nginx_saturation(throughput: &[Scenario]) -> Option<f64> {
+    throughput
         .iter()
         .find(|s| s.id == "h1-1k")
         .and_then(|s| s.get(PeerKind::Nginx))
         .map(|p| p.value.median)
-        .unwrap_or(0.0);
-    let rate = (saturation * 0.5).max(1.0);
-    let mut lat: Vec<Vec<Sample>> = (0..all.len()).map(|_| Vec::new()).collect();
-    for round in 0..opts.rounds {
-        for (pi, peer) in all.iter_mut().enumerate() {
-            eprintln!(
-                "    round {}/{} latency@{rate:.0}/s  {}",
-                round + 1,
-                opts.rounds,
-                peer.kind.name()
-            );
-            let url = Runner::url(peer, false, "/1k");
-            let tools = runner.tools.clone();
-            let (conns, duration, warmup) = (opts.latency_connections, opts.duration, opts.warmup);
-            if !warmup.is_zero() {
-                let (tools, url) = (tools.clone(), url.clone());
-                tokio::task::spawn_blocking(move || {
-                    tools.oha_rate(&url, HOST, rate, conns, warmup)
-                })
-                .await??;
-            }
-            peer.check_running()?;
-            let s = runner
-                .measure(peer, || {
-                    let (tools, url) = (tools.clone(), url.clone());
-                    async move {
-                        tokio::task::spawn_blocking(move || {
-                            tools.oha_rate(&url, HOST, rate, conns, duration)
-                        })
-                        .await?
-                    }
-                })
-                .await?;
-            requests[pi] += s.load.requests;
-            lat[pi].push(s);
-        }
-    }
-    let latency: Vec<Scenario> = [
+        .filter(|m| *m > 0.0)
+}
+
+fn latency_scenarios(all: &[&mut Peer], lat: &[Vec<Sample>], rate: f64) -> Vec<Scenario> {
+    [
         ("latency-p50", "p50 ms"),
         ("latency-p99", "p99 ms"),
         ("latency-p99.9", "p99.9 ms"),
@@ -607,13 +878,16 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
                 .enumerate()
                 .map(|(pi, peer)| figures(peer, &lat[pi], pick))
                 .collect(),
+            floor_us_per_request: None,
         };
         s.compute_ratios();
         s
     })
-    .collect();
+    .collect()
+}
 
-    // Memory and CPU over both phases.
+/// Memory and CPU of each peer over the throughput and latency phases.
+fn resources(all: &[&mut Peer], start: &[procfs::ProcStats], requests: &[u64]) -> Vec<Resources> {
     let mut resources: Vec<Resources> = all
         .iter()
         .enumerate()
@@ -622,7 +896,7 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
             Resources {
                 peer: peer.kind.name().into(),
                 peak_rss_mib: end.peak_rss_bytes as f64 / (1024.0 * 1024.0),
-                cpu_seconds: end.cpu_seconds - start_stats[pi].cpu_seconds,
+                cpu_seconds: end.cpu_seconds - start[pi].cpu_seconds,
                 requests: requests[pi],
                 vs_nginx_rss: None,
                 vs_haproxy_rss: None,
@@ -643,57 +917,7 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
         r.vs_nginx_rss = nginx_rss.map(|n| r.peak_rss_mib / n);
         r.vs_haproxy_rss = haproxy_rss.map(|h| r.peak_rss_mib / h);
     }
-    let peer_versions: Vec<(String, String)> = all
-        .iter()
-        .map(|p| (p.kind.name().to_string(), p.version.clone()))
-        .collect();
-    drop(all);
-    // The other proxies are done: stop them so the edit measurements have the machine.
-    drop(others);
-
-    // Ingress edits (our controller only: the others have no Ingress API).
-    let mut propagation = Vec::new();
-    for &n in &opts.fillers {
-        eprintln!("    edit propagation with {n} other Ingresses");
-        let p = env.propagation(n, opts.edits).await?;
-        propagation.push(PropagationSummary::of(&p));
-    }
-    eprintln!("    {} edits under load", opts.edits_under_load);
-    let edits_under_load = Some(env.edits_under_load(opts.edits_under_load).await?);
-
-    let mut m = machine(versions);
-    m.loadavg_before = loadavg_before;
-    m.loadavg_after = procfs::loadavg();
-    let mut results = Results {
-        started_unix,
-        machine: m,
-        method: Method {
-            rounds: opts.rounds,
-            seconds_per_run: opts.duration.as_secs_f64(),
-            warmup_seconds: opts.warmup.as_secs_f64(),
-            proxy_cpus: split.as_ref().map(|s| s.0.clone()),
-            loadgen_cpus: split.as_ref().map(|s| s.1.clone()),
-            workers_per_proxy: workers,
-            wrk_connections: opts.wrk_connections,
-            h2_clients: opts.h2_clients,
-            h2_streams: opts.h2_streams,
-            latency_rate: rate,
-            latency_connections: opts.latency_connections,
-            notes: Vec::new(),
-        },
-        peers: peer_versions,
-        skipped,
-        throughput,
-        latency,
-        resources,
-        propagation,
-        edits_under_load,
-        targets: Vec::new(),
-    };
-    results.evaluate_targets();
-    drop(env);
-    drop(cluster);
-    Ok(results)
+    resources
 }
 
 /// Where set-up installs oha (`cargo install --root`), outside the repository.

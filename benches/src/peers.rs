@@ -95,15 +95,21 @@ impl Peer {
             .map(|p| p.log_tail(3000))
             .unwrap_or_default()
     }
+
+    /// Stops the peer's process (SIGTERM, then SIGKILL after 3 s); the backend seen as a peer
+    /// is left running.
+    pub fn stop(&mut self) {
+        // SIGTERM first: nginx's workers are not tied to the harness, only its master is, and
+        // the master takes them down on TERM.
+        if let Some(mut p) = self.process.take() {
+            p.stop(Duration::from_secs(3));
+        }
+    }
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        // SIGTERM first: nginx's workers are not tied to the harness, only its master is, and
-        // the master takes them down on TERM.
-        if let Some(p) = self.process.as_mut() {
-            p.stop(Duration::from_secs(3));
-        }
+        self.stop();
     }
 }
 
@@ -270,9 +276,9 @@ pub fn nginx(shared: &Shared, program: &Path, backend: &Backend) -> Result<Peer,
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-worker_rlimit_nofile 16384;
+worker_rlimit_nofile 19000;
 events {{
-    worker_connections 8192;
+    worker_connections 16384;
     multi_accept on;
 }}
 http {{
@@ -350,7 +356,8 @@ pub fn haproxy(shared: &Shared, program: &Path, backend: &Backend) -> Result<Pee
     let conf = format!(
         r#"global
     nbthread {workers}
-    maxconn 8000
+    maxconn 10100
+    no strict-limits
     ssl-default-bind-options ssl-min-ver TLSv1.2
     tune.ssl.cachesize 20000
 

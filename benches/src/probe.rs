@@ -81,6 +81,32 @@ pub async fn wait_status(
     }
 }
 
+/// Polls until a TLS handshake with SNI `host` succeeds and the certificate verifies for
+/// `host` against `ca_pem` alone (so the default certificate, signed by another CA, does not
+/// count), every `interval`, for at most `limit`.
+pub async fn wait_tls(
+    addr: SocketAddr,
+    host: &str,
+    ca_pem: &str,
+    interval: Duration,
+    limit: Duration,
+) -> Result<(), Error> {
+    let config = integration_tests::http::tls_config(Some(ca_pem))?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let last = match integration_tests::http::tls_connect(addr, host, config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout(format!(
+                "https://{host} via {addr} did not present its certificate within {limit:?} (last: {last})"
+            )));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// Counters of a [`Load`].
 #[derive(Default)]
 pub struct Counters {

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::Error;
-use crate::cluster::{EditsUnderLoad, Propagation};
+use crate::cluster::{EditsUnderLoad, Propagation, Scale};
+use crate::idle::Idle;
 use crate::peers::PeerKind;
 
 /// Median, min and max of some samples.
@@ -66,6 +67,8 @@ pub struct PeerFigures {
     pub user_us_per_request: Stat,
     /// Proxy CPU seconds per wall second during the run (1.0 = one core busy).
     pub cpu_cores: Stat,
+    /// `cpu_us_per_request` against the scenario's floor (throughput scenarios only).
+    pub vs_floor: Option<f64>,
     pub errors: u64,
     pub non_2xx: u64,
 }
@@ -79,6 +82,10 @@ pub struct Scenario {
     pub unit: String,
     pub higher_is_better: bool,
     pub peers: Vec<PeerFigures>,
+    /// Twice the direct backend's CPU µs per request in this scenario and run: a proxy does
+    /// the backend's server-side work plus the client side of the same exchange, so this is
+    /// about the least a proxy can spend. `None` when direct did not run.
+    pub floor_us_per_request: Option<f64>,
 }
 
 impl Scenario {
@@ -93,6 +100,18 @@ impl Scenario {
         for p in &mut self.peers {
             p.vs_nginx = n.map(|n| p.value.median / n);
             p.vs_haproxy = h.map(|h| p.value.median / h);
+        }
+    }
+
+    /// Fills in the floor from direct's CPU per request, and each peer's ratio to it.
+    pub fn compute_floor(&mut self) {
+        self.floor_us_per_request = self
+            .get(PeerKind::Direct)
+            .map(|d| 2.0 * d.cpu_us_per_request.median)
+            .filter(|f| *f > 0.0);
+        let floor = self.floor_us_per_request;
+        for p in &mut self.peers {
+            p.vs_floor = floor.map(|f| p.cpu_us_per_request.median / f);
         }
     }
 }
@@ -142,6 +161,7 @@ pub struct Method {
     pub h2_streams: u32,
     pub latency_rate: f64,
     pub latency_connections: u32,
+    pub idle_connections: usize,
     pub notes: Vec<String>,
 }
 
@@ -170,6 +190,49 @@ impl PropagationSummary {
     }
 }
 
+/// One proxy's figures in the idle keep-alive connections scenario.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IdlePeer {
+    pub peer: String,
+    pub idle: Idle,
+    /// KiB per connection against nginx's.
+    pub vs_nginx: Option<f64>,
+}
+
+/// Fills in each peer's KiB per connection against nginx's.
+pub fn idle_ratios(idle: &mut [IdlePeer]) {
+    let nginx = idle
+        .iter()
+        .find(|p| p.peer == PeerKind::Nginx.name())
+        .map(|p| p.idle.kib_per_connection)
+        .filter(|k| *k > 0.0);
+    for p in idle {
+        p.vs_nginx = nginx.map(|n| p.idle.kib_per_connection / n);
+    }
+}
+
+/// The scale scenario with its edit series summarised.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScaleSummary {
+    pub edits: PropagationSummary,
+    pub raw: Scale,
+}
+
+impl ScaleSummary {
+    pub fn of(raw: Scale) -> Self {
+        ScaleSummary {
+            edits: PropagationSummary::of(&raw.propagation),
+            raw,
+        }
+    }
+
+    /// The controller's resident memory in that state: the higher of once everything was
+    /// served and after the edits.
+    pub fn rss_mib(&self) -> f64 {
+        self.raw.rss_loaded_mib.max(self.raw.rss_after_edits_mib)
+    }
+}
+
 /// Everything one run produced.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Results {
@@ -179,12 +242,81 @@ pub struct Results {
     pub peers: Vec<(String, String)>,
     /// Peers that could not run, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// Scenarios that did not complete, with the error (the others' figures are kept).
+    pub failed: Vec<(String, String)>,
     pub throughput: Vec<Scenario>,
     pub latency: Vec<Scenario>,
     pub resources: Vec<Resources>,
     pub propagation: Vec<PropagationSummary>,
     pub edits_under_load: Option<EditsUnderLoad>,
+    /// Idle keep-alive connections, fresh processes (before the throughput scenarios).
+    pub idle: Vec<IdlePeer>,
+    pub scale: Option<ScaleSummary>,
     pub targets: Vec<Target>,
+}
+
+/// A target's comparison.
+#[derive(Clone, Copy, Debug)]
+enum Goal {
+    AtLeast(f64),
+    Above(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Goal {
+    fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(g) => v >= g,
+            Goal::Above(g) => v > g,
+            Goal::AtMost(g) => v <= g,
+            Goal::Below(g) => v < g,
+        }
+    }
+
+    fn text(self, unit: &str) -> String {
+        let (op, g) = match self {
+            Goal::AtLeast(g) => ("≥", g),
+            Goal::Above(g) => (">", g),
+            Goal::AtMost(g) => ("≤", g),
+            Goal::Below(g) => ("<", g),
+        };
+        if unit == "×" {
+            format!("{op} {g:.2}×")
+        } else {
+            format!("{op} {g} {unit}")
+        }
+    }
+
+    /// A target on a ratio to another peer.
+    fn ratio(self, name: &str, r: f64) -> Target {
+        Target {
+            name: name.into(),
+            goal: self.text("×"),
+            actual: format!("{r:.2}×"),
+            met: self.met(r),
+        }
+    }
+
+    /// A target on an absolute figure in `unit`.
+    fn value(self, name: &str, v: f64, unit: &str) -> Target {
+        Target {
+            name: name.into(),
+            goal: self.text(unit),
+            actual: format!("{v:.1} {unit}"),
+            met: self.met(v),
+        }
+    }
+}
+
+/// Issue 12's throughput goals for our controller: (against nginx, against haproxy).
+fn throughput_goals(id: &str) -> (Option<Goal>, Option<Goal>) {
+    match id {
+        "h1-1k" | "tls-1k" => (Some(Goal::AtLeast(1.15)), Some(Goal::AtLeast(1.15))),
+        "h2-1k" | "tls-new-conn-1k" => (Some(Goal::AtLeast(1.0)), Some(Goal::AtLeast(1.0))),
+        "h1-64k" | "tls-64k" | "h2-64k" => (Some(Goal::Above(1.0)), Some(Goal::AtLeast(1.15))),
+        _ => (None, None),
+    }
 }
 
 fn ratio(r: Option<f64>) -> String {
@@ -200,45 +332,15 @@ fn fmt_value(v: f64, unit: &str) -> String {
 }
 
 impl Results {
-    /// Computes the issue's targets from the figures.
+    /// Computes issue 12's targets from the figures (those whose figures this run has).
     pub fn evaluate_targets(&mut self) {
         let mut t = Vec::new();
+        self.throughput_targets(&mut t);
         let ours = PeerKind::IngressController;
-        for s in &self.throughput {
-            let Some(p) = s.get(ours) else { continue };
-            let (nginx_goal, haproxy_goal) = if s.id.starts_with("h2") {
-                (Some(1.0), None)
-            } else if s.id.starts_with("h1") || s.id.starts_with("tls-") && !s.id.contains("new") {
-                (Some(1.25), Some(1.15))
-            } else {
-                (None, None)
-            };
-            if let (Some(goal), Some(r)) = (nginx_goal, p.vs_nginx) {
-                t.push(Target {
-                    name: format!("{} throughput vs nginx", s.id),
-                    goal: format!("≥ {goal:.2}×"),
-                    actual: format!("{r:.2}×"),
-                    met: r >= goal,
-                });
-            }
-            if let (Some(goal), Some(r)) = (haproxy_goal, p.vs_haproxy) {
-                t.push(Target {
-                    name: format!("{} throughput vs haproxy", s.id),
-                    goal: format!("≥ {goal:.2}×"),
-                    actual: format!("{r:.2}×"),
-                    met: r >= goal,
-                });
-            }
-        }
         if let Some(p99) = self.latency.iter().find(|s| s.id == "latency-p99")
             && let Some(r) = p99.get(ours).and_then(|p| p.vs_nginx)
         {
-            t.push(Target {
-                name: "p99 at the fixed rate vs nginx".into(),
-                goal: "≤ 0.80×".into(),
-                actual: format!("{r:.2}×"),
-                met: r <= 0.8,
-            });
+            t.push(Goal::AtMost(0.8).ratio("p99 at the fixed rate vs nginx", r));
         }
         if let Some(r) = self
             .resources
@@ -246,21 +348,17 @@ impl Results {
             .find(|r| r.peer == ours.name())
             .and_then(|r| r.vs_nginx_rss)
         {
-            t.push(Target {
-                name: "peak RSS vs nginx".into(),
-                goal: "≤ 0.50×".into(),
-                actual: format!("{r:.2}×"),
-                met: r <= 0.5,
-            });
+            t.push(Goal::AtMost(0.5).ratio("peak RSS under load vs nginx", r));
         }
+        self.idle_targets(&mut t);
         if let Some(p) = self.propagation.iter().max_by_key(|p| p.ingresses) {
-            t.push(Target {
-                name: format!("edit propagation p99 at {} Ingresses", p.ingresses),
-                goal: "< 50 ms".into(),
-                actual: format!("{:.1} ms", p.p99_from_request_ms),
-                met: p.p99_from_request_ms < 50.0,
-            });
+            t.push(Goal::Below(50.0).value(
+                &format!("edit propagation p99 at {} Ingresses", p.ingresses),
+                p.p99_from_request_ms,
+                "ms",
+            ));
         }
+        self.scale_targets(&mut t);
         if let Some(e) = &self.edits_under_load {
             t.push(Target {
                 name: format!("failed requests across {} edits under load", e.edits),
@@ -272,8 +370,87 @@ impl Results {
         self.targets = t;
     }
 
+    fn throughput_targets(&self, t: &mut Vec<Target>) {
+        for s in &self.throughput {
+            let Some(p) = s.get(PeerKind::IngressController) else {
+                continue;
+            };
+            let (vs_nginx, vs_haproxy) = throughput_goals(&s.id);
+            if let (Some(goal), Some(r)) = (vs_nginx, p.vs_nginx) {
+                t.push(goal.ratio(&format!("{} throughput vs nginx", s.id), r));
+            }
+            if let (Some(goal), Some(r)) = (vs_haproxy, p.vs_haproxy) {
+                t.push(goal.ratio(&format!("{} throughput vs haproxy", s.id), r));
+            }
+        }
+    }
+
+    fn idle_targets(&self, t: &mut Vec<Target>) {
+        let of = |k: PeerKind| self.idle.iter().find(|p| p.peer == k.name());
+        let Some(ours) = of(PeerKind::IngressController) else {
+            return;
+        };
+        t.push(Goal::Below(10.0).value(
+            "idle RSS of the proxy (fresh process, no connections)",
+            ours.idle.rss_before_mib,
+            "MiB",
+        ));
+        if let Some(nginx) = of(PeerKind::Nginx) {
+            let (a, b) = (ours.idle.kib_per_connection, nginx.idle.kib_per_connection);
+            t.push(Target {
+                name: format!(
+                    "memory per idle keep-alive connection ({} open) vs nginx",
+                    ours.idle.held
+                ),
+                goal: "≤ nginx's".into(),
+                actual: format!("{a:.1} KiB (nginx {b:.1} KiB)"),
+                met: a <= b,
+            });
+        }
+    }
+
+    fn scale_targets(&self, t: &mut Vec<Target>) {
+        let Some(s) = &self.scale else {
+            // A scale run that failed still shows its goals, unmet.
+            if self.failed.iter().any(|(id, _)| id == crate::SCALE) {
+                for name in ["edit → served p99 at scale", "proxy RSS at scale"] {
+                    t.push(Target {
+                        name: name.into(),
+                        goal: "the scenario completes".into(),
+                        actual: "did not complete".into(),
+                        met: false,
+                    });
+                }
+            }
+            return;
+        };
+        let state = format!(
+            "{} Ingresses and {} TLS Secrets",
+            s.raw.ingresses, s.raw.tls_secrets
+        );
+        t.push(Goal::Below(50.0).value(
+            &format!("edit → served p99 with {state}"),
+            s.edits.p99_from_request_ms,
+            "ms",
+        ));
+        t.push(Goal::Below(64.0).value(&format!("proxy RSS with {state}"), s.rss_mib(), "MiB"));
+    }
+
     pub fn markdown(&self) -> String {
         let mut o = String::new();
+        self.header_md(&mut o);
+        self.targets_md(&mut o);
+        self.throughput_md(&mut o);
+        self.latency_md(&mut o);
+        self.resources_md(&mut o);
+        self.idle_md(&mut o);
+        self.edits_md(&mut o);
+        self.scale_md(&mut o);
+        o
+    }
+
+    /// Machine, versions, method, notes and skipped peers.
+    fn header_md(&self, o: &mut String) {
         let m = &self.machine;
         let _ = writeln!(o, "# Proxy benchmark results\n");
         let _ = writeln!(
@@ -288,7 +465,7 @@ impl Results {
         let me = &self.method;
         let _ = writeln!(
             o,
-            "\nMethod: {} rounds, peers alternating within each round (A B C … A B C …); {:.0} s per run after a {:.0} s warm-up; medians with (min–max) over rounds; ratios are to the medians of nginx and haproxy from this run. Proxies on CPUs {}, {} worker(s) each; load generators and backend on CPUs {}. wrk: 1 thread, {} connections; h2load: {} clients × {} streams; fixed-rate latency: oha at {:.0} req/s (50% of nginx's HTTP/1.1 1 KiB saturation rate), {} connections.",
+            "\nMethod: {} rounds, peers alternating within each round (A B C … A B C …); {:.0} s per run after a {:.0} s warm-up; medians with (min–max) over rounds; ratios are to the medians of nginx and haproxy from this run. Proxies on CPUs {}, {} worker(s) each; load generators and backend on CPUs {}. wrk: 1 thread, {} connections; h2load: {} clients × {} streams; fixed-rate latency: oha at {:.0} req/s (50% of nginx's HTTP/1.1 1 KiB saturation rate), {} connections. Order: idle keep-alive connections first, each proxy in a fresh process; every peer restarted for the throughput and latency rounds; then, the other proxies stopped, the Ingress edit phases and the scale scenario (its objects created with our controller stopped, then a fresh controller started).",
             me.rounds,
             me.seconds_per_run,
             me.warmup_seconds,
@@ -307,7 +484,12 @@ impl Results {
         for (peer, why) in &self.skipped {
             let _ = writeln!(o, "\n**{peer} did not run**: {why}");
         }
+        for (scenario, why) in &self.failed {
+            let _ = writeln!(o, "\n**{scenario} did not complete**: {why}");
+        }
+    }
 
+    fn targets_md(&self, o: &mut String) {
         let _ = writeln!(o, "\n## Targets\n");
         let _ = writeln!(o, "| Target | Goal | This run | Met |\n|---|---|---|---|");
         for t in &self.targets {
@@ -320,7 +502,12 @@ impl Results {
                 if t.met { "yes" } else { "**no**" }
             );
         }
+    }
 
+    fn throughput_md(&self, o: &mut String) {
+        if self.throughput.is_empty() {
+            return;
+        }
         let _ = writeln!(o, "\n## Throughput\n");
         let _ = writeln!(
             o,
@@ -350,11 +537,17 @@ impl Results {
         for s in &self.throughput {
             let _ = writeln!(o, "- `{}`: {}", s.id, s.description);
         }
+        self.floor_md(o);
+    }
 
+    fn latency_md(&self, o: &mut String) {
+        if self.latency.is_empty() {
+            return;
+        }
         let _ = writeln!(
             o,
             "\n## Latency at a fixed rate ({:.0} req/s, HTTP/1.1 keep-alive, 1 KiB)\n",
-            me.latency_rate
+            self.method.latency_rate
         );
         let _ = writeln!(
             o,
@@ -377,7 +570,12 @@ impl Results {
                 );
             }
         }
+    }
 
+    fn resources_md(&self, o: &mut String) {
+        if self.resources.is_empty() {
+            return;
+        }
         let _ = writeln!(o, "\n## Memory and CPU (throughput and latency phases)\n");
         let _ = writeln!(
             o,
@@ -401,7 +599,12 @@ impl Results {
                 per
             );
         }
+    }
 
+    fn edits_md(&self, o: &mut String) {
+        if self.propagation.is_empty() && self.edits_under_load.is_none() {
+            return;
+        }
         let _ = writeln!(o, "\n## Ingress edit → served (ingress-controller)\n");
         let _ = writeln!(
             o,
@@ -434,7 +637,121 @@ impl Results {
                 s.p99_from_request_ms
             );
         }
-        o
+    }
+
+    /// Each peer's CPU per request against the floor, one row per throughput scenario.
+    fn floor_md(&self, o: &mut String) {
+        let Some(first) = self.throughput.first() else {
+            return;
+        };
+        let proxies: Vec<&str> = first
+            .peers
+            .iter()
+            .map(|p| p.peer.as_str())
+            .filter(|p| *p != PeerKind::Direct.name())
+            .collect();
+        let _ = writeln!(
+            o,
+            "\n## CPU per request against the floor\n\nThe floor is twice the direct backend's CPU µs per request in the same scenario and run (a proxy does the backend's server-side work plus the client side of the same exchange). Each cell: the proxy's CPU µs/req (× floor).\n"
+        );
+        let _ = writeln!(
+            o,
+            "| Scenario | floor µs/req | {} |\n|---|---|{}",
+            proxies.join(" | "),
+            "---|".repeat(proxies.len())
+        );
+        for s in &self.throughput {
+            let cells: Vec<String> = proxies
+                .iter()
+                .map(|name| {
+                    s.peers
+                        .iter()
+                        .find(|p| p.peer == *name)
+                        .map(|p| {
+                            format!("{:.1} ({})", p.cpu_us_per_request.median, ratio(p.vs_floor))
+                        })
+                        .unwrap_or_else(|| "–".into())
+                })
+                .collect();
+            let floor = s
+                .floor_us_per_request
+                .map(|f| format!("{f:.1}"))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(o, "| {} | {floor} | {} |", s.id, cells.join(" | "));
+        }
+    }
+
+    fn idle_md(&self, o: &mut String) {
+        if self.idle.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "\n## Idle keep-alive connections ({} per proxy)\n\nEach proxy in a fresh process, before any throughput run (every peer is restarted afterwards): the connections are opened 64 at a time, each after one answered `GET /idle` (1 KiB), then held idle for a second. RSS of the process tree before and after; KiB per connection = the difference ÷ connections still open.\n",
+            self.method.idle_connections
+        );
+        let _ = writeln!(
+            o,
+            "| Peer | opened | still open | RSS before → after MiB | KiB per connection | × nginx | new client served meanwhile |\n|---|---|---|---|---|---|---|"
+        );
+        for p in &self.idle {
+            let i = &p.idle;
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.1} → {:.1} | {:.2} | {} | {} |",
+                p.peer,
+                i.opened,
+                i.held,
+                i.rss_before_mib,
+                i.rss_after_mib,
+                i.kib_per_connection,
+                ratio(p.vs_nginx),
+                if i.served_meanwhile { "yes" } else { "**no**" }
+            );
+        }
+    }
+
+    fn scale_md(&self, o: &mut String) {
+        let Some(s) = &self.scale else { return };
+        let r = &s.raw;
+        let e = &s.edits;
+        let _ = writeln!(
+            o,
+            "\n## Scale: {} other Ingresses, {} with their own TLS Secret (ingress-controller)\n\nThe objects are created with the controller stopped (32 creates in flight); then a fresh controller starts against the filled apiserver, and {} timed edits of the probe Ingress follow.\n",
+            r.ingresses, r.tls_secrets, e.edits
+        );
+        let _ = writeln!(o, "| Figure | Value |\n|---|---|");
+        let rows = [
+            ("creating the objects", format!("{:.1} s", r.create_seconds)),
+            (
+                "controller start → newest TLS host served with its certificate",
+                format!("{:.1} s", r.start_seconds),
+            ),
+            (
+                "RSS then / after the edits / peak",
+                format!(
+                    "{:.1} / {:.1} / {:.1} MiB",
+                    r.rss_loaded_mib, r.rss_after_edits_mib, r.peak_rss_mib
+                ),
+            ),
+            (
+                "edit → served from request: median (min–max), p99",
+                format!(
+                    "{:.1} ({:.1}–{:.1}), p99 {:.1} ms",
+                    e.from_request_ms.median,
+                    e.from_request_ms.min,
+                    e.from_request_ms.max,
+                    e.p99_from_request_ms
+                ),
+            ),
+            (
+                "edit → served from the apiserver's answer: p50 / p99",
+                format!("{:.1} / {:.1} ms", e.p50_from_ack_ms, e.p99_from_ack_ms),
+            ),
+        ];
+        for (figure, value) in rows {
+            let _ = writeln!(o, "| {figure} | {value} |");
+        }
     }
 
     /// Writes `proxy.md` and `proxy.json` into `dir`; returns their paths.
@@ -459,5 +776,46 @@ mod tests {
         assert_eq!(Stat::of(&[1.0, 2.0, 3.0, 4.0]).median, 2.5);
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
         assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+    }
+
+    fn peer(kind: PeerKind, cpu_us: f64) -> PeerFigures {
+        PeerFigures {
+            peer: kind.name().into(),
+            value: Stat::of(&[100.0]),
+            cpu_us_per_request: Stat::of(&[cpu_us]),
+            ..PeerFigures::default()
+        }
+    }
+
+    #[test]
+    fn floor_is_twice_direct() {
+        let mut s = Scenario {
+            peers: vec![
+                peer(PeerKind::IngressController, 30.0),
+                peer(PeerKind::Direct, 5.0),
+            ],
+            ..Scenario::default()
+        };
+        s.compute_floor();
+        assert_eq!(s.floor_us_per_request, Some(10.0));
+        assert_eq!(s.peers[0].vs_floor, Some(3.0));
+        let mut no_direct = Scenario {
+            peers: vec![peer(PeerKind::Nginx, 3.0)],
+            ..Scenario::default()
+        };
+        no_direct.compute_floor();
+        assert_eq!(no_direct.peers[0].vs_floor, None);
+    }
+
+    #[test]
+    fn goals_compare_as_the_issue_says() {
+        // 64 KiB scenarios: strictly above nginx.
+        let (nginx, haproxy) = throughput_goals("h2-64k");
+        assert!(nginx.is_some_and(|g| !g.met(1.0) && g.met(1.01)));
+        assert!(haproxy.is_some_and(|g| g.met(1.15) && !g.met(1.14)));
+        let (nginx, _) = throughput_goals("tls-1k");
+        assert!(nginx.is_some_and(|g| g.text("×") == "≥ 1.15×"));
+        assert_eq!(Goal::Below(64.0).text("MiB"), "< 64 MiB");
+        assert!(throughput_goals("latency-p99").0.is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! The benchmark's smoke variant: every scenario against every peer for about a second, one
-//! round, so the harness never rots. It asserts only that figures came out and that the result
-//! files can be written; it judges no figure.
+//! round (the idle and scale scenarios with small sizes), so the harness never rots. It
+//! asserts only that figures came out and that the result files can be written; it judges no
+//! figure.
 
 use std::path::PathBuf;
 
@@ -43,6 +44,7 @@ async fn every_scenario_produces_figures() {
         PeerKind::Direct,
     ];
     assert!(results.skipped.is_empty(), "skipped: {:?}", results.skipped);
+    assert!(results.failed.is_empty(), "failed: {:?}", results.failed);
     for s in results.throughput.iter().chain(&results.latency) {
         for kind in peers {
             let p = s
@@ -65,13 +67,44 @@ async fn every_scenario_produces_figures() {
     }
     let under_load = results.edits_under_load.as_ref().expect("edits under load");
     assert!(under_load.requests > 0);
+    for s in &results.throughput {
+        assert!(s.floor_us_per_request.is_some(), "{} has no floor", s.id);
+    }
+    // Every proxy (direct is no proxy) held the smoke size of idle connections.
+    let idle_peers: Vec<&str> = results.idle.iter().map(|p| p.peer.as_str()).collect();
+    assert_eq!(idle_peers.len(), peers.len() - 1, "{idle_peers:?}");
+    for p in &results.idle {
+        assert_eq!(p.idle.held, opts.idle_connections, "{p:?}");
+        assert!(
+            p.idle.rss_before_mib > 0.0 && p.idle.served_meanwhile,
+            "{p:?}"
+        );
+    }
+    let scale = results
+        .scale
+        .as_ref()
+        .unwrap_or_else(|| panic!("no scale figures: {:?}", results.failed));
+    assert!(
+        scale.raw.ingresses >= opts.scale_ingresses
+            && scale.raw.tls_secrets == opts.scale_certificates,
+        "{scale:?}"
+    );
+    assert!(
+        scale.edits.edits == opts.edits && scale.raw.rss_loaded_mib > 0.0,
+        "{scale:?}"
+    );
     assert!(!results.targets.is_empty());
 
     let dir = tempfile::tempdir().expect("temp dir");
     let (md, json) = results.write(dir.path()).expect("writing results");
     let md = std::fs::read_to_string(md).expect("markdown");
     assert!(md.contains("| h2-64k | pingora |"), "{md}");
+    assert!(md.contains("## Idle keep-alive connections"), "{md}");
+    assert!(md.contains("## Scale:"), "{md}");
+    assert!(md.contains("floor µs/req"), "{md}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).expect("json")).expect("valid JSON");
     assert!(json["machine"]["cores"].as_u64().unwrap_or(0) > 0);
+    assert!(json["idle"].as_array().is_some_and(|a| !a.is_empty()));
+    assert!(json["scale"]["raw"]["tls_secrets"].as_u64().unwrap_or(0) > 0);
 }

@@ -42,9 +42,19 @@ struct Args {
     /// Measure only these peers (comma-separated names), e.g. while profiling.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Run only these throughput scenarios (comma-separated ids).
+    /// Run only these scenarios and phases (comma-separated ids: idle, h1-1k, h1-64k, tls-1k,
+    /// tls-64k, tls-new-conn-1k, h2-1k, h2-64k, latency, propagation, edits-under-load, scale).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
+    /// Idle keep-alive connections per proxy in the `idle` scenario.
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Other Ingresses in the `scale` scenario (plain and TLS together).
+    #[arg(long)]
+    scale_ingresses: Option<usize>,
+    /// Of those, Ingresses with their own TLS Secret.
+    #[arg(long)]
+    scale_certificates: Option<usize>,
     /// A note recorded with the results (e.g. what else the machine was doing).
     #[arg(long)]
     note: Vec<String>,
@@ -92,6 +102,15 @@ fn main() -> Result<()> {
     }
     if args.no_pin {
         opts.pin = false;
+    }
+    if let Some(n) = args.idle_connections {
+        opts.idle_connections = n;
+    }
+    if let Some(n) = args.scale_ingresses {
+        opts.scale_ingresses = n;
+    }
+    if let Some(n) = args.scale_certificates {
+        opts.scale_certificates = n;
     }
     let rt = tokio::runtime::Runtime::new()?;
     let mut results = rt.block_on(benches::run(&opts))?;

@@ -6,81 +6,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::peers::HOST;
+// The idle-connection measurement is shared with the proxy benchmark.
+use crate::idle::open_one;
+pub use crate::idle::{Idle, idle};
 use crate::{Error, procfs};
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Idle {
-    /// Connections opened, each after one request answered.
-    pub opened: usize,
-    /// Of those, still open (not closed by the peer) when all were open.
-    pub held: usize,
-    pub rss_before_mib: f64,
-    pub rss_after_mib: f64,
-    /// (after - before) / held.
-    pub kib_per_connection: f64,
-    /// A new client was served while they were all open.
-    pub served_meanwhile: bool,
-}
-
-/// One keep-alive GET on a new connection, left open.
-async fn open_one(addr: SocketAddr) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET /idle HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = [0u8; 1024];
-    let mut got = Vec::new();
-    // The recorder answers "ok\n" with content-length 3: the response ends with it.
-    while !got.ends_with(b"ok\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    Some(s)
-}
-
-/// Still open: a read would block (no EOF queued).
-fn is_open(s: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-pub async fn idle(addr: SocketAddr, pid: u32, count: usize) -> Idle {
-    let before = procfs::stats(pid).rss_bytes as f64 / 1024.0;
-    let mut conns = Vec::with_capacity(count);
-    // 64 at a time: a burst of thousands of SYNs overflows the listen backlog.
-    for chunk in (0..count).collect::<Vec<_>>().chunks(64) {
-        let opened = futures::future::join_all(chunk.iter().map(|_| open_one(addr))).await;
-        conns.extend(opened.into_iter().flatten());
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = procfs::stats(pid).rss_bytes as f64 / 1024.0;
-    let held = conns.iter().filter(|c| is_open(c)).count();
-    let served_meanwhile = open_one(addr).await.is_some();
-    let per = if held > 0 {
-        (after - before).max(0.0) / held as f64
-    } else {
-        0.0
-    };
-    let idle = Idle {
-        opened: conns.len(),
-        held,
-        rss_before_mib: before / 1024.0,
-        rss_after_mib: after / 1024.0,
-        kib_per_connection: per,
-        served_meanwhile,
-    };
-    drop(conns);
-    idle
-}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Exhaustion {

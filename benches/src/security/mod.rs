@@ -203,7 +203,8 @@ pub struct Stand {
 impl Stand {
     pub async fn start(programs: &Programs) -> Result<Self, Error> {
         integration_tests::install_crypto_provider();
-        raise_nofile();
+        // The limits case holds thousands of sockets.
+        crate::idle::raise_nofile();
         let dir = tempfile::Builder::new()
             .prefix("homecluster-security-")
             .tempdir()?;
@@ -284,14 +285,6 @@ pub(crate) async fn tool_output(
 
 /// The longest any tool may run (testssl's full scan takes 2-4 minutes here).
 const TOOL_LIMIT: Duration = Duration::from_secs(900);
-
-/// The harness holds thousands of sockets in the limits case: the soft limit up to the hard one.
-fn raise_nofile() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut l = getrlimit(Resource::Nofile);
-    l.current = l.maximum;
-    let _ = setrlimit(Resource::Nofile, l);
-}
 
 /// A peer's CPU and resident memory over an attack, and the normal client meanwhile.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
