@@ -142,6 +142,7 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
         generations,
     } = out;
     let mut tls_settings = None;
+    let events = spawn_event_publisher(recorder);
     let ready = mgr.readiness.register("ingress/first-sync");
     tokio::select! {
         _ = mgr.shutdown.cancelled() => return,
@@ -193,6 +194,29 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
         tracing::debug!(generation, took = ?started.elapsed(), "routing snapshot swapped");
         for p in built.problems {
             tracing::warn!(object = ?p.object.name, reason = p.reason, message = %p.message, "configuration problem");
+            // Published by their own task: a thousand new problems (Ingresses created before
+            // their Secrets, say) must not hold the next snapshot back by a round trip each.
+            if events.try_send(p).is_err() {
+                tracing::warn!("event queue full; a configuration problem was only logged");
+            }
+        }
+        tokio::select! {
+            _ = mgr.shutdown.cancelled() => return,
+            _ = caches.changed.notified() => {}
+        }
+    }
+}
+
+/// Problems waiting to be published as Events, at most this many.
+const EVENT_QUEUE: usize = 1024;
+
+/// A task that publishes each problem as a Warning Event, in order.
+fn spawn_event_publisher(
+    recorder: Recorder,
+) -> tokio::sync::mpsc::Sender<crate::snapshot::Problem> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::snapshot::Problem>(EVENT_QUEUE);
+    tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
             let event = Event {
                 type_: EventType::Warning,
                 reason: p.reason.to_string(),
@@ -204,9 +228,6 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
                 tracing::warn!(error = %e, "publishing event failed");
             }
         }
-        tokio::select! {
-            _ = mgr.shutdown.cancelled() => return,
-            _ = caches.changed.notified() => {}
-        }
-    }
+    });
+    tx
 }
