@@ -42,6 +42,28 @@ async fn routes_host_and_path_with_upstream_headers() {
     assert_eq!(h["x-request-id"].as_str().map(str::len), Some(32));
     // Element-wise prefix: /appx is not under /app.
     assert_eq!(get(http, &host, "/appx").await.status, 404);
+    // CONNECT and TRACE never reach the upstream (nginx answers 405), and a HEAD's empty
+    // answer leaves the pooled upstream connection usable.
+    let trace = format!("TRACE /app/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert!(
+        raw_exchange(http, trace.as_bytes())
+            .await
+            .starts_with("HTTP/1.1 405")
+    );
+    let connect =
+        format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nConnection: close\r\n\r\n");
+    assert!(
+        raw_exchange(http, connect.as_bytes())
+            .await
+            .starts_with("HTTP/1.1 405")
+    );
+    let head = format!("HEAD /app/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert!(
+        raw_exchange(http, head.as_bytes())
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert_eq!(get(http, &host, "/app/x").await.status, 200);
     // Unknown host: the built-in default backend.
     let r = get(http, "nothing.example", "/").await;
     assert_eq!(
@@ -56,6 +78,7 @@ async fn routes_host_and_path_with_upstream_headers() {
         .find(|l| {
             l.starts_with("nginx_ingress_controller_response_size_sum{status=\"200\"")
                 && l.contains(&format!("host=\"{host}\""))
+                && l.contains("method=\"GET\"")
         })
         .unwrap_or_else(|| panic!("no response_size for {host} in:\n{metrics}"));
     let sum: f64 = size_line
