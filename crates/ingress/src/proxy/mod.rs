@@ -306,40 +306,7 @@ impl Proxy {
         forward::target(&mut parts, rewrite, authority.as_deref().map(|a| (tls, a)))?;
         let (body, progress) = limited_body(body, phases::body_limit(ctx));
         let out = Request::from_parts(parts, body);
-        let settings = PoolSettings {
-            keepalive_timeout: ctx.cfg.upstream_keepalive_timeout,
-            keepalive_connections: ctx.cfg.upstream_keepalive_connections,
-            keepalive_requests: ctx.cfg.upstream_keepalive_requests,
-            keepalive_time: ctx.cfg.upstream_keepalive_time,
-        };
-        let connect_timeout = ann
-            .proxy_connect_timeout
-            .unwrap_or(ctx.cfg.proxy_connect_timeout);
-        let clients = self.upstreams(ctx.conn.worker).get(settings);
-        let sending = async {
-            if grpc {
-                let resp = clients
-                    .request_h2(tls, connect_timeout, out)
-                    .await
-                    .map_err(UpstreamError::from)?;
-                Ok::<_, UpstreamError>(
-                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
-                )
-            } else {
-                let dest = pool::Dest::new(&picked.upstream, tls);
-                let (resp, checkin) = clients.http1.send(&dest, connect_timeout, out).await?;
-                Ok(if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    // The connection becomes the tunnel: it never goes back to the pool.
-                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
-                } else {
-                    resp.map(|b| {
-                        pool::Returning::new(b, checkin)
-                            .map_err(|e| Box::new(e) as BoxError)
-                            .boxed_unsync()
-                    })
-                })
-            }
-        };
+        let sending = self.send(ctx, out, &picked.upstream, tls, grpc);
         // Pinned where it is: the timeout and select around it then move a pointer, not the
         // request's whole state.
         let sending = std::pin::pin!(sending);
@@ -359,6 +326,43 @@ impl Proxy {
             picked.set_cookie,
         );
         Ok(Response::from_parts(rparts, rbody))
+    }
+
+    /// One request to the upstream: HTTP/1 through this worker's pool (the connection goes
+    /// back when the response body ends), gRPC through the HTTP/2 client.
+    async fn send(
+        &self,
+        ctx: &Ctx<'_>,
+        out: Request<Body>,
+        upstream: &Upstream,
+        tls: bool,
+        grpc: bool,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let settings = PoolSettings {
+            keepalive_timeout: ctx.cfg.upstream_keepalive_timeout,
+            keepalive_connections: ctx.cfg.upstream_keepalive_connections,
+            keepalive_requests: ctx.cfg.upstream_keepalive_requests,
+            keepalive_time: ctx.cfg.upstream_keepalive_time,
+        };
+        let connect_timeout = (ctx.location.annotations.proxy_connect_timeout)
+            .unwrap_or(ctx.cfg.proxy_connect_timeout);
+        let clients = self.upstreams(ctx.conn.worker).get(settings);
+        let boxed = |b: Incoming| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+        if grpc {
+            let resp = clients.request_h2(tls, connect_timeout, out).await?;
+            return Ok(resp.map(boxed));
+        }
+        let dest = pool::Dest::new(upstream, tls);
+        let (resp, checkin) = clients.http1.send(&dest, connect_timeout, out).await?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection becomes the tunnel: it never goes back to the pool.
+            return Ok(resp.map(boxed));
+        }
+        Ok(resp.map(|b| {
+            pool::Returning::new(b, checkin)
+                .map_err(|e| Box::new(e) as BoxError)
+                .boxed_unsync()
+        }))
     }
 
     /// The upstream's answer within `proxy-read-timeout`, unless the request body stalls for
