@@ -42,7 +42,17 @@ pub struct ClusterOptions {
     /// reach it over their underlay bridge): it then binds 0.0.0.0 and the serving certificate
     /// names that address too.
     pub extra_address: Option<std::net::Ipv4Addr>,
+    /// Real kubelets will run ([`crate::kubelet`]): the service range is a routable
+    /// [`SERVICE_CIDR`] (kube-proxy programs it on the nodes), the apiserver advertises
+    /// `extra_address` (the `kubernetes` Service's endpoint, reached from pods), and node
+    /// lifecycle runs (the kubelets post heartbeats).
+    pub real_nodes: bool,
 }
+
+/// The service range when real nodes run (kubeadm's default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The `kubernetes` Service's ClusterIP in [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 
 /// A running control plane; everything is stopped and deleted on drop.
 pub struct Cluster {
@@ -113,6 +123,9 @@ impl Cluster {
             "127.96.0.1",
         ];
         names.extend(extra.as_deref());
+        if opts.real_nodes {
+            names.push(KUBERNETES_SERVICE_IP);
+        }
         let serving = ca.leaf("kube-apiserver", &names)?;
         write(d, "ca.crt", &ca.cert_pem)?;
         write(d, "apiserver.crt", &serving.cert_pem)?;
@@ -158,7 +171,13 @@ impl Cluster {
                     "127.0.0.1"
                 }
             ),
-            "--advertise-address=127.0.0.1".into(),
+            format!(
+                "--advertise-address={}",
+                match (&extra, opts.real_nodes) {
+                    (Some(extra), true) => extra.as_str(),
+                    _ => "127.0.0.1",
+                }
+            ),
             format!("--secure-port={port}"),
             "--insecure-port=0".into(),
             format!("--tls-cert-file={}", p("apiserver.crt")),
@@ -172,8 +191,17 @@ impl Cluster {
             // A loopback service range: ClusterIPs are then reachable on this machine without
             // kube-proxy (a test binds its backend on the ClusterIP), and no test traffic ever
             // leaves loopback.
-            "--service-cluster-ip-range=127.96.0.0/16".into(),
+            format!(
+                "--service-cluster-ip-range={}",
+                if opts.real_nodes {
+                    SERVICE_CIDR
+                } else {
+                    "127.96.0.0/16"
+                }
+            ),
             "--allow-privileged=true".into(),
+            // Nodes' names do not resolve here: logs and exec reach a kubelet by its address.
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),
             "--v=1".into(),
@@ -214,11 +242,16 @@ impl Cluster {
                 "--kube-api-burst=200".into(),
                 "--v=1".into(),
             ];
-            // No kubelets post heartbeats here, so node lifecycle (which would taint every Node
-            // NotReady) stays off.
+            // Without kubelets nothing posts heartbeats, so node lifecycle (which would taint
+            // every Node NotReady) stays off.
+            let lifecycle = if opts.real_nodes {
+                "*,-cloud-node-lifecycle"
+            } else {
+                "*,-nodelifecycle,-cloud-node-lifecycle,-ttl"
+            };
             match opts.cluster_cidr {
                 Some(cidr) => args.extend([
-                    "--controllers=*,-nodelifecycle,-cloud-node-lifecycle,-ttl".into(),
+                    format!("--controllers={lifecycle}"),
                     "--allocate-node-cidrs=true".into(),
                     format!("--cluster-cidr={cidr}"),
                     "--node-cidr-mask-size=24".into(),

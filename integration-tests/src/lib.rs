@@ -8,6 +8,7 @@ pub mod faults;
 pub mod http;
 pub mod ingress;
 pub mod kube;
+pub mod kubelet;
 pub mod netns;
 pub mod nodes;
 pub mod overlay;

@@ -26,6 +26,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::kube::{Cluster, ClusterOptions};
+use crate::kubelet::{KubeletNode, KubeletOptions};
 use crate::netns::{NetNs, VethEnd, attach, bridge, veth};
 use crate::nodes::{TestNode, make_schedulable, register};
 use crate::process::{ManagedProcess, run};
@@ -62,6 +63,18 @@ pub struct LabOptions {
     pub node_names: Vec<String>,
     /// Also run kube-scheduler (for pods and WaitForFirstConsumer claims on the lab's nodes).
     pub scheduler: bool,
+    /// Real nodes: each node runs containerd and a kubelet ([`crate::kubelet`]) instead of a
+    /// flanneld process, registers itself, and gets flannel from its DaemonSet.
+    pub kubelets: Option<Kubelets>,
+}
+
+/// What every real node's containerd gets.
+#[derive(Clone, Debug)]
+pub struct Kubelets {
+    /// containerd's sandbox image (in one of `images`).
+    pub sandbox_image: String,
+    /// OCI archives imported on every node.
+    pub images: Vec<PathBuf>,
 }
 
 impl LabOptions {
@@ -79,7 +92,15 @@ impl LabOptions {
             cluster_cidr: CLUSTER_CIDR,
             node_names: Vec::new(),
             scheduler: false,
+            kubelets: None,
         }
+    }
+
+    /// Real nodes (containerd + kubelet each) with these images; implies the scheduler.
+    pub fn kubelets(mut self, kubelets: Kubelets) -> LabOptions {
+        self.kubelets = Some(kubelets);
+        self.scheduler = true;
+        self
     }
 
     pub fn node_names(mut self, names: &[&str]) -> LabOptions {
@@ -108,6 +129,8 @@ pub struct LabNode {
     pub dir: PathBuf,
     flanneld: Option<ManagedProcess>,
     restarts: u32,
+    /// containerd + kubelet, on a lab with [`LabOptions::kubelets`].
+    pub kubelet: Option<KubeletNode>,
 }
 
 impl LabNode {
@@ -184,13 +207,20 @@ impl Lab {
 
     async fn start_inner(opts: LabOptions) -> Result<Lab> {
         crate::netns::require_root("flannel lab")?;
-        for (what, p) in [
+        let processes = [
             ("flanneld", &opts.flanneld),
             ("flannel CNI plugin", &opts.cni_plugin),
-        ] {
+        ];
+        // Real nodes get flannel from its DaemonSet.
+        let processes = if opts.kubelets.is_some() {
+            &processes[..0]
+        } else {
+            &processes[..]
+        };
+        for (what, p) in processes {
             if !p.is_file() {
                 return Err(HarnessError::MissingPeer {
-                    what: what.into(),
+                    what: (*what).into(),
                     path: p.display().to_string(),
                 });
             }
@@ -211,6 +241,7 @@ impl Lab {
             scheduler: opts.scheduler,
             cluster_cidr: Some(opts.cluster_cidr),
             extra_address: Some(host),
+            real_nodes: opts.kubelets.is_some(),
         })
         .await
         {
@@ -308,6 +339,10 @@ impl Lab {
     /// Returns its index. Does not wait for the others to program it.
     pub async fn add_node(&mut self) -> Result<usize> {
         let i = self.add_node_unregistered()?;
+        if let Some(kubelets) = self.opts.kubelets.clone() {
+            self.start_kubelet(i, kubelets).await?;
+            return Ok(i);
+        }
         self.register_node(i).await?;
         self.start_flanneld(i)?;
         self.wait_ready(i).await?;
@@ -337,8 +372,24 @@ impl Lab {
             dir,
             flanneld: None,
             restarts: 0,
+            kubelet: None,
         });
         Ok(i)
+    }
+
+    /// Starts node `i`'s containerd and kubelet (which registers the Node).
+    async fn start_kubelet(&mut self, i: usize, kubelets: Kubelets) -> Result<()> {
+        let node = &self.nodes[i];
+        let opts = KubeletOptions {
+            name: node.name.clone(),
+            ip: node.ip,
+            kubeconfig: self.kubeconfig.clone(),
+            sandbox_image: kubelets.sandbox_image,
+            images: kubelets.images,
+        };
+        let kubelet = KubeletNode::start(&node.ns, &node.dir, opts).await?;
+        self.nodes[i].kubelet = Some(kubelet);
+        Ok(())
     }
 
     /// Registers node `i`'s Node object (node IPAM then gives it a podCIDR).

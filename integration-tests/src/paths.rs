@@ -18,16 +18,30 @@ pub fn cache_dir() -> PathBuf {
     base.join("homecluster")
 }
 
-/// Directory of kube-apiserver, kube-controller-manager, kube-scheduler and kubectl.
+/// Directory of the [`K8S_BINARIES`].
 pub fn k8s_bin_dir() -> PathBuf {
     // "-2": rebuilt with reflect2 1.0.2 (see xtask's setup); older caches crash on CRDs.
     cache_dir().join(format!("k8s-{K8S_VERSION}-2")).join("bin")
 }
 
-/// The Kubernetes binaries the harness runs.
-pub const K8S_BINARIES: [&str; 4] = [
+/// The Kubernetes binaries the harness runs: the control plane, kubectl, and what a node runs
+/// (the seed cluster's nodes, issue 11).
+pub const K8S_BINARIES: [&str; 6] = [
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
     "kubectl",
+    "kubelet",
+    "kube-proxy",
 ];
+
+/// Where `cargo run -p xtask -- images` writes the OCI archives (`<name>.oci.tar`).
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("images")
+}
+
+/// The command that builds the images the real-node tests import.
+pub const IMAGES_COMMAND: &str = "cargo run -p xtask -- images --arch amd64";

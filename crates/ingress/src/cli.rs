@@ -10,6 +10,7 @@ use crate::ingress_class::{DEFAULT_CLASS, DEFAULT_CONTROLLER};
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "ingress-controller",
+    version,
     about = "Ingress controller and reverse proxy (ingress-nginx compatible)"
 )]
 pub struct Args {

@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cargo_with_env, setup, step};
+use crate::{cargo, cargo_with_env, images, setup, step};
 
 /// Builds the ingress controller and the harness binaries (release), then runs `harness`.
 pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
@@ -79,62 +79,16 @@ pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
     })
 }
 
-/// Builds `package`'s binaries for `<arch>-unknown-linux-musl` with `--profile small`; returns
-/// the directory holding them. Only the benchmarks need this (not `test` or `up`): musl-gcc
-/// from Debian's musl-tools for ring's C parts, and the target's standard library.
+/// Builds `package`'s shipped binaries as the images carry them (static, `--profile small`,
+/// this machine's architecture); returns the directory holding them.
 fn shipped_binaries(package: &str) -> Result<PathBuf> {
-    let triple = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
     step("Debian packages for static builds", || {
         setup::ensure_packages(&["musl-tools"])
     })?;
-    step(&format!("{triple} standard library"), || {
-        musl_target(&triple)
-    })?;
-    // cc-rs looks for `<arch>-linux-musl-gcc` when cross-compiling to musl on arm64; Debian
-    // ships only `musl-gcc`.
-    let cc_var = format!("CC_{}", triple.replace('-', "_"));
-    step(
-        &format!("cargo build -p {package} --bins (static, {triple})"),
-        || {
-            cargo_with_env(
-                &[
-                    "build",
-                    "-p",
-                    package,
-                    "--bins",
-                    "--profile",
-                    "small",
-                    "--target",
-                    &triple,
-                ],
-                &[(cc_var.as_str(), std::ffi::OsStr::new("musl-gcc"))],
-            )
-        },
-    )?;
-    Ok(std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"))
-        .join(&triple)
-        .join("small"))
-}
-
-/// The target's standard library: already in the toolchain's sysroot, or added with rustup.
-fn musl_target(triple: &str) -> Result<()> {
-    let sysroot = Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .context("running rustc --print sysroot")?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    if sysroot.join("lib/rustlib").join(triple).is_dir() {
-        eprintln!("    present in {}", sysroot.display());
-        return Ok(());
-    }
-    let status = Command::new("rustup")
-        .args(["target", "add", triple])
-        .status()
-        .context("running rustup (the musl target links the shipped binaries statically)")?;
-    if !status.success() {
-        bail!("rustup target add {triple} failed ({status})");
-    }
-    Ok(())
+    let binaries: Vec<(&str, &str)> = images::BINARIES
+        .iter()
+        .copied()
+        .filter(|(p, _)| *p == package)
+        .collect();
+    images::build_static(&images::Arch::native()?, &binaries)
 }

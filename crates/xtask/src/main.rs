@@ -8,6 +8,7 @@
 //! and cert-manager, in the foreground until Ctrl-C.
 
 mod bench;
+mod images;
 mod seed;
 mod setup;
 
@@ -41,6 +42,13 @@ enum Task {
     Setup,
     /// Start a local control plane with deploy/ applied; stays up until Ctrl-C.
     Up,
+    /// Container images of the components (OCI archives with a multi-arch index) in
+    /// target/images/.
+    Images {
+        /// Platforms, comma-separated.
+        #[arg(long, default_value = "amd64,arm64", value_delimiter = ',')]
+        arch: Vec<String>,
+    },
     /// Benchmarks (`bench proxy|security|flannel|local-path [-- flags]`): writes benches/results/.
     Bench {
         /// What to benchmark: `proxy`, `security`, `flannel` or `local-path`.
@@ -75,6 +83,8 @@ fn main() -> Result<()> {
                     ])
                 })?;
             }
+            // The real-node tests import this machine's images (static, as they ship).
+            images::run(&[images::Arch::native()?])?;
             let mut args = vec!["test".to_string()];
             if !cargo_args
                 .iter()
@@ -85,6 +95,13 @@ fn main() -> Result<()> {
             args.extend(cargo_args);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             step("cargo test", || cargo(&args))
+        }
+        Task::Images { arch } => {
+            let arches = arch
+                .iter()
+                .map(|a| images::Arch::parse(a))
+                .collect::<Result<Vec<_>>>()?;
+            images::run(&arches).map(drop)
         }
         Task::Bench { what, args } => match what.as_str() {
             "proxy" => bench::harness("bench-proxy", &args),
@@ -267,10 +284,9 @@ fn start_local_path(
     shutdown
 }
 
-/// Applies `deploy/namespaces.yaml`, then everything under `deploy/`.
+/// Applies cert-manager's CRDs, then `deploy/` (`kubectl apply -k`).
 fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
     for args in [
-        vec!["apply", "-f", "deploy/namespaces.yaml"],
         // CRDs first, so the custom resources under deploy/ find their kinds.
         vec!["apply", "-f", "deploy/cert-manager/crds.yaml"],
         vec![
@@ -280,7 +296,7 @@ fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
             "-f",
             "deploy/cert-manager/crds.yaml",
         ],
-        vec!["apply", "-R", "-f", "deploy/"],
+        vec!["apply", "-k", "deploy/"],
     ] {
         let status = Command::new(kubectl)
             .args(["--kubeconfig", kubeconfig])

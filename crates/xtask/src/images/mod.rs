@@ -1,0 +1,545 @@
+//! `cargo run -p xtask -- images [--arch amd64,arm64]`: the components' container images as
+//! OCI archives in `target/images/`, one per image, each holding every platform under one
+//! multi-arch index.
+//!
+//! The binaries are built with `--profile small` and linked statically against musl, natively
+//! and cross (arm64 with Debian's aarch64 gcc as C compiler and linker). An image holds its
+//! binary and nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
+//! containers and flanneld runs `iptables`/`nft`, so that image also carries a static busybox
+//! and those two programs with their libraries, from Debian's packages of the same
+//! architecture. Foreign-architecture binaries are then run under qemu-user-static: `--version`
+//! and one real operation each.
+
+mod debs;
+pub mod oci;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo_with_env, setup, step};
+use oci::{File, FileContents, Platform, RunConfig};
+
+/// The images' tag (the workspace version).
+pub const TAG: &str = env!("CARGO_PKG_VERSION");
+/// Repository prefix of our images, as the manifests in deploy/ name them.
+pub const REPOSITORY: &str = "docker.io/homecluster";
+
+/// A target platform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arch {
+    /// The OCI/Debian name.
+    pub name: &'static str,
+    /// Rust's musl target.
+    pub triple: &'static str,
+    /// Debian's multiarch triple (for libraries from its packages).
+    pub debian_triple: &'static str,
+    /// C compiler (and, cross, linker) for the musl target.
+    cc: &'static str,
+    /// What runs this architecture's binaries here: nothing (native) or qemu-user-static.
+    runner: Option<&'static str>,
+}
+
+pub const AMD64: Arch = Arch {
+    name: "amd64",
+    triple: "x86_64-unknown-linux-musl",
+    debian_triple: "x86_64-linux-gnu",
+    cc: "musl-gcc",
+    runner: None,
+};
+pub const ARM64: Arch = Arch {
+    name: "arm64",
+    triple: "aarch64-unknown-linux-musl",
+    debian_triple: "aarch64-linux-gnu",
+    cc: "aarch64-linux-gnu-gcc",
+    runner: Some("qemu-aarch64-static"),
+};
+
+impl Arch {
+    pub fn parse(name: &str) -> Result<Arch> {
+        match name {
+            "amd64" | "x86_64" => Ok(AMD64),
+            "arm64" | "aarch64" => Ok(ARM64),
+            other => bail!("unknown architecture {other:?} (known: amd64, arm64)"),
+        }
+    }
+
+    /// This machine's architecture.
+    pub fn native() -> Result<Arch> {
+        Arch::parse(std::env::consts::ARCH)
+    }
+
+    fn is_native(&self) -> bool {
+        std::env::consts::ARCH == self.triple.split('-').next().unwrap_or_default()
+    }
+
+    /// A command running `program` (built for this architecture) on this machine.
+    fn command(&self, program: &Path) -> Command {
+        match self.runner.filter(|_| !self.is_native()) {
+            Some(runner) => {
+                let mut cmd = Command::new(runner);
+                cmd.arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
+/// The binaries the images carry: `(package, binary)`.
+pub const BINARIES: &[(&str, &str)] = &[
+    ("ingress", "ingress-controller"),
+    ("cert-manager", "cert-manager"),
+    ("flannel", "flanneld"),
+    ("flannel", "flannel"),
+    ("local-path", "local-path-provisioner"),
+];
+
+/// Debian packages whose programs the flannel image carries (and those programs' libraries).
+const FLANNEL_DEBS: &[&str] = &[
+    "busybox-static",
+    "iptables",
+    "libxtables12",
+    "libip4tc2",
+    "libip6tc2",
+    "libnftnl11",
+    "libmnl0",
+    "libnetfilter-conntrack3",
+    "libnfnetlink0",
+    "nftables",
+    "libnftables1",
+    "libedit2",
+    "libjansson4",
+    "libgmp10",
+    "libbsd0",
+    "libmd0",
+    "libtinfo6",
+    "libc6",
+];
+
+/// `images`: builds every image for `arches` into `target/images/`, prints their sizes, and
+/// runs each foreign binary under qemu.
+pub fn run(arches: &[Arch]) -> Result<Vec<PathBuf>> {
+    let mut packages = vec!["musl-tools", "binutils", "dpkg-dev"];
+    if arches.iter().any(|a| !a.is_native()) {
+        packages.extend(["gcc-aarch64-linux-gnu", "qemu-user-static"]);
+    }
+    step("Debian packages for static and cross builds", || {
+        setup::ensure_packages(&packages)
+    })?;
+    let mut bins = Vec::new();
+    for arch in arches {
+        bins.push((*arch, build_static(arch, BINARIES)?));
+    }
+    for (arch, dir) in &bins {
+        if !arch.is_native() {
+            step(
+                &format!("{} binaries under {:?}", arch.name, arch.runner),
+                || smoke(arch, dir),
+            )?;
+        }
+    }
+    let out = target_dir().join("images");
+    std::fs::create_dir_all(&out)?;
+    let mut written = Vec::new();
+    let mut table = Vec::new();
+    for image in IMAGES {
+        let mut platforms = Vec::new();
+        for (arch, dir) in &bins {
+            platforms.push(Platform {
+                architecture: arch.name,
+                files: (image.files)(arch, dir)?,
+            });
+        }
+        let path = out.join(format!("{}.oci.tar", image.name));
+        let name = format!("{REPOSITORY}/{}", image.name);
+        let result = oci::write_archive(&path, &name, TAG, &(image.run)(), &platforms)?;
+        eprintln!("    {name}:{TAG} index {}", result.index_digest);
+        table.push((image.name, result.layer_bytes));
+        written.push(path);
+    }
+    eprintln!("    image (compressed layer)        {}", {
+        let names: Vec<&str> = arches.iter().map(|a| a.name).collect();
+        names.join("        ")
+    });
+    for (name, sizes) in table {
+        let cells: Vec<String> = sizes
+            .iter()
+            .map(|(_, b)| format!("{:>8.2} MiB", *b as f64 / (1024.0 * 1024.0)))
+            .collect();
+        eprintln!("    {name:<30} {}", cells.join("  "));
+    }
+    eprintln!("    written to {}", out.display());
+    Ok(written)
+}
+
+/// One image: its name under [`REPOSITORY`], what runs, and its files for a platform.
+struct Image {
+    name: &'static str,
+    run: fn() -> RunConfig,
+    files: fn(&Arch, &Path) -> Result<Vec<File>>,
+}
+
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+const IMAGES: &[Image] = &[
+    Image {
+        // Every pod's sandbox (containerd's `sandbox_image`): holds the pod's namespaces.
+        name: "pause",
+        run: || RunConfig {
+            entrypoint: vec!["/pause".into()],
+            ..Default::default()
+        },
+        files: |arch, dir| Ok(vec![pause(arch, dir)?]),
+    },
+    Image {
+        name: "ingress-controller",
+        // Upstream's manifests start the controller with `args: [/nginx-ingress-controller,
+        // ...]`: the same path here, so either image runs either manifest.
+        run: || RunConfig {
+            cmd: vec!["/nginx-ingress-controller".into()],
+            env: vec![PATH_ENV.into()],
+            ..Default::default()
+        },
+        files: |_, dir| {
+            Ok(vec![
+                binary(dir, "ingress-controller", "/nginx-ingress-controller")?,
+                tmp(),
+            ])
+        },
+    },
+    Image {
+        // One binary for upstream's three Deployments; the subcommand is the first argument.
+        name: "cert-manager",
+        run: || RunConfig {
+            entrypoint: vec!["/app/cert-manager".into()],
+            env: vec![PATH_ENV.into()],
+            // Upstream's images run as 1000; the manifests ask for runAsNonRoot.
+            user: Some("1000".into()),
+            ..Default::default()
+        },
+        files: |_, dir| {
+            Ok(vec![
+                binary(dir, "cert-manager", "/app/cert-manager")?,
+                ca_bundle()?,
+                tmp(),
+            ])
+        },
+    },
+    Image {
+        name: "flannel",
+        run: || RunConfig {
+            entrypoint: vec!["/opt/bin/flanneld".into()],
+            env: vec![PATH_ENV.into()],
+            ..Default::default()
+        },
+        files: flannel_files,
+    },
+    Image {
+        // The household app's frontend (busybox's httpd serving a page), also the tests'
+        // toolbox (sh, wget, nc, ping).
+        name: "household-frontend",
+        run: || RunConfig {
+            cmd: ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
+                .map(String::from)
+                .to_vec(),
+            env: vec![PATH_ENV.into()],
+            ..Default::default()
+        },
+        files: frontend_files,
+    },
+    Image {
+        name: "local-path-provisioner",
+        // Upstream's manifest runs `command: [local-path-provisioner, ...]` through PATH.
+        run: || RunConfig {
+            cmd: vec!["local-path-provisioner".into()],
+            env: vec![PATH_ENV.into()],
+            ..Default::default()
+        },
+        files: |_, dir| {
+            Ok(vec![
+                binary(
+                    dir,
+                    "local-path-provisioner",
+                    "/usr/bin/local-path-provisioner",
+                )?,
+                tmp(),
+            ])
+        },
+    },
+];
+
+fn binary(dir: &Path, name: &str, at: &str) -> Result<File> {
+    let path = dir.join(name);
+    Ok(File {
+        path: at.into(),
+        mode: 0o755,
+        contents: FileContents::Bytes(
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+    })
+}
+
+/// `pause.c` compiled statically for `arch` (musl natively, the cross gcc's libc for arm64).
+fn pause(arch: &Arch, dir: &Path) -> Result<File> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/images/pause.c");
+    let out = dir.join("pause");
+    let status = Command::new(arch.cc)
+        .args(["-static", "-Os", "-s", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .with_context(|| format!("running {}", arch.cc))?;
+    if !status.success() {
+        bail!("{} failed to build pause.c", arch.cc);
+    }
+    binary(dir, "pause", "/pause")
+}
+
+fn tmp() -> File {
+    File {
+        path: "/tmp".into(),
+        mode: 0o1777,
+        contents: FileContents::Dir,
+    }
+}
+
+/// The CA bundle cert-manager's ACME client trusts (Debian's ca-certificates).
+fn ca_bundle() -> Result<File> {
+    let path = "/etc/ssl/certs/ca-certificates.crt";
+    Ok(File {
+        path: path.into(),
+        mode: 0o644,
+        contents: FileContents::Bytes(
+            std::fs::read(path).with_context(|| format!("reading {path} (ca-certificates)"))?,
+        ),
+    })
+}
+
+/// flanneld at upstream's `/opt/bin/flanneld`, the CNI plugin at `/flannel` (what upstream's
+/// flannel-cni-plugin image holds), busybox for `sh`, `cp` and `mv`, iptables and nft.
+fn flannel_files(arch: &Arch, dir: &Path) -> Result<Vec<File>> {
+    let root = debs::unpack(arch.name, arch.debian_triple, FLANNEL_DEBS)?;
+    let mut files = vec![
+        binary(dir, "flanneld", "/opt/bin/flanneld")?,
+        binary(dir, "flannel", "/flannel")?,
+        tmp(),
+        File {
+            path: "/run".into(),
+            mode: 0o755,
+            contents: FileContents::Dir,
+        },
+    ];
+    files.extend(busybox(
+        arch,
+        &["sh", "cp", "mv", "cat", "ls", "rm", "mkdir"],
+    )?);
+    let programs = vec![
+        root.file("/usr/sbin/xtables-nft-multi")?,
+        root.file("/usr/sbin/xtables-legacy-multi")?,
+        root.file("/usr/sbin/nft")?,
+    ];
+    let mut libs = root.libraries_for(&programs.iter().collect::<Vec<_>>())?;
+    let plugins = root.tree(&format!("/usr/lib/{}/xtables", arch.debian_triple))?;
+    libs.extend(root.libraries_for(&plugins.iter().collect::<Vec<_>>())?);
+    files.extend(programs);
+    files.extend(plugins);
+    files.extend(libs);
+    for (tool, multi) in [
+        ("nft", "xtables-nft-multi"),
+        ("legacy", "xtables-legacy-multi"),
+    ] {
+        for suffix in ["", "-save", "-restore"] {
+            for family in ["iptables", "ip6tables"] {
+                files.push(symlink(
+                    &format!("/usr/sbin/{family}-{tool}{suffix}"),
+                    multi,
+                ));
+            }
+        }
+    }
+    // The unqualified names pick nft, as Debian's alternatives and upstream's image do.
+    for suffix in ["", "-save", "-restore"] {
+        for family in ["iptables", "ip6tables"] {
+            files.push(symlink(
+                &format!("/usr/sbin/{family}{suffix}"),
+                "xtables-nft-multi",
+            ));
+        }
+    }
+    dedup(&mut files);
+    Ok(files)
+}
+
+/// Static busybox at /bin/busybox with `applets` linked to it.
+fn busybox(arch: &Arch, applets: &[&str]) -> Result<Vec<File>> {
+    let root = debs::unpack(arch.name, arch.debian_triple, FLANNEL_DEBS)?;
+    let mut files = vec![root.file("/bin/busybox")?];
+    files.extend(
+        applets
+            .iter()
+            .map(|a| symlink(&format!("/bin/{a}"), "busybox")),
+    );
+    Ok(files)
+}
+
+fn frontend_files(arch: &Arch, _: &Path) -> Result<Vec<File>> {
+    let mut files = busybox(
+        arch,
+        &[
+            "sh", "httpd", "wget", "nc", "ping", "sleep", "cat", "ls", "echo", "hostname", "env",
+        ],
+    )?;
+    files.push(File {
+        path: "/www/index.html".into(),
+        mode: 0o644,
+        contents: FileContents::Bytes(b"household-task-manager frontend\n".to_vec()),
+    });
+    files.push(tmp());
+    Ok(files)
+}
+
+fn symlink(path: &str, target: &str) -> File {
+    File {
+        path: path.into(),
+        mode: 0o777,
+        contents: FileContents::Symlink(target.into()),
+    }
+}
+
+/// Keeps the first file of each path (a library needed twice is listed twice).
+fn dedup(files: &mut Vec<File>) {
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.path.clone()));
+}
+
+/// Builds `binaries` for `arch`'s musl target with `--profile small`; returns their directory.
+pub fn build_static(arch: &Arch, binaries: &[(&str, &str)]) -> Result<PathBuf> {
+    step(&format!("{} standard library", arch.triple), || {
+        musl_target(arch.triple)
+    })?;
+    let mut args = vec!["build", "--profile", "small", "--target", arch.triple];
+    let mut packages: Vec<&str> = binaries.iter().map(|(p, _)| *p).collect();
+    packages.dedup();
+    for package in &packages {
+        args.extend(["-p", package]);
+    }
+    for (_, bin) in binaries {
+        args.extend(["--bin", bin]);
+    }
+    // cc-rs would look for `<arch>-linux-musl-gcc`; Debian ships `musl-gcc` (native) and the
+    // aarch64 glibc cross compiler, which links a static musl program with Rust's own crt and
+    // libc (self-contained linking).
+    let cc_var = format!("CC_{}", arch.triple.replace('-', "_"));
+    let linker_var = format!(
+        "CARGO_TARGET_{}_LINKER",
+        arch.triple.replace('-', "_").to_uppercase()
+    );
+    let mut env = vec![(cc_var.as_str(), std::ffi::OsStr::new(arch.cc))];
+    if !arch.is_native() {
+        env.push((linker_var.as_str(), std::ffi::OsStr::new(arch.cc)));
+    }
+    step(&format!("cargo {}", args.join(" ")), || {
+        cargo_with_env(&args, &env)
+    })?;
+    Ok(target_dir().join(arch.triple).join("small"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// The target's standard library: already in the toolchain's sysroot, or added with rustup.
+fn musl_target(triple: &str) -> Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("running rustc --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib").join(triple).is_dir() {
+        eprintln!("    present in {}", sysroot.display());
+        return Ok(());
+    }
+    let status = Command::new("rustup")
+        .args(["target", "add", triple])
+        .status()
+        .context("running rustup (the musl target links the shipped binaries statically)")?;
+    if !status.success() {
+        bail!("rustup target add {triple} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs each of `arch`'s binaries in `dir`: `--version`, then one real operation.
+fn smoke(arch: &Arch, dir: &Path) -> Result<()> {
+    for (_, bin) in BINARIES.iter().filter(|(_, b)| *b != "flannel") {
+        let out = arch.command(&dir.join(bin)).arg("--version").output()?;
+        let version = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !version.contains(TAG) {
+            bail!("{bin} --version under {:?}: {version:?}", arch.runner);
+        }
+        eprintln!("    {bin} --version: {}", version.trim());
+    }
+    for (bin, args, env, expect) in smoke_operations() {
+        let out = arch
+            .command(&dir.join(bin))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stdout.contains(expect) && !stderr.contains(expect) {
+            bail!(
+                "{bin} {} under {:?} did not print {expect:?}:\n{stdout}\n{stderr}",
+                args.join(" "),
+                arch.runner
+            );
+        }
+        eprintln!("    {bin} {}: ok", args.join(" "));
+    }
+    Ok(())
+}
+
+/// One real operation per binary that needs no cluster: `(binary, args, env, expected output)`.
+type Operation = (
+    &'static str,
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+fn smoke_operations() -> Vec<Operation> {
+    vec![
+        // The CNI VERSION call a runtime makes first.
+        (
+            "flannel",
+            &[],
+            &[("CNI_COMMAND", "VERSION")],
+            "supportedVersions",
+        ),
+        // The CRD manifest, generated from the Rust types.
+        (
+            "cert-manager",
+            &["crds"],
+            &[],
+            "certificates.cert-manager.io",
+        ),
+        // A bad config file is refused with a clear error before any API call.
+        (
+            "local-path-provisioner",
+            &["start", "--config", "/nonexistent/config.json"],
+            &[],
+            "config",
+        ),
+        (
+            "ingress-controller",
+            &["--http-port", "notaport"],
+            &[],
+            "invalid value",
+        ),
+        ("flanneld", &["--help"], &[], "kube-subnet-mgr"),
+    ]
+}
