@@ -19,6 +19,9 @@ pub struct PebbleOptions {
     pub validity_secs: Option<u64>,
     /// External account binding: key id → base64url HMAC key; when set, pebble requires EAB.
     pub eab_keys: Vec<(String, String)>,
+    /// Where the ACME API and challtestsrv's DNS listen (default loopback): an address pods
+    /// reach, for clients running in a cluster's pods.
+    pub listen_address: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for PebbleOptions {
@@ -29,6 +32,7 @@ impl Default for PebbleOptions {
             env: vec![("PEBBLE_VA_NOSLEEP".into(), "1".into())],
             validity_secs: None,
             eab_keys: Vec::new(),
+            listen_address: None,
         }
     }
 }
@@ -43,6 +47,7 @@ pub struct Pebble {
     mgmt_port: u16,
     dns_port: u16,
     challsrv_mgmt_port: u16,
+    listen: std::net::Ipv4Addr,
     starts: u32,
     /// CA of pebble's listener certificate: what an ACME client must trust.
     pub ca_pem: String,
@@ -56,7 +61,12 @@ impl Pebble {
             .tempdir()?;
         let d = dir.path();
         let ca = TestCa::new("homecluster-pebble-listener-ca")?;
-        let listener = ca.leaf("pebble", &["localhost", "127.0.0.1", "pebble"])?;
+        let listen = opts.listen_address.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        let listen_text = listen.to_string();
+        let listener = ca.leaf(
+            "pebble",
+            &["localhost", "127.0.0.1", "pebble", &listen_text],
+        )?;
         std::fs::write(d.join("cert.pem"), &listener.cert_pem)?;
         std::fs::write(d.join("key.pem"), &listener.key_pem)?;
         std::fs::write(d.join("ca.pem"), &ca.cert_pem)?;
@@ -73,7 +83,7 @@ impl Pebble {
                 "-defaultIPv4".into(),
                 "127.0.0.1".into(),
                 "-dns01".into(),
-                format!("127.0.0.1:{dns_port}"),
+                format!("{listen}:{dns_port}"),
                 "-http01".into(),
                 String::new(),
                 "-https01".into(),
@@ -96,6 +106,7 @@ impl Pebble {
             mgmt_port: free_port()?,
             dns_port,
             challsrv_mgmt_port,
+            listen,
             starts: 0,
             ca_pem: ca.cert_pem,
         };
@@ -106,12 +117,16 @@ impl Pebble {
 
     /// The ACME directory URL.
     pub fn directory_url(&self) -> String {
-        format!("https://localhost:{}/dir", self.acme_port)
+        match self.opts.listen_address {
+            Some(a) => format!("https://{a}:{}/dir", self.acme_port),
+            None => format!("https://localhost:{}/dir", self.acme_port),
+        }
     }
 
-    /// challtestsrv's DNS server (what pebble resolves names with; every name is 127.0.0.1).
+    /// challtestsrv's DNS server (what pebble resolves names with; every name is 127.0.0.1
+    /// unless set with [`Pebble::set_dns_a`]).
     pub fn dns_addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.dns_port))
+        std::net::SocketAddr::from((self.listen, self.dns_port))
     }
 
     pub fn options(&self) -> &PebbleOptions {
@@ -168,7 +183,7 @@ impl Pebble {
         let d = self.dir.path();
         let mut config = serde_json::json!({
             "pebble": {
-                "listenAddress": format!("127.0.0.1:{}", self.acme_port),
+                "listenAddress": format!("{}:{}", self.listen, self.acme_port),
                 "managementListenAddress": format!("127.0.0.1:{}", self.mgmt_port),
                 "certificate": d.join("cert.pem"),
                 "privateKey": d.join("key.pem"),
@@ -201,7 +216,7 @@ impl Pebble {
                 "-config".into(),
                 d.join("pebble-config.json").display().to_string(),
                 "-dnsserver".into(),
-                format!("127.0.0.1:{}", self.dns_port),
+                format!("{}:{}", self.listen, self.dns_port),
             ],
             &self.opts.env,
             &log,

@@ -202,6 +202,9 @@ impl Cluster {
             "--allow-privileged=true".into(),
             // Nodes' names do not resolve here: logs and exec reach a kubelet by its address.
             "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+            // Webhooks (cert-manager's) are reached at their pods' addresses: this host has no
+            // kube-proxy for ClusterIPs, but routes to every node's pod network.
+            format!("--enable-aggregator-routing={}", opts.real_nodes),
             "--enable-priority-and-fairness=false".into(),
             "--profiling=false".into(),
             "--v=1".into(),

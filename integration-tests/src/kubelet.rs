@@ -87,6 +87,7 @@ pub struct KubeletNode {
     holder: Option<ManagedProcess>,
     cgroup_root: String,
     sysctls: Vec<(String, String)>,
+    netns: String,
 }
 
 impl KubeletNode {
@@ -121,7 +122,18 @@ impl KubeletNode {
             holder: None,
             cgroup_root,
             sysctls: read_sysctls(),
+            netns: ns.name().to_string(),
         };
+        // Sockets orphaned at teardown keep a namespace alive while they retransmit: keep that
+        // short (these sysctls are per network namespace).
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.tcp_orphan_retries=1",
+                "net.ipv4.tcp_fin_timeout=5",
+            ],
+        )?;
         node.prepare_fs()?;
         create_cgroup_root(&node.cgroup_root)?;
         node.holder = Some(node.start_holder(ns)?);
@@ -179,7 +191,9 @@ impl KubeletNode {
                 self.fs(path).display()
             ));
         }
-        script.push_str("echo ready\nexec sleep infinity\n");
+        // Shared inside the node (new peer groups; the host's mounts were copied private), as
+        // on a systemd host: volumes with mountPropagation need it.
+        script.push_str("mount --make-rshared /\necho ready\nexec sleep infinity\n");
         let args: Vec<String> = [
             "--mount",
             "--propagation",
@@ -429,6 +443,11 @@ impl Drop for KubeletNode {
         if let Some(mut h) = self.holder.take() {
             h.kill();
         }
+        // Whatever sockets are left in the node's namespace (best effort: needs the kernel's
+        // sock_diag destroy).
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "ss", "-K", "state", "all"])
+            .output();
         remove_cgroup_root(&self.cgroup_root);
         restore_sysctls(&self.sysctls);
         release_mount_points();

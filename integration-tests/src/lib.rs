@@ -16,6 +16,7 @@ pub mod paths;
 pub mod pki;
 pub mod poll;
 pub mod process;
+pub mod seed;
 
 use thiserror::Error;
 

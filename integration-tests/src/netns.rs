@@ -89,7 +89,22 @@ pub fn veth(a: VethEnd<'_>, b: VethEnd<'_>) -> Result<()> {
             "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b,
         ],
     )?;
-    for (end, tmp) in [(&a, &tmp_a), (&b, &tmp_b)] {
+    let placed = place_ends(&a, &b, &tmp_a, &tmp_b);
+    if placed.is_err() {
+        // Never leave the pair behind under its temporary names (deleting one end deletes
+        // both; the end may already be inside a namespace).
+        let _ = run("ip", &["link", "del", &tmp_a]);
+        let _ = run("ip", &["link", "del", &tmp_b]);
+        for ns in [a.ns, b.ns].into_iter().flatten() {
+            let _ = ns.ip(&["link", "del", &tmp_a]);
+            let _ = ns.ip(&["link", "del", &tmp_b]);
+        }
+    }
+    placed
+}
+
+fn place_ends(a: &VethEnd<'_>, b: &VethEnd<'_>, tmp_a: &str, tmp_b: &str) -> Result<()> {
+    for (end, tmp) in [(a, tmp_a), (b, tmp_b)] {
         let ip = |args: &[&str]| match end.ns {
             Some(ns) => ns.ip(args),
             None => run("ip", args),

@@ -121,6 +121,9 @@ impl LabOptions {
 
 /// One node namespace and its flanneld.
 pub struct LabNode {
+    /// containerd + kubelet, on a lab with [`LabOptions::kubelets`]. First, so it stops
+    /// before the namespace is deleted.
+    pub kubelet: Option<KubeletNode>,
     pub name: String,
     pub ns: NetNs,
     /// The node's underlay address (its InternalIP and flannel public-ip).
@@ -129,8 +132,6 @@ pub struct LabNode {
     pub dir: PathBuf,
     flanneld: Option<ManagedProcess>,
     restarts: u32,
-    /// containerd + kubelet, on a lab with [`LabOptions::kubelets`].
-    pub kubelet: Option<KubeletNode>,
 }
 
 impl LabNode {
@@ -392,6 +393,35 @@ impl Lab {
         Ok(())
     }
 
+    /// Routes this host to every node's pod network (`spec.podCIDR` via the node's address),
+    /// once node IPAM has given each one: the apiserver then reaches webhook pods, and a
+    /// shell here reaches any pod, as on a node of the cluster.
+    pub async fn route_pod_networks(&self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for n in &self.nodes {
+            let cidr = loop {
+                if let Some(cidr) = nodes
+                    .get_opt(&n.name)
+                    .await?
+                    .and_then(|node| node.spec.and_then(|s| s.pod_cidr))
+                {
+                    break cidr;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(HarnessError::NotReady {
+                        what: format!("a podCIDR for node {}", n.name),
+                        secs: 60,
+                        log: String::new(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            run("ip", &["route", "replace", &cidr, "via", &n.ip.to_string()])?;
+        }
+        Ok(())
+    }
+
     /// Registers node `i`'s Node object (node IPAM then gives it a podCIDR).
     pub async fn register_node(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
@@ -618,10 +648,17 @@ fn create_underlay() -> Result<(u8, String)> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let addrs = run("ip", &["-4", "-o", "addr", "show"])?;
+    let links = run("ip", &["-o", "link", "show"])?;
     for octet in 200u8..=254 {
         let prefix = format!("172.31.{octet}.");
         let name = format!("hcfl{octet}");
-        if addrs.contains(&prefix) || run("ip", &["link", "show", &name]).is_ok() {
+        // A node namespace of an earlier lab can outlive it for minutes (the kernel keeps it
+        // while orphaned TCP sockets retransmit), with its `fl<octet>n<i>` veth end here.
+        let veth_prefix = format!(": fl{octet}");
+        if addrs.contains(&prefix)
+            || links.contains(&veth_prefix)
+            || run("ip", &["link", "show", &name]).is_ok()
+        {
             continue;
         }
         bridge(None, &name, Some(&format!("172.31.{octet}.1/24")))?;

@@ -131,7 +131,9 @@ async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> 
         return Ok(Action::await_change());
     }
 
-    if status.presented != Some(true) {
+    // Presented by an earlier process (a restart, or another pod now leading) points at that
+    // pod: apply again, so the solver Service reaches this one.
+    if status.presented != Some(true) || !ctx.solver.presented_here(&ch.spec.token) {
         if let Err(e) = ctx.solver.present(&ctx.client, ch).await {
             status.reason = Some(format!("Error presenting challenge: {e}"));
             status.processing = Some(true);
@@ -145,6 +147,10 @@ async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> 
             )
             .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+        if status.presented == Some(true) {
+            tracing::info!(challenge = %ch.name_any(), "challenge re-presented at this pod");
+            return Ok(Action::requeue(Duration::from_millis(50)));
         }
         status.presented = Some(true);
         status.presented_at = Some(crate::time::now());
@@ -161,10 +167,6 @@ async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> 
         )
         .await;
         return Ok(Action::requeue(Duration::from_millis(50)));
-    } else {
-        // A restart (or a deleted Service/Ingress) must not leave the token unanswered.
-        ctx.solver
-            .add(&ch.spec.token, &ch.spec.dns_name, &ch.spec.key);
     }
 
     let issuer = issuers::resolve(

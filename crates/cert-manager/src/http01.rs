@@ -49,6 +49,9 @@ type Tokens = Arc<RwLock<HashMap<String, (String, String)>>>;
 /// The in-process solver: token table, HTTP listener, and what challenge resources point at.
 pub struct Solver {
     tokens: Tokens,
+    /// Tokens whose Service, EndpointSlice and Ingress this process has applied (removed with
+    /// the token): a challenge presented by an earlier process still points at that pod.
+    presented: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Where the listener is bound (its port goes into the EndpointSlices).
     pub bound: SocketAddr,
     /// This pod's address, as the challenge EndpointSlices carry it.
@@ -100,6 +103,7 @@ impl Solver {
         };
         Ok(Self {
             tokens,
+            presented: Default::default(),
             bound,
             address,
             slices: kube_common::discovery::endpoint_slice_resource(client).await?,
@@ -119,6 +123,19 @@ impl Solver {
     pub fn remove(&self, token: &str) {
         let mut t = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         t.remove(token);
+        drop(t);
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token);
+    }
+
+    /// Whether this process has presented `token` (its resources point at this pod).
+    pub fn presented_here(&self, token: &str) -> bool {
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(token)
     }
 
     /// Creates (or re-creates) the Service, EndpointSlice and Ingress for a challenge.
@@ -226,7 +243,9 @@ impl Solver {
             },
         };
         if let Some(existing) = ingress_spec.name.as_deref().filter(|n| !n.is_empty()) {
-            return edit_in_place(client, &ns, existing, &ch.spec.dns_name, path, true).await;
+            edit_in_place(client, &ns, existing, &ch.spec.dns_name, path, true).await?;
+            self.mark_presented(&ch.spec.token);
+            return Ok(());
         }
         let template = ingress_spec
             .ingress_template
@@ -276,7 +295,15 @@ impl Solver {
         Api::<Ingress>::namespaced(client.clone(), &ns)
             .patch(&name, &pp, &Patch::Apply(value))
             .await?;
+        self.mark_presented(&ch.spec.token);
         Ok(())
+    }
+
+    fn mark_presented(&self, token: &str) {
+        self.presented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string());
     }
 
     /// Removes what `present` made (owner references would do it too, on Challenge deletion).

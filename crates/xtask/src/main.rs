@@ -2,14 +2,15 @@
 //! the Kubernetes v1.20.2 binaries from Debian's source package, checks formatting and lints, and
 //! runs the whole workspace test suite.
 //!
-//! `cargo run -p xtask -- up`: the same set-up, then a local control plane (etcd, apiserver,
-//! controller-manager with node IPAM, scheduler), the seed's three nodes as network namespaces
-//! running our flanneld, `deploy/*.yaml` applied, our local-path provisioner, ingress controller
-//! and cert-manager, in the foreground until Ctrl-C.
+//! `cargo run -p xtask -- up`: the same set-up and this machine's images, then the seed cluster
+//! (`integration_tests::seed`): a control plane, the seed's three nodes as real nodes
+//! (containerd, kubelet, kube-proxy in their own namespaces), `deploy/` applied with
+//! `kubectl apply -k`, pebble behind `letsencrypt-prod`; in the foreground until Ctrl-C.
+//!
+//! `cargo run -p xtask -- images`: the components' container images (see `images`).
 
 mod bench;
 mod images;
-mod seed;
 mod setup;
 
 use std::process::Command;
@@ -17,7 +18,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use integration_tests::overlay::{CLUSTER_CIDR, Lab, LabOptions};
 use integration_tests::paths::k8s_bin_dir;
 
 #[derive(Parser)]
@@ -113,8 +113,8 @@ fn main() -> Result<()> {
         },
         Task::Up => {
             setup::all()?;
-            let bin_dir = seed::build_binaries()?;
-            up(&bin_dir)
+            images::run(&[images::Arch::native()?])?;
+            up()
         }
     }
 }
@@ -158,154 +158,53 @@ fn workspace_root() -> Result<std::path::PathBuf> {
         .context("xtask must live at crates/xtask")
 }
 
-fn up(bin_dir: &std::path::Path) -> Result<()> {
+/// The seed cluster on this machine (three real nodes, deploy/ applied, pebble as the ACME
+/// server) until Ctrl-C; prints the curl and kubectl lines and the time to the first HTTPS
+/// answer.
+fn up() -> Result<()> {
+    use integration_tests::seed::{NODES, Seed, SeedOptions};
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        let started = Instant::now();
         eprintln!(
-            "==> starting the control plane (node IPAM {CLUSTER_CIDR}) and the nodes {} as network namespaces, each running flanneld",
-            seed::NODES.join(", ")
+            "==> starting the control plane and the nodes {} (containerd, kubelet, kube-proxy each), applying deploy/",
+            NODES.join(", ")
         );
-        let mut opts = LabOptions::new(bin_dir.join("flanneld"), bin_dir.join("flannel"))
-            .node_names(&seed::NODES)
-            .scheduler(true);
-        opts.flanneld_args.clear(); // upstream's intervals, not the tests' 1 s
-        let lab = Lab::start(opts)
-        .await
-        .context("starting the control plane and the flannel overlay")?;
-        let cluster = &lab.cluster;
+        let seed = Seed::start(SeedOptions::default())
+            .await
+            .context("starting the seed cluster")?;
         eprintln!(
-            "==> control plane ready in {:.1}s; overlay converged",
-            cluster.startup.as_secs_f64()
+            "==> nodes Ready and deploy/ applied in {:.1}s; waiting for the workloads",
+            seed.startup.as_secs_f64()
         );
-        let kubectl = k8s_bin_dir().join("kubectl");
-        let kubeconfig = cluster.kubeconfig_path().display().to_string();
-        apply_deploy(&kubectl, &kubeconfig)?;
-        let client = cluster.client().await?;
-        let storage = start_local_path(&client, cluster.dir());
-        seed::frontend(&client).await.context("starting the frontend replicas")?;
-        let ingress = seed::start_ingress(cluster, bin_dir)?;
-        let pebble = integration_tests::acme::Pebble::start(integration_tests::acme::PebbleOptions {
-            http_port: seed::HTTP_PORT,
-            ..Default::default()
-        })
-        .await
-        .context("starting pebble")?;
-        let admission = seed::start_webhook_and_cainjector(cluster, &client, bin_dir).await?;
-        let cert_manager = seed::start_cert_manager(cluster, &client, bin_dir, &pebble).await?;
-        if let Err(e) = seed::wait_served().await {
-            let slices = Command::new(&kubectl)
-                .args(["--kubeconfig", &kubeconfig, "get", "endpointslices,pods", "-A", "-o", "wide"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            bail!("{e}\n{slices}\ningress-controller log:\n{}", ingress.log_tail(4000));
-        }
-        let root = pebble.issuing_root_pem().await?;
-        let root_path = cluster.dir().join("pebble-root.pem");
+        seed.wait_rollouts(std::time::Duration::from_secs(300)).await?;
+        let root = seed
+            .wait_https(std::time::Duration::from_secs(180))
+            .await?;
+        let first_https = started.elapsed();
+        let dir = seed.lab.cluster.dir();
+        let root_path = dir.join("pebble-root.pem");
         std::fs::write(&root_path, &root)?;
-        if let Err(e) = seed::wait_issued(&root).await {
-            bail!("{e}\ncert-manager log:\n{}", cert_manager.log_tail(4000));
-        }
-        let volume = seed::wait_postgres_bound(&client).await?;
-        // Two pods on different nodes, wired by our CNI plugin as a runtime would.
-        let pod_a = lab.pod(0).context("a pod on the first node")?;
-        let pod_b = lab.pod(1).context("a pod on the second node")?;
-        let (host, http, https) = (seed::HOST, seed::HTTP_PORT, seed::HTTPS_PORT);
+        let kubectl = k8s_bin_dir().join("kubectl");
+        let kubeconfig = seed.kubeconfig().display().to_string();
         println!();
         println!(
-            "Control plane is up (Kubernetes v1.20.2 on {}).",
-            cluster.server_url()
+            "The seed cluster is up: first HTTPS answer {:.1}s after start.",
+            first_https.as_secs_f64()
         );
         println!("  kubeconfig: {kubeconfig}");
         println!(
-            "  try:        {} --kubeconfig {kubeconfig} get nodes,ns",
+            "  try:        {} --kubeconfig {kubeconfig} get nodes,pods -A -o wide",
             kubectl.display()
         );
-        println!("  logs:       {}", cluster.dir().display());
+        println!("  logs:       {} (node logs under the lab's node directories)", dir.display());
         println!();
-        println!("household-task-manager through the ingress controller (two frontend replicas):");
-        println!("  curl -i --resolve {host}:{http}:127.0.0.1 http://{host}:{http}/      # 308 to HTTPS");
-        println!(
-            "  curl --cacert {} --resolve {host}:{https}:127.0.0.1 https://{host}:{https}/   # certificate issued by pebble via cert-manager",
-            root_path.display()
-        );
-        println!("  kubectl --kubeconfig {kubeconfig} get certificate,certificaterequest,order,challenge -A");
-        println!("  cert-manager metrics: curl http://{}/metrics", seed::CERT_MANAGER_METRICS);
-        println!("  metrics: curl http://127.0.0.1:10254/metrics");
-        println!();
-        println!("flannel overlay ({CLUSTER_CIDR}, VXLAN) across {}:", seed::NODES.join(", "));
-        println!(
-            "  {}   # pod {} on {} -> pod {} on {}",
-            pod_a.ping_command(pod_b.ip),
-            pod_a.ip,
-            lab.nodes[0].name,
-            pod_b.ip,
-            lab.nodes[1].name
-        );
-        println!(
-            "  sudo ip netns exec {} ip route   # flannel.1 routes to the other nodes' /24s",
-            lab.nodes[0].ns.name()
-        );
-        println!();
-        println!("local-path: postgres's 10Gi claim is Bound to {volume}:");
-        println!("  kubectl --kubeconfig {kubeconfig} get pvc,pv -A");
-        println!("  volumes on disk: {}", cluster.dir().join("local-path").display());
+        println!("household-task-manager over HTTPS through a node's NodePort, certificate issued by pebble:");
+        println!("  {}", seed.curl_line(&root_path));
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
-        storage.cancel();
-        drop((pod_a, pod_b));
-        drop(cert_manager);
-        drop(admission);
-        drop(pebble);
-        drop(lab);
+        drop(seed);
         Ok(())
     })
-}
-
-/// Runs the local-path provisioner and one node agent per seed node in this process, each
-/// node's disk a directory under the control plane's temp dir.
-fn start_local_path(
-    client: &kube::Client,
-    dir: &std::path::Path,
-) -> tokio_util::sync::CancellationToken {
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let opts = local_path::local::LocalOptions {
-        namespace: "local-path-storage".into(),
-        nodes: seed::NODES.iter().map(|n| n.to_string()).collect(),
-        data_dir: dir.join("local-path"),
-    };
-    let (client, token) = (client.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        if let Err(e) = local_path::local::run(client, opts, token).await {
-            eprintln!("local-path provisioner stopped: {e:#}");
-        }
-    });
-    shutdown
-}
-
-/// Applies cert-manager's CRDs, then `deploy/` (`kubectl apply -k`).
-fn apply_deploy(kubectl: &std::path::Path, kubeconfig: &str) -> Result<()> {
-    for args in [
-        // CRDs first, so the custom resources under deploy/ find their kinds.
-        vec!["apply", "-f", "deploy/cert-manager/crds.yaml"],
-        vec![
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            "deploy/cert-manager/crds.yaml",
-        ],
-        vec!["apply", "-k", "deploy/"],
-    ] {
-        let status = Command::new(kubectl)
-            .args(["--kubeconfig", kubeconfig])
-            .args(&args)
-            .status()
-            .with_context(|| format!("kubectl {}", args.join(" ")))?;
-        if !status.success() {
-            bail!("kubectl {} failed", args.join(" "));
-        }
-    }
-    Ok(())
 }

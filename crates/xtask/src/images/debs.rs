@@ -22,9 +22,10 @@ pub struct Root {
     triple: &'static str,
 }
 
-/// Downloads and unpacks `packages` for `arch` (Debian's name: `amd64`, `arm64`); cached.
-pub fn unpack(arch: &str, triple: &'static str, packages: &[&str]) -> Result<Root> {
-    let dir = cache_dir().join("debs").join(arch);
+/// Downloads and unpacks `packages` for `arch` (Debian's name: `amd64`, `arm64`) as the set
+/// `set`; cached.
+pub fn unpack(set: &str, arch: &str, triple: &'static str, packages: &[&str]) -> Result<Root> {
+    let dir = cache_dir().join("debs").join(arch).join(set);
     let debs = dir.join("debs");
     let root = dir.join("root");
     std::fs::create_dir_all(&debs)?;
@@ -104,15 +105,20 @@ impl Root {
         })
     }
 
-    /// Every regular file and symlink under `dir` (absolute inside the packages).
+    /// Every regular file and symlink under `dir` (absolute inside the packages), recursively.
     pub fn tree(&self, dir: &str) -> Result<Vec<File>> {
         let mut out = Vec::new();
         let on_disk = self.dir.join(dir.trim_start_matches('/'));
         for entry in
             std::fs::read_dir(&on_disk).with_context(|| format!("reading {}", on_disk.display()))?
         {
-            let name = entry?.file_name();
-            out.push(self.file(&format!("{dir}/{}", name.to_string_lossy()))?);
+            let entry = entry?;
+            let path = format!("{dir}/{}", entry.file_name().to_string_lossy());
+            if entry.file_type()?.is_dir() {
+                out.extend(self.tree(&path)?);
+            } else {
+                out.push(self.file(&path)?);
+            }
         }
         Ok(out)
     }

@@ -96,6 +96,54 @@ pub const BINARIES: &[(&str, &str)] = &[
     ("local-path", "local-path-provisioner"),
 ];
 
+/// Debian's PostgreSQL 15 and the libraries its server, initdb and psql need (the
+/// household app's database; the seed runs postgres:16-alpine, which no registry here serves).
+const POSTGRES_DEBS: &[&str] = &[
+    "postgresql-15",
+    "postgresql-client-15",
+    "libpq5",
+    "libicu72",
+    "libgssapi-krb5-2",
+    "libldap-2.5-0",
+    "liblz4-1",
+    "libpam0g",
+    "libssl3",
+    "libsystemd0",
+    "libxml2",
+    "zlib1g",
+    "libzstd1",
+    "libkrb5-3",
+    "libk5crypto3",
+    "libcom-err2",
+    "libkrb5support0",
+    "libkeyutils1",
+    "liblzma5",
+    "libsasl2-2",
+    "libgnutls30",
+    "libcap2",
+    "libgcrypt20",
+    "libgpg-error0",
+    "libaudit1",
+    "libcap-ng0",
+    "libstdc++6",
+    "libgcc-s1",
+    "libp11-kit0",
+    "libidn2-0",
+    "libunistring2",
+    "libtasn1-6",
+    "libnettle8",
+    "libhogweed6",
+    "libgmp10",
+    "libffi8",
+    "libedit2",
+    "libbsd0",
+    "libmd0",
+    "libtinfo6",
+    "libreadline8",
+    "libc6",
+    "busybox-static",
+];
+
 /// Debian packages whose programs the flannel image carries (and those programs' libraries).
 const FLANNEL_DEBS: &[&str] = &[
     "busybox-static",
@@ -250,6 +298,22 @@ const IMAGES: &[Image] = &[
         files: frontend_files,
     },
     Image {
+        // The household app's database: Debian's PostgreSQL 15 with a small entrypoint that
+        // initialises an empty data directory from the official image's variables
+        // (POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, PGDATA).
+        name: "household-postgres",
+        run: || RunConfig {
+            entrypoint: vec!["/usr/local/bin/docker-entrypoint.sh".into()],
+            env: vec![
+                format!("{PATH_ENV}:{PG_BIN}"),
+                "PGDATA=/var/lib/postgresql/data".into(),
+            ],
+            user: Some("999".into()),
+            ..Default::default()
+        },
+        files: postgres_files,
+    },
+    Image {
         name: "local-path-provisioner",
         // Upstream's manifest runs `command: [local-path-provisioner, ...]` through PATH.
         run: || RunConfig {
@@ -257,15 +321,25 @@ const IMAGES: &[Image] = &[
             env: vec![PATH_ENV.into()],
             ..Default::default()
         },
-        files: |_, dir| {
-            Ok(vec![
+        // The node agent runs config.json's setup and teardown scripts with /bin/sh (upstream's
+        // helper pods run them in busybox): busybox gives the shell and the usual tools.
+        files: |arch, dir| {
+            let mut files = vec![
                 binary(
                     dir,
                     "local-path-provisioner",
                     "/usr/bin/local-path-provisioner",
                 )?,
                 tmp(),
-            ])
+            ];
+            files.extend(busybox(
+                arch,
+                &[
+                    "sh", "mkdir", "rm", "rmdir", "chmod", "chown", "ls", "cat", "echo", "test",
+                    "[", "mv", "cp", "du", "stat", "touch",
+                ],
+            )?);
+            Ok(files)
         },
     },
 ];
@@ -320,7 +394,7 @@ fn ca_bundle() -> Result<File> {
 /// flanneld at upstream's `/opt/bin/flanneld`, the CNI plugin at `/flannel` (what upstream's
 /// flannel-cni-plugin image holds), busybox for `sh`, `cp` and `mv`, iptables and nft.
 fn flannel_files(arch: &Arch, dir: &Path) -> Result<Vec<File>> {
-    let root = debs::unpack(arch.name, arch.debian_triple, FLANNEL_DEBS)?;
+    let root = debs::unpack("flannel", arch.name, arch.debian_triple, FLANNEL_DEBS)?;
     let mut files = vec![
         binary(dir, "flanneld", "/opt/bin/flanneld")?,
         binary(dir, "flannel", "/flannel")?,
@@ -374,7 +448,7 @@ fn flannel_files(arch: &Arch, dir: &Path) -> Result<Vec<File>> {
 
 /// Static busybox at /bin/busybox with `applets` linked to it.
 fn busybox(arch: &Arch, applets: &[&str]) -> Result<Vec<File>> {
-    let root = debs::unpack(arch.name, arch.debian_triple, FLANNEL_DEBS)?;
+    let root = debs::unpack("flannel", arch.name, arch.debian_triple, FLANNEL_DEBS)?;
     let mut files = vec![root.file("/bin/busybox")?];
     files.extend(
         applets
@@ -399,6 +473,94 @@ fn frontend_files(arch: &Arch, _: &Path) -> Result<Vec<File>> {
     files.push(tmp());
     Ok(files)
 }
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn postgres_files(arch: &Arch, _: &Path) -> Result<Vec<File>> {
+    let root = debs::unpack("postgres", arch.name, arch.debian_triple, POSTGRES_DEBS)?;
+    let programs = ["postgres", "initdb", "psql", "pg_ctl"]
+        .iter()
+        .map(|p| root.file(&format!("{PG_BIN}/{p}")))
+        .collect::<Result<Vec<_>>>()?;
+    let plugins = ["plpgsql.so", "dict_snowball.so"]
+        .iter()
+        .map(|p| root.file(&format!("/usr/lib/postgresql/15/lib/{p}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut files = root.libraries_for(&programs.iter().chain(&plugins).collect::<Vec<_>>())?;
+    files.extend(programs);
+    files.extend(plugins);
+    files.extend(root.tree("/usr/share/postgresql/15")?);
+    files.extend(
+        root.tree("/usr/share/postgresql-common")
+            .unwrap_or_default(),
+    );
+    let mut bb = vec![root.file("/bin/busybox")?];
+    bb.extend(
+        [
+            "sh", "cat", "echo", "mkdir", "rm", "ls", "sleep", "chmod", "id",
+        ]
+        .iter()
+        .map(|a| symlink(&format!("/bin/{a}"), "busybox")),
+    );
+    files.extend(bb);
+    for (path, text) in [
+        (
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\npostgres:x:999:999:PostgreSQL:/var/lib/postgresql:/bin/sh\n",
+        ),
+        ("/etc/group", "root:x:0:\npostgres:x:999:\n"),
+        (
+            "/etc/nsswitch.conf",
+            "passwd: files\ngroup: files\nhosts: files dns\n",
+        ),
+    ] {
+        files.push(File {
+            path: path.into(),
+            mode: 0o644,
+            contents: FileContents::Bytes(text.as_bytes().to_vec()),
+        });
+    }
+    files.push(File {
+        path: "/usr/local/bin/docker-entrypoint.sh".into(),
+        mode: 0o755,
+        contents: FileContents::Bytes(POSTGRES_ENTRYPOINT.as_bytes().to_vec()),
+    });
+    for dir in ["/var/lib/postgresql", "/var/run/postgresql"] {
+        files.push(File {
+            path: dir.into(),
+            mode: 0o2777,
+            contents: FileContents::Dir,
+        });
+    }
+    files.push(tmp());
+    dedup(&mut files);
+    Ok(files)
+}
+
+/// Initialises `$PGDATA` on first start (as the official image's entrypoint does for these
+/// variables), then runs the server listening on every address.
+const POSTGRES_ENTRYPOINT: &str = r#"#!/bin/sh
+set -e
+: "${PGDATA:=/var/lib/postgresql/data}"
+: "${POSTGRES_USER:=postgres}"
+: "${POSTGRES_DB:=$POSTGRES_USER}"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  if [ -z "$POSTGRES_PASSWORD" ]; then
+    echo "POSTGRES_PASSWORD is empty: refusing to initialise a database without one" >&2
+    exit 1
+  fi
+  mkdir -p "$PGDATA"
+  chmod 700 "$PGDATA"
+  echo "$POSTGRES_PASSWORD" > /tmp/pwfile
+  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile=/tmp/pwfile -E UTF8 --no-locale     --auth-local=trust --auth-host=scram-sha-256
+  rm -f /tmp/pwfile
+  echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  if [ "$POSTGRES_DB" != "postgres" ]; then
+    echo "CREATE DATABASE "$POSTGRES_DB";" | postgres --single -D "$PGDATA" postgres >/dev/null
+  fi
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@"
+"#;
 
 fn symlink(path: &str, target: &str) -> File {
     File {

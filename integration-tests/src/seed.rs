@@ -1,0 +1,380 @@
+//! The seed cluster, whole, on this machine (issue 11): the control plane, the seed's nodes as
+//! real nodes ([`crate::kubelet`]: containerd, kubelet and kube-proxy each, in their own network
+//! and mount namespaces on one underlay bridge), our images imported on every node, `deploy/`
+//! applied as a user would (`kubectl apply -k`), and pebble standing in for Let's Encrypt
+//! behind ClusterIssuer `letsencrypt-prod`. Used by `cargo run -p xtask -- up` and the
+//! end-to-end test.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::acme::{Pebble, PebbleOptions};
+use crate::overlay::{Kubelets, Lab, LabOptions};
+use crate::paths::{IMAGES_COMMAND, images_dir, k8s_bin_dir};
+use crate::{HarnessError, Result};
+
+/// The seed's nodes.
+pub const NODES: [&str; 3] = ["rpi-master-1", "rpi-worker-1", "rpi-worker-2"];
+/// The household app's public name.
+pub const HOST: &str = "household-task-mgr.duckdns.org";
+/// ingress-nginx-controller's NodePorts in the seed.
+pub const HTTP_NODE_PORT: u16 = 30158;
+pub const HTTPS_NODE_PORT: u16 = 30894;
+/// The images every node imports (`target/images/<name>.oci.tar`).
+pub const IMAGES: [&str; 7] = [
+    "pause",
+    "flannel",
+    "local-path-provisioner",
+    "cert-manager",
+    "ingress-controller",
+    "household-frontend",
+    "household-postgres",
+];
+/// The tag of our images.
+pub const TAG: &str = "0.1.0";
+
+/// How much of the seed to start.
+#[derive(Clone, Debug)]
+pub struct SeedOptions {
+    pub nodes: usize,
+    /// The repository's `deploy/`.
+    pub deploy_dir: PathBuf,
+}
+
+impl Default for SeedOptions {
+    fn default() -> Self {
+        SeedOptions {
+            nodes: NODES.len(),
+            deploy_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy"),
+        }
+    }
+}
+
+/// The running seed cluster; everything is stopped and removed on drop.
+pub struct Seed {
+    // Drop order: pebble, then the nodes and control plane.
+    pub pebble: Pebble,
+    pub lab: Lab,
+    deploy_dir: PathBuf,
+    /// From the start of [`Seed::start`] to `deploy/` applied and every node Ready.
+    pub startup: Duration,
+}
+
+impl Seed {
+    /// Starts everything and applies `deploy/`; returns once every node is Ready (workloads
+    /// may still be starting: see [`Seed::wait_rollouts`]).
+    pub async fn start(opts: SeedOptions) -> Result<Seed> {
+        let started = Instant::now();
+        let images = archives()?;
+        let names: Vec<&str> = NODES.iter().copied().take(opts.nodes).collect();
+        let lab = Lab::start(
+            LabOptions::new("unused", "unused")
+                .nodes(opts.nodes)
+                .node_names(&names)
+                .kubelets(Kubelets {
+                    sandbox_image: format!("docker.io/homecluster/pause:{TAG}"),
+                    images,
+                }),
+        )
+        .await?;
+        lab.route_pod_networks().await?;
+        let pebble = Pebble::start(PebbleOptions {
+            http_port: HTTP_NODE_PORT,
+            listen_address: Some(lab.host_ip()),
+            ..Default::default()
+        })
+        .await?;
+        // The household name resolves to the first node (the router forwards to it).
+        pebble.set_dns_a(HOST, &lab.nodes[0].ip.to_string()).await?;
+        let mut seed = Seed {
+            pebble,
+            lab,
+            deploy_dir: opts.deploy_dir,
+            startup: Duration::ZERO,
+        };
+        seed.apply_deploy().await?;
+        seed.point_at_pebble().await?;
+        seed.wait_nodes_ready().await?;
+        seed.startup = started.elapsed();
+        Ok(seed)
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        self.lab.cluster.kubeconfig_path()
+    }
+
+    /// `kubectl ARGS` against the cluster; its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(k8s_bin_dir().join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                cmd: format!("kubectl {}", args.join(" ")),
+                message: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The CRDs, then `kubectl apply -k deploy/`, retried while cert-manager's webhook (which
+    /// admits the ClusterIssuer) is not serving yet.
+    async fn apply_deploy(&self) -> Result<()> {
+        let crds = self.deploy_dir.join("cert-manager/crds.yaml");
+        let crds = crds.display().to_string();
+        self.kubectl(&["apply", "-f", &crds])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            &crds,
+        ])?;
+        let deploy = self.deploy_dir.display().to_string();
+        self.retry("kubectl apply -k deploy/", Duration::from_secs(240), || {
+            self.kubectl(&["apply", "-k", &deploy]).map(drop)
+        })
+        .await
+    }
+
+    /// ClusterIssuer `letsencrypt-prod` at pebble (its directory and CA), and cert-manager's
+    /// HTTP-01 self-check through pebble's DNS to the NodePort (where the seed's router
+    /// forwards port 80).
+    async fn point_at_pebble(&self) -> Result<()> {
+        let patch = serde_json::json!({"spec": {"acme": {
+            "server": self.pebble.directory_url(),
+            "caBundle": base64::engine::general_purpose::STANDARD.encode(&self.pebble.ca_pem),
+        }}})
+        .to_string();
+        self.retry(
+            "pointing letsencrypt-prod at pebble",
+            Duration::from_secs(120),
+            || {
+                self.kubectl(&[
+                    "patch",
+                    "clusterissuer",
+                    "letsencrypt-prod",
+                    "--type=merge",
+                    "-p",
+                    &patch,
+                ])
+                .map(drop)
+            },
+        )
+        .await?;
+        let args = serde_json::json!([
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-",
+             "value": format!("--acme-http01-solver-nameservers={}", self.pebble.dns_addr())},
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-",
+             "value": format!("--acme-http01-self-check-port={HTTP_NODE_PORT}")},
+        ])
+        .to_string();
+        self.kubectl(&[
+            "patch",
+            "deployment",
+            "cert-manager",
+            "-n",
+            "cert-manager",
+            "--type=json",
+            "-p",
+            &args,
+        ])
+        .map(drop)
+    }
+
+    async fn wait_nodes_ready(&self) -> Result<()> {
+        self.retry("every node Ready", Duration::from_secs(120), || {
+            self.kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                "--timeout=5s",
+                "nodes",
+                "--all",
+            ])
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Waits until every Deployment and DaemonSet of `deploy/` has rolled out.
+    pub async fn wait_rollouts(&self, timeout: Duration) -> Result<()> {
+        for (ns, what) in [
+            ("kube-flannel", "daemonset/kube-flannel-ds"),
+            ("local-path-storage", "deployment/local-path-provisioner"),
+            ("cert-manager", "deployment/cert-manager-webhook"),
+            ("cert-manager", "deployment/cert-manager-cainjector"),
+            ("cert-manager", "deployment/cert-manager"),
+            ("ingress-nginx", "deployment/ingress-nginx-controller"),
+            ("household-task-manager", "deployment/frontend"),
+            ("household-task-manager", "deployment/postgres"),
+        ] {
+            let t = format!("--timeout={}s", timeout.as_secs());
+            self.kubectl(&["rollout", "status", "-n", ns, what, &t])
+                .map_err(|e| HarnessError::NotReady {
+                    what: format!("{ns} {what}"),
+                    secs: timeout.as_secs(),
+                    log: format!(
+                        "{e}\n{}",
+                        self.kubectl(&["get", "pods", "-A", "-o", "wide"])
+                            .unwrap_or_default()
+                    ),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The address the household name resolves to (the first node).
+    pub fn node_ip(&self, i: usize) -> Ipv4Addr {
+        self.lab.nodes[i].ip
+    }
+
+    /// The curl line that gets the app over HTTPS through a node's NodePort, trusting
+    /// `root_pem_path` (pebble's issuing root).
+    pub fn curl_line(&self, root_pem_path: &Path) -> String {
+        format!(
+            "curl --cacert {} --resolve {HOST}:{HTTPS_NODE_PORT}:{} https://{HOST}:{HTTPS_NODE_PORT}/",
+            root_pem_path.display(),
+            self.node_ip(0)
+        )
+    }
+
+    async fn retry(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match f() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(HarnessError::NotReady {
+                        what: what.into(),
+                        secs: timeout.as_secs(),
+                        log: e.to_string(),
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+}
+
+/// A TLS client configuration trusting only `root_pem` (pebble's issuing root).
+pub fn tls_config(root_pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    crate::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        let c = c.map_err(|e| HarnessError::Http(format!("issuing root: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| HarnessError::Http(format!("issuing root: {e}")))?;
+    }
+    Ok(std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// `GET /` of the household app over HTTPS through node address `ip`'s NodePort, verifying
+/// the certificate with `config`: the status line, or what went wrong.
+pub async fn get_app(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    ip: Ipv4Addr,
+) -> std::result::Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((ip, HTTPS_NODE_PORT)),
+    )
+    .await
+    .map_err(|_| "connect timeout".to_string())?
+    .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(HOST).map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out))
+        .await
+        .map_err(|_| "read timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    if text.starts_with("HTTP/1.1 200") && text.contains("household-task-manager frontend") {
+        Ok(text.lines().next().unwrap_or_default().to_string())
+    } else {
+        Err(text.chars().take(300).collect())
+    }
+}
+
+impl Seed {
+    /// Waits until node 0's HTTPS NodePort serves the app with a certificate that verifies
+    /// against pebble's issuing root; returns that root (PEM).
+    pub async fn wait_https(&self, timeout: Duration) -> Result<String> {
+        let root = self.pebble.issuing_root_pem().await?;
+        let config = tls_config(&root)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match get_app(&config, self.node_ip(0)).await {
+                Ok(_) => return Ok(root),
+                Err(e) if Instant::now() > deadline => {
+                    let state = self
+                        .kubectl(&[
+                            "get",
+                            "certificate,certificaterequest,order,challenge",
+                            "-A",
+                            "-o",
+                            "wide",
+                        ])
+                        .unwrap_or_default();
+                    let log = self
+                        .kubectl(&[
+                            "logs",
+                            "-n",
+                            "cert-manager",
+                            "deploy/cert-manager",
+                            "--tail=40",
+                        ])
+                        .unwrap_or_default();
+                    return Err(HarnessError::NotReady {
+                        what: format!("HTTPS for {HOST} with a pebble-issued certificate"),
+                        secs: timeout.as_secs(),
+                        log: format!("{e}\n{state}\n{log}"),
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+}
+
+/// The image archives, or an error naming the command that builds them.
+fn archives() -> Result<Vec<PathBuf>> {
+    IMAGES
+        .iter()
+        .map(|name| {
+            let path = images_dir().join(format!("{name}.oci.tar"));
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(HarnessError::Command {
+                    cmd: format!("image {name}"),
+                    message: format!("{} missing: run `{IMAGES_COMMAND}`", path.display()),
+                })
+            }
+        })
+        .collect()
+}
