@@ -58,6 +58,45 @@ async fn the_seed_cluster_runs_end_to_end() {
         seed.startup.as_secs_f64()
     );
 
+    // Pods on different nodes reach each other through our VXLAN: one frontend replica to
+    // the other (anti-affinity spreads them).
+    let replicas = seed
+        .kubectl(&[
+            "get", "pods", "-n", "household-task-manager", "-l", "app=frontend", "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+        ])
+        .unwrap();
+    let replicas: Vec<Vec<&str>> = replicas
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert_ne!(
+        replicas[0][1], replicas[1][1],
+        "replicas on one node: {replicas:?}"
+    );
+    let page = seed
+        .kubectl(&[
+            "exec",
+            "-n",
+            "household-task-manager",
+            replicas[0][0],
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 8080",
+                replicas[1][2]
+            ),
+        ])
+        .unwrap();
+    assert!(page.contains("household-task-manager frontend"), "{page}");
+
+    println!(
+        "our components' footprint, idle:\n{}",
+        integration_tests::seed::footprint_table()
+    );
+
     // postgres writes to its local-path volume; the row survives the pod's replacement.
     assert_eq!(
         psql(

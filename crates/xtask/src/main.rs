@@ -201,6 +201,9 @@ fn up() -> Result<()> {
         println!();
         println!("household-task-manager over HTTPS through a node's NodePort, certificate issued by pebble:");
         println!("  {}", seed.curl_line(&root_path));
+        println!();
+        println!("Our components' memory (RSS) right now:");
+        print!("{}", integration_tests::seed::footprint_table());
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
         eprintln!("==> stopping");
