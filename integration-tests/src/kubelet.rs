@@ -49,7 +49,7 @@ pub const NODE_PATHS: &[&str] = &[
 /// plugin is installed by its DaemonSet, as upstream's).
 const DEBIAN_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "loopback"];
 
-/// The sysctls the kubelet sets (`setupKernelTunables`), restored when a node stops.
+/// The sysctls the kubelet sets (`setupKernelTunables`), restored when the last node stops.
 const KUBELET_SYSCTLS: &[&str] = &[
     "vm/overcommit_memory",
     "vm/panic_on_oom",
@@ -86,8 +86,9 @@ pub struct KubeletNode {
     containerd: Option<ManagedProcess>,
     holder: Option<ManagedProcess>,
     cgroup_root: String,
-    sysctls: Vec<(String, String)>,
     netns: String,
+    /// Counted in [`HOST`] (so its drop un-counts it exactly once).
+    registered: bool,
 }
 
 impl KubeletNode {
@@ -111,7 +112,9 @@ impl KubeletNode {
             which(program)?;
         }
         std::fs::create_dir_all(dir)?;
-        let cgroup_root = format!("/hc-{}", opts.name);
+        // Named after the node's namespace (process id and sequence): labs running at once
+        // never share one.
+        let cgroup_root = format!("/{}", ns.name());
         let mut node = KubeletNode {
             name: opts.name.clone(),
             ip: opts.ip,
@@ -121,9 +124,10 @@ impl KubeletNode {
             containerd: None,
             holder: None,
             cgroup_root,
-            sysctls: read_sysctls(),
             netns: ns.name().to_string(),
+            registered: false,
         };
+        node.registered = register_node()?;
         // Sockets orphaned at teardown keep a namespace alive while they retransmit: keep that
         // short (these sysctls are per network namespace).
         ns.exec(
@@ -158,7 +162,6 @@ impl KubeletNode {
     fn prepare_fs(&self) -> Result<()> {
         for path in NODE_PATHS {
             std::fs::create_dir_all(self.fs(path))?;
-            mount_point(Path::new(path))?;
         }
         for plugin in DEBIAN_PLUGINS {
             let from = Path::new(crate::overlay::DEBIAN_CNI_DIR).join(plugin);
@@ -178,23 +181,22 @@ impl KubeletNode {
     fn start_holder(&self, ns: &NetNs) -> Result<ManagedProcess> {
         let cgroup_keep = self.dir.join("cgroup");
         std::fs::create_dir_all(&cgroup_keep)?;
-        let mut script = String::from("set -e\n");
-        // Keep the host's cgroup hierarchies, mount a sysfs of this network namespace, and
-        // put the hierarchies back under it.
+        // The paths go in as positional parameters, never into the script's text.
+        let mut script = String::from(
+            "set -e\nkeep=\"$1\"; shift\n\
+             mount --rbind /sys/fs/cgroup \"$keep\"\n\
+             mount -t sysfs sysfs /sys\n\
+             mount --rbind \"$keep\" /sys/fs/cgroup\n\
+             while [ \"$#\" -gt 1 ]; do mount --bind \"$1\" \"$2\"; shift 2; done\n",
+        );
+        // Keep the host's cgroup hierarchies, mount a sysfs of this network namespace, put the
+        // hierarchies back under it, bind the node's paths; then shared inside the node (new
+        // peer groups: the host's mounts were copied private), as on a systemd host, since
+        // volumes with mountPropagation need it.
         script.push_str(&format!(
-            "mount --rbind /sys/fs/cgroup {keep}\nmount -t sysfs sysfs /sys\nmount --rbind {keep} /sys/fs/cgroup\n",
-            keep = cgroup_keep.display()
+            "mount --make-rshared /\necho {HOLDER_READY}\nexec sleep infinity\n"
         ));
-        for path in NODE_PATHS {
-            script.push_str(&format!(
-                "mount --bind {} {path}\n",
-                self.fs(path).display()
-            ));
-        }
-        // Shared inside the node (new peer groups; the host's mounts were copied private), as
-        // on a systemd host: volumes with mountPropagation need it.
-        script.push_str("mount --make-rshared /\necho ready\nexec sleep infinity\n");
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--mount",
             "--propagation",
             "private",
@@ -203,10 +205,16 @@ impl KubeletNode {
             "sh",
             "-c",
             &script,
+            "holder",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.push(cgroup_keep.display().to_string());
+        for path in NODE_PATHS {
+            args.push(self.fs(path).display().to_string());
+            args.push(path.to_string());
+        }
         let log = self.dir.join("holder.log");
         let mut holder = ManagedProcess::spawn(
             &format!("node {}", self.name),
@@ -218,7 +226,8 @@ impl KubeletNode {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("ready")
+            .lines()
+            .any(|l| l == HOLDER_READY)
         {
             holder.check_running()?;
             if std::time::Instant::now() > deadline {
@@ -416,11 +425,12 @@ impl KubeletNode {
             .args(["-KILL", "-f", &self.socket().display().to_string()])
             .status();
         for _ in 0..3 {
-            for pid in cgroup_pids(&self.cgroup_root) {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid).unwrap_or(rustix::process::Pid::INIT),
-                    rustix::process::Signal::KILL,
-                );
+            for pid in cgroup_pids(&self.cgroup_root)
+                .into_iter()
+                .filter_map(rustix::process::Pid::from_raw)
+                .filter(|p| !p.is_init())
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -449,43 +459,65 @@ impl Drop for KubeletNode {
             .args(["netns", "exec", &self.netns, "ss", "-K", "state", "all"])
             .output();
         remove_cgroup_root(&self.cgroup_root);
-        restore_sysctls(&self.sysctls);
-        release_mount_points();
+        if self.registered {
+            release_node();
+        }
     }
 }
 
-/// Host directories created as mount points, and how many nodes use them: the last node to
-/// stop removes them (removing a directory another node's namespace mounts on would detach
-/// that mount).
-static MOUNT_POINTS: std::sync::Mutex<(usize, Vec<PathBuf>)> =
-    std::sync::Mutex::new((0, Vec::new()));
+/// The holder's line once its mounts are in place.
+const HOLDER_READY: &str = "homecluster-node-ready";
 
-fn mount_point(path: &Path) -> Result<()> {
-    let mut guard = MOUNT_POINTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut missing = Vec::new();
-    let mut p = Some(path);
-    while let Some(dir) = p.filter(|d| !d.exists()) {
-        missing.push(dir.to_path_buf());
-        p = dir.parent();
-    }
-    std::fs::create_dir_all(path)?;
-    // Deepest last in the list, so removal in reverse goes deepest first.
-    guard.1.extend(missing.into_iter().rev());
-    if path == Path::new(NODE_PATHS[0]) {
-        guard.0 += 1;
-    }
-    Ok(())
+/// What real nodes change on the host, shared by all of this process's nodes: how many run,
+/// the host directories created as mount points, and the sysctls as they were before the first
+/// node's kubelet changed them. The last node to stop puts both back (removing a directory
+/// another node's namespace mounts on would detach that mount; restoring sysctls while a
+/// kubelet runs would be undone or, worse, saved as the host's).
+struct HostState {
+    nodes: usize,
+    created: Vec<PathBuf>,
+    sysctls: Vec<(String, String)>,
 }
 
-fn release_mount_points() {
-    let mut guard = MOUNT_POINTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    guard.0 = guard.0.saturating_sub(1);
-    if guard.0 == 0 {
-        for dir in guard.1.drain(..).rev() {
+static HOST: std::sync::Mutex<HostState> = std::sync::Mutex::new(HostState {
+    nodes: 0,
+    created: Vec::new(),
+    sysctls: Vec::new(),
+});
+
+fn host() -> std::sync::MutexGuard<'static, HostState> {
+    HOST.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Counts a starting node; the first saves the sysctls and creates the mount points.
+fn register_node() -> Result<bool> {
+    let mut host = host();
+    if host.nodes == 0 {
+        host.sysctls = read_sysctls();
+        for path in NODE_PATHS {
+            let mut missing = Vec::new();
+            let mut p = Some(Path::new(path));
+            while let Some(dir) = p.filter(|d| !d.exists()) {
+                missing.push(dir.to_path_buf());
+                p = dir.parent();
+            }
+            std::fs::create_dir_all(path)?;
+            // Deepest last, so removal in reverse goes deepest first.
+            host.created.extend(missing.into_iter().rev());
+        }
+    }
+    host.nodes += 1;
+    Ok(true)
+}
+
+/// Un-counts a stopped node; the last restores the sysctls and removes the mount points.
+fn release_node() {
+    let mut host = host();
+    host.nodes = host.nodes.saturating_sub(1);
+    if host.nodes == 0 {
+        restore_sysctls(&host.sysctls);
+        for dir in host.created.drain(..).rev() {
             let _ = std::fs::remove_dir(dir);
         }
     }

@@ -417,7 +417,9 @@ impl Lab {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };
-            run("ip", &["route", "replace", &cidr, "via", &n.ip.to_string()])?;
+            // `add`, not `replace`: a route this host already has (a real node of another
+            // network, a lab running at once) is an error, never overwritten.
+            run("ip", &["route", "add", &cidr, "via", &n.ip.to_string()])?;
         }
         Ok(())
     }

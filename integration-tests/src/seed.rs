@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use serde::Deserialize;
 
 use crate::acme::{Pebble, PebbleOptions};
 use crate::overlay::{Kubelets, Lab, LabOptions};
@@ -97,7 +98,6 @@ impl Seed {
             startup: Duration::ZERO,
         };
         seed.apply_deploy().await?;
-        seed.point_at_pebble().await?;
         seed.wait_nodes_ready().await?;
         seed.startup = started.elapsed();
         Ok(seed)
@@ -122,8 +122,11 @@ impl Seed {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The CRDs, then `kubectl apply -k deploy/`, retried while cert-manager's webhook (which
-    /// admits the ClusterIssuer) is not serving yet.
+    /// The CRDs, then `deploy/` as `kubectl kustomize` renders it, with ClusterIssuer
+    /// `letsencrypt-prod` pointed at pebble and cert-manager's HTTP-01 self-check at pebble's
+    /// DNS and the NodePort (where the seed's router forwards port 80) before anything is
+    /// applied: Let's Encrypt itself is never contacted. Retried while cert-manager's webhook
+    /// (which admits the ClusterIssuer) is not serving yet.
     async fn apply_deploy(&self) -> Result<()> {
         let crds = self.deploy_dir.join("cert-manager/crds.yaml");
         let crds = crds.display().to_string();
@@ -135,56 +138,76 @@ impl Seed {
             "-f",
             &crds,
         ])?;
-        let deploy = self.deploy_dir.display().to_string();
-        self.retry("kubectl apply -k deploy/", Duration::from_secs(240), || {
-            self.kubectl(&["apply", "-k", &deploy]).map(drop)
+        let rendered = self.kubectl(&["kustomize", &self.deploy_dir.display().to_string()])?;
+        let manifest = self.for_pebble(&rendered)?;
+        self.retry("applying deploy/", Duration::from_secs(240), || {
+            self.kubectl_stdin(&["apply", "-f", "-"], &manifest)
+                .map(drop)
         })
         .await
     }
 
-    /// ClusterIssuer `letsencrypt-prod` at pebble (its directory and CA), and cert-manager's
-    /// HTTP-01 self-check through pebble's DNS to the NodePort (where the seed's router
-    /// forwards port 80).
-    async fn point_at_pebble(&self) -> Result<()> {
-        let patch = serde_json::json!({"spec": {"acme": {
-            "server": self.pebble.directory_url(),
-            "caBundle": base64::engine::general_purpose::STANDARD.encode(&self.pebble.ca_pem),
-        }}})
-        .to_string();
-        self.retry(
-            "pointing letsencrypt-prod at pebble",
-            Duration::from_secs(120),
-            || {
-                self.kubectl(&[
-                    "patch",
-                    "clusterissuer",
-                    "letsencrypt-prod",
-                    "--type=merge",
-                    "-p",
-                    &patch,
-                ])
-                .map(drop)
-            },
-        )
-        .await?;
-        let args = serde_json::json!([
-            {"op": "add", "path": "/spec/template/spec/containers/0/args/-",
-             "value": format!("--acme-http01-solver-nameservers={}", self.pebble.dns_addr())},
-            {"op": "add", "path": "/spec/template/spec/containers/0/args/-",
-             "value": format!("--acme-http01-self-check-port={HTTP_NODE_PORT}")},
-        ])
-        .to_string();
-        self.kubectl(&[
-            "patch",
-            "deployment",
-            "cert-manager",
-            "-n",
-            "cert-manager",
-            "--type=json",
-            "-p",
-            &args,
-        ])
-        .map(drop)
+    /// `rendered` (a multi-document manifest) with the ACME server and the self-check moved to
+    /// pebble.
+    fn for_pebble(&self, rendered: &str) -> Result<String> {
+        let bad = |e: serde_yaml::Error| HarnessError::Command {
+            cmd: "kubectl kustomize deploy/".into(),
+            message: e.to_string(),
+        };
+        let mut out = String::new();
+        for doc in serde_yaml::Deserializer::from_str(rendered) {
+            let mut v = serde_yaml::Value::deserialize(doc).map_err(bad)?;
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if kind == "ClusterIssuer" && name == "letsencrypt-prod" {
+                v["spec"]["acme"]["server"] = self.pebble.directory_url().into();
+                v["spec"]["acme"]["caBundle"] = base64::engine::general_purpose::STANDARD
+                    .encode(&self.pebble.ca_pem)
+                    .into();
+            }
+            if kind == "Deployment" && name == "cert-manager" {
+                let args = &mut v["spec"]["template"]["spec"]["containers"][0]["args"];
+                if let serde_yaml::Value::Sequence(args) = args {
+                    args.push(
+                        format!(
+                            "--acme-http01-solver-nameservers={}",
+                            self.pebble.dns_addr()
+                        )
+                        .into(),
+                    );
+                    args.push(format!("--acme-http01-self-check-port={HTTP_NODE_PORT}").into());
+                }
+            }
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&v).map_err(bad)?);
+        }
+        Ok(out)
+    }
+
+    /// `kubectl ARGS` with `input` on stdin.
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(k8s_bin_dir().join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                cmd: format!("kubectl {}", args.join(" ")),
+                message: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     async fn wait_nodes_ready(&self) -> Result<()> {
@@ -268,20 +291,7 @@ impl Seed {
 
 /// A TLS client configuration trusting only `root_pem` (pebble's issuing root).
 pub fn tls_config(root_pem: &str) -> Result<std::sync::Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::pem::PemObject;
-    crate::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        let c = c.map_err(|e| HarnessError::Http(format!("issuing root: {e}")))?;
-        roots
-            .add(c)
-            .map_err(|e| HarnessError::Http(format!("issuing root: {e}")))?;
-    }
-    Ok(std::sync::Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
+    crate::http::tls_config(Some(root_pem)).map(std::sync::Arc::new)
 }
 
 /// `GET /` of the household app over HTTPS through node address `ip`'s NodePort, verifying

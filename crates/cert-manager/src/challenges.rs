@@ -111,6 +111,8 @@ async fn cleanup(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError
 /// Valid, invalid, expired or errored: stop presenting the token.
 async fn finished(ctx: &Context, ch: &Challenge) -> Result<Action, ChallengeError> {
     let mut status = ch.status.clone().unwrap_or_default();
+    // Whatever the status says, this process stops answering the token.
+    ctx.solver.remove(&ch.spec.token);
     if status.presented == Some(true) {
         ctx.solver.cleanup(&ctx.client, ch).await?;
         status.presented = Some(false);
@@ -133,7 +135,8 @@ async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> 
 
     // Presented by an earlier process (a restart, or another pod now leading) points at that
     // pod: apply again, so the solver Service reaches this one.
-    if status.presented != Some(true) || !ctx.solver.presented_here(&ch.spec.token) {
+    let presented = status.presented == Some(true);
+    if !presented || !ctx.solver.points_here(&ctx.client, ch).await? {
         if let Err(e) = ctx.solver.present(&ctx.client, ch).await {
             status.reason = Some(format!("Error presenting challenge: {e}"));
             status.processing = Some(true);
@@ -147,10 +150,6 @@ async fn solve(ch: &Challenge, ctx: &Context) -> Result<Action, ChallengeError> 
             )
             .await;
             return Ok(Action::requeue(Duration::from_secs(10)));
-        }
-        if status.presented == Some(true) {
-            tracing::info!(challenge = %ch.name_any(), "challenge re-presented at this pod");
-            return Ok(Action::requeue(Duration::from_millis(50)));
         }
         status.presented = Some(true);
         status.presented_at = Some(crate::time::now());

@@ -49,9 +49,6 @@ type Tokens = Arc<RwLock<HashMap<String, (String, String)>>>;
 /// The in-process solver: token table, HTTP listener, and what challenge resources point at.
 pub struct Solver {
     tokens: Tokens,
-    /// Tokens whose Service, EndpointSlice and Ingress this process has applied (removed with
-    /// the token): a challenge presented by an earlier process still points at that pod.
-    presented: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Where the listener is bound (its port goes into the EndpointSlices).
     pub bound: SocketAddr,
     /// This pod's address, as the challenge EndpointSlices carry it.
@@ -103,7 +100,6 @@ impl Solver {
         };
         Ok(Self {
             tokens,
-            presented: Default::default(),
             bound,
             address,
             slices: kube_common::discovery::endpoint_slice_resource(client).await?,
@@ -123,19 +119,24 @@ impl Solver {
     pub fn remove(&self, token: &str) {
         let mut t = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         t.remove(token);
-        drop(t);
-        self.presented
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(token);
     }
 
-    /// Whether this process has presented `token` (its resources point at this pod).
-    pub fn presented_here(&self, token: &str) -> bool {
-        self.presented
-            .lock()
+    /// Whether `ch`'s solver EndpointSlice points at this process and it answers the token:
+    /// false after a restart, or once another pod (now not leading) presented it last.
+    pub async fn points_here(&self, client: &Client, ch: &Challenge) -> Result<bool, Http01Error> {
+        let known = self
+            .tokens
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(token)
+            .contains_key(&ch.spec.token);
+        let (Some(address), true) = (self.address, known) else {
+            return Ok(false);
+        };
+        let ns = ch.namespace().unwrap_or_default();
+        let slice = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &self.slices)
+            .get_opt(&resource_name(ch))
+            .await?;
+        Ok(slice.is_some_and(|s| slice_points_at(&s.data, address, self.bound.port())))
     }
 
     /// Creates (or re-creates) the Service, EndpointSlice and Ingress for a challenge.
@@ -243,9 +244,7 @@ impl Solver {
             },
         };
         if let Some(existing) = ingress_spec.name.as_deref().filter(|n| !n.is_empty()) {
-            edit_in_place(client, &ns, existing, &ch.spec.dns_name, path, true).await?;
-            self.mark_presented(&ch.spec.token);
-            return Ok(());
+            return edit_in_place(client, &ns, existing, &ch.spec.dns_name, path, true).await;
         }
         let template = ingress_spec
             .ingress_template
@@ -295,15 +294,7 @@ impl Solver {
         Api::<Ingress>::namespaced(client.clone(), &ns)
             .patch(&name, &pp, &Patch::Apply(value))
             .await?;
-        self.mark_presented(&ch.spec.token);
         Ok(())
-    }
-
-    fn mark_presented(&self, token: &str) {
-        self.presented
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token.to_string());
     }
 
     /// Removes what `present` made (owner references would do it too, on Challenge deletion).
@@ -511,6 +502,13 @@ fn absolute(base: &str, location: &str) -> String {
     }
 }
 
+/// Whether an EndpointSlice's (JSON) body lists `address` and `port` first, as `present`
+/// writes it.
+fn slice_points_at(data: &serde_json::Value, address: IpAddr, port: u16) -> bool {
+    data["endpoints"][0]["addresses"][0].as_str() == Some(address.to_string().as_str())
+        && data["ports"][0]["port"].as_u64() == Some(u64::from(port))
+}
+
 fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match r {
         Ok(_) => Ok(()),
@@ -655,6 +653,22 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slice_points_here_only_with_our_address_and_port() {
+        let ip: IpAddr = "10.244.1.7".parse().unwrap();
+        let slice = serde_json::json!({
+            "endpoints": [{"addresses": ["10.244.1.7"]}], "ports": [{"port": 8089}]
+        });
+        assert!(slice_points_at(&slice, ip, 8089));
+        assert!(!slice_points_at(
+            &slice,
+            "10.244.2.9".parse().unwrap(),
+            8089
+        ));
+        assert!(!slice_points_at(&slice, ip, 8090));
+        assert!(!slice_points_at(&serde_json::json!({}), ip, 8089));
+    }
 
     #[test]
     fn host_ports_are_stripped() {

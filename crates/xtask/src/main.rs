@@ -170,17 +170,23 @@ fn up() -> Result<()> {
             "==> starting the control plane and the nodes {} (containerd, kubelet, kube-proxy each), applying deploy/",
             NODES.join(", ")
         );
-        let seed = Seed::start(SeedOptions::default())
-            .await
-            .context("starting the seed cluster")?;
+        // Ctrl-C while starting drops what has started (nodes, pods, cgroups, sysctls).
+        let seed = tokio::select! {
+            seed = Seed::start(SeedOptions::default()) => seed.context("starting the seed cluster")?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; cleaned up"),
+        };
         eprintln!(
             "==> nodes Ready and deploy/ applied in {:.1}s; waiting for the workloads",
             seed.startup.as_secs_f64()
         );
-        seed.wait_rollouts(std::time::Duration::from_secs(300)).await?;
-        let root = seed
-            .wait_https(std::time::Duration::from_secs(180))
-            .await?;
+        let ready = async {
+            seed.wait_rollouts(std::time::Duration::from_secs(300)).await?;
+            seed.wait_https(std::time::Duration::from_secs(180)).await
+        };
+        let root = tokio::select! {
+            root = ready => root?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; cleaned up"),
+        };
         let first_https = started.elapsed();
         let dir = seed.lab.cluster.dir();
         let root_path = dir.join("pebble-root.pem");

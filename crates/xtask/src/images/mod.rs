@@ -528,7 +528,9 @@ fn postgres_files(arch: &Arch, _: &Path) -> Result<Vec<File>> {
     for dir in ["/var/lib/postgresql", "/var/run/postgresql"] {
         files.push(File {
             path: dir.into(),
-            mode: 0o2777,
+            // Writable by the postgres user (999) as /tmp is: sticky, so no one removes
+            // another's files.
+            mode: 0o1777,
             contents: FileContents::Dir,
         });
     }
@@ -540,24 +542,38 @@ fn postgres_files(arch: &Arch, _: &Path) -> Result<Vec<File>> {
 /// Initialises `$PGDATA` on first start (as the official image's entrypoint does for these
 /// variables), then runs the server listening on every address.
 const POSTGRES_ENTRYPOINT: &str = r#"#!/bin/sh
-set -e
+set -eu
+umask 077
 : "${PGDATA:=/var/lib/postgresql/data}"
 : "${POSTGRES_USER:=postgres}"
 : "${POSTGRES_DB:=$POSTGRES_USER}"
+: "${POSTGRES_PASSWORD:=}"
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ -z "$POSTGRES_PASSWORD" ]; then
     echo "POSTGRES_PASSWORD is empty: refusing to initialise a database without one" >&2
     exit 1
   fi
-  mkdir -p "$PGDATA"
-  chmod 700 "$PGDATA"
-  echo "$POSTGRES_PASSWORD" > /tmp/pwfile
-  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile=/tmp/pwfile -E UTF8 --no-locale     --auth-local=trust --auth-host=scram-sha-256
-  rm -f /tmp/pwfile
-  echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
-  if [ "$POSTGRES_DB" != "postgres" ]; then
-    echo "CREATE DATABASE "$POSTGRES_DB";" | postgres --single -D "$PGDATA" postgres >/dev/null
+  if [ -d "$PGDATA" ] && [ -n "$(ls -A "$PGDATA")" ]; then
+    echo "$PGDATA is not empty and holds no database: refusing to touch it" >&2
+    exit 1
   fi
+  # Initialised beside PGDATA and moved in place when complete, so a failed first start is
+  # simply retried; in place when PGDATA is itself a mount point.
+  target="$PGDATA.init"
+  if [ -d "$PGDATA" ] && ! rmdir "$PGDATA" 2>/dev/null; then target="$PGDATA"; fi
+  rm -rf "$PGDATA.init"
+  pwfile="/tmp/pwfile.$$"
+  trap 'rm -f "$pwfile"' EXIT
+  printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
+  initdb -D "$target" -U "$POSTGRES_USER" --pwfile="$pwfile" -E UTF8 --no-locale \
+    --auth-local=trust --auth-host=scram-sha-256
+  rm -f "$pwfile"
+  echo "host all all all scram-sha-256" >> "$target/pg_hba.conf"
+  if [ "$POSTGRES_DB" != "postgres" ]; then
+    db=$(printf '%s' "$POSTGRES_DB" | sed 's/"/""/g')
+    printf 'CREATE DATABASE "%s";\n' "$db" | postgres --single -D "$target" postgres >/dev/null
+  fi
+  if [ "$target" != "$PGDATA" ]; then mv "$target" "$PGDATA"; fi
 fi
 exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@"
 "#;
