@@ -109,17 +109,7 @@ impl Seed {
 
     /// `kubectl ARGS` against the cluster; its stdout.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(k8s_bin_dir().join("kubectl"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            return Err(HarnessError::Command {
-                cmd: format!("kubectl {}", args.join(" ")),
-                message: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.kubectl_stdin(args, "")
     }
 
     /// The CRDs, then `deploy/` as `kubectl kustomize` renders it, with ClusterIssuer
@@ -187,7 +177,7 @@ impl Seed {
         Ok(out)
     }
 
-    /// `kubectl ARGS` with `input` on stdin.
+    /// `kubectl ARGS` with `input` on stdin; its stdout.
     fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
         use std::io::Write;
         let mut child = Command::new(k8s_bin_dir().join("kubectl"))
