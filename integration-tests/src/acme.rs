@@ -56,8 +56,11 @@ pub struct Pebble {
 impl Pebble {
     pub async fn start(opts: PebbleOptions) -> Result<Pebble> {
         let challsrv_bin = which("pebble-challtestsrv")?;
+        // Named `homecluster-acme-<pid>-…`: a pebble a test binary shares is never dropped, so
+        // a later run removes the dirs of processes that are gone.
+        crate::kube::remove_stale_dirs("homecluster-acme-");
         let dir = tempfile::Builder::new()
-            .prefix("homecluster-acme-")
+            .prefix(&format!("homecluster-acme-{}-", std::process::id()))
             .tempdir()?;
         let d = dir.path();
         let ca = TestCa::new("homecluster-pebble-listener-ca")?;

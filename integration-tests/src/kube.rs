@@ -103,7 +103,7 @@ impl Cluster {
             }
         }
         let etcd_bin = which("etcd")?;
-        remove_stale_dirs();
+        remove_stale_dirs(DIR_PREFIX);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
             .tempdir()?;
@@ -485,13 +485,15 @@ impl Drop for Cluster {
 }
 
 /// Deletes control-plane dirs left by test processes that have exited.
-fn remove_stale_dirs() {
+/// Removes temp dirs named `<prefix><pid>-…` whose process is gone (servers shared by a test
+/// binary live in statics and are never dropped).
+pub(crate) fn remove_stale_dirs(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
