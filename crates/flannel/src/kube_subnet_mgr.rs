@@ -69,7 +69,7 @@ impl Nodes {
             writer,
             watcher(Api::<CachedNode>::all(client), watcher::Config::default()).modify(strip(keys)),
         )
-        .default_backoff()
+        .backoff(kube_common::backoff::WatchRetry::default())
         .touched_objects();
         tokio::spawn(async move {
             futures::pin_mut!(stream);

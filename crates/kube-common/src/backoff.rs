@@ -44,6 +44,48 @@ impl Default for Backoff {
     }
 }
 
+/// Delays between a watch's retries: 500 ms doubling to 5 s, back to the start once the watch
+/// delivers anything.
+///
+/// kube-runtime's default (client-go's reflector: 0.8 s doubling to 30 s) is shared by all of a
+/// `Controller`'s watches, so after an apiserver outage each watch's one "too old resource
+/// version" answer cost the whole controller another 30 s: minutes before work resumed. A
+/// 5 s cap keeps recovery within seconds and costs a down apiserver one request per watch
+/// every 5 s.
+#[derive(Clone, Debug)]
+pub struct WatchRetry {
+    backoff: Backoff,
+    failures: u32,
+}
+
+impl WatchRetry {
+    pub const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+}
+
+impl Default for WatchRetry {
+    fn default() -> Self {
+        Self {
+            backoff: Self::BACKOFF,
+            failures: 0,
+        }
+    }
+}
+
+impl Iterator for WatchRetry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.failures = self.failures.saturating_add(1);
+        Some(self.backoff.delay(self.failures))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchRetry {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +97,16 @@ mod tests {
         assert_eq!(d, vec![1, 2, 4, 8, 10, 10]);
         assert_eq!(b.delay(0), Duration::from_secs(1));
         assert_eq!(b.delay(u32::MAX), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn watch_retry_caps_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut retry = WatchRetry::default();
+        let first: Vec<u128> = retry.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(first, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        retry.reset();
+        assert_eq!(retry.next(), Some(Duration::from_millis(500)));
     }
 
     #[test]

@@ -126,7 +126,7 @@ where
 {
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (reader, writer) = reflector::store();
-    // No `default_backoff()`: as with `Controller::new`, the runner backs off the trigger stream.
+    // No backoff here: as with `Controller::new`, `Manager::run` backs off the trigger stream.
     let stream = watcher(api, wc)
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer)
@@ -394,7 +394,7 @@ impl Manager {
         let stream = kube::runtime::reflector(
             writer,
             kube::runtime::watcher(api, wc)
-                .default_backoff()
+                .backoff(crate::backoff::WatchRetry::default())
                 .modify(|o: &mut K| o.meta_mut().managed_fields = None),
         );
         let shutdown = self.shutdown.clone();
@@ -488,11 +488,17 @@ impl Manager {
         };
         let name = name.to_string();
         controller
+            .trigger_backoff(crate::backoff::WatchRetry::default())
             .graceful_shutdown_on(stop_all)
             .run(reconciler, error_policy, ctx)
             .for_each(|res| {
-                if let Err(e) = res {
-                    tracing::debug!(controller = %name, error = %e, "controller event");
+                match res {
+                    // A failed watch (the reconcile errors are logged by the error policy).
+                    Err(kube::runtime::controller::Error::QueueError(e)) => {
+                        tracing::warn!(controller = %name, error = %e, "watch failed, retrying");
+                    }
+                    Err(e) => tracing::debug!(controller = %name, error = %e, "controller event"),
+                    Ok(_) => {}
                 }
                 futures::future::ready(())
             })
