@@ -361,21 +361,45 @@ impl Seed {
     }
 }
 
-/// Our components' processes on this machine, by component: (component, processes, total RSS
-/// in KiB). Found by program name (`/proc/<pid>/comm`): run it where no other copies run.
-pub fn footprint() -> Vec<(&'static str, usize, u64)> {
-    // comm is the program name cut to 15 bytes.
-    const COMPONENTS: [(&str, &str); 4] = [
-        ("ingress-nginx (ingress-controller)", "nginx-ingress-c"),
-        (
-            "cert-manager (controller, cainjector, webhook)",
-            "cert-manager",
-        ),
-        ("flannel (flanneld)", "flanneld"),
-        ("local-path (provisioner, agents)", "local-path-prov"),
-    ];
-    let mut out: Vec<(&'static str, usize, u64)> =
-        COMPONENTS.iter().map(|(name, _)| (*name, 0, 0)).collect();
+/// Memory of one component's processes on this machine (all nodes), KiB.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Footprint {
+    pub component: &'static str,
+    pub processes: u64,
+    /// Resident set, summed.
+    pub rss: u64,
+    /// Of it, anonymous memory (heap, stacks, relocated data): each process's own.
+    pub anon: u64,
+    /// Proportional set size: pages shared by several processes (one binary's code, in
+    /// the page cache once) counted once in all.
+    pub pss: u64,
+    /// The processes one instance of the component runs (cert-manager: its three
+    /// Deployments' pods), at their mean RSS.
+    pub instance_rss: u64,
+}
+
+/// Our components' processes by name (comm: the program name cut to 15 bytes), and how
+/// many make one instance.
+const COMPONENTS: [(&str, &str, u64); 4] = [
+    ("ingress-nginx (ingress-controller)", "nginx-ingress-c", 1),
+    (
+        "cert-manager (controller, cainjector, webhook)",
+        "cert-manager",
+        3,
+    ),
+    ("flannel (flanneld)", "flanneld", 1),
+    ("local-path (provisioner, agents)", "local-path-prov", 1),
+];
+
+/// The RSS, anonymous and proportional figures of every process of our four components.
+pub fn footprint() -> Vec<Footprint> {
+    let mut out: Vec<Footprint> = COMPONENTS
+        .iter()
+        .map(|(component, ..)| Footprint {
+            component,
+            ..Default::default()
+        })
+        .collect();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -384,42 +408,66 @@ pub fn footprint() -> Vec<(&'static str, usize, u64)> {
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        let Some(i) = COMPONENTS.iter().position(|(_, c)| *c == comm.trim()) else {
+        let Some(i) = COMPONENTS.iter().position(|(_, c, _)| *c == comm.trim()) else {
             continue;
         };
-        let rss = std::fs::read_to_string(dir.join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        out[i].1 += 1;
-        out[i].2 += rss;
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let rollup = std::fs::read_to_string(dir.join("smaps_rollup")).unwrap_or_default();
+        out[i].processes += 1;
+        out[i].rss += kib_field(&status, "VmRSS:");
+        out[i].anon += kib_field(&status, "RssAnon:");
+        out[i].pss += kib_field(&rollup, "Pss:");
+    }
+    for (f, (.., per_instance)) in out.iter_mut().zip(COMPONENTS) {
+        if f.processes > 0 {
+            f.instance_rss = f.rss * per_instance / f.processes;
+        }
     }
     out
 }
 
-/// [`footprint`] as a table (KiB → MiB), with the sum.
+/// A `Name:   1234 kB` line's figure.
+fn kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// [`footprint`] as a table (MiB), with the sums.
 pub fn footprint_table() -> String {
     let rows = footprint();
-    let mut text =
-        String::from("component                                         processes   RSS (MiB)\n");
-    let mut total = 0;
-    for (name, n, kib) in &rows {
-        total += kib;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut text = format!(
+        "{:<48}{:>6}{:>9}{:>8}{:>8}{:>11}\n",
+        "component (MiB)", "procs", "RSS", "anon", "PSS", "one, RSS"
+    );
+    let mut total = Footprint::default();
+    for f in &rows {
         text.push_str(&format!(
-            "{name:<50}{n:>9}   {:>9.1}\n",
-            *kib as f64 / 1024.0
+            "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}\n",
+            f.component,
+            f.processes,
+            mib(f.rss),
+            mib(f.anon),
+            mib(f.pss),
+            mib(f.instance_rss)
         ));
+        total.processes += f.processes;
+        total.rss += f.rss;
+        total.anon += f.anon;
+        total.pss += f.pss;
+        total.instance_rss += f.instance_rss;
     }
     text.push_str(&format!(
-        "{:<50}{:>9}   {:>9.1}\n",
+        "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}\n",
         "all four",
-        "",
-        total as f64 / 1024.0
+        total.processes,
+        mib(total.rss),
+        mib(total.anon),
+        mib(total.pss),
+        mib(total.instance_rss)
     ));
     text
 }

@@ -90,5 +90,5 @@ fn shipped_binaries(package: &str) -> Result<PathBuf> {
         .copied()
         .filter(|(p, _)| *p == package)
         .collect();
-    images::build_static(&images::Arch::native()?, &binaries)
+    images::build_static(&images::Arch::native()?, &binaries, images::SHIP_PROFILE)
 }

@@ -83,8 +83,9 @@ fn main() -> Result<()> {
                     ])
                 })?;
             }
-            // The real-node tests import this machine's images (static, as they ship).
-            images::run(&[images::Arch::native()?])?;
+            // The real-node tests import this machine's images: static as they ship, built
+            // for build time (CI builds them from clean; `images` and `up` build the shipped).
+            images::run(&[images::Arch::native()?], images::SUITE_PROFILE)?;
             let mut args = vec!["test".to_string()];
             if !cargo_args
                 .iter()
@@ -101,7 +102,7 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|a| images::Arch::parse(a))
                 .collect::<Result<Vec<_>>>()?;
-            images::run(&arches).map(drop)
+            images::run(&arches, images::SHIP_PROFILE).map(drop)
         }
         Task::Bench { what, args } => match what.as_str() {
             "proxy" => bench::harness("bench-proxy", &args),
@@ -113,7 +114,7 @@ fn main() -> Result<()> {
         },
         Task::Up => {
             setup::all()?;
-            images::run(&[images::Arch::native()?])?;
+            images::run(&[images::Arch::native()?], images::SHIP_PROFILE)?;
             up()
         }
     }
