@@ -419,9 +419,7 @@ pub fn footprint() -> Vec<Footprint> {
         out[i].pss += kib_field(&rollup, "Pss:");
     }
     for (f, (.., per_instance)) in out.iter_mut().zip(COMPONENTS) {
-        if f.processes > 0 {
-            f.instance_rss = f.rss * per_instance / f.processes;
-        }
+        f.instance_rss = (f.rss * per_instance).checked_div(f.processes).unwrap_or(0);
     }
     out
 }

@@ -124,11 +124,29 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Clone + Eq + Hash + Debug + Unpin,
 {
+    trimmed_controller(api, wc, |_| {})
+}
+
+/// [`lean_controller`] that also applies `trim` to every object before caching it, for
+/// controllers that read a small part of large objects (a CRD's schema is most of its size).
+/// Only for controllers that write with patches: the cached copy is no longer the object.
+pub fn trimmed_controller<K>(
+    api: kube::Api<K>,
+    wc: kube::runtime::watcher::Config,
+    trim: impl Fn(&mut K) + Send + 'static,
+) -> Controller<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Clone + Eq + Hash + Debug + Unpin,
+{
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (reader, writer) = reflector::store();
     // No backoff here: as with `Controller::new`, `Manager::run` backs off the trigger stream.
     let stream = watcher(api, wc)
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .modify(move |o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            trim(o);
+        })
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(stream, reader)

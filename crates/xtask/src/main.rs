@@ -85,7 +85,13 @@ fn main() -> Result<()> {
             }
             // The real-node tests import this machine's images: static as they ship, built
             // for build time (CI builds them from clean; `images` and `up` build the shipped).
-            images::run(&[images::Arch::native()?], images::SUITE_PROFILE)?;
+            // On amd64 the arm64 binaries are cross-built too and each run under qemu.
+            let native = images::Arch::native()?;
+            let mut arches = vec![native];
+            if native == images::AMD64 {
+                arches.push(images::ARM64);
+            }
+            images::run(&arches, images::SUITE_PROFILE)?;
             let mut args = vec!["test".to_string()];
             if !cargo_args
                 .iter()

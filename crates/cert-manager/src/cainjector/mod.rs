@@ -29,10 +29,11 @@ use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_common::Manager;
 use kube_common::args::CommonArgs;
+use kube_common::controller::trimmed_controller;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -121,6 +122,9 @@ pub trait Injectable:
     fn bundles(&self) -> Option<Vec<Vec<u8>>>;
     /// A patch setting those places to `bundles` (same order), guarded by resourceVersion.
     fn patch(&self, bundles: &[Vec<u8>]) -> Patch<Value>;
+    /// Drops what the cache need not keep (the injector reads annotations and bundles, and
+    /// writes merge patches).
+    fn trim(&mut self) {}
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -212,6 +216,13 @@ impl Injectable for CustomResourceDefinition {
             "metadata": {"resourceVersion": self.metadata.resource_version},
             "spec": {"conversion": {"webhook": {"clientConfig": {"caBundle": bundle}}}},
         }))
+    }
+
+    /// The schemas: most of a CRD's bytes, and nothing here reads them.
+    fn trim(&mut self) {
+        for version in &mut self.spec.versions {
+            version.schema = None;
+        }
     }
 }
 
@@ -398,7 +409,7 @@ async fn run_controller<K: Injectable>(
         }
     };
     let (secrets, certificates) = scoped(client.clone());
-    let controller = Controller::new(Api::<K>::all(client), watcher::Config::default());
+    let controller = trimmed_controller(Api::<K>::all(client), watcher::Config::default(), K::trim);
     let (by_secret, by_cert) = (controller.store(), controller.store());
     let controller = controller
         .watches(
