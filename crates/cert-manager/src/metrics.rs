@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::Certificate;
+use crate::api::{Certificate, CertificateStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReadyLabels {
@@ -138,9 +138,8 @@ impl Metrics {
 
     /// Sets the per-Certificate series from its status (one series per condition value, as
     /// upstream: the current one 1, the others 0).
-    pub fn observe_certificate(&self, cert: &Certificate) {
+    pub fn observe_certificate(&self, cert: &Certificate, status: &CertificateStatus) {
         let (labels, ready_labels) = certificate_labels(cert);
-        let status = cert.status.clone().unwrap_or_default();
         let ready = status
             .conditions
             .as_deref()

@@ -120,6 +120,8 @@ async fn issued(
     key_manager::delete_secret(&seen.secrets, key_secret).await?;
     bump_revision(seen, status, &chain);
     seen.patch_status(status).await?;
+    // Ready is written here, before the next readiness pass: the metrics say so now.
+    seen.ctx.metrics.observe_certificate(seen.cert, status);
     let revision = seen.revision + 1;
     tracing::info!(certificate = %seen.name, namespace = %seen.ns, revision, "issued");
     seen.event(

@@ -21,9 +21,7 @@ pub(super) async fn sync(
     if seen.cert.status.as_ref() != Some(&status) {
         seen.patch_status(&status).await?;
     }
-    let mut c = seen.cert.clone();
-    c.status = Some(status);
-    seen.ctx.metrics.observe_certificate(&c);
+    seen.ctx.metrics.observe_certificate(seen.cert, &status);
     let now = seen.now;
     let wake = [
         seen.renewal,
