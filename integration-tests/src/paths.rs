@@ -37,6 +37,10 @@ pub const K8S_BINARIES: [&str; 6] = [
 
 /// Where `cargo run -p xtask -- images` writes the OCI archives (`<name>.oci.tar`).
 pub fn images_dir() -> PathBuf {
+    // `xtask test` points the tests at its own build's images.
+    if let Some(dir) = std::env::var_os("HOMECLUSTER_IMAGES") {
+        return PathBuf::from(dir);
+    }
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))

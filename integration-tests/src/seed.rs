@@ -374,7 +374,7 @@ pub struct Footprint {
     /// the page cache once) counted once in all.
     pub pss: u64,
     /// The processes one instance of the component runs (cert-manager: its three
-    /// Deployments' pods), at their mean RSS.
+    /// Deployments' pods; local-path: the provisioner and one agent), at their mean RSS.
     pub instance_rss: u64,
 }
 
@@ -388,7 +388,8 @@ const COMPONENTS: [(&str, &str, u64); 4] = [
         3,
     ),
     ("flannel (flanneld)", "flanneld", 1),
-    ("local-path (provisioner, agents)", "local-path-prov", 1),
+    // One instance: the provisioner and one node agent.
+    ("local-path (provisioner, agents)", "local-path-prov", 2),
 ];
 
 /// The RSS, anonymous and proportional figures of every process of our four components.

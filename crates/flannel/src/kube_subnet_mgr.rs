@@ -69,8 +69,9 @@ impl Nodes {
             writer,
             watcher(Api::<CachedNode>::all(client), watcher::Config::default()).modify(strip(keys)),
         )
-        .backoff(kube_common::backoff::WatchRetry::default())
-        .touched_objects();
+        // After touched_objects: a relist's Init (sent before it lists) must not reset the delay.
+        .touched_objects()
+        .backoff(kube_common::backoff::WatchRetry::default());
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {

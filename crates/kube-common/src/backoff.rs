@@ -49,9 +49,10 @@ impl Default for Backoff {
 ///
 /// kube-runtime's default (client-go's reflector: 0.8 s doubling to 30 s) is shared by all of a
 /// `Controller`'s watches, so after an apiserver outage each watch's one "too old resource
-/// version" answer cost the whole controller another 30 s: minutes before work resumed. A
-/// 5 s cap keeps recovery within seconds and costs a down apiserver one request per watch
-/// every 5 s.
+/// version" answer cost the whole controller another 30 s: minutes before work resumed (with
+/// leader election off; with it on, a leader that cannot renew restarts its controllers). A
+/// controller's watches still share one delay, and a pause lets one error through, so with n
+/// watches failing each is retried about every n x 5 s.
 #[derive(Clone, Debug)]
 pub struct WatchRetry {
     backoff: Backoff,
@@ -71,12 +72,19 @@ impl Default for WatchRetry {
     }
 }
 
+impl WatchRetry {
+    /// The delay before the next retry (counts one more failure).
+    pub fn delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.backoff.delay(self.failures)
+    }
+}
+
 impl Iterator for WatchRetry {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        self.failures = self.failures.saturating_add(1);
-        Some(self.backoff.delay(self.failures))
+        Some(self.delay())
     }
 }
 

@@ -411,24 +411,36 @@ impl Manager {
         // managedFields is most of a cached object's size and nothing here reads it.
         let stream = kube::runtime::reflector(
             writer,
-            kube::runtime::watcher(api, wc)
-                .backoff(crate::backoff::WatchRetry::default())
-                .modify(|o: &mut K| o.meta_mut().managed_fields = None),
+            kube::runtime::watcher(api, wc).modify(|o: &mut K| o.meta_mut().managed_fields = None),
         );
         let shutdown = self.shutdown.clone();
         let name = name.to_string();
         let reader = store.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            let mut retry = crate::backoff::WatchRetry::default();
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     next = stream.next() => next,
                 };
                 match next {
-                    Some(Ok(ev)) => on_event(&ev, &reader),
+                    Some(Ok(ev)) => {
+                        // A relist announces itself (Init) before it lists: only what the
+                        // apiserver delivered resets the delay, or a failing list would be
+                        // retried every 0.5 s.
+                        if !matches!(ev, kube::runtime::watcher::Event::Init) {
+                            kube::runtime::utils::Backoff::reset(&mut retry);
+                        }
+                        on_event(&ev, &reader);
+                    }
                     Some(Err(e)) => {
-                        tracing::warn!(cache = %name, error = %e, "watch failed, retrying")
+                        let delay = retry.delay();
+                        tracing::warn!(cache = %name, error = %e, retry_in = ?delay, "watch failed, retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                     None => return,
                 }
@@ -505,6 +517,7 @@ impl Manager {
             }
         };
         let name = name.to_string();
+        // Replaces any trigger backoff the caller set (none does).
         controller
             .trigger_backoff(crate::backoff::WatchRetry::default())
             .graceful_shutdown_on(stop_all)

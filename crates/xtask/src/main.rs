@@ -92,6 +92,7 @@ fn main() -> Result<()> {
                 arches.push(images::ARM64);
             }
             images::run(&arches, images::SUITE_PROFILE)?;
+            let suite_images = std::path::absolute(images::images_dir(images::SUITE_PROFILE))?;
             let mut args = vec!["test".to_string()];
             if !cargo_args
                 .iter()
@@ -101,7 +102,9 @@ fn main() -> Result<()> {
             }
             args.extend(cargo_args);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            step("cargo test", || cargo(&args))
+            step("cargo test", || {
+                cargo_with_env(&args, &[("HOMECLUSTER_IMAGES", suite_images.as_os_str())])
+            })
         }
         Task::Images { arch } => {
             let arches = arch

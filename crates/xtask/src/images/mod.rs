@@ -169,8 +169,10 @@ const FLANNEL_DEBS: &[&str] = &[
 
 /// The cargo profile the shipped binaries are built with (opt-level z, fat LTO).
 pub const SHIP_PROFILE: &str = "small";
-/// The test suite's profile: the same programs built for build time (no LTO, opt-level 1),
-/// since CI builds them from clean and the suite checks behaviour, not size or speed.
+/// The test suite's profile: the same programs built for build time (dev: unoptimised but for
+/// the RSA crates, with overflow checks and debug assertions, so stricter than `small`), since
+/// CI builds them from clean and the suite checks behaviour, not size or speed. Its images go
+/// to `target/images/suite-images/`, never over the shipped ones.
 pub const SUITE_PROFILE: &str = "suite-images";
 
 /// `images`: builds every image for `arches` into `target/images/` from binaries built with
@@ -195,7 +197,7 @@ pub fn run(arches: &[Arch], profile: &str) -> Result<Vec<PathBuf>> {
             )?;
         }
     }
-    let out = target_dir().join("images");
+    let out = images_dir(profile);
     std::fs::create_dir_all(&out)?;
     let mut written = Vec::new();
     let mut table = Vec::new();
@@ -599,7 +601,8 @@ fn dedup(files: &mut Vec<File>) {
     files.retain(|f| seen.insert(f.path.clone()));
 }
 
-/// Code generation flags of the static binaries. Not position-independent: a static PIE
+/// Code generation flags of the static binaries. Not position-independent (Rust builds
+/// x86_64 musl programs as static PIEs; aarch64 ones already are not): a static PIE
 /// relocates itself at start, reading all of `.rela.dyn` and dirtying every page of
 /// `.data.rel.ro` (0.5 + 0.4 MiB in cert-manager, in every process). No unwind tables:
 /// `panic = "abort"` never unwinds (1.2 MiB of cert-manager's file).
@@ -633,10 +636,30 @@ pub fn build_static(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Re
     if !arch.is_native() {
         env.push((linker_var.as_str(), std::ffi::OsStr::new(arch.cc)));
     }
+    if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+    {
+        eprintln!(
+            "    warning: RUSTFLAGS is set, so cargo ignores the images' own flags ({RUSTFLAGS}): \
+             these binaries differ from the shipped build"
+        );
+    }
     step(&format!("cargo {}", args.join(" ")), || {
         cargo_with_env(&args, &env)
     })?;
     Ok(target_dir().join(arch.triple).join(profile))
+}
+
+/// Where `run` writes the images of `profile`: `target/images` for the shipped build, a
+/// directory of its own for any other (the tests find it through `HOMECLUSTER_IMAGES`).
+pub fn images_dir(profile: &str) -> PathBuf {
+    let dir = target_dir().join("images");
+    if profile == SHIP_PROFILE {
+        dir
+    } else {
+        dir.join(profile)
+    }
 }
 
 fn target_dir() -> PathBuf {
