@@ -1,7 +1,7 @@
 //! CPU time and resident memory of a process and its descendants, from /proc (nginx is a
 //! master plus workers; the others are one process).
 
-use std::path::Path;
+use integration_tests::process::status_kib;
 
 /// Totals over a process tree at one moment.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -51,20 +51,6 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     // The command name is in parentheses and may itself contain spaces or parentheses.
     let rest = &text[text.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let path = format!("/proc/{pid}/status");
-    std::fs::read_to_string(Path::new(&path))
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|l| {
-                l.strip_prefix(key)
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|n| n.parse().ok())
-            })
-        })
-        .unwrap_or(0)
 }
 
 /// Totals over `root`'s tree now.

@@ -4,6 +4,7 @@
 //! error naming the set-up command, never a silent pass.
 
 pub mod acme;
+pub mod bench_peers;
 pub mod faults;
 pub mod http;
 pub mod ingress;

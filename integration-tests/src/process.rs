@@ -237,6 +237,22 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A `Name:   1234 kB` line's figure in /proc text (`status`, `smaps_rollup`); 0 if absent.
+pub fn kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `field` (such as `VmRSS:`) of `/proc/<pid>/status` in KiB; 0 if unreadable.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|text| kib_field(&text, field))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +268,13 @@ mod tests {
             );
             drop(std::net::TcpListener::bind(("127.0.0.1", p)).unwrap());
         }
+    }
+
+    #[test]
+    fn kib_field_reads_proc_lines() {
+        let text = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(kib_field(text, "VmRSS:"), 1024);
+        assert_eq!(kib_field(text, "RssAnon:"), 0);
+        assert!(status_kib(std::process::id(), "VmRSS:") > 0);
     }
 }

@@ -26,11 +26,13 @@ pub const HOST: &str = "household-task-mgr.duckdns.org";
 pub const HTTP_NODE_PORT: u16 = 30158;
 pub const HTTPS_NODE_PORT: u16 = 30894;
 /// The images every node imports (`target/images/<name>.oci.tar`).
-pub const IMAGES: [&str; 7] = [
+pub const IMAGES: [&str; 9] = [
     "pause",
     "flannel",
     "local-path-provisioner",
-    "cert-manager",
+    "cert-manager-controller",
+    "cert-manager-cainjector",
+    "cert-manager-webhook",
     "ingress-controller",
     "household-frontend",
     "household-postgres",
@@ -378,18 +380,22 @@ pub struct Footprint {
     pub instance_rss: u64,
 }
 
-/// Our components' processes by name (comm: the program name cut to 15 bytes), and how
-/// many make one instance.
-const COMPONENTS: [(&str, &str, u64); 4] = [
-    ("ingress-nginx (ingress-controller)", "nginx-ingress-c", 1),
+/// Our components' processes by name (comm: the program name cut to 15 bytes; cert-manager's
+/// are upstream's `/app/cmd/<role>/<role>`), and how many make one instance.
+const COMPONENTS: [(&str, &[&str], u64); 4] = [
+    (
+        "ingress-nginx (ingress-controller)",
+        &["nginx-ingress-c"],
+        1,
+    ),
     (
         "cert-manager (controller, cainjector, webhook)",
-        "cert-manager",
+        &["controller", "cainjector", "webhook"],
         3,
     ),
-    ("flannel (flanneld)", "flanneld", 1),
+    ("flannel (flanneld)", &["flanneld"], 1),
     // One instance: the provisioner and one node agent.
-    ("local-path (provisioner, agents)", "local-path-prov", 2),
+    ("local-path (provisioner, agents)", &["local-path-prov"], 2),
 ];
 
 /// The RSS, anonymous and proportional figures of every process of our four components.
@@ -409,29 +415,29 @@ pub fn footprint() -> Vec<Footprint> {
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        let Some(i) = COMPONENTS.iter().position(|(_, c, _)| *c == comm.trim()) else {
+        let Some(i) = COMPONENTS
+            .iter()
+            .position(|(_, c, _)| c.contains(&comm.trim()))
+        else {
             continue;
         };
+        // Only pods of our nodes (their kubelets' cgroup roots are `/hc…`): names such as
+        // `controller` or `webhook` are common on a host.
+        let cgroup = std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
+        if !cgroup.contains(":/hc") {
+            continue;
+        }
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
         let rollup = std::fs::read_to_string(dir.join("smaps_rollup")).unwrap_or_default();
         out[i].processes += 1;
-        out[i].rss += kib_field(&status, "VmRSS:");
-        out[i].anon += kib_field(&status, "RssAnon:");
-        out[i].pss += kib_field(&rollup, "Pss:");
+        out[i].rss += crate::process::kib_field(&status, "VmRSS:");
+        out[i].anon += crate::process::kib_field(&status, "RssAnon:");
+        out[i].pss += crate::process::kib_field(&rollup, "Pss:");
     }
     for (f, (.., per_instance)) in out.iter_mut().zip(COMPONENTS) {
         f.instance_rss = (f.rss * per_instance).checked_div(f.processes).unwrap_or(0);
     }
     out
-}
-
-/// A `Name:   1234 kB` line's figure.
-fn kib_field(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// [`footprint`] as a table (MiB), with the sums.

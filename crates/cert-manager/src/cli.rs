@@ -45,6 +45,16 @@ pub struct ControllerArgs {
     #[arg(long, value_delimiter = ',')]
     pub acme_http01_solver_nameservers: Vec<SocketAddr>,
 
+    /// Upstream's acmesolver image, which its manifests pass: accepted and unused, as this
+    /// process answers HTTP-01 challenges itself (no solver pods).
+    #[arg(long)]
+    pub acme_http01_solver_image: Option<String>,
+
+    /// Upstream's bound on challenges presented at once (its manifests pass 60): accepted;
+    /// not enforced (each challenge here is an in-memory route, not a pod).
+    #[arg(long, default_value_t = 60)]
+    pub max_concurrent_challenges: u32,
+
     /// Where this process answers HTTP-01 challenges (upstream's acmesolver port).
     #[arg(long, default_value = "0.0.0.0:8089")]
     pub acme_http01_solver_listen_address: SocketAddr,

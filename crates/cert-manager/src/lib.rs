@@ -13,6 +13,7 @@ pub mod http01;
 pub mod issuers;
 pub mod metrics;
 pub mod pki;
+pub mod roles;
 pub mod time;
 pub mod webhook;
 

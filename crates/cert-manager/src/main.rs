@@ -1,11 +1,10 @@
-//! `cert-manager`: one binary, three Deployments (as upstream ships three images).
-//! `controller` runs the issuance controllers, `cainjector` keeps CA bundles injected,
-//! `webhook` validates cert-manager resources; `crds` prints the CRD manifest.
+//! `cert-manager`: every role in one binary, for development: `controller`, `cainjector` and
+//! `webhook` run what the images' own binaries run (`cert-manager-controller`, ...); `crds`
+//! prints the CRD manifest.
 
 use std::io::Write;
 
 use clap::{Parser, Subcommand};
-use kube_common::Manager;
 
 #[derive(Parser)]
 #[command(name = "cert-manager", version, about)]
@@ -29,21 +28,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Controller(args) => {
-            let mgr = Manager::from_args("cert-manager", &args.common).await?;
-            cert_manager::controller::start(&mgr, &args).await?;
-            mgr.shutdown.cancelled().await;
-        }
-        Command::Cainjector(args) => {
-            let mgr = Manager::from_args("cert-manager-cainjector", &args.common).await?;
-            cert_manager::cainjector::start(&mgr, &args).await?;
-            mgr.shutdown.cancelled().await;
-        }
-        Command::Webhook(args) => {
-            let mgr = Manager::from_args("cert-manager-webhook", &args.common).await?;
-            cert_manager::webhook::start(&mgr, &args).await?;
-            mgr.shutdown.cancelled().await;
-        }
+        Command::Controller(args) => cert_manager::roles::controller(&args).await?,
+        Command::Cainjector(args) => cert_manager::roles::cainjector(&args).await?,
+        Command::Webhook(args) => cert_manager::roles::webhook(&args).await?,
         Command::Crds => {
             std::io::stdout()
                 .lock()

@@ -29,12 +29,28 @@ pub struct CommonArgs {
     #[arg(long, default_value = "info", global = true)]
     pub log_level: String,
 
+    /// klog's verbosity, which upstream's manifests pass (`--v=2`): with `--log-level` left at
+    /// `info`, 4 or more logs at debug and 6 or more at trace.
+    #[arg(long = "v", value_name = "LEVEL", global = true)]
+    pub verbosity: Option<u8>,
+
     /// Address of the /healthz, /readyz and /metrics server; each component has its own default.
     #[arg(long, global = true)]
     pub health_address: Option<SocketAddr>,
 
     #[command(flatten)]
     pub leader_election: LeaderElectionArgs,
+}
+
+impl CommonArgs {
+    /// The log filter: `--log-level`, raised by `--v` when that was left at `info`.
+    pub fn log_filter(&self) -> &str {
+        match self.verbosity {
+            Some(6..) if self.log_level == "info" => "trace",
+            Some(4..) if self.log_level == "info" => "debug",
+            _ => &self.log_level,
+        }
+    }
 }
 
 /// Leader election flags, with client-go's names and defaults.
@@ -137,5 +153,24 @@ mod tests {
         assert_eq!(le.leader_elect_renew_deadline, Duration::from_secs(10));
         assert_eq!(le.leader_elect_retry_period, Duration::from_secs(2));
         assert_eq!(cli.common.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn klog_verbosity_is_accepted_and_raises_only_the_default_level() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .expect("parses")
+                .common
+        };
+        assert_eq!(parse(&["--v=2"]).log_filter(), "info");
+        assert_eq!(parse(&["--v=4"]).log_filter(), "debug");
+        assert_eq!(parse(&["--v=6"]).log_filter(), "trace");
+        assert_eq!(parse(&["--v=6", "--log-level=warn"]).log_filter(), "warn");
+        assert_eq!(parse(&[]).log_filter(), "info");
     }
 }

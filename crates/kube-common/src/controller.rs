@@ -243,7 +243,7 @@ impl Manager {
     /// For a binary: sets up tracing from the flags, builds the client, and cancels `shutdown` on
     /// SIGTERM/SIGINT.
     pub async fn from_args(component: &str, args: &CommonArgs) -> Result<Self, Error> {
-        telemetry::init(args.log_format, &args.log_level)?;
+        telemetry::init(args.log_format, args.log_filter())?;
         let client = client::client(args.kubeconfig.as_deref()).await?;
         Ok(Self::new(component, client, crate::shutdown::on_signal()))
     }

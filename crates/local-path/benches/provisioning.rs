@@ -24,16 +24,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-/// kB of a `/proc/<pid>/status` field (VmRSS, VmHWM).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// When each claim of the namespace first got its selected node (the scheduler's part) and
@@ -169,9 +159,9 @@ async fn main() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_kib = proc_kib(pid, "VmRSS:");
-    let idle_anon = proc_kib(pid, "RssAnon:");
-    let idle_file = proc_kib(pid, "RssFile:");
+    let idle_kib = integration_tests::process::status_kib(pid, "VmRSS:");
+    let idle_anon = integration_tests::process::status_kib(pid, "RssAnon:");
+    let idle_file = integration_tests::process::status_kib(pid, "RssFile:");
     let (selected, seen) = watch_claims(&env);
     let pvs = watch_pvs(&env);
     // (created → selected node, selected node → PV, PV → claim Bound)
@@ -225,10 +215,10 @@ async fn main() {
         binding.extend(c);
     }
     let all_bound = t0.elapsed();
-    let peak_kib = proc_kib(pid, "VmHWM:");
+    let peak_kib = integration_tests::process::status_kib(pid, "VmHWM:");
     let agent_kib: Vec<u64> = (0..3)
         .filter_map(|i| env.pid(i))
-        .map(|p| proc_kib(p, "VmHWM:"))
+        .map(|p| integration_tests::process::status_kib(p, "VmHWM:"))
         .collect();
     let floor = static_burst(&env, &seen).await;
 

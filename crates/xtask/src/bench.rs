@@ -90,5 +90,8 @@ fn shipped_binaries(package: &str) -> Result<PathBuf> {
         .copied()
         .filter(|(p, _)| *p == package)
         .collect();
-    images::build_static(&images::Arch::native()?, &binaries, images::SHIP_PROFILE)
+    let dirs = images::build_static(&[images::Arch::native()?], &binaries, images::SHIP_PROFILE)?;
+    dirs.into_iter()
+        .next()
+        .context("build_static returns one directory per arch")
 }

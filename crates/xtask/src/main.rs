@@ -11,6 +11,7 @@
 
 mod bench;
 mod images;
+mod lanes;
 mod setup;
 
 use std::process::Command;
@@ -93,6 +94,17 @@ fn main() -> Result<()> {
             }
             images::run(&arches, images::SUITE_PROFILE)?;
             let suite_images = std::path::absolute(images::images_dir(images::SUITE_PROFILE))?;
+            let env = [("HOMECLUSTER_IMAGES", suite_images.as_os_str())];
+            if cargo_args.is_empty() {
+                // The proxy smoke test's pingora peer, built now rather than inside a test
+                // that runs beside timing-sensitive ones.
+                step("pingora benchmark peer", || {
+                    integration_tests::bench_peers::build_pingora(&root)
+                        .map(drop)
+                        .map_err(anyhow::Error::msg)
+                })?;
+                return lanes::run(&env);
+            }
             let mut args = vec!["test".to_string()];
             if !cargo_args
                 .iter()
@@ -102,9 +114,7 @@ fn main() -> Result<()> {
             }
             args.extend(cargo_args);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            step("cargo test", || {
-                cargo_with_env(&args, &[("HOMECLUSTER_IMAGES", suite_images.as_os_str())])
-            })
+            step("cargo test", || cargo_with_env(&args, &env))
         }
         Task::Images { arch } => {
             let arches = arch

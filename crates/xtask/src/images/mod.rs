@@ -91,7 +91,9 @@ impl Arch {
 /// The binaries the images carry: `(package, binary)`.
 pub const BINARIES: &[(&str, &str)] = &[
     ("ingress", "ingress-controller"),
-    ("cert-manager", "cert-manager"),
+    ("cert-manager", "cert-manager-controller"),
+    ("cert-manager", "cert-manager-cainjector"),
+    ("cert-manager", "cert-manager-webhook"),
     ("flannel", "flanneld"),
     ("flannel", "flannel"),
     ("local-path", "local-path-provisioner"),
@@ -185,10 +187,8 @@ pub fn run(arches: &[Arch], profile: &str) -> Result<Vec<PathBuf>> {
     step("Debian packages for static and cross builds", || {
         setup::ensure_packages(&packages)
     })?;
-    let mut bins = Vec::new();
-    for arch in arches {
-        bins.push((*arch, build_static(arch, BINARIES, profile)?));
-    }
+    let dirs = build_static(arches, BINARIES, profile)?;
+    let bins: Vec<(Arch, PathBuf)> = arches.iter().copied().zip(dirs).collect();
     for (arch, dir) in &bins {
         if !arch.is_native() {
             step(
@@ -240,6 +240,23 @@ struct Image {
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// A cert-manager role's image: its own binary at upstream's path, the CA bundle, `/tmp`.
+macro_rules! cert_manager_image {
+    ($name:literal, $path:literal) => {
+        Image {
+            name: $name,
+            run: || RunConfig {
+                entrypoint: vec![$path.into()],
+                env: vec![PATH_ENV.into()],
+                // Upstream's images run as 1000; the manifests ask for runAsNonRoot.
+                user: Some("1000".into()),
+                ..Default::default()
+            },
+            files: |_, dir| Ok(vec![binary(dir, $name, $path)?, ca_bundle()?, tmp()]),
+        }
+    };
+}
+
 const IMAGES: &[Image] = &[
     Image {
         // Every pod's sandbox (containerd's `sandbox_image`): holds the pod's namespaces.
@@ -266,24 +283,10 @@ const IMAGES: &[Image] = &[
             ])
         },
     },
-    Image {
-        // One binary for upstream's three Deployments; the subcommand is the first argument.
-        name: "cert-manager",
-        run: || RunConfig {
-            entrypoint: vec!["/app/cert-manager".into()],
-            env: vec![PATH_ENV.into()],
-            // Upstream's images run as 1000; the manifests ask for runAsNonRoot.
-            user: Some("1000".into()),
-            ..Default::default()
-        },
-        files: |_, dir| {
-            Ok(vec![
-                binary(dir, "cert-manager", "/app/cert-manager")?,
-                ca_bundle()?,
-                tmp(),
-            ])
-        },
-    },
+    // Upstream's three cert-manager images, each with its binary where upstream's is.
+    cert_manager_image!("cert-manager-controller", "/app/cmd/controller/controller"),
+    cert_manager_image!("cert-manager-cainjector", "/app/cmd/cainjector/cainjector"),
+    cert_manager_image!("cert-manager-webhook", "/app/cmd/webhook/webhook"),
     Image {
         name: "flannel",
         run: || RunConfig {
@@ -608,12 +611,23 @@ fn dedup(files: &mut Vec<File>) {
 /// `panic = "abort"` never unwinds (1.2 MiB of cert-manager's file).
 const RUSTFLAGS: &str = "-C relocation-model=static -C force-unwind-tables=no";
 
-/// Builds `binaries` for `arch`'s musl target with `profile`; returns their directory.
-pub fn build_static(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Result<PathBuf> {
-    step(&format!("{} standard library", arch.triple), || {
-        musl_target(arch.triple)
-    })?;
-    let mut args = vec!["build", "--profile", profile, "--target", arch.triple];
+/// Builds `binaries` for each of `arches`' musl targets with `profile`, in one cargo call (the
+/// host's build scripts and proc macros are built once for all); returns each arch's
+/// directory, in `arches`' order.
+pub fn build_static(
+    arches: &[Arch],
+    binaries: &[(&str, &str)],
+    profile: &str,
+) -> Result<Vec<PathBuf>> {
+    for arch in arches {
+        step(&format!("{} standard library", arch.triple), || {
+            musl_target(arch.triple)
+        })?;
+    }
+    let mut args = vec!["build", "--profile", profile];
+    for arch in arches {
+        args.extend(["--target", arch.triple]);
+    }
     let mut packages: Vec<&str> = binaries.iter().map(|(p, _)| *p).collect();
     packages.dedup();
     for package in &packages {
@@ -622,20 +636,9 @@ pub fn build_static(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Re
     for (_, bin) in binaries {
         args.extend(["--bin", bin]);
     }
-    // cc-rs would look for `<arch>-linux-musl-gcc`; Debian ships `musl-gcc` (native) and the
-    // aarch64 glibc cross compiler, which links a static musl program with Rust's own crt and
-    // libc (self-contained linking).
-    let cc_var = format!("CC_{}", arch.triple.replace('-', "_"));
-    let upper = arch.triple.replace('-', "_").to_uppercase();
-    let linker_var = format!("CARGO_TARGET_{upper}_LINKER");
-    let rustflags_var = format!("CARGO_TARGET_{upper}_RUSTFLAGS");
-    let mut env = vec![
-        (cc_var.as_str(), std::ffi::OsStr::new(arch.cc)),
-        (rustflags_var.as_str(), std::ffi::OsStr::new(RUSTFLAGS)),
-    ];
-    if !arch.is_native() {
-        env.push((linker_var.as_str(), std::ffi::OsStr::new(arch.cc)));
-    }
+    let env: Vec<(String, &std::ffi::OsStr)> =
+        arches.iter().flat_map(|arch| target_env(arch)).collect();
+    let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
         .iter()
         .any(|v| std::env::var_os(v).is_some())
@@ -648,7 +651,35 @@ pub fn build_static(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Re
     step(&format!("cargo {}", args.join(" ")), || {
         cargo_with_env(&args, &env)
     })?;
-    Ok(target_dir().join(arch.triple).join(profile))
+    Ok(arches
+        .iter()
+        .map(|arch| target_dir().join(arch.triple).join(profile))
+        .collect())
+}
+
+/// The compiler, linker and flags cargo uses for `arch`'s musl target.
+fn target_env(arch: &Arch) -> Vec<(String, &'static std::ffi::OsStr)> {
+    // cc-rs would look for `<arch>-linux-musl-gcc`; Debian ships `musl-gcc` (native) and the
+    // aarch64 glibc cross compiler, which links a static musl program with Rust's own crt and
+    // libc (self-contained linking).
+    let upper = arch.triple.replace('-', "_").to_uppercase();
+    let mut env = vec![
+        (
+            format!("CC_{}", arch.triple.replace('-', "_")),
+            std::ffi::OsStr::new(arch.cc),
+        ),
+        (
+            format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
+            std::ffi::OsStr::new(RUSTFLAGS),
+        ),
+    ];
+    if !arch.is_native() {
+        env.push((
+            format!("CARGO_TARGET_{upper}_LINKER"),
+            std::ffi::OsStr::new(arch.cc),
+        ));
+    }
+    env
 }
 
 /// Where `run` writes the images of `profile`: `target/images` for the shipped build, a
@@ -736,12 +767,24 @@ fn smoke_operations() -> Vec<Operation> {
             &[("CNI_COMMAND", "VERSION")],
             "supportedVersions",
         ),
-        // The CRD manifest, generated from the Rust types.
+        // Upstream's flags, bad values refused before any API call.
         (
-            "cert-manager",
-            &["crds"],
+            "cert-manager-controller",
+            &["--acme-http01-solver-nameservers", "not-an-address"],
             &[],
-            "certificates.cert-manager.io",
+            "invalid value",
+        ),
+        (
+            "cert-manager-cainjector",
+            &["--leader-elect-lease-duration", "soon"],
+            &[],
+            "invalid value",
+        ),
+        (
+            "cert-manager-webhook",
+            &["--secure-port", "notaport"],
+            &[],
+            "invalid value",
         ),
         // A bad config file is refused with a clear error before any API call.
         (
