@@ -80,6 +80,17 @@ impl WatchRetry {
     }
 }
 
+impl WatchRetry {
+    /// Accounts for an event a watcher delivered: back to the first delay, except on a
+    /// relist's `Init`, which comes before its list request (a failing list would otherwise
+    /// be retried every 0.5 s).
+    pub fn observe<K>(&mut self, event: &kube::runtime::watcher::Event<K>) {
+        if !matches!(event, kube::runtime::watcher::Event::Init) {
+            self.failures = 0;
+        }
+    }
+}
+
 impl Iterator for WatchRetry {
     type Item = Duration;
 
@@ -115,6 +126,17 @@ mod tests {
         assert_eq!(first, vec![500, 1000, 2000, 4000, 5000, 5000]);
         retry.reset();
         assert_eq!(retry.next(), Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn watch_retry_resets_on_delivered_events_only() {
+        use kube::runtime::watcher::Event;
+        let mut retry = WatchRetry::default();
+        assert_eq!(retry.delay(), Duration::from_millis(500));
+        retry.observe(&Event::<()>::Init);
+        assert_eq!(retry.delay(), Duration::from_secs(1));
+        retry.observe(&Event::<()>::InitDone);
+        assert_eq!(retry.delay(), Duration::from_millis(500));
     }
 
     #[test]

@@ -426,12 +426,7 @@ impl Manager {
                 };
                 match next {
                     Some(Ok(ev)) => {
-                        // A relist announces itself (Init) before it lists: only what the
-                        // apiserver delivered resets the delay, or a failing list would be
-                        // retried every 0.5 s.
-                        if !matches!(ev, kube::runtime::watcher::Event::Init) {
-                            kube::runtime::utils::Backoff::reset(&mut retry);
-                        }
+                        retry.observe(&ev);
                         on_event(&ev, &reader);
                     }
                     Some(Err(e)) => {

@@ -14,6 +14,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use kube_common::Manager;
+use kube_common::backoff::WatchRetry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -128,11 +129,15 @@ impl Agent {
         // Uids listed by the current (re)list: at its end, `seen` keeps only those, so deletes
         // missed while the watch was down do not stay in it for good.
         let mut listed: HashSet<String> = HashSet::new();
+        let mut retry = WatchRetry::default();
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 ev = stream.next() => ev,
             };
+            if let Some(Ok(ev)) = &ev {
+                retry.observe(ev);
+            }
             match ev {
                 Some(Ok(watcher::Event::Apply(cm))) => self.clone().consider(cm),
                 Some(Ok(watcher::Event::InitApply(cm))) => {
@@ -153,8 +158,12 @@ impl Agent {
                 }
                 Some(Ok(watcher::Event::Init)) => listed.clear(),
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watching tasks failed, retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let delay = retry.delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "watching tasks failed, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
                 None => return,
             }

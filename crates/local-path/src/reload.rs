@@ -13,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::runtime::watcher;
 use kube::{Api, Client};
+use kube_common::backoff::WatchRetry;
 use kube_common::events::{EventType, Recorder};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -55,11 +56,15 @@ async fn watch_configmap(
     let api: Api<ConfigMap> = Api::namespaced(src.client.clone(), &src.namespace);
     let wc = watcher::Config::default().fields(&format!("metadata.name={}", src.configmap));
     let mut stream = std::pin::pin!(watcher(api, wc));
+    let mut retry = WatchRetry::default();
     loop {
         let ev = tokio::select! {
             _ = shutdown.cancelled() => return,
             ev = stream.next() => ev,
         };
+        if let Some(Ok(ev)) = &ev {
+            retry.observe(ev);
+        }
         match ev {
             Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
                 apply(src, tx, &cm.data.unwrap_or_default()).await
@@ -69,8 +74,12 @@ async fn watch_configmap(
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching the config ConfigMap failed, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let delay = retry.delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "watching the config ConfigMap failed, retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
             None => return,
         }

@@ -311,6 +311,7 @@ impl Authority {
         let mut events = watcher(self.secrets.clone(), wc).boxed();
         let mut signed_by: Option<CaPair> = None;
         let mut renew_at = OffsetDateTime::now_utc();
+        let mut retry = kube_common::backoff::WatchRetry::default();
         loop {
             let now = OffsetDateTime::now_utc();
             match self.ensure_ca().await {
@@ -336,13 +337,19 @@ impl Authority {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
-                ev = events.next() => {
-                    if let Some(Err(e)) = ev {
-                        tracing::debug!(error = %e, "CA Secret watch");
-                        // Avoid spinning on a failing watch; the timer still re-checks.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => retry.observe(&ev),
+                    Some(Err(e)) => {
+                        // Not spinning on a failing watch; the timer still re-checks.
+                        let delay = retry.delay();
+                        tracing::debug!(error = %e, retry_in = ?delay, "CA Secret watch");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
-                }
+                    None => {}
+                },
             }
         }
     }

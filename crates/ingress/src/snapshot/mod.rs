@@ -236,6 +236,10 @@ pub struct Builder {
     /// The problems reported per object version (reason, message); only versions still in
     /// the cluster are kept.
     reported: HashMap<ObjectVersion, HashSet<(&'static str, String)>>,
+    /// The last build's backends by Service port: one whose endpoints are unchanged is kept,
+    /// round-robin position and all (as ingress-nginx's balancer keeps its own across
+    /// syncs), so an edit elsewhere does not send the next requests to the first endpoint.
+    backends: routes::BackendCache,
 }
 
 /// One version of one object: problems are reported once per version.
@@ -289,6 +293,7 @@ impl Builder {
             cert_cache: certificates::CertCache::default(),
             regexes: RegexCache::default(),
             reported: HashMap::new(),
+            backends: routes::BackendCache::default(),
         }
     }
 
@@ -413,6 +418,47 @@ mod tests {
     pub(super) fn class() -> serde_json::Value {
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
                "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}})
+    }
+
+    fn backend(built: &Built) -> Option<Arc<Backend>> {
+        match built.snapshot.router.lookup("a.example", "/") {
+            crate::path_rules::Match::Rule(r, _) => match &r.target.target {
+                Target::Service(b) => Some(b.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_backend_keeps_its_round_robin_position_across_builds() {
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
+                         "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}});
+        let upstream = json!({"nginx.ingress.kubernetes.io/service-upstream": "true"});
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut builder = Builder::new(Options::default(), fake);
+        let objects = json!([class(), svc.clone(), ingress("web", upstream.clone())]);
+        let first = backend(&builder.build(&inputs(objects.clone()))).expect("backend");
+        let _ = first.pick();
+        let again = backend(&builder.build(&inputs(objects))).expect("backend");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "same endpoints: the same backend"
+        );
+
+        let moved = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
+                           "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}});
+        let changed =
+            backend(&builder.build(&inputs(json!([class(), moved, ingress("web", upstream)]))))
+                .expect("backend");
+        assert!(
+            !Arc::ptr_eq(&first, &changed),
+            "new endpoints: a new backend"
+        );
+        assert_eq!(
+            changed.upstreams,
+            vec![Upstream::Addr("10.96.0.11:80".parse().expect("addr"))]
+        );
     }
 
     fn upstreams(built: &Built) -> Option<Vec<Upstream>> {

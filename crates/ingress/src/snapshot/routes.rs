@@ -31,7 +31,7 @@ impl Builder {
         problems: &mut Vec<Problem>,
     ) -> (Router<Arc<Location>>, Arc<Location>) {
         let configmaps = by_key(&inputs.configmaps);
-        let mut backends = Backends::new(inputs);
+        let mut backends = Backends::new(inputs, std::mem::take(&mut self.backends));
         let default_location =
             default_location(self.opts.default_backend_service.as_ref(), &mut backends);
         let mut routes = Routes::default();
@@ -42,6 +42,8 @@ impl Builder {
             let settings = self.ingress_settings(ing, annotations, &configmaps, secrets, problems);
             routes.add(spec, &settings, &mut backends);
         }
+        // Only what this build uses is kept for the next.
+        self.backends = backends.made;
         routes.router(default_location, &mut self.regexes)
     }
 
@@ -246,16 +248,21 @@ impl Routes {
     }
 }
 
+/// Backends by Service and port (name, number, service-upstream).
+pub(super) type BackendCache = HashMap<(ObjectKey, String), Arc<Backend>>;
+
 /// Services and their endpoints by key, and the backends made so far: locations naming the
 /// same Service port share one Backend (and its round-robin position).
 struct Backends<'a> {
     services: HashMap<ObjectKey, &'a Service>,
     slices: HashMap<ObjectKey, Vec<&'a Slice>>,
-    made: HashMap<(ObjectKey, String), Arc<Backend>>,
+    made: BackendCache,
+    /// The previous build's: reused where the endpoints are the same.
+    previous: BackendCache,
 }
 
 impl<'a> Backends<'a> {
-    fn new(inputs: &'a Inputs) -> Self {
+    fn new(inputs: &'a Inputs, previous: BackendCache) -> Self {
         let mut slices: HashMap<ObjectKey, Vec<&Slice>> = HashMap::new();
         for s in &inputs.slices {
             slices
@@ -270,6 +277,7 @@ impl<'a> Backends<'a> {
             services: by_key(&inputs.services),
             slices,
             made: HashMap::new(),
+            previous,
         }
     }
 
@@ -296,8 +304,12 @@ impl<'a> Backends<'a> {
                 service: svc_ref.name.clone(),
             };
         };
-        let backend = Arc::new(Backend::new(ns, &svc_ref.name, upstreams));
-        self.made.insert((key, port_label), backend.clone());
+        let id = (key, port_label);
+        let backend = match self.previous.remove(&id) {
+            Some(kept) if kept.upstreams == upstreams => kept,
+            _ => Arc::new(Backend::new(ns, &svc_ref.name, upstreams)),
+        };
+        self.made.insert(id, backend.clone());
         Target::Service(backend)
     }
 
