@@ -1,4 +1,4 @@
-//! Flags of `cert-manager controller`, with upstream's names and defaults where upstream has
+//! Flags of `cert-manager-controller` (and `cert-manager controller`), with upstream's names and defaults where upstream has
 //! the flag.
 
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! What every controller of `cert-manager controller` shares.
+//! What every controller of `cert-manager-controller` shares.
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! `cert-manager controller`: the HTTP-01 solver listener on every replica, and on the Lease
+//! `cert-manager-controller`: the HTTP-01 solver listener on every replica, and on the Lease
 //! holder (`cert-manager-controller`, as upstream, so ours and upstream's never both act) the
 //! controllers: issuers, clusterissuers, ingress-shim, certificates, certificaterequests,
 //! orders, challenges.

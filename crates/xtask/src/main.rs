@@ -10,8 +10,16 @@
 //! `cargo run -p xtask -- images`: the components' container images (see `images`).
 
 mod bench;
+// The harness's own path and peer-building code, compiled in here from its sources: xtask
+// must not depend on the harness crate, whose dependencies (kube, tokio, rustls, ...) would be
+// built twice in CI, once for xtask alone and once with the test suite's features.
+#[path = "../../../integration-tests/src/bench_peers.rs"]
+mod bench_peers;
 mod images;
 mod lanes;
+#[path = "../../../integration-tests/src/paths.rs"]
+#[allow(dead_code)] // what only the tests use
+mod paths;
 mod setup;
 
 use std::process::Command;
@@ -19,7 +27,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use integration_tests::paths::k8s_bin_dir;
 
 #[derive(Parser)]
 #[command(about = "Project tasks")]
@@ -99,7 +106,7 @@ fn main() -> Result<()> {
                 // The proxy smoke test's pingora peer, built now rather than inside a test
                 // that runs beside timing-sensitive ones.
                 step("pingora benchmark peer", || {
-                    integration_tests::bench_peers::build_pingora(&root)
+                    bench_peers::build_pingora(&root)
                         .map(drop)
                         .map_err(anyhow::Error::msg)
                 })?;
@@ -178,62 +185,13 @@ fn workspace_root() -> Result<std::path::PathBuf> {
         .context("xtask must live at crates/xtask")
 }
 
-/// The seed cluster on this machine (three real nodes, deploy/ applied, pebble as the ACME
-/// server) until Ctrl-C; prints the curl and kubectl lines and the time to the first HTTPS
-/// answer.
+/// The seed cluster on this machine: `seed-up` (integration-tests) in this process's place,
+/// so Ctrl-C reaches it alone and the prompt returns once it has cleaned up.
 fn up() -> Result<()> {
-    use integration_tests::seed::{NODES, Seed, SeedOptions};
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let started = Instant::now();
-        eprintln!(
-            "==> starting the control plane and the nodes {} (containerd, kubelet, kube-proxy each), applying deploy/",
-            NODES.join(", ")
-        );
-        // Ctrl-C while starting drops what has started (nodes, pods, cgroups, sysctls).
-        let seed = tokio::select! {
-            seed = Seed::start(SeedOptions::default()) => seed.context("starting the seed cluster")?,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; cleaned up"),
-        };
-        eprintln!(
-            "==> nodes Ready and deploy/ applied in {:.1}s; waiting for the workloads",
-            seed.startup.as_secs_f64()
-        );
-        let ready = async {
-            seed.wait_rollouts(std::time::Duration::from_secs(300)).await?;
-            seed.wait_https(std::time::Duration::from_secs(180)).await
-        };
-        let root = tokio::select! {
-            root = ready => root?,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; cleaned up"),
-        };
-        let first_https = started.elapsed();
-        let dir = seed.lab.cluster.dir();
-        let root_path = dir.join("pebble-root.pem");
-        std::fs::write(&root_path, &root)?;
-        let kubectl = k8s_bin_dir().join("kubectl");
-        let kubeconfig = seed.kubeconfig().display().to_string();
-        println!();
-        println!(
-            "The seed cluster is up: first HTTPS answer {:.1}s after start.",
-            first_https.as_secs_f64()
-        );
-        println!("  kubeconfig: {kubeconfig}");
-        println!(
-            "  try:        {} --kubeconfig {kubeconfig} get nodes,pods -A -o wide",
-            kubectl.display()
-        );
-        println!("  logs:       {} (node logs under the lab's node directories)", dir.display());
-        println!();
-        println!("household-task-manager over HTTPS through a node's NodePort, certificate issued by pebble:");
-        println!("  {}", seed.curl_line(&root_path));
-        println!();
-        println!("Our components' memory (RSS) right now:");
-        print!("{}", integration_tests::seed::footprint_table());
-        println!("Press Ctrl-C to stop and clean up.");
-        tokio::signal::ctrl_c().await?;
-        eprintln!("==> stopping");
-        drop(seed);
-        Ok(())
-    })
+    use std::os::unix::process::CommandExt;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let err = Command::new(cargo)
+        .args(["run", "-q", "-p", "integration-tests", "--bin", "seed-up"])
+        .exec();
+    Err(err).context("running cargo run -p integration-tests --bin seed-up")
 }

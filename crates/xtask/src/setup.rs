@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::paths::{K8S_BINARIES, K8S_VERSION, cache_dir, k8s_bin_dir};
 use anyhow::{Context, Result, bail};
-use integration_tests::paths::{K8S_BINARIES, K8S_VERSION, cache_dir, k8s_bin_dir};
 
 use crate::step;
 

@@ -1,4 +1,4 @@
-//! `cert-manager cainjector`: keeps CA bundles injected into ValidatingWebhookConfigurations,
+//! `cert-manager-cainjector`: keeps CA bundles injected into ValidatingWebhookConfigurations,
 //! MutatingWebhookConfigurations, CRD conversion webhooks and APIServices that ask for one by
 //! annotation (upstream's `pkg/controller/cainjector`):
 //!
@@ -465,7 +465,7 @@ pub fn apiserver_ca(config: &kube::Config) -> Option<Vec<u8>> {
         .filter(|b| !b.is_empty())
 }
 
-/// Entry point of `cert-manager cainjector`: runs the four controllers while holding the Lease.
+/// Entry point of `cert-manager-cainjector`: runs the four controllers while holding the Lease.
 pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
     let config = kube_common::client::config(args.common.kubeconfig.as_deref()).await?;
     let apiserver_ca = apiserver_ca(&config);

@@ -1,4 +1,4 @@
-//! `cert-manager webhook`: validating (`/validate`) and mutating (`/mutate`) admission for the
+//! `cert-manager-webhook`: validating (`/validate`) and mutating (`/mutate`) admission for the
 //! cert-manager kinds over HTTPS, with the serving certificate from a self-managed CA
 //! ([`authority`]), and `/healthz` + `/livez` on a plain HTTP port. No leader election: every
 //! replica serves.
@@ -80,7 +80,7 @@ pub struct Running {
     pub cert: Arc<DynamicCert>,
 }
 
-/// Entry point of `cert-manager webhook`: starts everything in the background.
+/// Entry point of `cert-manager-webhook`: starts everything in the background.
 pub async fn start(mgr: &Manager, args: &Args) -> anyhow::Result<()> {
     let running = run(mgr, args).await?;
     tracing::info!(secure = %running.secure_addr, healthz = %running.healthz_addr, "webhook listening");

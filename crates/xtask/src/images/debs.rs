@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::paths::cache_dir;
 use anyhow::{Context, Result, bail};
-use integration_tests::paths::cache_dir;
 
 use super::oci::{File, FileContents};
 use crate::setup::run_root;
