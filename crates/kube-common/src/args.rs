@@ -32,7 +32,7 @@ pub struct CommonArgs {
     /// klog's verbosity, which upstream's manifests pass (`--v=2`): with `--log-level` left at
     /// `info`, 4 or more logs at debug and 6 or more at trace.
     #[arg(long = "v", value_name = "LEVEL", global = true)]
-    pub verbosity: Option<u8>,
+    pub verbosity: Option<i32>,
 
     /// Address of the /healthz, /readyz and /metrics server; each component has its own default.
     #[arg(long, global = true)]

@@ -8,14 +8,14 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo_with_env, step};
+use crate::{cargo_command, cargo_with_env, step};
 
 /// Packages of the first lane: those whose tests make real nodes, namespaces and routes on
 /// this machine (never two at once), and the benchmark smoke tests, which balance the lanes
@@ -80,8 +80,7 @@ pub fn run(env: &[(&str, &OsStr)]) -> Result<()> {
 
 /// Integration test targets of the workspace: (those of [`NODE_PACKAGES`], the others).
 fn test_targets() -> Result<(BTreeSet<String>, BTreeSet<String>)> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
+    let out = cargo_command()
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .output()
         .context("running cargo metadata")?;
@@ -168,9 +167,8 @@ fn run_prefixed(
     args: &[String],
     env: &[(String, std::ffi::OsString)],
 ) -> Result<bool> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("    [{name}] cargo {}", args.join(" "));
-    let mut child = Command::new(cargo)
+    let mut child = cargo_command()
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())

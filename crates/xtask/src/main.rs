@@ -17,8 +17,10 @@ mod bench;
 mod bench_peers;
 mod images;
 mod lanes;
+// Not its `images_dir()`, which only the tests use (its CARGO_MANIFEST_DIR would be xtask's):
+// xtask has `images::images_dir`.
 #[path = "../../../integration-tests/src/paths.rs"]
-#[allow(dead_code)] // what only the tests use
+#[allow(dead_code)]
 mod paths;
 mod setup;
 
@@ -163,9 +165,32 @@ fn cargo(args: &[&str]) -> Result<()> {
     cargo_with_env(args, &[])
 }
 
-fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
+/// A `cargo` command without the variables `cargo run` set for xtask itself: ring's build
+/// script, for one, reruns when CARGO_MANIFEST_DIR changes, so a build from here and one from
+/// the shell would keep rebuilding each other's dependencies.
+pub fn cargo_command() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut cmd = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && (k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                ))
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
+    let status = cargo_command()
         .args(args)
         .envs(env.iter().copied())
         .status()
@@ -189,9 +214,9 @@ fn workspace_root() -> Result<std::path::PathBuf> {
 /// so Ctrl-C reaches it alone and the prompt returns once it has cleaned up.
 fn up() -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let err = Command::new(cargo)
-        .args(["run", "-q", "-p", "integration-tests", "--bin", "seed-up"])
+    eprintln!("==> cargo run -p integration-tests --bin seed-up");
+    let err = cargo_command()
+        .args(["run", "-p", "integration-tests", "--bin", "seed-up"])
         .exec();
     Err(err).context("running cargo run -p integration-tests --bin seed-up")
 }

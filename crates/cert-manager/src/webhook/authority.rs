@@ -348,7 +348,8 @@ impl Authority {
                             _ = tokio::time::sleep(delay) => {}
                         }
                     }
-                    None => {}
+                    // A watcher never ends; if one did, the timer alone drives re-checks.
+                    None => events = futures::stream::pending().boxed(),
                 },
             }
         }
