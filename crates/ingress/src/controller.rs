@@ -142,6 +142,7 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
         generations,
     } = out;
     let mut tls_settings = None;
+    let mut served_certs = Vec::new();
     let events = spawn_event_publisher(recorder);
     let ready = mgr.readiness.register("ingress/first-sync");
     tokio::select! {
@@ -177,17 +178,21 @@ pub async fn sync_loop(mgr: Manager, caches: Caches, mut builder: Builder, out: 
             metrics.config_last_reload_successful_timestamp.set(now);
         }
         metrics.config_hash.set(generation as i64);
-        metrics.ssl_certificate_info.clear();
-        for c in &built.cert_info {
-            metrics
-                .ssl_certificate_info
-                .get_or_create(&crate::metrics::CertLabels {
-                    host: c.host.clone(),
-                    secret_name: c.secret.name.clone(),
-                    namespace: c.secret.namespace.clone(),
-                    identifier: c.fingerprint.clone(),
-                })
-                .set(1);
+        // Unchanged on most builds; 1,000 certificates are 1,000 series to rebuild.
+        if built.cert_info != served_certs {
+            metrics.ssl_certificate_info.clear();
+            for c in &built.cert_info {
+                metrics
+                    .ssl_certificate_info
+                    .get_or_create(&crate::metrics::CertLabels {
+                        host: c.host.clone(),
+                        secret_name: c.secret.name.clone(),
+                        namespace: c.secret.namespace.clone(),
+                        identifier: c.fingerprint.clone(),
+                    })
+                    .set(1);
+            }
+            served_certs = built.cert_info;
         }
         ready.set(true);
         generations.send_replace(generation);

@@ -12,6 +12,7 @@
 //!   without a host). A host that matches but has no matching path goes to its default backend.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -162,6 +163,16 @@ impl<T> HostRules<T> {
         (host, errors)
     }
 
+    /// Marks this host's patterns as used in `cache` (a host kept from an earlier build
+    /// compiles nothing, but its patterns must outlive the cache's pruning).
+    pub fn touch(&self, cache: &mut RegexCache) {
+        if self.regexes.is_some() {
+            for rule in &self.rules {
+                let _ = cache.compile(&path_pattern(&rule.path));
+            }
+        }
+    }
+
     /// Regex mode: every path as a regex, longest path first; returns the paths that do not
     /// compile (left out).
     fn compile_regexes(&mut self, cache: &mut RegexCache) -> Vec<BadRegex> {
@@ -260,10 +271,10 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// All servers: exact hosts, one-label wildcards, and the catch-all.
 #[derive(Clone, Debug)]
 pub struct Router<T> {
-    hosts: HashMap<String, HostRules<T>>,
+    hosts: HashMap<Arc<str>, Arc<HostRules<T>>>,
     /// Keyed by the suffix after `*.`.
-    wildcards: HashMap<String, HostRules<T>>,
-    catch_all: HostRules<T>,
+    wildcards: HashMap<Arc<str>, Arc<HostRules<T>>>,
+    catch_all: Arc<HostRules<T>>,
 }
 
 /// What a lookup found.
@@ -276,13 +287,18 @@ pub enum Match<'a, T> {
 }
 
 impl<T> Router<T> {
-    pub fn new(hosts: HashMap<String, HostRules<T>>, catch_all: HostRules<T>) -> Self {
-        let mut exact = HashMap::new();
+    /// The servers are shared (host names too): a snapshot builder hands the next router
+    /// the hosts that did not change.
+    pub fn new(
+        hosts: impl ExactSizeIterator<Item = (Arc<str>, Arc<HostRules<T>>)>,
+        catch_all: Arc<HostRules<T>>,
+    ) -> Self {
+        let mut exact = HashMap::with_capacity(hosts.len());
         let mut wildcards = HashMap::new();
         for (host, rules) in hosts {
             match host.strip_prefix("*.") {
                 Some(suffix) => {
-                    wildcards.insert(suffix.to_string(), rules);
+                    wildcards.insert(suffix.into(), rules);
                 }
                 None => {
                     exact.insert(host, rules);
@@ -319,11 +335,11 @@ impl<T> Router<T> {
 
     /// Whether `host` has its own server (exact or wildcard).
     pub fn has_server(&self, host: &str) -> bool {
-        !std::ptr::eq(self.server(host), &self.catch_all)
+        !std::ptr::eq(self.server(host), &*self.catch_all)
     }
 
-    pub fn hosts(&self) -> impl Iterator<Item = (&String, &HostRules<T>)> {
-        self.hosts.iter()
+    pub fn hosts(&self) -> impl Iterator<Item = (&str, &HostRules<T>)> {
+        self.hosts.iter().map(|(h, r)| (&**h, &**r))
     }
 }
 
@@ -510,16 +526,20 @@ mod tests {
     /// features/host_rules.feature.
     #[test]
     fn conformance_host_rules() {
-        let mut hosts = HashMap::new();
-        hosts.insert(
-            "foo.bar.com".to_string(),
-            host(&[("/", Prefix, "foo-bar")], false),
+        let hosts = vec![
+            (
+                Arc::from("foo.bar.com"),
+                Arc::new(host(&[("/", Prefix, "foo-bar")], false)),
+            ),
+            (
+                Arc::from("*.foo.com"),
+                Arc::new(host(&[("/", Prefix, "wildcard")], false)),
+            ),
+        ];
+        let router = Router::new(
+            hosts.into_iter(),
+            Arc::new(host(&[("/", Prefix, "no-host")], false)),
         );
-        hosts.insert(
-            "*.foo.com".to_string(),
-            host(&[("/", Prefix, "wildcard")], false),
-        );
-        let router = Router::new(hosts, host(&[("/", Prefix, "no-host")], false));
         let target = |h: &str| match router.lookup(h, "/") {
             Match::Rule(r, _) => r.target,
             Match::HostDefault(d) => d.copied().unwrap_or("none"),

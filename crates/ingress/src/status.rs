@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::Proxy;
-use crate::snapshot::ObjectKey;
+use crate::snapshot::{ObjectKey, key_of};
 
 /// How often status is re-checked even without a change (someone may have edited it).
 const RESYNC: Duration = Duration::from_secs(60);
@@ -85,13 +85,14 @@ pub async fn publish_loop(
             return;
         };
         let want = Value::Array(addresses(&service));
-        let served: std::collections::HashSet<ObjectKey> =
-            proxy.snapshot().ingresses.iter().cloned().collect();
+        let served: std::collections::HashSet<ObjectKey> = proxy
+            .snapshot()
+            .ingresses
+            .iter()
+            .map(|i| key_of(i.as_ref()))
+            .collect();
         for ing in ingresses.state() {
-            let key = ObjectKey {
-                namespace: ing.metadata.namespace.clone().unwrap_or_default(),
-                name: ing.metadata.name.clone().unwrap_or_default(),
-            };
+            let key = key_of(ing.as_ref());
             let ours = served.contains(&key);
             let has = current(&ing);
             let target = if ours { want.clone() } else { json!([]) };

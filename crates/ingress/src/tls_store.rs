@@ -33,8 +33,9 @@ pub enum TlsError {
 #[derive(Clone, Debug)]
 pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
-    /// DER of the leaf, for metrics and tests.
-    pub leaf_der: Vec<u8>,
+    /// SHA-1 of the leaf's DER (hex), for the certificate info metric; computed once per
+    /// Secret version rather than on every build.
+    pub fingerprint: Arc<str>,
 }
 
 /// Parses `tls.crt` (leaf first, then chain) and `tls.key`, and checks they belong together.
@@ -49,7 +50,7 @@ pub fn load_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCert, TlsError>
         PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::BadKey(e.to_string()))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| TlsError::UnsupportedKey(e.to_string()))?;
-    let leaf_der = chain[0].to_vec();
+    let fingerprint = fingerprint(&chain[0]);
     let certified = CertifiedKey::new(chain, signing);
     match certified.keys_match() {
         Ok(()) => {}
@@ -60,8 +61,17 @@ pub fn load_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCert, TlsError>
     }
     Ok(LoadedCert {
         key: Arc::new(certified),
-        leaf_der,
+        fingerprint,
     })
+}
+
+fn fingerprint(der: &[u8]) -> Arc<str> {
+    use sha1::Digest;
+    let hex: String = sha1::Sha1::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex.into()
 }
 
 /// ingress-nginx's default certificate: self-signed, `O=Acme Co`, `CN=Kubernetes Ingress

@@ -169,8 +169,9 @@ pub struct Snapshot {
     /// The catch-all default backend (no host matched and no catch-all rule did).
     pub default_location: Arc<Location>,
     pub generation: u64,
-    /// Ingresses in effect, for status and the webhook's overlap check.
-    pub ingresses: Vec<ObjectKey>,
+    /// Ingresses in effect (the objects: their keys would be 20,000 strings to allocate per
+    /// build at 10,000 Ingresses), for status.
+    pub ingresses: Vec<Arc<Ingress>>,
 }
 
 /// A problem with one object, reported once per object version.
@@ -233,6 +234,8 @@ pub struct Builder {
     cert_cache: certificates::CertCache,
     /// Path regexes of the validation and the router, kept for the next build.
     regexes: RegexCache,
+    /// Each Ingress's validation, kept while the object is unchanged.
+    validated: ingresses::Validated,
     /// The problems reported per object version (reason, message); only versions still in
     /// the cluster are kept.
     reported: HashMap<ObjectVersion, HashSet<(&'static str, String)>>,
@@ -240,6 +243,8 @@ pub struct Builder {
     /// round-robin position and all (as ingress-nginx's balancer keeps its own across
     /// syncs), so an edit elsewhere does not send the next requests to the first endpoint.
     backends: routes::BackendCache,
+    /// Hosts and defaults of earlier builds, kept while their inputs are unchanged.
+    route_cache: routes::RouteCache,
 }
 
 /// One version of one object: problems are reported once per version.
@@ -260,7 +265,8 @@ impl ObjectVersion {
     }
 }
 
-fn key_of<K: Resource>(obj: &K) -> ObjectKey {
+/// `namespace/name` of `obj`.
+pub(crate) fn key_of<K: Resource>(obj: &K) -> ObjectKey {
     ObjectKey {
         namespace: obj.meta().namespace.clone().unwrap_or_default(),
         name: obj.meta().name.clone().unwrap_or_default(),
@@ -292,8 +298,10 @@ impl Builder {
             last_good_cert: HashMap::new(),
             cert_cache: certificates::CertCache::default(),
             regexes: RegexCache::default(),
+            validated: ingresses::Validated::default(),
             reported: HashMap::new(),
             backends: routes::BackendCache::default(),
+            route_cache: routes::RouteCache::default(),
         }
     }
 
@@ -363,10 +371,7 @@ impl Builder {
                 config,
                 default_location,
                 generation: self.generation,
-                ingresses: effective
-                    .iter()
-                    .map(|(ing, _)| key_of(ing.as_ref()))
-                    .collect(),
+                ingresses: effective.iter().map(|(ing, _)| ing.clone()).collect(),
             },
             certs,
             problems,
@@ -621,14 +626,17 @@ mod tests {
             .snapshot
             .ingresses
             .iter()
-            .map(|k| k.name.as_str())
+            .map(|i| i.metadata.name.as_deref().unwrap_or_default())
             .collect();
         assert_eq!(served, ["old", "new", "catch"]);
 
         let certs = &built.certs;
         assert!(certs.exact.contains_key("a.example"));
         assert!(certs.wildcard.contains_key("wild.example"));
-        assert_eq!(certs.known_hosts, HashSet::from(["a.example".to_string()]));
+        assert!(
+            certs.known_hosts.is_empty(),
+            "hosts are only collected for ssl-reject-handshake"
+        );
         let info: Vec<_> = built
             .cert_info
             .iter()
@@ -656,6 +664,104 @@ mod tests {
         let again = builder.build(&inputs);
         assert!(again.problems.is_empty(), "each problem is reported once");
         assert_eq!(again.snapshot.generation, 2);
+    }
+
+    fn named(name: &str, host: &str, path: &str, created: &str) -> Arc<Ingress> {
+        let mut ing = ingress("web", json!({}));
+        ing["metadata"]["name"] = json!(name);
+        ing["metadata"]["creationTimestamp"] = json!(created);
+        ing["spec"]["rules"][0]["host"] = json!(host);
+        ing["spec"]["rules"][0]["http"]["paths"][0]["path"] = json!(path);
+        Arc::new(serde_json::from_value(ing).expect("ingress"))
+    }
+
+    fn same_objects(inputs: &Inputs) -> Inputs {
+        Inputs {
+            ingresses: inputs.ingresses.clone(),
+            classes: inputs.classes.clone(),
+            services: inputs.services.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// An edit rebuilds the hosts of the edited Ingress only; a Service change rebuilds all.
+    #[test]
+    fn an_edit_rebuilds_only_its_hosts() {
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
+                         "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}});
+        let mut first = inputs(json!([class(), svc]));
+        first.ingresses = ["a", "b", "c"]
+            .iter()
+            .map(|n| named(n, &format!("{n}.example"), "/", "2020-01-01T00:00:00Z"))
+            .collect();
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut builder = Builder::new(Options::default(), fake);
+        let one = builder.build(&first);
+        let mut second = same_objects(&first);
+        second.ingresses[1] = named("b", "b.example", "/new", "2020-01-01T00:00:00Z");
+        let two = builder.build(&second);
+        let (r1, r2) = (&one.snapshot.router, &two.snapshot.router);
+        for host in ["a.example", "c.example"] {
+            assert!(
+                std::ptr::eq(r1.server(host), r2.server(host)),
+                "{host} kept"
+            );
+        }
+        assert!(!std::ptr::eq(
+            r1.server("b.example"),
+            r2.server("b.example")
+        ));
+        assert!(matches!(r2.lookup("b.example", "/new/x"),
+            crate::path_rules::Match::Rule(r, _) if r.path == "/new"));
+        assert!(matches!(
+            r2.lookup("b.example", "/"),
+            crate::path_rules::Match::HostDefault(_)
+        ));
+
+        let mut third = same_objects(&second);
+        third.services = inputs(json!([{"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}}]))
+        .services;
+        let three = builder.build(&third);
+        let r3 = &three.snapshot.router;
+        for host in ["a.example", "b.example", "c.example"] {
+            assert!(
+                !std::ptr::eq(r2.server(host), r3.server(host)),
+                "{host} rebuilt"
+            );
+        }
+    }
+
+    /// Objects of the previous build keep their order and new ones are placed among them: an
+    /// older Ingress added later still wins the path it shares.
+    #[test]
+    fn a_new_older_ingress_takes_its_place_in_the_order() {
+        let mut first = inputs(json!([class()]));
+        first.ingresses = vec![
+            named("late", "a.example", "/app", "2022-01-01T00:00:00Z"),
+            named("mid", "b.example", "/", "2021-01-01T00:00:00Z"),
+        ];
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut builder = Builder::new(Options::default(), fake);
+        builder.build(&first);
+        let mut second = same_objects(&first);
+        second
+            .ingresses
+            .push(named("early", "a.example", "/app", "2020-01-01T00:00:00Z"));
+        second
+            .ingresses
+            .push(named("last", "c.example", "/", "2023-01-01T00:00:00Z"));
+        let built = builder.build(&second);
+        let order: Vec<_> = built
+            .snapshot
+            .ingresses
+            .iter()
+            .map(|i| i.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(order, ["early", "mid", "late", "last"]);
+        let app = location_of(built.snapshot.router.lookup("a.example", "/app"));
+        assert_eq!(ingress_name(app), "early");
     }
 
     /// Problems are remembered per object version only while that version is in the cluster:
