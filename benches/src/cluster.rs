@@ -469,6 +469,7 @@ impl IngressEnv {
         ingresses: usize,
         certs: usize,
         edits: usize,
+        profile: bool,
     ) -> Result<Scale, Error> {
         let ca = TestCa::new("homecluster-bench-scale-ca")?;
         // One certificate (generated once) for every TLS host; each Secret is its own object.
@@ -489,8 +490,21 @@ impl IngressEnv {
         let start_seconds = spawned.elapsed().as_secs_f64();
         let loaded = procfs::stats(self.peer.pid);
         self.timed_edit().await?;
-        let propagation = self.series(edits).await?;
+        let recording = match profile {
+            true => Some(crate::profile::start(
+                &[self.peer.pid],
+                &shared.dir.join("scale-edits.perf"),
+            )?),
+            false => None,
+        };
+        let propagation = self.series(edits).await;
+        let profile = match recording {
+            Some(r) => Some(r.finish("scale edits", self.peer.kind.name())?),
+            None => None,
+        };
+        let propagation = propagation?;
         let after = procfs::stats(self.peer.pid);
+        let memory = procfs::memory_split(self.peer.pid, "after the edits");
         Ok(Scale {
             ingresses: self.others(),
             tls_secrets: self.tls_fillers,
@@ -500,6 +514,8 @@ impl IngressEnv {
             rss_after_edits_mib: mib(after.rss_bytes),
             peak_rss_mib: mib(after.peak_rss_bytes),
             propagation,
+            memory,
+            profile,
         })
     }
 
@@ -547,4 +563,8 @@ pub struct Scale {
     /// Its peak (VmHWM) over start-up and edits.
     pub peak_rss_mib: f64,
     pub propagation: Propagation,
+    /// The controller's memory by kind after the edits.
+    pub memory: procfs::MemorySplit,
+    /// Where its CPU went during the edits (`perf record`), when profiling.
+    pub profile: Option<crate::profile::Profile>,
 }

@@ -10,6 +10,7 @@ pub mod load;
 pub mod peers;
 pub mod probe;
 pub mod procfs;
+pub mod profile;
 pub mod report;
 pub mod security;
 
@@ -92,6 +93,10 @@ pub struct Options {
     pub scale_ingresses: usize,
     /// Of those, Ingresses with a `tls` section naming their own Secret.
     pub scale_certificates: usize,
+    /// Profile our controller and nginx (`perf record`) in one extra run per throughput
+    /// scenario and during the scale scenario's edits; the report quotes the profiles next to
+    /// missed goals.
+    pub profile: bool,
     /// Measure only these peers (by name), e.g. for a quick A/B while profiling.
     pub only_peers: Option<Vec<String>>,
     /// Run only these scenarios and phases (ids from [`scenario_ids`]).
@@ -117,6 +122,7 @@ impl Options {
             idle_connections: 10_000,
             scale_ingresses: 10_000,
             scale_certificates: 1_000,
+            profile: true,
             only_peers: None,
             only_scenarios: None,
             programs,
@@ -135,6 +141,7 @@ impl Options {
             idle_connections: 200,
             scale_ingresses: 100,
             scale_certificates: 10,
+            profile: false,
             ..Options::full(programs)
         }
     }
@@ -644,7 +651,16 @@ impl Runner<'_> {
                 "    idle: {count} keep-alive connections to {}",
                 peer.kind.name()
             );
+            let ours = peer.kind == PeerKind::IngressController;
+            if ours {
+                let split = procfs::memory_split(peer.pid, "fresh process, idle");
+                results.memory.push(split);
+            }
             let figures = idle::idle(peer.http, peer.pid, count).await;
+            if ours {
+                let when = format!("holding {} idle keep-alive connections", figures.held);
+                results.memory.push(procfs::memory_split(peer.pid, &when));
+            }
             // A peer that died under the connections is an error, not a figure.
             peer.check_running()?;
             results.idle.push(IdlePeer {
@@ -686,7 +702,34 @@ impl Runner<'_> {
             }
         }
         results.resources = resources(&all, &start, &requests);
+        if let Some(ours) = all.iter().find(|p| p.kind == PeerKind::IngressController) {
+            let split = procfs::memory_split(ours.pid, "after the throughput and latency phases");
+            results.memory.push(split);
+        }
+        if self.opts.profile {
+            results.profiles = self.profiles(&all).await?;
+        }
         Ok(())
+    }
+
+    /// One extra run per throughput scenario for our controller and nginx, under `perf
+    /// record` (after the measured runs, so sampling costs none of their figures).
+    async fn profiles(&self, all: &[&mut Peer]) -> Result<Vec<profile::Profile>, Error> {
+        let mut out = Vec::new();
+        let profiled = [PeerKind::IngressController, PeerKind::Nginx];
+        for def in SCENARIOS.iter().filter(|d| self.opts.selected(d.id)) {
+            for peer in all.iter().filter(|p| profiled.contains(&p.kind)) {
+                let name = peer.kind.name();
+                eprintln!("    profile {:<16} {name}", def.id);
+                let file = self.shared.dir.join(format!("{}-{name}.perf", def.id));
+                let recording = profile::start(&procfs::tree(peer.pid), &file)?;
+                let load = self.load(def, peer, self.opts.duration).await;
+                let profile = recording.finish(def.id, name)?;
+                load?;
+                out.push(profile);
+            }
+        }
+        Ok(out)
     }
 
     /// Throughput: rounds × scenarios × peers.
@@ -824,6 +867,7 @@ impl Runner<'_> {
                     o.scale_ingresses,
                     o.scale_certificates,
                     o.edits,
+                    o.profile,
                 )
                 .await;
             // It runs last: a failure here is reported with everything measured before it

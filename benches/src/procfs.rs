@@ -69,6 +69,26 @@ pub fn stats(root: u32) -> ProcStats {
     s
 }
 
+/// Resident memory of one process by kind, MiB: anonymous (heap, stacks) and file-backed (the
+/// binary's and libraries' mapped pages).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MemorySplit {
+    /// When it was read (e.g. "fresh process, idle").
+    pub when: String,
+    pub anon_mib: f64,
+    pub file_mib: f64,
+}
+
+/// `pid`'s memory split now.
+pub fn memory_split(pid: u32, when: &str) -> MemorySplit {
+    let mib = |field: &str| status_kib(pid, field) as f64 / 1024.0;
+    MemorySplit {
+        when: when.into(),
+        anon_mib: mib("RssAnon:"),
+        file_mib: mib("RssFile:") + mib("RssShmem:"),
+    }
+}
+
 /// /proc/loadavg's first three figures.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

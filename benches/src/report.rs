@@ -134,6 +134,18 @@ pub struct Target {
     pub goal: String,
     pub actual: String,
     pub met: bool,
+    /// For a missed goal: the measured line (profile, memory split) that explains it.
+    pub why: String,
+}
+
+impl Target {
+    /// Attaches `why` when the goal was missed.
+    fn because(mut self, why: impl FnOnce() -> Option<String>) -> Self {
+        if !self.met {
+            self.why = why().unwrap_or_default();
+        }
+        self
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -252,6 +264,10 @@ pub struct Results {
     /// Idle keep-alive connections, fresh processes (before the throughput scenarios).
     pub idle: Vec<IdlePeer>,
     pub scale: Option<ScaleSummary>,
+    /// Our controller's memory by kind at points of the run.
+    pub memory: Vec<crate::procfs::MemorySplit>,
+    /// One extra run per throughput scenario under `perf record` (ours and nginx).
+    pub profiles: Vec<crate::profile::Profile>,
     pub targets: Vec<Target>,
 }
 
@@ -295,6 +311,7 @@ impl Goal {
             goal: self.text("×"),
             actual: format!("{r:.2}×"),
             met: self.met(r),
+            why: String::new(),
         }
     }
 
@@ -305,6 +322,7 @@ impl Goal {
             goal: self.text(unit),
             actual: format!("{v:.1} {unit}"),
             met: self.met(v),
+            why: String::new(),
         }
     }
 }
@@ -331,6 +349,14 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
+/// `split` as one line.
+fn split_line(split: &crate::procfs::MemorySplit) -> String {
+    format!(
+        "{}: anonymous (heap, stacks) {:.1} MiB, mapped files (the binary, libraries) {:.1} MiB",
+        split.when, split.anon_mib, split.file_mib
+    )
+}
+
 impl Results {
     /// Computes issue 12's targets from the figures (those whose figures this run has).
     pub fn evaluate_targets(&mut self) {
@@ -340,7 +366,8 @@ impl Results {
         if let Some(p99) = self.latency.iter().find(|s| s.id == "latency-p99")
             && let Some(r) = p99.get(ours).and_then(|p| p.vs_nginx)
         {
-            t.push(Goal::AtMost(0.8).ratio("p99 at the fixed rate vs nginx", r));
+            let target = Goal::AtMost(0.8).ratio("p99 at the fixed rate vs nginx", r);
+            t.push(target.because(|| self.latency_why()));
         }
         if let Some(r) = self
             .resources
@@ -348,7 +375,8 @@ impl Results {
             .find(|r| r.peer == ours.name())
             .and_then(|r| r.vs_nginx_rss)
         {
-            t.push(Goal::AtMost(0.5).ratio("peak RSS under load vs nginx", r));
+            let target = Goal::AtMost(0.5).ratio("peak RSS under load vs nginx", r);
+            t.push(target.because(|| self.memory_why("after the throughput")));
         }
         self.idle_targets(&mut t);
         if let Some(p) = self.propagation.iter().max_by_key(|p| p.ingresses) {
@@ -365,6 +393,7 @@ impl Results {
                 goal: "0".into(),
                 actual: format!("{} of {}", e.failed, e.requests),
                 met: e.failed == 0,
+                why: String::new(),
             });
         }
         self.targets = t;
@@ -377,10 +406,12 @@ impl Results {
             };
             let (vs_nginx, vs_haproxy) = throughput_goals(&s.id);
             if let (Some(goal), Some(r)) = (vs_nginx, p.vs_nginx) {
-                t.push(goal.ratio(&format!("{} throughput vs nginx", s.id), r));
+                let target = goal.ratio(&format!("{} throughput vs nginx", s.id), r);
+                t.push(target.because(|| self.cpu_why(&s.id, PeerKind::Nginx)));
             }
             if let (Some(goal), Some(r)) = (vs_haproxy, p.vs_haproxy) {
-                t.push(goal.ratio(&format!("{} throughput vs haproxy", s.id), r));
+                let target = goal.ratio(&format!("{} throughput vs haproxy", s.id), r);
+                t.push(target.because(|| self.cpu_why(&s.id, PeerKind::Haproxy)));
             }
         }
     }
@@ -390,22 +421,27 @@ impl Results {
         let Some(ours) = of(PeerKind::IngressController) else {
             return;
         };
-        t.push(Goal::Below(10.0).value(
+        let target = Goal::Below(10.0).value(
             "idle RSS of the proxy (fresh process, no connections)",
             ours.idle.rss_before_mib,
             "MiB",
-        ));
+        );
+        t.push(target.because(|| self.memory_why("fresh process")));
         if let Some(nginx) = of(PeerKind::Nginx) {
             let (a, b) = (ours.idle.kib_per_connection, nginx.idle.kib_per_connection);
-            t.push(Target {
-                name: format!(
-                    "memory per idle keep-alive connection ({} open) vs nginx",
-                    ours.idle.held
-                ),
-                goal: "≤ nginx's".into(),
-                actual: format!("{a:.1} KiB (nginx {b:.1} KiB)"),
-                met: a <= b,
-            });
+            t.push(
+                Target {
+                    name: format!(
+                        "memory per idle keep-alive connection ({} open) vs nginx",
+                        ours.idle.held
+                    ),
+                    goal: "≤ nginx's".into(),
+                    actual: format!("{a:.1} KiB (nginx {b:.1} KiB)"),
+                    met: a <= b,
+                    why: String::new(),
+                }
+                .because(|| self.connections_why()),
+            );
         }
     }
 
@@ -419,6 +455,7 @@ impl Results {
                         goal: "the scenario completes".into(),
                         actual: "did not complete".into(),
                         met: false,
+                        why: String::new(),
                     });
                 }
             }
@@ -428,12 +465,80 @@ impl Results {
             "{} Ingresses and {} TLS Secrets",
             s.raw.ingresses, s.raw.tls_secrets
         );
-        t.push(Goal::Below(50.0).value(
+        let served = Goal::Below(50.0).value(
             &format!("edit → served p99 with {state}"),
             s.edits.p99_from_request_ms,
             "ms",
-        ));
-        t.push(Goal::Below(64.0).value(&format!("proxy RSS with {state}"), s.rss_mib(), "MiB"));
+        );
+        t.push(served.because(|| {
+            let p = s.raw.profile.as_ref()?;
+            Some(format!(
+                "profile of the controller during the edits: {}",
+                p.line(4)
+            ))
+        }));
+        let rss = Goal::Below(64.0).value(&format!("proxy RSS with {state}"), s.rss_mib(), "MiB");
+        t.push(rss.because(|| Some(split_line(&s.raw.memory))));
+    }
+
+    fn profile(&self, scenario: &str, peer: PeerKind) -> Option<&crate::profile::Profile> {
+        self.profiles
+            .iter()
+            .find(|p| p.scenario == scenario && p.peer == peer.name())
+    }
+
+    /// Our profile of `scenario`, and the kernel's share in the peer's (nginx is profiled;
+    /// for haproxy the floor table says the rest).
+    fn cpu_why(&self, scenario: &str, peer: PeerKind) -> Option<String> {
+        let ours = self.profile(scenario, PeerKind::IngressController)?;
+        let mut why = format!("ours: {}", ours.line(3));
+        if let Some(p) = self.profile(scenario, PeerKind::Nginx) {
+            let _ = write!(why, "; nginx: kernel {:.0} %", p.kernel_percent());
+        }
+        let cpu = |k: PeerKind| {
+            let s = self.throughput.iter().find(|s| s.id == scenario)?;
+            s.get(k).map(|p| p.cpu_us_per_request.median)
+        };
+        if let (Some(a), Some(b)) = (cpu(PeerKind::IngressController), cpu(peer)) {
+            let _ = write!(
+                why,
+                "; CPU per request {a:.1} µs against {}'s {b:.1}",
+                peer.name()
+            );
+        }
+        Some(why)
+    }
+
+    /// Where the fixed rate sits against our own saturation rate.
+    fn latency_why(&self) -> Option<String> {
+        let h1 = self.throughput.iter().find(|s| s.id == "h1-1k")?;
+        let ours = h1.get(PeerKind::IngressController)?.value.median;
+        let rate = self.method.latency_rate;
+        let mut why = format!(
+            "the rate ({rate:.0}/s, half of nginx's h1-1k median) is {:.0} % of ours ({ours:.0}/s): \
+             the queue grows with utilisation",
+            100.0 * rate / ours.max(1.0)
+        );
+        if let Some(p) = self.profile("h1-1k", PeerKind::IngressController) {
+            let _ = write!(why, "; h1-1k profile: {}", p.line(2));
+        }
+        Some(why)
+    }
+
+    fn memory_why(&self, when: &str) -> Option<String> {
+        let split = self.memory.iter().find(|m| m.when.starts_with(when))?;
+        Some(split_line(split))
+    }
+
+    /// The growth of our memory by kind while holding the idle connections.
+    fn connections_why(&self) -> Option<String> {
+        let fresh = self.memory.iter().find(|m| m.when.starts_with("fresh"))?;
+        let held = self.memory.iter().find(|m| m.when.starts_with("holding"))?;
+        Some(format!(
+            "{}: anonymous memory {:.1} → {:.1} MiB, mapped files {:.1} → {:.1} MiB (each \
+             connection keeps its HTTP/1 read and write buffers and its task while idle)",
+            held.when, fresh.anon_mib, held.anon_mib, fresh.file_mib, held.file_mib
+        ))
     }
 
     pub fn markdown(&self) -> String {
@@ -446,7 +551,39 @@ impl Results {
         self.idle_md(&mut o);
         self.edits_md(&mut o);
         self.scale_md(&mut o);
+        self.profiles_md(&mut o);
         o
+    }
+
+    fn profiles_md(&self, o: &mut String) {
+        if self.profiles.is_empty() && self.scale.as_ref().is_none_or(|s| s.raw.profile.is_none()) {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "\n## Where the CPU goes (perf, cpu-clock)\n\nOne extra run per scenario after the measured ones, `perf record -e cpu-clock -F 999` on the peer's processes (no call graphs); share of samples by binary, then the largest user-space symbols.\n\n| Scenario | Peer | samples | profile |\n|---|---|---|---|"
+        );
+        let scale = self.scale.as_ref().and_then(|s| s.raw.profile.as_ref());
+        for p in self.profiles.iter().chain(scale) {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} |",
+                p.scenario,
+                p.peer,
+                p.samples,
+                p.line(5)
+            );
+        }
+        if !self.memory.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nMemory of the ingress-controller by kind (`/proc/PID/status` RssAnon, RssFile + RssShmem):\n\n| When | anonymous MiB | mapped files MiB |\n|---|---|---|"
+            );
+            let scale = self.scale.as_ref().map(|s| &s.raw.memory);
+            for m in self.memory.iter().chain(scale) {
+                let _ = writeln!(o, "| {} | {:.1} | {:.1} |", m.when, m.anon_mib, m.file_mib);
+            }
+        }
     }
 
     /// Machine, versions, method, notes and skipped peers.
@@ -491,15 +628,19 @@ impl Results {
 
     fn targets_md(&self, o: &mut String) {
         let _ = writeln!(o, "\n## Targets\n");
-        let _ = writeln!(o, "| Target | Goal | This run | Met |\n|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| Target | Goal | This run | Met | Why, as measured (missed goals) |\n|---|---|---|---|---|"
+        );
         for t in &self.targets {
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 t.name,
                 t.goal,
                 t.actual,
-                if t.met { "yes" } else { "**no**" }
+                if t.met { "yes" } else { "**no**" },
+                t.why
             );
         }
     }

@@ -55,6 +55,13 @@ struct Args {
     /// Of those, Ingresses with their own TLS Secret.
     #[arg(long)]
     scale_certificates: Option<usize>,
+    /// No `perf record` runs (full runs profile our controller and nginx once per scenario
+    /// and during the scale edits; the smoke settings do not).
+    #[arg(long)]
+    no_profile: bool,
+    /// Profile even with the smoke settings.
+    #[arg(long, conflicts_with = "no_profile")]
+    profile: bool,
     /// A note recorded with the results (e.g. what else the machine was doing).
     #[arg(long)]
     note: Vec<String>,
@@ -99,6 +106,12 @@ fn main() -> Result<()> {
     }
     if !args.scenarios.is_empty() {
         opts.only_scenarios = Some(args.scenarios.clone());
+    }
+    if args.no_profile {
+        opts.profile = false;
+    }
+    if args.profile {
+        opts.profile = true;
     }
     if args.no_pin {
         opts.pin = false;

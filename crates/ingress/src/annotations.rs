@@ -344,13 +344,13 @@ impl Annotations {
         Ok(())
     }
 
-    /// Whether this Ingress switches its hosts to regex matching.
     /// Whether the Ingress's Locations depend on objects other than Services and
     /// EndpointSlices (`auth-secret`, `custom-headers`).
     pub fn reads_other_objects(&self) -> bool {
         self.basic_auth.is_some() || self.custom_headers.is_some()
     }
 
+    /// Whether this Ingress switches its hosts to regex matching.
     pub fn forces_regex(&self) -> bool {
         self.use_regex || self.rewrite_target.is_some()
     }

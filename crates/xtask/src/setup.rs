@@ -39,6 +39,8 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "nghttp2-client",
+    // perf: the proxy benchmark profiles our controller and nginx (cpu-clock).
+    "linux-perf",
     // Security benchmark tools (benches/src/security; its quick variant runs in the suite).
     "testssl.sh",
     "slowhttptest",

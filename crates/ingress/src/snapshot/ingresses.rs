@@ -231,13 +231,26 @@ impl Validated {
             }
         }
         known.sort_unstable_by_key(|(p, _)| *p);
-        let mut sorted: Vec<Effective> = known.into_iter().map(|(_, item)| item).collect();
+        let known: Vec<Effective> = known.into_iter().map(|(_, item)| item).collect();
         new.sort_by(|(a, _), (b, _)| order_key(a).cmp(&order_key(b)));
-        for item in new {
-            let key = order_key(&item.0);
-            let at = sorted.partition_point(|(x, _)| order_key(x) <= key);
-            sorted.insert(at, item);
+        // Where each new one goes among the known (ascending, as `new` is sorted), then one
+        // merge: a binary search each, no comparisons of the known among themselves.
+        let at: Vec<usize> = new
+            .iter()
+            .map(|(ing, _)| {
+                let key = order_key(ing);
+                known.partition_point(|(x, _)| order_key(x) <= key)
+            })
+            .collect();
+        let mut sorted = Vec::with_capacity(known.len() + new.len());
+        let mut new = at.into_iter().zip(new).peekable();
+        for (j, item) in known.into_iter().enumerate() {
+            while let Some((_, n)) = new.next_if(|(p, _)| *p == j) {
+                sorted.push(n);
+            }
+            sorted.push(item);
         }
+        sorted.extend(new.map(|(_, n)| n));
         for (i, (ing, _)) in sorted.iter().enumerate() {
             if let Some(c) = self.entries.get_mut(&(Arc::as_ptr(ing) as usize)) {
                 c.position = Some((self.round, i));

@@ -675,7 +675,7 @@ mod tests {
         Arc::new(serde_json::from_value(ing).expect("ingress"))
     }
 
-    fn same_objects(inputs: &Inputs) -> Inputs {
+    pub(super) fn same_objects(inputs: &Inputs) -> Inputs {
         Inputs {
             ingresses: inputs.ingresses.clone(),
             classes: inputs.classes.clone(),
@@ -762,6 +762,148 @@ mod tests {
         assert_eq!(order, ["early", "mid", "late", "last"]);
         let app = location_of(built.snapshot.router.lookup("a.example", "/app"));
         assert_eq!(ingress_name(app), "early");
+    }
+
+    /// What a snapshot answers for a grid of hosts and paths.
+    fn answers(built: &Built) -> Vec<String> {
+        let hosts = ["a.example", "b.example", "c.example", "unknown.example"];
+        let paths = ["/", "/x", "/y", "/d", "/d/e"];
+        let mut out = Vec::new();
+        for host in hosts {
+            for path in paths {
+                let loc = location_of(built.snapshot.router.lookup(host, path));
+                let target = match &loc.target {
+                    Target::Service(b) => {
+                        format!("{}/{} {:?}", b.namespace, b.service, b.upstreams)
+                    }
+                    other => format!("{other:?}"),
+                };
+                out.push(format!(
+                    "{host}{path} -> {} {} {:?} {target} tls={}",
+                    ingress_name(loc),
+                    loc.path,
+                    loc.kind,
+                    loc.tls
+                ));
+            }
+        }
+        out
+    }
+
+    /// After every change in a sequence (edits, an older Ingress added, a Service moved, a
+    /// deletion, an invalid version), the builder that reuses its earlier work answers
+    /// exactly as one that builds the same inputs from scratch (after the same previous
+    /// inputs, so both know the same last good versions).
+    #[test]
+    fn reuse_answers_as_a_fresh_build() {
+        let svc = |name: &str, ip: &str| -> Arc<Service> {
+            Arc::new(
+                serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": "ns"},
+                    "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+                .expect("service"),
+            )
+        };
+        let ing =
+            |name: &str, created: &str, annotations: serde_json::Value, spec: serde_json::Value| {
+                let mut spec = spec;
+                spec["ingressClassName"] = json!("nginx");
+                Arc::new(
+                    serde_json::from_value::<Ingress>(json!({"apiVersion": "networking.k8s.io/v1",
+                    "kind": "Ingress", "metadata": {"name": name, "namespace": "ns",
+                    "creationTimestamp": created, "annotations": annotations}, "spec": spec}))
+                    .expect("ingress"),
+                )
+            };
+        let upstream = json!({"nginx.ingress.kubernetes.io/service-upstream": "true"});
+        let backend = |s: &str| json!({"service": {"name": s, "port": {"number": 80}}});
+        let rule = |host: &str, path: &str, s: &str| json!({"host": host, "http": {"paths": [{"path": path, "pathType": "Prefix", "backend": backend(s)}]}});
+        let a = ing(
+            "a",
+            "2020-01-02T00:00:00Z",
+            upstream.clone(),
+            json!({"rules": [rule("a.example", "/", "web")], "tls": [{"hosts": ["A.example"]}]}),
+        );
+        let b = ing(
+            "b",
+            "2020-01-03T00:00:00Z",
+            upstream.clone(),
+            json!({"rules": [rule("b.example", "/x", "other"), rule("c.example", "/d", "web")],
+                   "defaultBackend": backend("web")}),
+        );
+        let c = ing(
+            "c",
+            "2020-01-04T00:00:00Z",
+            upstream.clone(),
+            json!({"defaultBackend": backend("other")}),
+        );
+        let d = ing(
+            "d",
+            "2020-01-05T00:00:00Z",
+            upstream.clone(),
+            json!({"rules": [rule("a.example", "/d", "other")]}),
+        );
+        let mut steps: Vec<Inputs> = Vec::new();
+        let mut now = inputs(json!([class()]));
+        now.services = vec![svc("web", "10.96.0.10"), svc("other", "10.96.0.20")];
+        now.ingresses = vec![a.clone(), b, c, d];
+        let next = |i: &Inputs| Inputs {
+            slices: i.slices.clone(),
+            ..same_objects(i)
+        };
+        steps.push(next(&now));
+        // An edit of b: another path on b.example.
+        now.ingresses[1] = ing(
+            "b",
+            "2020-01-03T00:00:00Z",
+            upstream.clone(),
+            json!({"rules": [rule("b.example", "/y", "other"), rule("c.example", "/d", "web")],
+                   "defaultBackend": backend("web")}),
+        );
+        steps.push(next(&now));
+        // An older Ingress for b.example's path: it wins.
+        now.ingresses.push(ing(
+            "older",
+            "2019-01-01T00:00:00Z",
+            upstream.clone(),
+            json!({"rules": [rule("b.example", "/y", "web")]}),
+        ));
+        steps.push(next(&now));
+        // A Service moves.
+        now.services[0] = svc("web", "10.96.0.11");
+        steps.push(next(&now));
+        // a is deleted; b's new version is invalid (its last good version stays).
+        now.ingresses.retain(|i| !Arc::ptr_eq(i, &a));
+        let bad = json!({"nginx.ingress.kubernetes.io/ssl-redirect": "sometimes"});
+        now.ingresses[0] = ing(
+            "b",
+            "2020-01-03T00:00:00Z",
+            bad,
+            json!({"rules": [rule("b.example", "/z", "web")]}),
+        );
+        steps.push(next(&now));
+
+        let fake = crate::tls_store::fake_certificate().expect("fake");
+        let mut reusing = Builder::new(Options::default(), fake.clone());
+        for (n, step) in steps.iter().enumerate() {
+            let got = answers(&reusing.build(step));
+            // Copies of the objects: nothing of the fresh builder's first build is reused.
+            let copies = |i: &Inputs| Inputs {
+                ingresses: i
+                    .ingresses
+                    .iter()
+                    .map(|o| Arc::new((**o).clone()))
+                    .collect(),
+                classes: i.classes.iter().map(|o| Arc::new((**o).clone())).collect(),
+                services: i.services.iter().map(|o| Arc::new((**o).clone())).collect(),
+                ..Default::default()
+            };
+            let mut fresh = Builder::new(Options::default(), fake.clone());
+            if n > 0 {
+                fresh.build(&copies(&steps[n - 1]));
+            }
+            assert_eq!(got, answers(&fresh.build(step)), "step {n}");
+        }
     }
 
     /// Problems are remembered per object version only while that version is in the cluster:

@@ -2,7 +2,7 @@
 //! and the router over them.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -44,14 +44,34 @@ impl Builder {
         };
         self.route_cache.default_location = Some((epoch, default_location.clone()));
         let (groups, catch_all_ingress) = host_groups(effective);
-        let catch_all_default = catch_all_ingress
-            .map(|i| self.catch_all_default(&effective[i], epoch, &deps, &mut backends, problems));
+        // Each Ingress's shared settings, made at most once per build; those that read other
+        // objects are made for every such Ingress, so their problems are reported even when
+        // none of their hosts is rebuilt.
+        let mut settings: Vec<Option<IngressSettings>> = effective.iter().map(|_| None).collect();
+        for (i, (ing, annotations)) in effective.iter().enumerate() {
+            if annotations.reads_other_objects() {
+                settings[i] = Some(self.ingress_settings(ing, annotations, &deps, problems));
+            }
+        }
+        let catch_all_default = catch_all_ingress.map(|i| {
+            self.catch_all_default(
+                effective,
+                i,
+                epoch,
+                &deps,
+                &mut settings,
+                &mut backends,
+                problems,
+            )
+        });
         let fallback = catch_all_default.unwrap_or(default_location);
         let round = self.route_cache.start_round();
         let mut hosts = Vec::with_capacity(groups.len());
         let mut catch_all = None;
         for (host, group) in groups {
-            let volatile = group.iter().any(|&i| effective[i].1.reads_other_objects());
+            let volatile = group
+                .iter()
+                .any(|&(i, _)| effective[i].1.reads_other_objects());
             let kept = match self.route_cache.hosts.get_mut(host.as_ref()) {
                 Some(entry)
                     if !volatile && entry.built_from(&group, effective, &fallback, epoch) =>
@@ -74,6 +94,7 @@ impl Builder {
                             effective,
                             &fallback,
                             &deps,
+                            &mut settings,
                             &mut backends,
                             problems,
                         )
@@ -82,7 +103,9 @@ impl Builder {
                     if !volatile {
                         let entry = CachedHost {
                             host: host.clone(),
-                            ingresses: group.iter().map(|&i| effective[i].0.clone()).collect(),
+                            ingresses: ingresses_of(&group)
+                                .map(|i| effective[i].0.clone())
+                                .collect(),
                             fallback: fallback.clone(),
                             epoch,
                             rules: rules.clone(),
@@ -104,7 +127,12 @@ impl Builder {
         // kept hosts use too.
         self.backends = backends.made;
         if !endpoints_changed {
-            self.backends.extend(backends.previous);
+            // Only those a kept host or default still holds (the map's own reference aside).
+            let used = backends
+                .previous
+                .into_iter()
+                .filter(|(_, b)| Arc::strong_count(b) > 1);
+            self.backends.extend(used);
         }
         let catch_all = catch_all.unwrap_or_else(|| {
             Arc::new(HostRules::new(Vec::new(), false, Some(fallback.clone())).0)
@@ -112,16 +140,20 @@ impl Builder {
         (Router::new(hosts.into_iter(), catch_all), fallback)
     }
 
-    /// `spec.defaultBackend` of the oldest Ingress without rules, kept while that Ingress and
-    /// the endpoints are unchanged.
+    /// `spec.defaultBackend` of the oldest Ingress without rules (`effective[i]`), kept while
+    /// that Ingress and the endpoints are unchanged.
+    #[allow(clippy::too_many_arguments)]
     fn catch_all_default(
         &mut self,
-        (ing, annotations): &(Arc<Ingress>, Arc<Annotations>),
+        effective: &[(Arc<Ingress>, Arc<Annotations>)],
+        i: usize,
         epoch: u64,
         deps: &Deps<'_>,
+        settings: &mut [Option<IngressSettings>],
         backends: &mut Backends<'_>,
         problems: &mut Vec<Problem>,
     ) -> Arc<Location> {
+        let (ing, annotations) = &effective[i];
         if let Some((from, e, loc)) = &self.route_cache.catch_all
             && Arc::ptr_eq(from, ing)
             && *e == epoch
@@ -129,7 +161,7 @@ impl Builder {
         {
             return loc.clone();
         }
-        let settings = self.ingress_settings(ing, annotations, deps, problems);
+        let settings = self.settings(effective, i, deps, settings, problems);
         let ns = settings.key.namespace.as_str();
         let target = match ing.spec.as_ref().and_then(|s| s.default_backend.as_ref()) {
             Some(b) => backends.target(ns, b, annotations.service_upstream),
@@ -140,29 +172,45 @@ impl Builder {
         loc
     }
 
-    /// One host's rules from the Ingresses in `group` (indexes into `effective`, oldest
-    /// first: the first for a path wins); its default is the oldest of their
-    /// `spec.defaultBackend`s, else `fallback`. None when no Ingress has a path for it.
+    /// `effective[i]`'s settings, made on first use in this build.
+    fn settings<'s>(
+        &mut self,
+        effective: &[(Arc<Ingress>, Arc<Annotations>)],
+        i: usize,
+        deps: &Deps<'_>,
+        settings: &'s mut [Option<IngressSettings>],
+        problems: &mut Vec<Problem>,
+    ) -> &'s IngressSettings {
+        let (ing, annotations) = &effective[i];
+        settings[i].get_or_insert_with(|| self.ingress_settings(ing, annotations, deps, problems))
+    }
+
+    /// One host's rules from its rules in `group` ((Ingress, rule) indexes, oldest Ingress
+    /// first: the first for a path wins); its default is the oldest of those Ingresses'
+    /// `spec.defaultBackend`s, else `fallback`. None when no rule has a path.
     #[allow(clippy::too_many_arguments)]
     fn host_rules(
         &mut self,
         host: &str,
-        group: &[usize],
+        group: &[(usize, usize)],
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         fallback: &Arc<Location>,
         deps: &Deps<'_>,
+        settings: &mut [Option<IngressSettings>],
         backends: &mut Backends<'_>,
         problems: &mut Vec<Problem>,
     ) -> Option<HostRules<Arc<Location>>> {
         let mut rules = Vec::new();
         let mut default = None;
         let mut regex = false;
-        for &i in group {
+        // Entries are in `effective`'s order, so each Ingress's rules are one run.
+        for run in group.chunk_by(|a, b| a.0 == b.0) {
+            let i = run[0].0;
             let (ing, annotations) = &effective[i];
             let Some(spec) = ing.spec.as_ref() else {
                 continue;
             };
-            let settings = self.ingress_settings(ing, annotations, deps, problems);
+            let settings = self.settings(effective, i, deps, settings, problems);
             let ns = settings.key.namespace.as_str();
             let service_upstream = annotations.service_upstream;
             if default.is_none()
@@ -174,17 +222,8 @@ impl Builder {
                 default = Some(loc);
             }
             regex |= annotations.forces_regex();
-            let tls = spec
-                .tls
-                .iter()
-                .flatten()
-                .flat_map(|t| t.hosts.iter().flatten())
-                .any(|h| h.eq_ignore_ascii_case(host));
-            let own = spec
-                .rules
-                .iter()
-                .flatten()
-                .filter(|r| r.host.as_deref().unwrap_or("_").eq_ignore_ascii_case(host));
+            let tls = settings.tls_hosts.contains(host);
+            let own = run.iter().filter_map(|&(_, r)| spec.rules.as_ref()?.get(r));
             for path in own.flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter())) {
                 let Some(kind) = PathKind::parse(Some(path.path_type.as_str())) else {
                     continue;
@@ -240,11 +279,19 @@ impl Builder {
                 }
             }
         });
+        let tls_hosts = ing
+            .spec
+            .iter()
+            .flat_map(|s| s.tls.iter().flatten())
+            .flat_map(|t| t.hosts.iter().flatten())
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
         IngressSettings {
             key,
             annotations: annotations.clone(),
             auth,
             add_headers,
+            tls_hosts,
         }
     }
 }
@@ -285,6 +332,8 @@ struct IngressSettings {
     annotations: Arc<Annotations>,
     auth: Option<AuthUsers>,
     add_headers: Arc<Headers>,
+    /// The hosts its `tls` section lists, lowercase (ssl-redirect applies to them).
+    tls_hosts: HashSet<String>,
 }
 
 impl IngressSettings {
@@ -317,13 +366,11 @@ struct Deps<'a> {
     secrets: &'a HashMap<ObjectKey, &'a Secret>,
 }
 
-/// The Ingresses with rules for each host (lowercase; `_` for rules without a host), as
-/// indexes into `effective` in its order, and the oldest Ingress without rules that has a
+/// The rules of each host (lowercase; `_` for rules without a host), as (Ingress, rule)
+/// indexes in `effective`'s order, and the oldest Ingress without rules that has a
 /// `spec.defaultBackend` (the catch-all default).
-fn host_groups(
-    effective: &[(Arc<Ingress>, Arc<Annotations>)],
-) -> (HashMap<Cow<'_, str>, Vec<usize>>, Option<usize>) {
-    let mut groups: HashMap<Cow<'_, str>, Vec<usize>> = HashMap::with_capacity(effective.len());
+fn host_groups(effective: &[(Arc<Ingress>, Arc<Annotations>)]) -> (Groups<'_>, Option<usize>) {
+    let mut groups: Groups<'_> = HashMap::with_capacity(effective.len());
     let mut catch_all = None;
     for (i, (ing, _)) in effective.iter().enumerate() {
         let Some(spec) = ing.spec.as_ref() else {
@@ -336,15 +383,19 @@ fn host_groups(
             }
             continue;
         }
-        for rule in rules {
+        for (r, rule) in rules.iter().enumerate() {
             let host = lowercase(rule.host.as_deref().unwrap_or("_"));
-            let group = groups.entry(host).or_default();
-            if group.last() != Some(&i) {
-                group.push(i);
-            }
+            groups.entry(host).or_default().push((i, r));
         }
     }
     (groups, catch_all)
+}
+
+type Groups<'a> = HashMap<Cow<'a, str>, Vec<(usize, usize)>>;
+
+/// The Ingresses of a group, each once, in order.
+fn ingresses_of(group: &[(usize, usize)]) -> impl Iterator<Item = usize> + '_ {
+    group.chunk_by(|a, b| a.0 == b.0).map(|run| run[0].0)
 }
 
 /// `s` in lowercase, borrowed when it already is (host names nearly always are).
@@ -372,18 +423,17 @@ struct CachedHost {
 impl CachedHost {
     fn built_from(
         &self,
-        group: &[usize],
+        group: &[(usize, usize)],
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         fallback: &Arc<Location>,
         epoch: u64,
     ) -> bool {
+        let mut held = self.ingresses.iter();
         Arc::ptr_eq(&self.fallback, fallback)
             && self.epoch == epoch
-            && self.ingresses.len() == group.len()
-            && group
-                .iter()
-                .zip(&self.ingresses)
-                .all(|(&i, held)| Arc::ptr_eq(&effective[i].0, held))
+            && ingresses_of(group)
+                .all(|i| held.next().is_some_and(|h| Arc::ptr_eq(&effective[i].0, h)))
+            && held.next().is_none()
     }
 }
 
