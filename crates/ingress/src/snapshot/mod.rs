@@ -730,7 +730,8 @@ mod tests {
         }
     }
 
-    /// An edit rebuilds the hosts of the edited Ingress only; a Service change rebuilds all.
+    /// An edit rebuilds the hosts of the edited Ingress only; a Service change rebuilds the
+    /// hosts whose backends name it.
     #[test]
     fn an_edit_rebuilds_only_its_hosts() {
         let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "ns"},
@@ -740,6 +741,19 @@ mod tests {
             .iter()
             .map(|n| named(n, &format!("{n}.example"), "/", "2020-01-01T00:00:00Z"))
             .collect();
+        // c's backend is another Service.
+        let mut c = (*first.ingresses[2]).clone();
+        if let Some(rule) = c
+            .spec
+            .as_mut()
+            .and_then(|s| s.rules.as_mut())
+            .and_then(|r| r.first_mut())
+            && let Some(path) = rule.http.as_mut().and_then(|h| h.paths.first_mut())
+            && let Some(svc) = path.backend.service.as_mut()
+        {
+            svc.name = "other".into();
+        }
+        first.ingresses[2] = Arc::new(c);
         let fake = crate::tls_store::fake_certificate().expect("fake");
         let mut builder = Builder::new(Options::default(), fake);
         let one = builder.build(&first);
@@ -771,12 +785,16 @@ mod tests {
         .services;
         let three = builder.build(&third);
         let r3 = &three.snapshot.router;
-        for host in ["a.example", "b.example", "c.example"] {
+        for host in ["a.example", "b.example"] {
             assert!(
                 !std::ptr::eq(r2.server(host), r3.server(host)),
                 "{host} rebuilt"
             );
         }
+        assert!(
+            std::ptr::eq(r2.server("c.example"), r3.server("c.example")),
+            "c names another Service: kept"
+        );
     }
 
     /// Objects of the previous build keep their order and new ones are placed among them: an

@@ -35,14 +35,21 @@ impl Builder {
             configmaps: &configmaps,
             secrets,
         };
-        let endpoints_changed = self.route_cache.observe(inputs);
-        let epoch = self.route_cache.epoch;
-        let mut backends = Backends::new(inputs, std::mem::take(&mut self.backends));
+        let ids = std::mem::take(&mut self.route_cache.service_ids);
+        let changed = self.route_cache.observe(inputs, &ids);
+        let mut backends = Backends::new(inputs, std::mem::take(&mut self.backends), ids);
+        let default_service = self.opts.default_backend_service.as_ref();
         let default_location = match &self.route_cache.default_location {
-            Some((e, loc)) if *e == epoch => loc.clone(),
-            _ => default_location(self.opts.default_backend_service.as_ref(), &mut backends),
+            Some(loc)
+                if !default_service
+                    .and_then(|k| backends.ids.get(k))
+                    .is_some_and(|id| changed.contains(id)) =>
+            {
+                loc.clone()
+            }
+            _ => default_location(default_service, &mut backends),
         };
-        self.route_cache.default_location = Some((epoch, default_location.clone()));
+        self.route_cache.default_location = Some(default_location.clone());
         let (groups, catch_all_ingress) = host_groups(effective);
         // Each Ingress's shared settings, made at most once per build; those that read other
         // objects are made for every such Ingress, so their problems are reported even when
@@ -57,7 +64,7 @@ impl Builder {
             self.catch_all_default(
                 effective,
                 i,
-                epoch,
+                &changed,
                 &deps,
                 &mut settings,
                 &mut backends,
@@ -74,7 +81,7 @@ impl Builder {
                 .any(|&(i, _)| effective[i].1.reads_other_objects());
             let kept = match self.route_cache.hosts.get_mut(host.as_ref()) {
                 Some(entry)
-                    if !volatile && entry.built_from(&group, effective, &fallback, epoch) =>
+                    if !volatile && entry.built_from(&group, effective, &fallback, &changed) =>
                 {
                     entry.seen = round;
                     if let Some(r) = &entry.rules {
@@ -87,6 +94,7 @@ impl Builder {
             let (host, rules) = match kept {
                 Some(kept) => kept,
                 None => {
+                    backends.take_used();
                     let rules = self
                         .host_rules(
                             &host,
@@ -107,7 +115,7 @@ impl Builder {
                                 .map(|i| effective[i].0.clone())
                                 .collect(),
                             fallback: fallback.clone(),
-                            epoch,
+                            services: backends.take_used(),
                             rules: rules.clone(),
                             seen: round,
                         };
@@ -125,14 +133,18 @@ impl Builder {
         self.route_cache.hosts.retain(|_, e| e.seen == round);
         // Only what this build uses is kept for the next; with the same endpoints, what the
         // kept hosts use too.
+        // Only what this build uses is kept for the next, and what kept hosts and defaults
+        // still hold (the map's own reference aside); a held one whose Service changed is
+        // compared with the new endpoints before any reuse.
+        self.route_cache.service_ids = backends.ids;
+        self.route_cache.bound_ids(inputs.services.len());
         self.backends = backends.made;
-        if !endpoints_changed {
-            // Only those a kept host or default still holds (the map's own reference aside).
-            let used = backends
-                .previous
-                .into_iter()
-                .filter(|(_, b)| Arc::strong_count(b) > 1);
-            self.backends.extend(used);
+        let held = backends
+            .previous
+            .into_iter()
+            .filter(|(_, b)| Arc::strong_count(b) > 1);
+        for (id, b) in held {
+            self.backends.entry(id).or_insert(b);
         }
         let catch_all = catch_all.unwrap_or_else(|| {
             Arc::new(HostRules::new(Vec::new(), false, Some(fallback.clone())).0)
@@ -141,26 +153,27 @@ impl Builder {
     }
 
     /// `spec.defaultBackend` of the oldest Ingress without rules (`effective[i]`), kept while
-    /// that Ingress and the endpoints are unchanged.
+    /// that Ingress and its Service are unchanged.
     #[allow(clippy::too_many_arguments)]
     fn catch_all_default(
         &mut self,
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         i: usize,
-        epoch: u64,
+        changed: &HashSet<u32>,
         deps: &Deps<'_>,
         settings: &mut [Option<IngressSettings>],
         backends: &mut Backends<'_>,
         problems: &mut Vec<Problem>,
     ) -> Arc<Location> {
         let (ing, annotations) = &effective[i];
-        if let Some((from, e, loc)) = &self.route_cache.catch_all
+        if let Some((from, services, loc)) = &self.route_cache.catch_all
             && Arc::ptr_eq(from, ing)
-            && *e == epoch
+            && !services.iter().any(|s| changed.contains(s))
             && !annotations.reads_other_objects()
         {
             return loc.clone();
         }
+        backends.take_used();
         let settings = self.settings(effective, i, deps, settings, problems);
         let ns = settings.key.namespace.as_str();
         let target = match ing.spec.as_ref().and_then(|s| s.default_backend.as_ref()) {
@@ -168,7 +181,7 @@ impl Builder {
             None => Target::BuiltIn404,
         };
         let loc = settings.location("_".into(), "/".into(), PathKind::Prefix, target, false);
-        self.route_cache.catch_all = Some((ing.clone(), epoch, loc.clone()));
+        self.route_cache.catch_all = Some((ing.clone(), backends.take_used(), loc.clone()));
         loc
     }
 
@@ -408,13 +421,14 @@ fn lowercase(s: &str) -> Cow<'_, str> {
 }
 
 /// A host's rules and what they were built from: its Ingresses (the objects, oldest first),
-/// the fallback location and the endpoints' epoch. The same inputs, the same rules.
+/// the fallback location and the Services its backends name. The same inputs, the same rules.
 struct CachedHost {
     host: Arc<str>,
     /// Held, not only compared: an address must not be taken by a new object meanwhile.
     ingresses: Vec<Arc<Ingress>>,
     fallback: Arc<Location>,
-    epoch: u64,
+    /// Ids of the Services its backends name.
+    services: Box<[u32]>,
     rules: Option<Arc<HostRules<Arc<Location>>>>,
     /// The last build that had this host.
     seen: u64,
@@ -426,11 +440,11 @@ impl CachedHost {
         group: &[(usize, usize)],
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         fallback: &Arc<Location>,
-        epoch: u64,
+        changed: &HashSet<u32>,
     ) -> bool {
         let mut held = self.ingresses.iter();
         Arc::ptr_eq(&self.fallback, fallback)
-            && self.epoch == epoch
+            && !self.services.iter().any(|s| changed.contains(s))
             && ingresses_of(group)
                 .all(|i| held.next().is_some_and(|h| Arc::ptr_eq(&effective[i].0, h)))
             && held.next().is_none()
@@ -440,18 +454,20 @@ impl CachedHost {
 /// What earlier builds made, kept while its inputs are the same objects: the reflector hands
 /// out an unchanged object as the same `Arc`, so an edit of one Ingress among 10,000
 /// rebuilds one host instead of all (a full build took about 90 ms there; the goal
-/// is 50 ms from edit to served). Hosts whose Ingresses read Secrets or ConfigMaps
-/// (`auth-secret`, `custom-headers`) are rebuilt every time.
+/// is 50 ms from edit to served), and an endpoint change rebuilds the hosts whose backends
+/// name that Service. Hosts whose Ingresses read Secrets or ConfigMaps (`auth-secret`,
+/// `custom-headers`) are rebuilt every time.
 #[derive(Default)]
 pub(super) struct RouteCache {
-    /// Bumped whenever the Services or EndpointSlices differ from the previous build's:
-    /// every Backend may have changed then.
-    epoch: u64,
+    /// The previous build's Services and EndpointSlices, as given and by Service.
     services: Vec<Arc<Service>>,
     slices: Vec<Slice>,
-    default_location: Option<(u64, Arc<Location>)>,
-    /// The Ingress and epoch the catch-all default came from, and the default.
-    catch_all: Option<(Arc<Ingress>, u64, Arc<Location>)>,
+    by_service: HashMap<ObjectKey, ServiceInputs>,
+    default_location: Option<Arc<Location>>,
+    /// The Ingress the catch-all default came from, the Services it names, and the default.
+    catch_all: Option<CatchAll>,
+    /// Service ids (see `Backends::ids`), between builds.
+    service_ids: HashMap<ObjectKey, u32>,
     hosts: HashMap<Arc<str>, CachedHost>,
     round: u64,
 }
@@ -462,9 +478,22 @@ impl RouteCache {
         self.round
     }
 
-    /// Compares the endpoints' inputs with the previous build's; true (and a new epoch) when
-    /// they differ.
-    fn observe(&mut self, inputs: &Inputs) -> bool {
+    /// Ids are handed out to every Service name an Ingress names, existing or not; when
+    /// they outnumber the cached hosts and the cluster's Services by far, all are dropped
+    /// with the hosts that list them (the next build rebuilds every host once).
+    fn bound_ids(&mut self, services: usize) {
+        if self.service_ids.len() > 4 * (self.hosts.len() + services) + 64 {
+            self.service_ids.clear();
+            self.hosts.clear();
+            self.catch_all = None;
+            self.default_location = None;
+        }
+    }
+
+    /// The ids of the Services whose object or EndpointSlices differ from the previous
+    /// build's (every cached host was checked in that build, so this build's changes are all
+    /// it needs; a Service without an id is named by no cached host).
+    fn observe(&mut self, inputs: &Inputs, ids: &HashMap<ObjectKey, u32>) -> HashSet<u32> {
         let same_services = inputs.services.len() == self.services.len()
             && inputs
                 .services
@@ -472,12 +501,52 @@ impl RouteCache {
                 .zip(&self.services)
                 .all(|(a, b)| Arc::ptr_eq(a, b));
         if same_services && inputs.slices == self.slices {
-            return false;
+            return HashSet::new();
         }
-        self.epoch += 1;
         self.services = inputs.services.clone();
         self.slices = inputs.slices.clone();
-        true
+        let mut now: HashMap<ObjectKey, ServiceInputs> = HashMap::new();
+        for s in &inputs.services {
+            now.entry(key_of(s.as_ref())).or_default().service = Some(s.clone());
+        }
+        for sl in &inputs.slices {
+            let key = ObjectKey {
+                namespace: sl.namespace.clone(),
+                name: sl.service.clone(),
+            };
+            now.entry(key).or_default().slices.push(sl.clone());
+        }
+        let before = std::mem::replace(&mut self.by_service, now);
+        let now = &self.by_service;
+        let gone = before.keys().filter(|k| !now.contains_key(*k));
+        let differ = now
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_none_or(|b| !b.same(v)));
+        gone.chain(differ.map(|(k, _)| k))
+            .filter_map(|k| ids.get(k).copied())
+            .collect()
+    }
+}
+
+/// The catch-all default: the Ingress it came from, the ids of the Services it names, and
+/// the location.
+type CatchAll = (Arc<Ingress>, Box<[u32]>, Arc<Location>);
+
+/// One Service's object and EndpointSlices.
+#[derive(Default)]
+struct ServiceInputs {
+    service: Option<Arc<Service>>,
+    slices: Vec<Slice>,
+}
+
+impl ServiceInputs {
+    fn same(&self, other: &ServiceInputs) -> bool {
+        let service = match (&self.service, &other.service) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        service && self.slices == other.slices
     }
 }
 
@@ -492,10 +561,15 @@ struct Backends<'a> {
     made: BackendCache,
     /// The previous build's: reused where the endpoints are the same.
     previous: BackendCache,
+    /// The Services asked for since [`Backends::take_used`] last ran, by id.
+    used: Vec<u32>,
+    /// A small id per Service key, kept across builds: a cached host lists its Services as
+    /// ids (10,000 hosts listing owned keys cost 2 MiB).
+    ids: HashMap<ObjectKey, u32>,
 }
 
 impl<'a> Backends<'a> {
-    fn new(inputs: &'a Inputs, previous: BackendCache) -> Self {
+    fn new(inputs: &'a Inputs, previous: BackendCache, ids: HashMap<ObjectKey, u32>) -> Self {
         let mut slices: HashMap<ObjectKey, Vec<&Slice>> = HashMap::new();
         for s in &inputs.slices {
             slices
@@ -511,7 +585,14 @@ impl<'a> Backends<'a> {
             slices,
             made: HashMap::new(),
             previous,
+            used: Vec::new(),
+            ids,
         }
+    }
+
+    /// The Services asked for since the last call.
+    fn take_used(&mut self) -> Box<[u32]> {
+        std::mem::take(&mut self.used).into_boxed_slice()
     }
 
     /// What serves `b`, a backend of an Ingress in `ns`.
@@ -523,6 +604,11 @@ impl<'a> Backends<'a> {
             namespace: ns.into(),
             name: svc_ref.name.clone(),
         };
+        let next = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
+        let id = *self.ids.entry(key.clone()).or_insert(next);
+        if !self.used.contains(&id) {
+            self.used.push(id);
+        }
         let (port_name, port_number) = match &svc_ref.port {
             Some(p) => (p.name.as_deref(), p.number),
             None => (None, None),
