@@ -54,10 +54,11 @@ impl Builder {
         // Each Ingress's shared settings, made at most once per build; those that read other
         // objects are made for every such Ingress, so their problems are reported even when
         // none of their hosts is rebuilt.
-        let mut settings: Vec<Option<IngressSettings>> = effective.iter().map(|_| None).collect();
+        let mut settings = Settings::new();
         for (i, (ing, annotations)) in effective.iter().enumerate() {
             if annotations.reads_other_objects() {
-                settings[i] = Some(self.ingress_settings(ing, annotations, &deps, problems));
+                let made = self.ingress_settings(ing, annotations, &deps, problems);
+                settings.insert(i, made);
             }
         }
         let catch_all_default = catch_all_ingress.map(|i| {
@@ -76,54 +77,21 @@ impl Builder {
         let mut hosts = Vec::with_capacity(groups.len());
         let mut catch_all = None;
         for (host, group) in groups {
-            let volatile = group
-                .iter()
-                .any(|&(i, _)| effective[i].1.reads_other_objects());
-            let kept = match self.route_cache.hosts.get_mut(host.as_ref()) {
-                Some(entry)
-                    if !volatile && entry.built_from(&group, effective, &fallback, &changed) =>
-                {
-                    entry.seen = round;
-                    if let Some(r) = &entry.rules {
-                        r.touch(&mut self.regexes);
-                    }
-                    Some((entry.host.clone(), entry.rules.clone()))
-                }
-                _ => None,
+            let host = HostInput {
+                name: host,
+                group: &group,
+                fallback: &fallback,
+                changed: &changed,
+                round,
             };
-            let (host, rules) = match kept {
-                Some(kept) => kept,
-                None => {
-                    backends.take_used();
-                    let rules = self
-                        .host_rules(
-                            &host,
-                            &group,
-                            effective,
-                            &fallback,
-                            &deps,
-                            &mut settings,
-                            &mut backends,
-                            problems,
-                        )
-                        .map(Arc::new);
-                    let host: Arc<str> = host.into();
-                    if !volatile {
-                        let entry = CachedHost {
-                            host: host.clone(),
-                            ingresses: ingresses_of(&group)
-                                .map(|i| effective[i].0.clone())
-                                .collect(),
-                            fallback: fallback.clone(),
-                            services: backends.take_used(),
-                            rules: rules.clone(),
-                            seen: round,
-                        };
-                        self.route_cache.hosts.insert(host.clone(), entry);
-                    }
-                    (host, rules)
-                }
-            };
+            let (host, rules) = self.kept_or_built(
+                host,
+                effective,
+                &deps,
+                &mut settings,
+                &mut backends,
+                problems,
+            );
             match rules {
                 Some(rules) if &*host == "_" => catch_all = Some(rules),
                 Some(rules) => hosts.push((host, rules)),
@@ -131,8 +99,6 @@ impl Builder {
             }
         }
         self.route_cache.hosts.retain(|_, e| e.seen == round);
-        // Only what this build uses is kept for the next; with the same endpoints, what the
-        // kept hosts use too.
         // Only what this build uses is kept for the next, and what kept hosts and defaults
         // still hold (the map's own reference aside); a held one whose Service changed is
         // compared with the new endpoints before any reuse.
@@ -152,6 +118,60 @@ impl Builder {
         (Router::new(hosts.into_iter(), catch_all), fallback)
     }
 
+    /// One host's rules: kept from the previous build when made from the same inputs, else
+    /// built (and cached unless its Ingresses read Secrets or ConfigMaps).
+    fn kept_or_built(
+        &mut self,
+        host: HostInput<'_, '_>,
+        effective: &[(Arc<Ingress>, Arc<Annotations>)],
+        deps: &Deps<'_>,
+        settings: &mut Settings,
+        backends: &mut Backends<'_>,
+        problems: &mut Vec<Problem>,
+    ) -> (Arc<str>, Option<SharedRules>) {
+        let HostInput {
+            name,
+            group,
+            fallback,
+            changed,
+            round,
+        } = host;
+        let volatile = group
+            .iter()
+            .any(|&(i, _)| effective[i].1.reads_other_objects());
+        if let Some(entry) = self.route_cache.hosts.get_mut(name.as_ref())
+            && !volatile
+            && entry.built_from(group, effective, fallback, changed)
+        {
+            entry.seen = round;
+            if let Some(r) = &entry.rules {
+                r.touch(&mut self.regexes);
+            }
+            return (entry.host.clone(), entry.rules.clone());
+        }
+        backends.take_used();
+        let rules = self
+            .host_rules(
+                &name, group, effective, fallback, deps, settings, backends, problems,
+            )
+            .map(Arc::new);
+        let host: Arc<str> = name.into();
+        if !volatile {
+            let entry = CachedHost {
+                host: host.clone(),
+                ingresses: ingresses_of(group)
+                    .map(|i| effective[i].0.clone())
+                    .collect(),
+                fallback: fallback.clone(),
+                services: backends.take_used(),
+                rules: rules.clone(),
+                seen: round,
+            };
+            self.route_cache.hosts.insert(host.clone(), entry);
+        }
+        (host, rules)
+    }
+
     /// `spec.defaultBackend` of the oldest Ingress without rules (`effective[i]`), kept while
     /// that Ingress and its Service are unchanged.
     #[allow(clippy::too_many_arguments)]
@@ -161,7 +181,7 @@ impl Builder {
         i: usize,
         changed: &HashSet<u32>,
         deps: &Deps<'_>,
-        settings: &mut [Option<IngressSettings>],
+        settings: &mut Settings,
         backends: &mut Backends<'_>,
         problems: &mut Vec<Problem>,
     ) -> Arc<Location> {
@@ -191,11 +211,13 @@ impl Builder {
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         i: usize,
         deps: &Deps<'_>,
-        settings: &'s mut [Option<IngressSettings>],
+        settings: &'s mut Settings,
         problems: &mut Vec<Problem>,
     ) -> &'s IngressSettings {
         let (ing, annotations) = &effective[i];
-        settings[i].get_or_insert_with(|| self.ingress_settings(ing, annotations, deps, problems))
+        settings
+            .entry(i)
+            .or_insert_with(|| self.ingress_settings(ing, annotations, deps, problems))
     }
 
     /// One host's rules from its rules in `group` ((Ingress, rule) indexes, oldest Ingress
@@ -209,7 +231,7 @@ impl Builder {
         effective: &[(Arc<Ingress>, Arc<Annotations>)],
         fallback: &Arc<Location>,
         deps: &Deps<'_>,
-        settings: &mut [Option<IngressSettings>],
+        settings: &mut Settings,
         backends: &mut Backends<'_>,
         problems: &mut Vec<Problem>,
     ) -> Option<HostRules<Arc<Location>>> {
@@ -373,6 +395,22 @@ impl IngressSettings {
     }
 }
 
+/// A host's compiled rules, shared by the routers of successive builds.
+type SharedRules = Arc<HostRules<Arc<Location>>>;
+
+/// One host of a build and what its cached rules are checked against.
+struct HostInput<'g, 'a> {
+    name: Cow<'a, str>,
+    group: &'g [(usize, usize)],
+    fallback: &'g Arc<Location>,
+    changed: &'g HashSet<u32>,
+    round: u64,
+}
+
+/// The settings made in one build, by index in `effective` (only those of Ingresses whose
+/// hosts are rebuilt, or that read other objects).
+type Settings = HashMap<usize, IngressSettings>;
+
 /// The objects besides Ingresses that `custom-headers` and `auth-secret` read.
 struct Deps<'a> {
     configmaps: &'a HashMap<ObjectKey, &'a ConfigMap>,
@@ -429,7 +467,7 @@ struct CachedHost {
     fallback: Arc<Location>,
     /// Ids of the Services its backends name.
     services: Box<[u32]>,
-    rules: Option<Arc<HostRules<Arc<Location>>>>,
+    rules: Option<SharedRules>,
     /// The last build that had this host.
     seen: u64,
 }
