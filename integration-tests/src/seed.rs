@@ -378,6 +378,13 @@ pub struct Footprint {
     /// The processes one instance of the component runs (cert-manager: its three
     /// Deployments' pods; local-path: the provisioner and one agent), at their mean RSS.
     pub instance_rss: u64,
+    /// The containers' working set as the kubelet reports it (`kubectl top`, and the figures
+    /// upstream publishes): the memory cgroup's usage less its inactive page cache. The
+    /// binary's code pages are charged to containerd, which wrote them when unpacking the
+    /// image, so this is the processes' own memory plus what they cached themselves.
+    pub working_set: u64,
+    /// [`Footprint::working_set`] of one instance, at the containers' mean.
+    pub instance_working_set: u64,
 }
 
 /// Our components' processes by name (comm: the program name cut to 15 bytes; cert-manager's
@@ -410,6 +417,8 @@ pub fn footprint() -> Vec<Footprint> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return out;
     };
+    // A container's cgroup is counted once, whatever number of processes it holds.
+    let mut counted = std::collections::HashSet::new();
     for entry in procs.flatten() {
         let dir = entry.path();
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
@@ -427,6 +436,11 @@ pub fn footprint() -> Vec<Footprint> {
         if !cgroup.contains(":/hc") {
             continue;
         }
+        if let Some(path) = memory_cgroup(&cgroup)
+            && counted.insert(path.clone())
+        {
+            out[i].working_set += working_set_kib(&path);
+        }
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
         let rollup = std::fs::read_to_string(dir.join("smaps_rollup")).unwrap_or_default();
         out[i].processes += 1;
@@ -436,8 +450,53 @@ pub fn footprint() -> Vec<Footprint> {
     }
     for (f, (.., per_instance)) in out.iter_mut().zip(COMPONENTS) {
         f.instance_rss = (f.rss * per_instance).checked_div(f.processes).unwrap_or(0);
+        f.instance_working_set = (f.working_set * per_instance)
+            .checked_div(f.processes)
+            .unwrap_or(0);
     }
     out
+}
+
+/// The directory of a process's memory cgroup, from its `/proc/<pid>/cgroup` text: cgroup
+/// v1's `memory` hierarchy, or the unified one.
+fn memory_cgroup(cgroup: &str) -> Option<PathBuf> {
+    let v1 = cgroup.lines().find_map(|l| {
+        let (_, rest) = l.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    let (root, path) = match v1 {
+        Some(path) => ("/sys/fs/cgroup/memory", path),
+        None => (
+            "/sys/fs/cgroup",
+            cgroup.lines().find_map(|l| l.strip_prefix("0::"))?,
+        ),
+    };
+    Some(PathBuf::from(format!("{root}{path}")))
+}
+
+/// The kubelet's (cAdvisor's) working set of a memory cgroup, KiB: usage less inactive file
+/// pages; 0 if unreadable.
+fn working_set_kib(dir: &Path) -> u64 {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let stat = read("memory.stat");
+    let field = |name: &str| {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    // v1 names the hierarchical figure `total_inactive_file`; v2 has only `inactive_file`.
+    let (usage, inactive) = match read("memory.usage_in_bytes").trim().parse::<u64>() {
+        Ok(usage) => (usage, field("total_inactive_file")),
+        Err(_) => (
+            read("memory.current").trim().parse().unwrap_or(0),
+            field("inactive_file"),
+        ),
+    };
+    usage.saturating_sub(inactive.unwrap_or(0)) / 1024
 }
 
 /// [`footprint`] as a table (MiB), with the sums.
@@ -445,34 +504,40 @@ pub fn footprint_table() -> String {
     let rows = footprint();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut text = format!(
-        "{:<48}{:>6}{:>9}{:>8}{:>8}{:>11}\n",
-        "component (MiB)", "procs", "RSS", "anon", "PSS", "one, RSS"
+        "{:<48}{:>6}{:>9}{:>8}{:>8}{:>11}{:>9}{:>11}\n",
+        "component (MiB)", "procs", "RSS", "anon", "PSS", "one, RSS", "WS", "one, WS"
     );
     let mut total = Footprint::default();
     for f in &rows {
         text.push_str(&format!(
-            "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}\n",
+            "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}{:>9.1}{:>11.1}\n",
             f.component,
             f.processes,
             mib(f.rss),
             mib(f.anon),
             mib(f.pss),
-            mib(f.instance_rss)
+            mib(f.instance_rss),
+            mib(f.working_set),
+            mib(f.instance_working_set)
         ));
         total.processes += f.processes;
         total.rss += f.rss;
         total.anon += f.anon;
         total.pss += f.pss;
         total.instance_rss += f.instance_rss;
+        total.working_set += f.working_set;
+        total.instance_working_set += f.instance_working_set;
     }
     text.push_str(&format!(
-        "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}\n",
+        "{:<48}{:>6}{:>9.1}{:>8.1}{:>8.1}{:>11.1}{:>9.1}{:>11.1}\n",
         "all four",
         total.processes,
         mib(total.rss),
         mib(total.anon),
         mib(total.pss),
-        mib(total.instance_rss)
+        mib(total.instance_rss),
+        mib(total.working_set),
+        mib(total.instance_working_set)
     ));
     text
 }
@@ -493,4 +558,44 @@ fn archives() -> Result<Vec<PathBuf>> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_memory_cgroup_is_found_on_v1_and_v2() {
+        let v1 = "12:pids:/hc1/pod1/c1\n7:memory:/hc1/pod1/c1\n1:name=systemd:/hc1/pod1/c1\n";
+        assert_eq!(
+            memory_cgroup(v1),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/hc1/pod1/c1"))
+        );
+        let joined = "5:cpu,memory:/hc2/p\n";
+        assert_eq!(
+            memory_cgroup(joined),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/hc2/p"))
+        );
+        assert_eq!(
+            memory_cgroup("0::/kubepods/pod1/c1\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods/pod1/c1"))
+        );
+        assert_eq!(memory_cgroup("3:cpu:/x\n"), None);
+    }
+
+    #[test]
+    fn working_set_is_usage_less_inactive_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory.usage_in_bytes"), "3145728\n").unwrap();
+        std::fs::write(
+            dir.path().join("memory.stat"),
+            "inactive_file 4096\ntotal_inactive_file 1048576\n",
+        )
+        .unwrap();
+        assert_eq!(working_set_kib(dir.path()), 2048);
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("memory.current"), "2097152\n").unwrap();
+        std::fs::write(v2.path().join("memory.stat"), "inactive_file 1048576\n").unwrap();
+        assert_eq!(working_set_kib(v2.path()), 1024);
+    }
 }
