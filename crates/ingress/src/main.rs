@@ -5,6 +5,10 @@ use clap::Parser;
 use ingress::cli::Args;
 use kube_common::Manager;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
