@@ -182,7 +182,13 @@ pub const SUITE_PROFILE: &str = "suite-images";
 pub fn run(arches: &[Arch], profile: &str) -> Result<Vec<PathBuf>> {
     let mut packages = vec!["musl-tools", "binutils", "dpkg-dev"];
     if arches.iter().any(|a| !a.is_native()) {
-        packages.extend(["gcc-aarch64-linux-gnu", "qemu-user-static"]);
+        // The C headers the cross compiler builds ring (and any C) against: only recommended
+        // by gcc-aarch64-linux-gnu, so not pulled in with --no-install-recommends.
+        packages.extend([
+            "gcc-aarch64-linux-gnu",
+            "libc6-dev-arm64-cross",
+            "qemu-user-static",
+        ]);
     }
     step("Debian packages for static and cross builds", || {
         setup::ensure_packages(&packages)
