@@ -165,15 +165,25 @@ fn tail(path: &Path, max: usize) -> String {
 /// A free TCP port on 127.0.0.1 (bound, then released, for a server started next). Taken below
 /// the kernel's ephemeral range: a port from `bind(0)` is an ephemeral one, and between its
 /// release and the server's bind any outgoing connection on the machine may take it (seen as
-/// "bind: address already in use" from kube-apiserver).
+/// "bind: address already in use" from kube-apiserver). A port is handed out once per
+/// process: two picks before either server binds must differ (nginx refused a configuration
+/// with its HTTP and HTTPS listeners on one port).
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (low, _) = ephemeral_range();
     let floor: u16 = 10_000;
     let span = u64::from(low.saturating_sub(floor).max(1));
     for _ in 0..200 {
         let port = floor + u16::try_from(random_u64() % span).unwrap_or(0);
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(l.local_addr()?.port());
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
         }
     }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -268,6 +278,13 @@ mod tests {
             );
             drop(std::net::TcpListener::bind(("127.0.0.1", p)).unwrap());
         }
+    }
+
+    #[test]
+    fn a_port_is_handed_out_once() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
     }
 
     #[test]
