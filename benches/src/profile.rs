@@ -75,7 +75,18 @@ impl Recording {
         if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
         }
-        let out = self.child.wait_with_output()?;
+        let mut child = self.child;
+        let stopped = wait_until(&mut child, STOP_TIMEOUT)?;
+        if !stopped {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output()?;
+        if !stopped {
+            return Err(Error::Tool {
+                tool: "perf record".into(),
+                message: format!("still running {STOP_TIMEOUT:?} after SIGINT; killed"),
+            });
+        }
         // perf exits with 130 after SIGINT; a missing file is the real failure.
         if !self.file.exists() {
             return Err(Error::Tool {
@@ -95,6 +106,21 @@ impl Recording {
             top,
         })
     }
+}
+
+/// How long perf may take to write its file after SIGINT (a few seconds for a run's samples).
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `child` exits within `timeout`.
+fn wait_until(child: &mut Child, timeout: std::time::Duration) -> Result<bool, Error> {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(true)
 }
 
 /// `perf report` of `file` sorted by `keys`, one line per entry with its sample count.
@@ -203,6 +229,18 @@ fn short_symbol(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_that_does_not_stop_is_not_waited_for() {
+        let mut slow = Command::new("sleep").arg("30").spawn().unwrap();
+        let started = std::time::Instant::now();
+        assert!(!wait_until(&mut slow, std::time::Duration::from_millis(200)).unwrap());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        slow.kill().unwrap();
+        slow.wait().unwrap();
+        let mut quick = Command::new("true").spawn().unwrap();
+        assert!(wait_until(&mut quick, std::time::Duration::from_secs(10)).unwrap());
+    }
 
     #[test]
     fn reads_perf_report_lines() {
