@@ -56,7 +56,9 @@ fn main() -> Result<()> {
         println!("household-task-manager over HTTPS through a node's NodePort, certificate issued by pebble:");
         println!("  {}", seed.curl_line(&root_path));
         println!();
-        println!("Our components' memory (RSS) right now:");
+        println!(
+            "Our components' memory right now (RSS; WS: the containers' working set, as `kubectl top` shows it):"
+        );
         print!("{}", integration_tests::seed::footprint_table());
         println!("Press Ctrl-C to stop and clean up.");
         tokio::signal::ctrl_c().await?;
