@@ -186,8 +186,11 @@ pub fn free_port() -> Result<u16> {
             return Ok(port);
         }
     }
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    handed_out.push(port);
+    Ok(port)
 }
 
 /// `net.ipv4.ip_local_port_range` (Linux's default when unreadable).
