@@ -178,7 +178,7 @@ async fn spawn_controller(
     ];
     let process = shared.spawn("ingress-controller", program, &args, &[])?;
     let version = format!(
-        "ingress-controller {} (this tree, release build)",
+        "ingress-controller {} (this tree, static musl build as the image ships it)",
         env!("CARGO_PKG_VERSION")
     );
     let mut peer = Peer::new(PeerKind::IngressController, http, https, process, version)?;

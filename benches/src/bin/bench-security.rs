@@ -14,7 +14,7 @@ struct Args {
     /// Where security.md goes.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// The ingress-controller binary (a release build).
+    /// The ingress-controller binary (`xtask bench` passes the image's build).
     #[arg(long)]
     ingress_controller: PathBuf,
     /// The seconds-per-case settings the suite uses.

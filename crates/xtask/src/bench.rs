@@ -2,8 +2,8 @@
 //! (release, real peers), which write `benches/results/<crate>.md`.
 //!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
-//! wrk, nghttp2-client; oha), builds the ingress controller and the harness in release mode,
-//! then runs `bench-proxy`, which builds the pingora peer (cached) and writes
+//! wrk, nghttp2-client; oha), builds the ingress controller as its image carries it (static,
+//! `--profile proxy`) and the harness in release mode, then runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
 //!
 //! `cargo run -p xtask -- bench security`: the same build, then `bench-security` (nginx,
@@ -16,25 +16,16 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cargo, cargo_with_env, images, setup, step};
 
-/// Builds the ingress controller and the harness binaries (release), then runs `harness`.
+/// Builds the ingress controller as shipped and the harness binaries (release), then runs
+/// `harness`.
 pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
-    step(
-        "cargo build --release (ingress-controller, benches)",
-        || {
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "ingress",
-                "--bin",
-                "ingress-controller",
-                "-p",
-                "benches",
-                "--bins",
-            ])
-        },
-    )?;
+    let controller = std::env::current_dir()?
+        .join(shipped_binaries("ingress")?)
+        .join("ingress-controller");
+    step("cargo build --release (benches)", || {
+        cargo(&["build", "--release", "-p", "benches", "--bins"])
+    })?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"))
@@ -42,11 +33,8 @@ pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
     let root = std::env::current_dir()?;
     step(harness, || {
         let mut cmd = Command::new(target.join(harness));
-        cmd.arg(format!(
-            "--ingress-controller={}",
-            target.join("ingress-controller").display()
-        ))
-        .arg(format!("--out={}", root.join("benches/results").display()));
+        cmd.arg(format!("--ingress-controller={}", controller.display()))
+            .arg(format!("--out={}", root.join("benches/results").display()));
         if harness == "bench-proxy" {
             // It builds the pingora peer from the workspace.
             cmd.arg(format!("--root={}", root.display()));
@@ -79,8 +67,8 @@ pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
     })
 }
 
-/// Builds `package`'s shipped binaries as the images carry them (static, `--profile small`,
-/// this machine's architecture); returns the directory holding them.
+/// Builds `package`'s shipped binaries as the images carry them (static, `--profile small`, the
+/// proxy `--profile proxy`; this machine's architecture); returns the directory holding them.
 fn shipped_binaries(package: &str) -> Result<PathBuf> {
     step("Debian packages for static builds", || {
         setup::ensure_packages(&["musl-tools"])

@@ -2,7 +2,8 @@
 //! OCI archives in `target/images/`, one per image, each holding every platform under one
 //! multi-arch index.
 //!
-//! The binaries are built with `--profile small` and linked statically against musl, natively
+//! The binaries are built with `--profile small` (the proxy with `--profile proxy`, the same
+//! at opt-level 2) and linked statically against musl, natively
 //! and cross (arm64 with Debian's aarch64 gcc as C compiler and linker); the test suite builds
 //! the same images from `--profile suite-images` (unoptimised, a third of the build time). An image holds its
 //! binary and nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
@@ -171,6 +172,11 @@ const FLANNEL_DEBS: &[&str] = &[
 
 /// The cargo profile the shipped binaries are built with (opt-level z, fat LTO).
 pub const SHIP_PROFILE: &str = "small";
+/// The shipped proxy's profile: `small` at opt-level 2. The proxy is the data plane; at
+/// opt-level z it spent 18-32 % more CPU per request for 2.5 MiB less RSS (benches/README.md).
+pub const PROXY_PROFILE: &str = "proxy";
+/// The binary built with [`PROXY_PROFILE`].
+pub const PROXY_BINARY: &str = "ingress-controller";
 /// The test suite's profile: the same programs built for build time (dev: unoptimised but for
 /// the RSA crates, with overflow checks and debug assertions, so stricter than `small`), since
 /// CI builds them from clean and the suite checks behaviour, not size or speed. Its images go
@@ -617,9 +623,10 @@ fn dedup(files: &mut Vec<File>) {
 /// `panic = "abort"` never unwinds (1.2 MiB of cert-manager's file).
 const RUSTFLAGS: &str = "-C relocation-model=static -C force-unwind-tables=no";
 
-/// Builds `binaries` for each of `arches`' musl targets with `profile`, in one cargo call (the
-/// host's build scripts and proc macros are built once for all); returns each arch's
-/// directory, in `arches`' order.
+/// Builds `binaries` for each of `arches`' musl targets with `profile` (the proxy with
+/// [`PROXY_PROFILE`] when `profile` is the shipped one), one cargo call per profile (the
+/// host's build scripts and proc macros are built once for all), and gathers them into one
+/// directory per arch; returns those directories, in `arches`' order.
 pub fn build_static(
     arches: &[Arch],
     binaries: &[(&str, &str)],
@@ -630,6 +637,54 @@ pub fn build_static(
             musl_target(arch.triple)
         })?;
     }
+    let mut profiles: Vec<&str> = binaries
+        .iter()
+        .map(|(_, bin)| binary_profile(bin, profile))
+        .collect();
+    profiles.sort_unstable();
+    profiles.dedup();
+    for build_profile in &profiles {
+        let these: Vec<(&str, &str)> = binaries
+            .iter()
+            .copied()
+            .filter(|(_, bin)| binary_profile(bin, profile) == *build_profile)
+            .collect();
+        cargo_build_static(arches, &these, build_profile)?;
+    }
+    arches
+        .iter()
+        .map(|arch| gather(arch, binaries, profile))
+        .collect()
+}
+
+/// The profile `bin` is built with when the images are built with `profile`.
+fn binary_profile<'a>(bin: &str, profile: &'a str) -> &'a str {
+    if profile == SHIP_PROFILE && bin == PROXY_BINARY {
+        PROXY_PROFILE
+    } else {
+        profile
+    }
+}
+
+/// Copies `arch`'s `binaries`, each from its profile's output, into one directory.
+fn gather(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Result<PathBuf> {
+    let dir = target_dir()
+        .join(arch.triple)
+        .join(format!("{profile}-images"));
+    std::fs::create_dir_all(&dir)?;
+    for (_, bin) in binaries {
+        let built = target_dir()
+            .join(arch.triple)
+            .join(binary_profile(bin, profile))
+            .join(bin);
+        std::fs::copy(&built, dir.join(bin))
+            .with_context(|| format!("copying {}", built.display()))?;
+    }
+    Ok(dir)
+}
+
+/// One `cargo build --profile <profile>` of `binaries` for every arch's musl target.
+fn cargo_build_static(arches: &[Arch], binaries: &[(&str, &str)], profile: &str) -> Result<()> {
     let mut args = vec!["build", "--profile", profile];
     for arch in arches {
         args.extend(["--target", arch.triple]);
@@ -656,11 +711,7 @@ pub fn build_static(
     }
     step(&format!("cargo {}", args.join(" ")), || {
         cargo_with_env(&args, &env)
-    })?;
-    Ok(arches
-        .iter()
-        .map(|arch| target_dir().join(arch.triple).join(profile))
-        .collect())
+    })
 }
 
 /// The compiler, linker and flags cargo uses for `arch`'s musl target.
