@@ -3,7 +3,7 @@
 //!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
 //! wrk, nghttp2-client; oha), builds the ingress controller as its image carries it (static,
-//! `--profile proxy`) and the harness in release mode, then runs `bench-proxy`, which builds the pingora peer (cached) and writes
+//! `--profile proxy`, symbols kept) and the harness in release mode, then runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
 //!
 //! `cargo run -p xtask -- bench security`: the same build, then `bench-security` (nginx,
@@ -20,9 +20,14 @@ use crate::{cargo, cargo_with_env, images, setup, step};
 /// `harness`.
 pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
+    // The shipped build with its symbols, so that the profiles name functions.
+    let dir = static_binaries(
+        &[("ingress", images::PROXY_BINARY)],
+        images::PROXY_SYMBOLS_PROFILE,
+    )?;
     let controller = std::env::current_dir()?
-        .join(shipped_binaries("ingress")?)
-        .join("ingress-controller");
+        .join(dir)
+        .join(images::PROXY_BINARY);
     step("cargo build --release (benches)", || {
         cargo(&["build", "--release", "-p", "benches", "--bins"])
     })?;
@@ -70,15 +75,21 @@ pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
 /// Builds `package`'s shipped binaries as the images carry them (static, `--profile small`, the
 /// proxy `--profile proxy`; this machine's architecture); returns the directory holding them.
 fn shipped_binaries(package: &str) -> Result<PathBuf> {
-    step("Debian packages for static builds", || {
-        setup::ensure_packages(&["musl-tools"])
-    })?;
     let binaries: Vec<(&str, &str)> = images::BINARIES
         .iter()
         .copied()
         .filter(|(p, _)| *p == package)
         .collect();
-    let dirs = images::build_static(&[images::Arch::native()?], &binaries, images::SHIP_PROFILE)?;
+    static_binaries(&binaries, images::SHIP_PROFILE)
+}
+
+/// Builds `binaries` static for this machine's architecture with `profile`; returns the
+/// directory holding them.
+fn static_binaries(binaries: &[(&str, &str)], profile: &str) -> Result<PathBuf> {
+    step("Debian packages for static builds", || {
+        setup::ensure_packages(&["musl-tools"])
+    })?;
+    let dirs = images::build_static(&[images::Arch::native()?], binaries, profile)?;
     dirs.into_iter()
         .next()
         .context("build_static returns one directory per arch")

@@ -175,6 +175,8 @@ pub const SHIP_PROFILE: &str = "small";
 /// The shipped proxy's profile: `small` at opt-level 2. The proxy is the data plane; at
 /// opt-level z it spent 18-32 % more CPU per request for 2.5 MiB less RSS (benches/README.md).
 pub const PROXY_PROFILE: &str = "proxy";
+/// [`PROXY_PROFILE`] with symbols: what the proxy benchmark measures and profiles.
+pub const PROXY_SYMBOLS_PROFILE: &str = "proxy-symbols";
 /// The binary built with [`PROXY_PROFILE`].
 pub const PROXY_BINARY: &str = "ingress-controller";
 /// The test suite's profile: the same programs built for build time (dev: unoptimised but for
