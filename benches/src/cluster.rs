@@ -177,9 +177,12 @@ async fn spawn_controller(
         "--log-level=warn".into(),
     ];
     let process = shared.spawn("ingress-controller", program, &args, &[])?;
+    // The file says which build ran (`xtask bench` passes the image's, symbols kept).
+    let cwd = std::env::current_dir().unwrap_or_default();
     let version = format!(
-        "ingress-controller {} (this tree, static musl build as the image ships it)",
-        env!("CARGO_PKG_VERSION")
+        "ingress-controller {} (this tree: {})",
+        env!("CARGO_PKG_VERSION"),
+        program.strip_prefix(&cwd).unwrap_or(program).display()
     );
     let mut peer = Peer::new(PeerKind::IngressController, http, https, process, version)?;
     if let Err(e) = probe::wait_status(

@@ -15,7 +15,7 @@ struct Args {
     /// Where proxy.md and proxy.json go.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// The ingress-controller binary (`xtask bench` passes the image's build).
+    /// The ingress-controller binary (`xtask bench` passes the image's build, symbols kept).
     #[arg(long)]
     ingress_controller: PathBuf,
     /// The pingora peer binary (default: build benches/pingora-peer, cached).

@@ -14,7 +14,7 @@ struct Args {
     /// Where security.md goes.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
-    /// The ingress-controller binary (`xtask bench` passes the image's build).
+    /// The ingress-controller binary (`xtask bench` passes the image's build, symbols kept).
     #[arg(long)]
     ingress_controller: PathBuf,
     /// The seconds-per-case settings the suite uses.

@@ -3,7 +3,8 @@
 //!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
 //! wrk, nghttp2-client; oha), builds the ingress controller as its image carries it (static,
-//! `--profile proxy`, symbols kept) and the harness in release mode, then runs `bench-proxy`, which builds the pingora peer (cached) and writes
+//! `--profile proxy-symbols`: `proxy` with its symbols) and the harness in release mode, then
+//! runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
 //!
 //! `cargo run -p xtask -- bench security`: the same build, then `bench-security` (nginx,
@@ -25,16 +26,11 @@ pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
         &[("ingress", images::PROXY_BINARY)],
         images::PROXY_SYMBOLS_PROFILE,
     )?;
-    let controller = std::env::current_dir()?
-        .join(dir)
-        .join(images::PROXY_BINARY);
+    let controller = dir.join(images::PROXY_BINARY);
     step("cargo build --release (benches)", || {
         cargo(&["build", "--release", "-p", "benches", "--bins"])
     })?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"))
-        .join("release");
+    let target = images::target_dir().join("release");
     let root = std::env::current_dir()?;
     step(harness, || {
         let mut cmd = Command::new(target.join(harness));
@@ -60,13 +56,12 @@ pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
 /// against musl (what the images carry), handed to the bench in `SHIPPED_BIN_DIR`.
 pub fn crate_benches(package: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
-    let dir = shipped_binaries(package)?;
+    let shipped = shipped_binaries(package)?;
     let mut args = vec!["bench", "-p", package, "--profile", "small"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    let shipped = std::env::current_dir()?.join(dir);
     step(&format!("cargo bench -p {package} --profile small"), || {
         cargo_with_env(&args, &[("SHIPPED_BIN_DIR", shipped.as_os_str())])
     })
@@ -84,13 +79,15 @@ fn shipped_binaries(package: &str) -> Result<PathBuf> {
 }
 
 /// Builds `binaries` static for this machine's architecture with `profile`; returns the
-/// directory holding them.
+/// directory holding them, as an absolute path.
 fn static_binaries(binaries: &[(&str, &str)], profile: &str) -> Result<PathBuf> {
     step("Debian packages for static builds", || {
         setup::ensure_packages(&["musl-tools"])
     })?;
     let dirs = images::build_static(&[images::Arch::native()?], binaries, profile)?;
-    dirs.into_iter()
+    let dir = dirs
+        .into_iter()
         .next()
-        .context("build_static returns one directory per arch")
+        .context("build_static returns one directory per arch")?;
+    Ok(std::path::absolute(dir)?)
 }

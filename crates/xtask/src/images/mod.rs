@@ -627,13 +627,16 @@ const RUSTFLAGS: &str = "-C relocation-model=static -C force-unwind-tables=no";
 
 /// Builds `binaries` for each of `arches`' musl targets with `profile` (the proxy with
 /// [`PROXY_PROFILE`] when `profile` is the shipped one), one cargo call per profile (the
-/// host's build scripts and proc macros are built once for all), and gathers them into one
+/// host's build scripts and proc macros are built once per profile), and gathers them into one
 /// directory per arch; returns those directories, in `arches`' order.
 pub fn build_static(
     arches: &[Arch],
     binaries: &[(&str, &str)],
     profile: &str,
 ) -> Result<Vec<PathBuf>> {
+    if binaries.is_empty() {
+        bail!("no binaries to build");
+    }
     for arch in arches {
         step(&format!("{} standard library", arch.triple), || {
             musl_target(arch.triple)
@@ -646,10 +649,10 @@ pub fn build_static(
     profiles.sort_unstable();
     profiles.dedup();
     for build_profile in &profiles {
-        let these: Vec<(&str, &str)> = binaries
+        let these: Vec<&str> = binaries
             .iter()
-            .copied()
             .filter(|(_, bin)| binary_profile(bin, profile) == *build_profile)
+            .map(|(_, bin)| *bin)
             .collect();
         cargo_build_static(arches, &these, build_profile)?;
     }
@@ -668,35 +671,41 @@ fn binary_profile<'a>(bin: &str, profile: &'a str) -> &'a str {
     }
 }
 
-/// Copies `arch`'s `binaries`, each from its profile's output, into one directory.
+/// Copies `arch`'s `binaries`, each from its profile's output, into one directory (through a
+/// temporary file and a rename: a running copy of the old binary is left alone, and a failed
+/// copy never leaves a partial binary under the real name).
 fn gather(arch: &Arch, binaries: &[(&str, &str)], profile: &str) -> Result<PathBuf> {
     let dir = target_dir()
         .join(arch.triple)
         .join(format!("{profile}-images"));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for (_, bin) in binaries {
         let built = target_dir()
             .join(arch.triple)
             .join(binary_profile(bin, profile))
             .join(bin);
-        std::fs::copy(&built, dir.join(bin))
-            .with_context(|| format!("copying {}", built.display()))?;
+        let partial = dir.join(format!(".{bin}.partial"));
+        std::fs::copy(&built, &partial).with_context(|| format!("copying {}", built.display()))?;
+        std::fs::rename(&partial, dir.join(bin))
+            .with_context(|| format!("renaming {}", partial.display()))?;
     }
     Ok(dir)
 }
 
-/// One `cargo build --profile <profile>` of `binaries` for every arch's musl target.
-fn cargo_build_static(arches: &[Arch], binaries: &[(&str, &str)], profile: &str) -> Result<()> {
+/// One `cargo build --profile <profile>` of `bins` for every arch's musl target. Every image
+/// package is named (`-p`), whichever binaries are built, so that cargo resolves the same
+/// dependency features for each call and for the benchmarks' builds as for the images'.
+fn cargo_build_static(arches: &[Arch], bins: &[&str], profile: &str) -> Result<()> {
     let mut args = vec!["build", "--profile", profile];
     for arch in arches {
         args.extend(["--target", arch.triple]);
     }
-    let mut packages: Vec<&str> = binaries.iter().map(|(p, _)| *p).collect();
+    let mut packages: Vec<&str> = BINARIES.iter().map(|(p, _)| *p).collect();
     packages.dedup();
     for package in &packages {
         args.extend(["-p", package]);
     }
-    for (_, bin) in binaries {
+    for bin in bins {
         args.extend(["--bin", bin]);
     }
     let env: Vec<(String, &std::ffi::OsStr)> =
@@ -752,7 +761,7 @@ pub fn images_dir(profile: &str) -> PathBuf {
     }
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"))
