@@ -3,10 +3,10 @@
 //! multi-arch index.
 //!
 //! The binaries are built with `--profile small` (the proxy with `--profile proxy`, the same
-//! at opt-level 2) and linked statically against musl, natively
-//! and cross (arm64 with Debian's aarch64 gcc as C compiler and linker); the test suite builds
-//! the same images from `--profile suite-images` (unoptimised, a third of the build time). An image holds its
-//! binary and nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
+//! at opt-level 2) and linked statically against musl, natively and cross (arm64 with Debian's
+//! aarch64 gcc as C compiler and linker); the test suite builds the same images from `--profile
+//! suite-images` (unoptimised, a third of the build time). An image holds its binary and
+//! nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
 //! containers and flanneld runs `iptables`/`nft`, so that image also carries a static busybox
 //! and those two programs with their libraries, from Debian's packages of the same
 //! architecture. Foreign-architecture binaries are then run under qemu-user-static: `--version`
