@@ -34,6 +34,8 @@ pub struct Idle {
     pub kib_per_connection: f64,
     /// A new client was served while they were all open.
     pub served_meanwhile: bool,
+    /// `pid`'s memory by kind while they were all open.
+    pub held_memory: procfs::MemorySplit,
 }
 
 /// Where the body of a response ends, once its head is complete.
@@ -101,7 +103,8 @@ fn is_open(s: &TcpStream) -> bool {
 }
 
 /// Opens `count` keep-alive connections to `addr`, each after one answered request, and
-/// measures the resident memory of `pid`'s process tree before and after. The connections are
+/// measures the resident memory of `pid`'s process tree before and after (and `pid`'s own by
+/// kind while they are open). The connections are
 /// closed again when it returns. The caller's descriptor limit must allow `count` sockets
 /// (see [`raise_nofile`]).
 pub async fn idle(addr: SocketAddr, pid: u32, count: usize) -> Idle {
@@ -118,6 +121,9 @@ pub async fn idle(addr: SocketAddr, pid: u32, count: usize) -> Idle {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = procfs::stats(pid).rss_bytes as f64 / 1024.0;
     let held = conns.iter().filter(|c| is_open(c)).count();
+    // Read now: the connections close when this returns.
+    let held_memory =
+        procfs::memory_split(pid, &format!("holding {held} idle keep-alive connections"));
     let served_meanwhile = open_one(addr).await.is_some();
     let per = if held > 0 {
         (after - before).max(0.0) / held as f64
@@ -131,6 +137,7 @@ pub async fn idle(addr: SocketAddr, pid: u32, count: usize) -> Idle {
         rss_after_mib: after / 1024.0,
         kib_per_connection: per,
         served_meanwhile,
+        held_memory,
     }
 }
 

@@ -658,8 +658,7 @@ impl Runner<'_> {
             }
             let figures = idle::idle(peer.http, peer.pid, count).await;
             if ours {
-                let when = format!("holding {} idle keep-alive connections", figures.held);
-                results.memory.push(procfs::memory_split(peer.pid, &when));
+                results.memory.push(figures.held_memory.clone());
             }
             // A peer that died under the connections is an error, not a figure.
             peer.check_running()?;

@@ -535,8 +535,8 @@ impl Results {
         let fresh = self.memory.iter().find(|m| m.when.starts_with("fresh"))?;
         let held = self.memory.iter().find(|m| m.when.starts_with("holding"))?;
         Some(format!(
-            "{}: anonymous memory {:.1} → {:.1} MiB, mapped files {:.1} → {:.1} MiB (each \
-             connection keeps its HTTP/1 read and write buffers and its task while idle)",
+            "{}: anonymous memory {:.1} → {:.1} MiB, mapped files {:.1} → {:.1} MiB (an idle \
+             connection keeps its task, its socket and its TLS state, no HTTP/1 buffers)",
             held.when, fresh.anon_mib, held.anon_mib, fresh.file_mib, held.file_mib
         ))
     }

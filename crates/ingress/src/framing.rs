@@ -69,6 +69,12 @@ impl Scanner {
         }
     }
 
+    /// Every byte fed so far belongs to a request read whole (its head and body); false once
+    /// the stream is not followed any more.
+    pub fn between_requests(&self) -> bool {
+        matches!(&self.state, State::Head(buf) if buf.is_empty())
+    }
+
     /// Feeds bytes as they are read from the client.
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
@@ -221,6 +227,14 @@ impl<S> Scanned<S> {
             inner,
             scanner: Scanner::new(verdicts),
         }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn scanner(&self) -> &Scanner {
+        &self.scanner
     }
 }
 

@@ -14,6 +14,7 @@ pub mod endpoints;
 pub mod framing;
 pub mod fuzzing;
 pub mod ingress_class;
+pub mod keepalive;
 pub mod metrics;
 pub mod path_rules;
 pub mod proxy;

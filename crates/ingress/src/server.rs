@@ -5,17 +5,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use kube_common::idle::{Activity, Tracked};
 use kube_common::serve::{Accepted, Limits, accept_loop, tls_handshake};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::control_frames::ControlFrames;
 use crate::framing::{Scanned, Verdicts};
+use crate::keepalive::{self, Finishing, Lent, Outcome, Parkable, Requests, Socket, Tracker};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
 /// ingress-nginx's `max-worker-connections` default: connections one worker's listener keeps
@@ -100,54 +102,170 @@ async fn connection(
         return;
     };
     let cfg = proxy.snapshot().config.clone();
-    let conn = ConnInfo::new(remote, local, tls.is_some(), worker);
     let activity = Arc::new(Activity::default());
     let verdicts = Arc::new(Verdicts::default());
-    let service = request_service(proxy, conn, activity.clone(), verdicts.clone());
-    let keep_alive = cfg.keep_alive;
-    let builder = h2_builder(&cfg);
-    let http1 = http1_builder(&cfg);
-    macro_rules! http1_conn {
-        ($io:expr) => {
-            until_drained!(
-                http1.serve_connection($io, service).with_upgrades(),
-                drain.clone(),
-                None
-            )
-        };
-    }
+    let requests = Requests::default();
+    let sessions = Sessions {
+        http1: http1_builder(&cfg),
+        service: RequestService {
+            proxy,
+            conn: ConnInfo::new(remote, local, tls.is_some(), worker),
+            activity: activity.clone(),
+            framing: verdicts.clone(),
+            requests: requests.tracker(),
+        },
+        drain: drain.clone(),
+    };
+    let idle = Idle {
+        activity: &activity,
+        keep_alive: cfg.keep_alive,
+        drain: &drain,
+    };
     match tls {
         None => {
-            let io = TokioIo::new(Scanned::new(
-                Tracked::new(stream, activity.clone()),
-                verdicts,
-            ));
-            until_idle(http1_conn!(io), &activity, keep_alive).await;
-            activity.requests_done().await;
+            let io = Scanned::new(Tracked::new(stream, activity.clone()), verdicts);
+            http1_connection(io, &sessions, &requests, &idle).await;
         }
+        // Boxed: a TLS connection's state (rustls's, kilobytes) would otherwise size every
+        // connection's task, plain and idle ones included.
         Some(config) => {
-            // The current settings (ssl-protocols, use-http2) for each new connection.
-            let acceptor = TlsAcceptor::from(config.load_full());
             let tracked = Tracked::new(stream, activity.clone());
-            let Some(tls_stream) = tls_handshake(&acceptor, tracked).await else {
-                return;
-            };
-            // Only HTTP/1 carries Content-Length/Transfer-Encoding framing.
-            let conn: Connection<'_> = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let flood = CancellationToken::new();
-                let io = TokioIo::new(ControlFrames::new(tls_stream, flood.clone()));
-                until_drained!(
-                    builder.serve_connection_with_upgrades(io, service),
-                    drain.clone(),
-                    Some(flood)
-                )
-            } else {
-                // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
-                http1_conn!(TokioIo::new(Scanned::new(tls_stream, verdicts)))
-            };
-            until_idle(conn, &activity, keep_alive).await;
-            activity.requests_done().await;
+            let tls = tls_connection(
+                tracked, &config, &cfg, &sessions, &requests, &idle, verdicts,
+            );
+            Box::pin(tls).await;
         }
+    }
+    activity.requests_done().await;
+}
+
+/// TLS, then HTTP/2 or HTTP/1 as negotiated.
+async fn tls_connection(
+    tracked: Tracked<TcpStream>,
+    config: &ArcSwap<rustls::ServerConfig>,
+    cfg: &crate::config::Config,
+    sessions: &Sessions,
+    requests: &Requests,
+    idle: &Idle<'_>,
+    verdicts: Arc<Verdicts>,
+) {
+    // The current settings (ssl-protocols, use-http2) for each new connection.
+    let acceptor = TlsAcceptor::from(config.load_full());
+    let Some(tls_stream) = tls_handshake(&acceptor, tracked).await else {
+        return;
+    };
+    if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let flood = CancellationToken::new();
+        let io = TokioIo::new(ControlFrames::new(tls_stream, flood.clone()));
+        let builder = h2_builder(cfg);
+        let conn = until_drained!(
+            builder.serve_connection_with_upgrades(io, sessions.service.clone()),
+            sessions.drain.clone(),
+            Some(flood)
+        );
+        until_idle(conn, idle.activity, idle.keep_alive).await;
+    } else {
+        // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener. Only HTTP/1
+        // carries Content-Length/Transfer-Encoding framing.
+        let io = Scanned::new(tls_stream, verdicts);
+        http1_connection(io, sessions, requests, idle).await;
+    }
+}
+
+/// What an HTTP/1 connection starts each hyper connection (session) with.
+struct Sessions {
+    http1: hyper::server::conn::http1::Builder,
+    service: RequestService,
+    drain: CancellationToken,
+}
+
+impl Sessions {
+    fn http1<S>(&self, io: Lent<S>) -> Connection<'static>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        until_drained!(
+            self.http1
+                .serve_connection(TokioIo::new(io), self.service.clone())
+                .with_upgrades(),
+            self.drain.clone(),
+            None
+        )
+    }
+}
+
+/// What ends an idle HTTP/1 connection.
+struct Idle<'a> {
+    activity: &'a Activity,
+    /// `keep-alive` (nginx's `keepalive_timeout`); zero turns keep-alive off.
+    keep_alive: Duration,
+    drain: &'a CancellationToken,
+}
+
+/// An HTTP/1 connection: a hyper connection serves it while requests are under way; between
+/// requests only the socket is kept (see [`keepalive`]), until the next request's bytes, the
+/// keep-alive timeout or the drain.
+async fn http1_connection<S>(io: S, sessions: &Sessions, requests: &Requests, idle: &Idle<'_>)
+where
+    S: Parkable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let socket = Socket::new(io);
+    // One deadline for the connection's life, not one per request.
+    let timeout = async {
+        if idle.keep_alive.is_zero() {
+            std::future::pending().await
+        } else {
+            idle.activity.idle_for(idle.keep_alive).await
+        }
+    };
+    let mut timeout = std::pin::pin!(timeout);
+    loop {
+        let outcome = tokio::select! {
+            o = keepalive::until_parked(
+                sessions.http1(socket.lend()),
+                &socket,
+                requests,
+                idle.activity,
+                keepalive::GRACE,
+            ) => o,
+            () = &mut timeout => return,
+        };
+        if outcome == Outcome::Ended {
+            return;
+        }
+        tokio::select! {
+            // A request already waiting is served (and answered with `Connection: close`
+            // when draining), as a busy connection's is.
+            biased;
+            r = socket.readable() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            () = idle.drain.cancelled() => return,
+            () = &mut timeout => return,
+        }
+    }
+}
+
+/// HTTP/1 over plain TCP.
+impl Parkable for Scanned<Tracked<TcpStream>> {
+    fn between_requests(&self) -> bool {
+        self.scanner().between_requests()
+    }
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().get_ref()
+    }
+}
+
+/// HTTP/1 over TLS. Waiting on the TCP socket is enough: hyper's last read left no decrypted
+/// bytes behind.
+impl Parkable for Scanned<TlsStream<Tracked<TcpStream>>> {
+    fn between_requests(&self) -> bool {
+        self.scanner().between_requests()
+    }
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().get_ref().0.get_ref()
     }
 }
 
@@ -181,22 +299,29 @@ fn http1_builder(cfg: &crate::config::Config) -> hyper::server::conn::http1::Bui
 }
 
 /// Each request of one connection: refused when its head had conflicting framing, else
-/// proxied, counted as in progress meanwhile.
-fn request_service(
+/// proxied, counted as in progress meanwhile; the connection counts as busy (not idle between
+/// requests, see [`keepalive`]) until hyper has taken the whole response.
+#[derive(Clone)]
+struct RequestService {
     proxy: Arc<Proxy>,
     conn: ConnInfo,
     activity: Arc<Activity>,
     framing: Arc<Verdicts>,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<crate::proxy::Body>,
-    Error = std::convert::Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ 'static {
-    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let mut guard = Some(activity.enter());
+    requests: Tracker,
+}
+
+type Response = hyper::Response<Finishing<crate::proxy::Body>>;
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RequestService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    // Boxed: hyper keeps room for one request's future in every HTTP/1 connection; a box there
+    // is a pointer instead of the request's whole state (about 5 KB).
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let mut guard = Some(self.activity.enter());
         // An upgrade's tunnel outlives its request: it takes the guard along, so the
         // connection keeps its slot in the accept loop until the tunnel ends.
         if req.headers().contains_key(http::header::UPGRADE)
@@ -205,23 +330,24 @@ fn request_service(
             req.extensions_mut().insert(Arc::new(g));
         }
         // HTTP/1 only: one verdict per request head, in order.
-        let conflict = req.version() <= http::Version::HTTP_11 && framing.next();
-        let proxy = proxy.clone();
-        let conn = conn.clone();
-        // Boxed: hyper keeps room for one request's future in every HTTP/1 connection, idle or
-        // not; a box there is a pointer instead of the request's whole state (about 5 KB).
+        let conflict = req.version() <= http::Version::HTTP_11 && self.framing.next();
+        let proxy = self.proxy.clone();
+        let conn = self.conn.clone();
+        let busy = self.requests.start();
         Box::pin(async move {
-            if conflict {
-                return Ok(plain(
+            let response = if conflict {
+                plain(
                     http::StatusCode::BAD_REQUEST,
                     "400 Bad Request: both Content-Length and Transfer-Encoding\n",
-                ));
-            }
-            let response = proxy.handle(req, conn).await;
+                )
+            } else {
+                let Ok(response) = proxy.handle(req, conn).await;
+                response
+            };
             drop(guard);
-            response
+            Ok(response.map(|body| Finishing::new(body, busy)))
         })
-    })
+    }
 }
 
 /// A serving connection, boxed: spelling its type out keeps the spawned future `Send` (the

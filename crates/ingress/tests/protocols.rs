@@ -172,6 +172,34 @@ async fn http2_clients_and_grpc_backends() {
     );
 }
 
+/// Reads one HTTP/1 response with a Content-Length body from `s`, and nothing after it.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0usize);
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed after {text:?}");
+        got.push(byte[0]);
+    }
+}
+
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
     let env = env("ws", &[]).await;
@@ -190,6 +218,14 @@ async fn websocket_upgrade_is_tunnelled() {
     })
     .await;
     let mut s = TcpStream::connect(http).await.expect("connect");
+    // The upgrade comes on a connection that served a request (a host with no rule: 404 from
+    // the proxy itself) and then idled past the grace, so it was parked.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: no-rule.example\r\n\r\n")
+        .await
+        .expect("write");
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 404"), "{first}");
+    tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
     let head = format!(
         "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
@@ -206,6 +242,64 @@ async fn websocket_upgrade_is_tunnelled() {
             .expect("read");
         assert_eq!(&buf[..n], msg);
     }
+}
+
+/// Sends `count` POSTs on one keep-alive connection, pausing longer than the proxy's idle grace
+/// (`ingress::keepalive::GRACE`) between them, so that the connection is parked each time;
+/// every request must be answered whole on that same connection.
+async fn requests_after_idling<I>(io: I, host: &str, count: usize)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    for i in 0..count {
+        tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
+        let body = "x".repeat(1000 + i);
+        let req = Request::post(format!("/after-idle/{i}"))
+            .header("host", host)
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .expect("answered in time")
+            .expect("answered on the same connection");
+        assert_eq!(resp.status(), 200);
+        let reply = resp.into_body().collect().await.expect("body").to_bytes();
+        let reply: serde_json::Value = serde_json::from_slice(&reply).expect("echo JSON");
+        assert_eq!(reply["uri"], format!("/after-idle/{i}"));
+        assert_eq!(reply["body_len"], 1000 + i);
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_served_after_idling_plain_and_tls() {
+    let env = env("idle", &[]).await;
+    let b = backend("idle").await;
+    service(&env.client, &env.ns, "idle", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("idle", &host, "/", "Prefix", "idle"),
+    )
+    .await;
+    eventually("route", WAIT, || async {
+        get(env.running.http, &host, "/").await.status == 200
+    })
+    .await;
+    let plain = TcpStream::connect(env.running.http).await.expect("connect");
+    requests_after_idling(TokioIo::new(plain), &host, 3).await;
+    let tls = integration_tests::http::tls_connect(
+        env.running.https,
+        &host,
+        ingress::upstream::upstream_tls_config(),
+    )
+    .await
+    .expect("TLS");
+    requests_after_idling(TokioIo::new(tls), &host, 3).await;
 }
 
 /// An HTTPS backend with a self-signed certificate (nginx does not verify upstreams by default).

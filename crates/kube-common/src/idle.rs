@@ -63,11 +63,15 @@ impl Activity {
         }
     }
 
+    /// When bytes last moved or a request last started or ended (millisecond precision).
+    pub fn last_active(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
     /// Resolves once the connection has been idle (no request, no I/O) for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
         loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + timeout;
+            let deadline = self.last_active() + timeout;
             let now = Instant::now();
             if now >= deadline && self.in_flight.load(Ordering::Acquire) == 0 {
                 return;
@@ -93,6 +97,10 @@ impl<S> Tracked<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
         activity.touch();
         Self { inner, activity }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 

@@ -216,10 +216,10 @@ fn spawn_connection<H, Fut>(
         remote,
         drain: drain.clone(),
     });
-    tokio::spawn(async move {
-        conn.await;
-        drop(slot);
-    });
+    // A combinator, not `async move { conn.await; drop(slot) }`: an async block keeps room for
+    // the moved future twice (before and after its first poll), doubling every connection's
+    // task; idle keep-alive connections are mostly that task.
+    tokio::spawn(futures::FutureExt::map(conn, move |()| drop(slot)));
 }
 
 /// The TLS handshake with [`TLS_HANDSHAKE_TIMEOUT`]; `None` if it failed or took too long.
