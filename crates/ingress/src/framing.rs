@@ -48,16 +48,23 @@ enum State {
     ChunkSize(Vec<u8>),
     ChunkData(u64),
     ChunkCrlf(u8),
-    /// Trailer section: length of the current line.
-    Trailers(usize),
+    /// Trailer section: length of the current line, and whether it has just had a CR.
+    Trailers(usize, bool),
     /// Not followed any more.
     Stopped,
 }
 
 /// Follows the request framing of one HTTP/1 connection.
+///
+/// The keep-alive idle phase (`keepalive`) trusts [`Scanner::between_requests`] to say that
+/// hyper holds no part of a request, so where hyper and this scanner could read the same bytes
+/// differently (a head ended by bare LFs, bare LF in chunk lines or trailers) it stops instead:
+/// a stopped connection is never parked.
 #[derive(Debug)]
 pub struct Scanner {
     state: State,
+    /// Blank lines came after the last request: hyper holds them as the start of the next.
+    blank: bool,
     verdicts: Arc<Verdicts>,
 }
 
@@ -65,6 +72,7 @@ impl Scanner {
     pub fn new(verdicts: Arc<Verdicts>) -> Self {
         Self {
             state: State::Head(Vec::new()),
+            blank: false,
             verdicts,
         }
     }
@@ -72,7 +80,7 @@ impl Scanner {
     /// Every byte fed so far belongs to a request read whole (its head and body); false once
     /// the stream is not followed any more.
     pub fn between_requests(&self) -> bool {
-        matches!(&self.state, State::Head(buf) if buf.is_empty())
+        matches!(&self.state, State::Head(buf) if buf.is_empty()) && !self.blank
     }
 
     /// Feeds bytes as they are read from the client.
@@ -87,6 +95,7 @@ impl Scanner {
                             .iter()
                             .take_while(|b| **b == b'\r' || **b == b'\n')
                             .count();
+                        self.blank |= skip > 0;
                         data = &data[skip..];
                         if data.is_empty() {
                             return;
@@ -134,10 +143,15 @@ impl Scanner {
                     Some(i) => {
                         line.extend_from_slice(&data[..i]);
                         data = &data[i + 1..];
+                        // hyper takes only CRLF here.
+                        if line.last() != Some(&b'\r') {
+                            self.state = State::Stopped;
+                            return;
+                        }
                         let text = String::from_utf8_lossy(line);
                         let hex = text.split([';', '\r']).next().unwrap_or("").trim();
                         self.state = match u64::from_str_radix(hex, 16) {
-                            Ok(0) => State::Trailers(0),
+                            Ok(0) => State::Trailers(0, false),
                             Ok(size) => State::ChunkData(size),
                             Err(_) => State::Stopped,
                         };
@@ -159,13 +173,14 @@ impl Scanner {
                         self.state = State::ChunkSize(Vec::new());
                     }
                 }
-                State::Trailers(line_len) => {
+                State::Trailers(line_len, cr) => {
                     let b = data[0];
                     data = &data[1..];
-                    match b {
-                        b'\n' if *line_len == 0 => self.state = State::Head(Vec::new()),
-                        b'\n' => *line_len = 0,
-                        b'\r' => {}
+                    match (b, *cr) {
+                        (b'\n', true) if *line_len == 0 => self.state = State::Head(Vec::new()),
+                        (b'\n', true) => (*line_len, *cr) = (0, false),
+                        (b'\r', false) => *cr = true,
+                        (b'\n' | b'\r', _) | (_, true) => self.state = State::Stopped,
                         _ => *line_len += 1,
                     }
                 }
@@ -176,9 +191,12 @@ impl Scanner {
     fn after_head(&mut self, head: &[u8]) -> State {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        // httparse (hyper's parser) also ends a head at "\n\n" or "\r\n\n": then it ends
+        // before the "\r\n\r\n" found here, and the two would disagree on where the body starts.
+        if !matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
             return State::Stopped;
         }
+        self.blank = false;
         let mut content_length = None;
         let mut te = None::<String>;
         let mut upgrade = req.method == Some("CONNECT");
@@ -320,6 +338,47 @@ POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r
         stream.extend_from_slice(body);
         stream.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(verdicts_of(&[&stream]), vec![false, false]);
+    }
+
+    fn scanner_after(chunks: &[&[u8]]) -> Scanner {
+        let mut s = Scanner::new(Arc::default());
+        for c in chunks {
+            s.feed(c);
+        }
+        s
+    }
+
+    #[test]
+    fn knows_when_every_byte_belongs_to_a_finished_request() {
+        let get = &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..];
+        let chunked = &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"[..];
+        assert!(scanner_after(&[]).between_requests());
+        assert!(scanner_after(&[get, get]).between_requests());
+        assert!(!scanner_after(&[b"GET / HT"]).between_requests());
+        assert!(!scanner_after(&[chunked, b"3\r\nab"]).between_requests());
+        assert!(!scanner_after(&[chunked, b"0\r\nX-T: 1\r\n"]).between_requests());
+        assert!(scanner_after(&[chunked, b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"]).between_requests());
+        // Blank lines after a request are the start of the next one to hyper.
+        assert!(!scanner_after(&[get, b"\r\n"]).between_requests());
+        assert!(scanner_after(&[get, b"\r\n", get]).between_requests());
+    }
+
+    #[test]
+    fn stops_where_hyper_could_frame_differently() {
+        // A head ended by a bare LF: httparse ends it before the "\r\n\r\n" in the body.
+        let lf = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\n\r\n\r\nGET ";
+        assert!(!scanner_after(&[lf]).between_requests());
+        assert!(!scanner_after(&[lf, b"/x HTTP/1.1\r\n\r\n"]).between_requests());
+        let chunked = &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"[..];
+        for tail in [
+            &b"0\r\n\n"[..],
+            b"0\n\r\n",
+            b"0\r\nX-T: 1\n\r\n",
+            b"0\r\n\rX",
+        ] {
+            let s = scanner_after(&[chunked, tail, b"\r\n\r\n"]);
+            assert!(!s.between_requests(), "{:?}", String::from_utf8_lossy(tail));
+        }
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! socket is kept, waiting to become readable; the next request's bytes start a new hyper
 //! connection on the same socket. An upgraded connection keeps its socket through hyper as
 //! before.
+//!
+//! Timeouts are nginx's: an idle connection is closed after `keep-alive` (75 s; hyper's header
+//! timer used to close it at `client-header-timeout`, 60 s), and once the next request's
+//! first bytes arrive, hyper's header timer (`client-header-timeout`) runs. A connection that
+//! has not sent its first request yet stays with hyper, under that header timer.
 
 use std::future::Future;
 use std::io;
@@ -161,6 +166,13 @@ impl<S: Parkable> Socket<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Socket<S> {
+    /// Closes the write side as hyper would (TLS: close_notify first).
+    pub async fn shutdown(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut self.lock().io).poll_shutdown(cx)).await
+    }
+}
+
 /// How a hyper connection stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -205,9 +217,11 @@ where
         if timer.deadline() != due {
             timer.as_mut().reset(due);
         }
-        // Pending until `due`: then idleness is checked again.
-        let _ = timer.as_mut().poll(cx);
-        Poll::Pending
+        // Pending until `due` (it may have passed since `now` was read).
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Outcome::Parked),
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await
 }
@@ -443,6 +457,23 @@ mod tests {
         c.send(GET).await;
         assert_eq!(c.response().await, "0");
         parked_reaches(&parked, 1).await;
+    }
+
+    #[tokio::test]
+    async fn blank_lines_keep_the_connection_with_hyper() {
+        // They start the next request to hyper (its header timeout then runs): a client
+        // sending one now and then must not get a fresh wait each time.
+        let (addr, parked, _tx) = server(GRACE).await;
+        let mut c = Client::connect(addr).await;
+        c.send(GET).await;
+        assert_eq!(c.response().await, "0");
+        parked_reaches(&parked, 1).await;
+        c.send(b"\r\n").await;
+        tokio::time::sleep(GRACE * 5).await;
+        assert_eq!(parked.load(Ordering::SeqCst), 1);
+        c.send(GET).await;
+        assert_eq!(c.response().await, "0");
+        parked_reaches(&parked, 2).await;
     }
 
     #[tokio::test]

@@ -26,7 +26,8 @@ const MAX_CONNECTIONS: usize = 16_384;
 /// ingress-nginx's `worker-shutdown-timeout` default: how long open connections get to finish
 /// after shutdown starts.
 const DRAIN: Duration = Duration::from_secs(240);
-/// How long a connection closed for flooding control frames gets to send its GOAWAY.
+/// How long a connection closed for flooding control frames gets to send its GOAWAY, and an
+/// idle one closed by the drain its TLS close_notify.
 const FLOOD_LINGER: Duration = Duration::from_secs(1);
 
 /// Accepts until `shutdown` (kube-common's accept loop), then lets open connections finish the
@@ -242,7 +243,11 @@ where
                     return;
                 }
             }
-            () = idle.drain.cancelled() => return,
+            () = idle.drain.cancelled() => {
+                // As hyper closes an idle connection on graceful shutdown.
+                let _ = tokio::time::timeout(FLOOD_LINGER, socket.shutdown()).await;
+                return;
+            }
             () = &mut timeout => return,
         }
     }
