@@ -251,10 +251,7 @@ async fn requests_after_idling<I>(io: I, host: &str, count: usize)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let mut sender = http1_client(io).await;
     for i in 0..count {
         tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
         let body = "x".repeat(1000 + i);

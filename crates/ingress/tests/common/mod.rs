@@ -285,10 +285,7 @@ async fn send<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
+    let mut sender = http1_client(io).await;
     let mut req = Request::builder()
         .method(method)
         .uri(path)
@@ -314,6 +311,18 @@ where
         body,
         peer_cert,
     }
+}
+
+/// An HTTP/1 client connection over `io`, its connection task spawned.
+pub async fn http1_client<I>(io: I) -> hyper::client::conn::http1::SendRequest<Full<Bytes>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
 }
 
 /// HTTPS request with SNI `sni`; `ca_pem` None accepts any certificate (to inspect it).
