@@ -50,7 +50,8 @@ pub trait Parkable {
 pub struct Requests(Arc<AtomicBool>);
 
 impl Requests {
-    /// For the connection's service, which outlives no connection: it does not count.
+    /// The handle the connection's service keeps: a weak one, so that the service itself is
+    /// not counted as a request under way.
     pub fn tracker(&self) -> Tracker {
         Tracker(Arc::downgrade(&self.0))
     }
