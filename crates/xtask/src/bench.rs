@@ -3,7 +3,7 @@
 //!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
 //! wrk, nghttp2-client; oha), builds the ingress controller as its image carries it (static,
-//! `--profile proxy-symbols`: `proxy` with its symbols) and the harness in release mode, then
+//! `--profile proxy`, linked in the images' code order, symbols kept) and the harness in release mode, then
 //! runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
 //!
@@ -21,11 +21,9 @@ use crate::{cargo, cargo_with_env, images, setup, step};
 /// `harness`.
 pub fn harness(harness: &str, extra: &[String]) -> Result<()> {
     setup::all()?;
-    // The shipped build with its symbols, so that the profiles name functions.
-    let dir = static_binaries(
-        &[("ingress", images::PROXY_BINARY)],
-        images::PROXY_SYMBOLS_PROFILE,
-    )?;
+    // The shipped build itself (its symbols kept, so that the profiles name functions; the
+    // image carries a stripped copy).
+    let dir = static_binaries(&[("ingress", images::PROXY_BINARY)], images::SHIP_PROFILE)?;
     let controller = dir.join(images::PROXY_BINARY);
     step("cargo build --release (benches)", || {
         cargo(&["build", "--release", "-p", "benches", "--bins"])

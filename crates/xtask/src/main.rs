@@ -8,8 +8,12 @@
 //! `kubectl apply -k`, pebble behind `letsencrypt-prod`; in the foreground until Ctrl-C.
 //!
 //! `cargo run -p xtask -- images`: the components' container images (see `images`).
+//!
+//! `cargo run -p xtask -- code-order --kubeconfig <up's>`: the order the images' code is linked
+//! in, from the functions the running cluster executes (see `code_order`).
 
 mod bench;
+mod code_order;
 // The harness's own path and peer-building code, compiled in here from its sources: xtask
 // must not depend on the harness crate, whose dependencies (kube, tokio, rustls, ...) would be
 // built twice in CI, once for xtask alone and once with the test suite's features.
@@ -58,6 +62,16 @@ enum Task {
         /// Platforms, comma-separated.
         #[arg(long, default_value = "amd64,arm64", value_delimiter = ',')]
         arch: Vec<String>,
+    },
+    /// Profile the components in the cluster `up` runs (valgrind) and write the order their
+    /// code is linked in (crates/xtask/src/images/code-order.txt.gz).
+    CodeOrder {
+        /// The kubeconfig `up` printed.
+        #[arg(long)]
+        kubeconfig: std::path::PathBuf,
+        /// How long the components run under valgrind.
+        #[arg(long, default_value_t = 180)]
+        seconds: u64,
     },
     /// Benchmarks (`bench proxy|security|flannel|local-path [-- flags]`): writes benches/results/.
     Bench {
@@ -140,6 +154,10 @@ fn main() -> Result<()> {
                 bail!("unknown benchmark {other:?} (known: proxy, security, flannel, local-path)")
             }
         },
+        Task::CodeOrder {
+            kubeconfig,
+            seconds,
+        } => code_order::run(&kubeconfig, seconds),
         Task::Up => {
             setup::all()?;
             images::run(&[images::Arch::native()?], images::SHIP_PROFILE)?;

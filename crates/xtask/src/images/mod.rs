@@ -4,7 +4,8 @@
 //!
 //! The binaries are built with `--profile small` (the proxy with `--profile proxy`, the same
 //! at opt-level 2) and linked statically against musl, natively and cross (arm64 with Debian's
-//! aarch64 gcc as C compiler and linker); the test suite builds the same images from `--profile
+//! aarch64 gcc as C compiler and linker driver), by the toolchain's lld with the functions the
+//! cluster runs placed first (`link`), and stripped as they go into the image; the test suite builds the same images from `--profile
 //! suite-images` (unoptimised, a third of the build time). An image holds its binary and
 //! nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
 //! containers and flanneld runs `iptables`/`nft`, so that image also carries a static busybox
@@ -13,6 +14,7 @@
 //! and one real operation each.
 
 mod debs;
+pub mod link;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
@@ -175,8 +177,6 @@ pub const SHIP_PROFILE: &str = "small";
 /// The shipped proxy's profile: `small` at opt-level 2. The proxy is the data plane; at
 /// opt-level z it spent 18-32 % more CPU per request for 2.5 MiB less RSS (benches/README.md).
 pub const PROXY_PROFILE: &str = "proxy";
-/// [`PROXY_PROFILE`] with symbols: what the proxy benchmark measures and profiles.
-pub const PROXY_SYMBOLS_PROFILE: &str = "proxy-symbols";
 /// The binary built with [`PROXY_PROFILE`].
 pub const PROXY_BINARY: &str = "ingress-controller";
 /// The test suite's profile: the same programs built for build time (dev: unoptimised but for
@@ -375,9 +375,7 @@ fn binary(dir: &Path, name: &str, at: &str) -> Result<File> {
     Ok(File {
         path: at.into(),
         mode: 0o755,
-        contents: FileContents::Bytes(
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-        ),
+        contents: FileContents::Bytes(link::stripped(&path)?),
     })
 }
 
@@ -622,7 +620,8 @@ fn dedup(files: &mut Vec<File>) {
 /// x86_64 musl programs as static PIEs; aarch64 ones already are not): a static PIE
 /// relocates itself at start, reading all of `.rela.dyn` and dirtying every page of
 /// `.data.rel.ro` (0.5 + 0.4 MiB in cert-manager, in every process). No unwind tables:
-/// `panic = "abort"` never unwinds (1.2 MiB of cert-manager's file).
+/// `panic = "abort"` never unwinds (1.2 MiB of cert-manager's file). Then the linker and the
+/// code order ([`link::rustflags`]).
 const RUSTFLAGS: &str = "-C relocation-model=static -C force-unwind-tables=no";
 
 /// Builds `binaries` for each of `arches`' musl targets with `profile` (the proxy with
@@ -663,7 +662,7 @@ pub fn build_static(
 }
 
 /// The profile `bin` is built with when the images are built with `profile`.
-fn binary_profile<'a>(bin: &str, profile: &'a str) -> &'a str {
+pub(crate) fn binary_profile<'a>(bin: &str, profile: &'a str) -> &'a str {
     if profile == SHIP_PROFILE && bin == PROXY_BINARY {
         PROXY_PROFILE
     } else {
@@ -708,8 +707,11 @@ fn cargo_build_static(arches: &[Arch], bins: &[&str], profile: &str) -> Result<(
     for bin in bins {
         args.extend(["--bin", bin]);
     }
-    let env: Vec<(String, &std::ffi::OsStr)> =
-        arches.iter().flat_map(|arch| target_env(arch)).collect();
+    let rustflags = format!("{RUSTFLAGS} {}", link::rustflags()?);
+    let env: Vec<(String, &std::ffi::OsStr)> = arches
+        .iter()
+        .flat_map(|arch| target_env(arch, &rustflags))
+        .collect();
     let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
         .iter()
@@ -726,7 +728,7 @@ fn cargo_build_static(arches: &[Arch], bins: &[&str], profile: &str) -> Result<(
 }
 
 /// The compiler, linker and flags cargo uses for `arch`'s musl target.
-fn target_env(arch: &Arch) -> Vec<(String, &'static std::ffi::OsStr)> {
+fn target_env<'a>(arch: &Arch, rustflags: &'a str) -> Vec<(String, &'a std::ffi::OsStr)> {
     // cc-rs would look for `<arch>-linux-musl-gcc`; Debian ships `musl-gcc` (native) and the
     // aarch64 glibc cross compiler, which links a static musl program with Rust's own crt and
     // libc (self-contained linking).
@@ -738,7 +740,7 @@ fn target_env(arch: &Arch) -> Vec<(String, &'static std::ffi::OsStr)> {
         ),
         (
             format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
-            std::ffi::OsStr::new(RUSTFLAGS),
+            std::ffi::OsStr::new(rustflags),
         ),
     ];
     if !arch.is_native() {
