@@ -64,14 +64,20 @@ enum Task {
         arch: Vec<String>,
     },
     /// Profile the components in the cluster `up` runs (valgrind) and write the order their
-    /// code is linked in (crates/xtask/src/images/code-order.txt.gz).
+    /// code is linked in (crates/xtask/src/images/code-order/).
     CodeOrder {
         /// The kubeconfig `up` printed.
-        #[arg(long)]
-        kubeconfig: std::path::PathBuf,
+        #[arg(long, required_unless_present = "carry")]
+        kubeconfig: Option<std::path::PathBuf>,
         /// How long the components run under valgrind.
         #[arg(long, default_value_t = 180)]
         seconds: u64,
+        /// Only put back the workloads an interrupted run left under valgrind.
+        #[arg(long)]
+        restore: bool,
+        /// Only carry this machine's list over to the other architecture (builds its binaries).
+        #[arg(long, conflicts_with = "restore")]
+        carry: bool,
     },
     /// Benchmarks (`bench proxy|security|flannel|local-path [-- flags]`): writes benches/results/.
     Bench {
@@ -157,7 +163,14 @@ fn main() -> Result<()> {
         Task::CodeOrder {
             kubeconfig,
             seconds,
-        } => code_order::run(&kubeconfig, seconds),
+            restore,
+            carry,
+        } => code_order::run(match (kubeconfig.as_deref(), carry, restore) {
+            (_, true, _) => code_order::Mode::Carry,
+            (Some(kubeconfig), _, true) => code_order::Mode::Restore(kubeconfig),
+            (Some(kubeconfig), _, false) => code_order::Mode::Profile(kubeconfig, seconds),
+            (None, false, _) => bail!("--kubeconfig is required"),
+        }),
         Task::Up => {
             setup::all()?;
             images::run(&[images::Arch::native()?], images::SHIP_PROFILE)?;

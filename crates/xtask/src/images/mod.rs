@@ -707,10 +707,14 @@ fn cargo_build_static(arches: &[Arch], bins: &[&str], profile: &str) -> Result<(
     for bin in bins {
         args.extend(["--bin", bin]);
     }
-    let rustflags = format!("{RUSTFLAGS} {}", link::rustflags()?);
+    let rustflags = arches
+        .iter()
+        .map(|arch| Ok(format!("{RUSTFLAGS} {}", link::rustflags(arch)?)))
+        .collect::<Result<Vec<String>>>()?;
     let env: Vec<(String, &std::ffi::OsStr)> = arches
         .iter()
-        .flat_map(|arch| target_env(arch, &rustflags))
+        .zip(&rustflags)
+        .flat_map(|(arch, flags)| target_env(arch, flags))
         .collect();
     let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
@@ -718,8 +722,8 @@ fn cargo_build_static(arches: &[Arch], bins: &[&str], profile: &str) -> Result<(
         .any(|v| std::env::var_os(v).is_some())
     {
         eprintln!(
-            "    warning: RUSTFLAGS is set, so cargo ignores the images' own flags ({RUSTFLAGS}): \
-             these binaries differ from the shipped build"
+            "    warning: RUSTFLAGS is set, so cargo ignores the images' own flags ({RUSTFLAGS}, \
+             the lld link and the code order): these binaries differ from the shipped build"
         );
     }
     step(&format!("cargo {}", args.join(" ")), || {
@@ -769,13 +773,26 @@ pub(crate) fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target"))
 }
 
+/// What `rustc <args>` prints.
+fn rustc(args: &[&str]) -> Result<String> {
+    let out = Command::new("rustc")
+        .args(args)
+        .output()
+        .context("running rustc")?;
+    if !out.status.success() {
+        bail!("rustc {} failed ({})", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The toolchain's sysroot.
+fn sysroot() -> Result<PathBuf> {
+    Ok(PathBuf::from(rustc(&["--print", "sysroot"])?.trim()))
+}
+
 /// The target's standard library: already in the toolchain's sysroot, or added with rustup.
 fn musl_target(triple: &str) -> Result<()> {
-    let sysroot = Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .context("running rustc --print sysroot")?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let sysroot = sysroot()?;
     if sysroot.join("lib/rustlib").join(triple).is_dir() {
         eprintln!("    present in {}", sysroot.display());
         return Ok(());
