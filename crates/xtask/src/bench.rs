@@ -3,8 +3,8 @@
 //!
 //! `cargo run -p xtask -- bench proxy`: installs the peers (set-up does: Debian nginx, haproxy,
 //! wrk, nghttp2-client; oha), builds the ingress controller as its image carries it (static,
-//! `--profile proxy`, linked in the images' code order, symbols kept) and the harness in release mode, then
-//! runs `bench-proxy`, which builds the pingora peer (cached) and writes
+//! `--profile proxy`, linked in the images' code order, symbols kept) and the harness in
+//! release mode, then runs `bench-proxy`, which builds the pingora peer (cached) and writes
 //! `benches/results/proxy.{md,json}`.
 //!
 //! `cargo run -p xtask -- bench security`: the same build, then `bench-security` (nginx,

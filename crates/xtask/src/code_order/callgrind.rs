@@ -68,6 +68,19 @@ pub fn rewrite(
         .and_then(|c| c.first_mut())
         .and_then(Value::as_object_mut)
         .context("no container")?;
+    run_under_callgrind(container, &name, binary, program);
+    mount_and_name(container);
+    Ok(())
+}
+
+/// The container's command becomes callgrind running `binary` with the program's own
+/// arguments; the probes and resources go.
+fn run_under_callgrind(
+    container: &mut serde_json::Map<String, Value>,
+    name: &str,
+    binary: &str,
+    program: Program,
+) {
     let mut arguments: Vec<Value> = match container.get("command").and_then(Value::as_array) {
         Some(command) => command.iter().skip(1).cloned().collect(),
         None => Vec::new(),
@@ -102,6 +115,10 @@ pub fn rewrite(
     ] {
         container.remove(field);
     }
+}
+
+/// The mounts callgrind needs, and the variables naming its record and its temporary files.
+fn mount_and_name(container: &mut serde_json::Map<String, Value>) {
     append(
         container,
         "env",
@@ -124,7 +141,6 @@ pub fn rewrite(
             json!({"name": "code-order-tmp", "mountPath": TMP_MOUNT}),
         ],
     );
-    Ok(())
 }
 
 /// Appends `items` to the list `field` of `object`, creating it.

@@ -5,8 +5,9 @@
 //! The binaries are built with `--profile small` (the proxy with `--profile proxy`, the same
 //! at opt-level 2) and linked statically against musl, natively and cross (arm64 with Debian's
 //! aarch64 gcc as C compiler and linker driver), by the toolchain's lld with the functions the
-//! cluster runs placed first (`link`), and stripped as they go into the image; the test suite builds the same images from `--profile
-//! suite-images` (unoptimised, a third of the build time). An image holds its binary and
+//! cluster runs placed first (`link`), and stripped as they go into the image; the test suite
+//! builds the same images from `--profile suite-images` (unoptimised, a third of the build
+//! time). An image holds its binary and
 //! nothing else, except flannel's: upstream's DaemonSet runs `cp` in its init
 //! containers and flanneld runs `iptables`/`nft`, so that image also carries a static busybox
 //! and those two programs with their libraries, from Debian's packages of the same
