@@ -5,6 +5,7 @@ use clap::Parser;
 use ingress::cli::Args;
 use kube_common::Manager;
 
+// musl's allocator maps and unmaps small groups under load (benches/README.md, change 9).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

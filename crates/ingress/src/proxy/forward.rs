@@ -17,6 +17,28 @@ use http::{StatusCode, Uri};
 use super::phases::{Ctx, Phase};
 use super::{ConnInfo, plain};
 
+/// The header names the proxy sets or reads on every request, as constants: a name given as
+/// `&str` is parsed and validated on each lookup, a constant only hashed.
+pub(crate) mod names {
+    use http::header::HeaderName;
+
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_ORIGINAL_FORWARDED_FOR: HeaderName =
+        HeaderName::from_static("x-original-forwarded-for");
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+    pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FORWARDED_SCHEME: HeaderName = HeaderName::from_static("x-forwarded-scheme");
+    pub const X_SCHEME: HeaderName = HeaderName::from_static("x-scheme");
+    pub const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+    pub const PROXY: HeaderName = HeaderName::from_static("proxy");
+    pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+}
+use names::*;
+
 /// The upstream's request target: origin-form for HTTP/1 (hyper serialises the URI as given),
 /// absolute for HTTP/2 (`:scheme` and `:authority`).
 pub fn target(parts: &mut Parts, rewrite: Option<String>, absolute: Option<(bool, &str)>) -> Phase {
@@ -92,11 +114,11 @@ pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_
     let xff = forwarded_for(cfg, conn, &parts.headers);
     let (proto, port) = forwarded_proto_port(cfg.use_forwarded_headers, conn, &parts.headers);
     let headers = &mut parts.headers;
-    if let Some(xff) = headers.get("x-forwarded-for").cloned() {
-        headers.insert(HeaderName::from_static("x-original-forwarded-for"), xff);
+    if let Some(xff) = headers.get(&X_FORWARDED_FOR).cloned() {
+        headers.insert(X_ORIGINAL_FORWARDED_FOR, xff);
     }
     strip_hop_by_hop(headers, upgrade);
-    headers.remove("proxy");
+    headers.remove(PROXY);
     match &ctx.location.annotations.upstream_vhost {
         Some(vhost) => set(headers, header::HOST, vhost),
         None => {
@@ -105,25 +127,21 @@ pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_
             }
         }
     }
-    headers.insert(HeaderName::from_static("x-request-id"), request_id);
+    headers.insert(X_REQUEST_ID, request_id);
     let real_ip = real_ip(conn, ctx.client_ip);
-    headers.insert(HeaderName::from_static("x-real-ip"), real_ip);
+    headers.insert(X_REAL_IP, real_ip);
     if let Some(xff) = xff {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), xff);
+        headers.insert(X_FORWARDED_FOR, xff);
     }
     if let Some(v) = original_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
+        headers.insert(X_FORWARDED_HOST, v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-port"), port);
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), proto.clone());
-    headers.insert(HeaderName::from_static("x-forwarded-scheme"), proto.clone());
-    headers.insert(HeaderName::from_static("x-scheme"), proto);
+    headers.insert(X_FORWARDED_PORT, port);
+    headers.insert(X_FORWARDED_PROTO, proto.clone());
+    headers.insert(X_FORWARDED_SCHEME, proto.clone());
+    headers.insert(X_SCHEME, proto);
     if let Some(prefix) = &ctx.location.annotations.x_forwarded_prefix {
-        set(
-            headers,
-            HeaderName::from_static("x-forwarded-prefix"),
-            prefix,
-        );
+        set(headers, X_FORWARDED_PREFIX, prefix);
     }
 }
 
@@ -135,7 +153,7 @@ fn forwarded_for(
     headers: &HeaderMap,
 ) -> Option<HeaderValue> {
     let full = cfg.compute_full_forwarded_for && cfg.use_forwarded_headers;
-    match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) if full => {
             HeaderValue::from_str(&format!("{existing}, {}", conn.remote.ip())).ok()
         }
@@ -156,11 +174,11 @@ fn forwarded_proto_port(
     }
     (
         headers
-            .get("x-forwarded-proto")
+            .get(&X_FORWARDED_PROTO)
             .cloned()
             .unwrap_or(own_proto),
         headers
-            .get("x-forwarded-port")
+            .get(&X_FORWARDED_PORT)
             .cloned()
             .unwrap_or_else(|| conn.local_port.clone()),
     )
@@ -229,11 +247,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     for name in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
     ] {
         headers.remove(name);
     }

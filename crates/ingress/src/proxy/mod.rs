@@ -298,7 +298,7 @@ impl Proxy {
         }
         let request_id = parts
             .headers
-            .get("x-request-id")
+            .get(&forward::names::X_REQUEST_ID)
             .cloned()
             .unwrap_or_else(|| self.request_ids.next());
         // Headers first: they read the client's target (its authority) before it is replaced.

@@ -249,7 +249,7 @@ pub fn origin(headers: &HeaderMap) -> Option<&str> {
 fn client_ip(headers: &HeaderMap, peer: IpAddr, trust_forwarded: bool) -> IpAddr {
     if trust_forwarded
         && let Some(first) = headers
-            .get("x-forwarded-for")
+            .get(&super::forward::names::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
             .and_then(|v| v.trim().parse().ok())
