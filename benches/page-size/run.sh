@@ -23,8 +23,8 @@ mkdir -p "$WORK"
 cd "$WORK"
 QEMU="" BACKEND="" CREATED=""
 cleanup() {
-  [ -n "$QEMU" ] && kill "$QEMU" 2>/dev/null
-  [ -n "$BACKEND" ] && kill "$BACKEND" 2>/dev/null
+  [ -n "$QEMU" ] && { kill "$QEMU" 2>/dev/null || true; }
+  [ -n "$BACKEND" ] && { kill "$BACKEND" 2>/dev/null || true; }
   rm -f root/t/kubeconfig initrd.gz tls.key
   if [ -n "$CREATED" ]; then
     "${K[@]}" delete namespace pagesize --wait=false >/dev/null 2>&1 || true
