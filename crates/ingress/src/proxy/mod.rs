@@ -1,7 +1,7 @@
 //! The data plane: one request in, one request out, decided by the current [`Snapshot`].
 //! Nothing here blocks or rebuilds: the snapshot is read with one atomic load.
 
-mod forward;
+pub(crate) mod forward;
 mod phases;
 
 use std::collections::HashMap;
@@ -310,14 +310,20 @@ impl Proxy {
         // Pinned where it is: the timeout and select around it then move a pointer, not the
         // request's whole state.
         let sending = std::pin::pin!(sending);
-        let resp = self
+        let resp = match self
             .await_upstream(ctx, sending, progress.as_deref(), &picked.upstream)
-            .await?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
+            .await?
         {
-            return Ok(tunnel(resp, client_upgrade, tunnel_guard));
-        }
+            Upstreamed::Response(r) => r,
+            Upstreamed::Switched(head, upstream) => {
+                let (parts, ()) = head.into_parts();
+                if let Some(client_upgrade) = client_upgrade {
+                    tunnel(upstream, client_upgrade, tunnel_guard);
+                }
+                // A 101 the client did not ask for goes to it as is; the connection closes.
+                return Ok(Response::from_parts(parts, empty()));
+            }
+        };
         let (mut rparts, rbody) = resp.into_parts();
         forward::response_headers(
             ctx,
@@ -337,7 +343,7 @@ impl Proxy {
         upstream: &Upstream,
         tls: bool,
         grpc: bool,
-    ) -> Result<Response<Body>, UpstreamError> {
+    ) -> Result<Upstreamed, UpstreamError> {
         let settings = PoolSettings {
             keepalive_timeout: ctx.cfg.upstream_keepalive_timeout,
             keepalive_connections: ctx.cfg.upstream_keepalive_connections,
@@ -350,30 +356,28 @@ impl Proxy {
         let boxed = |b: Incoming| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
         if grpc {
             let resp = clients.request_h2(tls, connect_timeout, out).await?;
-            return Ok(resp.map(boxed));
+            return Ok(Upstreamed::Response(resp.map(boxed)));
         }
         let dest = pool::Dest::new(upstream, tls);
-        let (resp, checkin) = clients.http1.send(&dest, connect_timeout, out).await?;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection becomes the tunnel: it never goes back to the pool.
-            return Ok(resp.map(boxed));
-        }
-        Ok(resp.map(|b| {
-            pool::Returning::new(b, checkin)
-                .map_err(|e| Box::new(e) as BoxError)
-                .boxed_unsync()
-        }))
+        Ok(
+            match clients.http1.send(&dest, connect_timeout, out).await? {
+                pool::Sent::Response(resp) => Upstreamed::Response(
+                    resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+                ),
+                pool::Sent::Switched(head, upgraded) => Upstreamed::Switched(head, upgraded),
+            },
+        )
     }
 
     /// The upstream's answer within `proxy-read-timeout`, unless the request body stalls for
     /// `proxy-send-timeout`; failures as nginx answers them.
-    async fn await_upstream(
+    async fn await_upstream<T>(
         &self,
         ctx: &Ctx<'_>,
-        sending: impl Future<Output = Result<Response<Body>, UpstreamError>>,
+        sending: impl Future<Output = Result<T, UpstreamError>>,
         progress: Option<&crate::send_timeout::Progress>,
         upstream: &Upstream,
-    ) -> Phase<Response<Body>> {
+    ) -> Phase<T> {
         let ann = &ctx.location.annotations;
         let send_timeout = ann.proxy_send_timeout.unwrap_or(ctx.cfg.proxy_send_timeout);
         let read_timeout = ann.proxy_read_timeout.unwrap_or(ctx.cfg.proxy_read_timeout);
@@ -416,6 +420,12 @@ impl Proxy {
     }
 }
 
+/// The upstream's answer: a response, or a 101 with the connection it switched.
+enum Upstreamed {
+    Response(Response<Body>),
+    Switched(Response<()>, crate::upstream::h1::Upgraded),
+}
+
 /// Why the upstream call failed (either client).
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
@@ -432,7 +442,7 @@ fn limited_body(
     limit: Option<u64>,
 ) -> (Body, Option<Arc<crate::send_timeout::Progress>>) {
     if body.is_end_stream() {
-        return (Empty::new().map_err(|e| match e {}).boxed_unsync(), None);
+        return (empty(), None);
     }
     let body: Body = match limit {
         Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX)).boxed_unsync(),
@@ -443,25 +453,27 @@ fn limited_body(
     (body, Some(progress))
 }
 
-/// A WebSocket (or other upgrade): the client gets the 101 and both connections are joined.
-/// The tunnel keeps the client connection's slot (`guard`) until it ends.
+/// A WebSocket (or other upgrade): once the client has the 101, both connections are joined,
+/// the bytes the upstream sent after its 101 first. The tunnel keeps the client connection's
+/// slot (`guard`) until it ends.
 fn tunnel(
-    resp: Response<Body>,
+    upstream: crate::upstream::h1::Upgraded,
     client: hyper::upgrade::OnUpgrade,
     guard: Option<Arc<InFlight>>,
-) -> Response<Body> {
-    let mut resp = resp;
-    let upstream = hyper::upgrade::on(&mut resp);
+) {
     tokio::spawn(async move {
-        if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
+        if let Ok(c) = client.await {
             let mut c = hyper_util::rt::TokioIo::new(c);
-            let mut u = hyper_util::rt::TokioIo::new(u);
-            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            let mut u = upstream.io;
+            if tokio::io::AsyncWriteExt::write_all(&mut c, &upstream.read_ahead)
+                .await
+                .is_ok()
+            {
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            }
         }
         drop(guard);
     });
-    let (parts, _) = resp.into_parts();
-    Response::from_parts(parts, Empty::new().map_err(|e| match e {}).boxed_unsync())
 }
 
 /// The location for `host` + `path`, and the rewritten path+query if `rewrite-target` applies.
@@ -522,6 +534,10 @@ fn check_host(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<
         }
         _ => Ok(()),
     }
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
 }
 
 pub fn plain(status: StatusCode, body: &'static str) -> Response<Body> {

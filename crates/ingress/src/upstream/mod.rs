@@ -1,9 +1,10 @@
 //! Upstream connection pools (nginx's `upstream` keepalive), built per pool setting so
 //! ConfigMap changes (`upstream-keepalive-*`, `proxy-connect-timeout`) and per-Ingress
 //! `proxy-connect-timeout` apply without a restart. HTTP/1 (plain and TLS) goes through each
-//! worker's own [`pool::Pool`]; HTTP/2 (gRPC) through hyper-util's pooled client, where one
-//! connection carries many streams.
+//! worker's own [`pool::Pool`] of [`h1`] connections; HTTP/2 (gRPC) through hyper-util's
+//! pooled client, where one connection carries many streams.
 
+pub mod h1;
 pub mod pool;
 
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
-//! One worker's HTTP/1 upstream keep-alive pool (nginx's `upstream { keepalive N; }`), built on
-//! hyper's `client::conn`: a checkout is a lock no other thread takes, a pop and a readiness
-//! check; the connection goes back when its response body ends. No task, channel or timer per
-//! request beyond hyper's own.
+//! One worker's HTTP/1 upstream keep-alive pool (nginx's `upstream { keepalive N; }`) of
+//! [`h1`] connections: a checkout is a lock no other thread takes, a pop and a check that the
+//! upstream has not closed it; the connection goes back when its response body ends. No task,
+//! channel or timer per request or per connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,20 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::PoolSettings;
+use super::h1;
 use crate::proxy::Body;
 use crate::snapshot::Upstream;
-
-/// The most a pooled HTTP/1 upstream connection reads ahead of its client: hyper's default
-/// (about 400 KiB for the read buffer and again for a chunk in flight) let 1,000 slow readers
-/// pin 800 MiB; 16 KiB holds about 50 KiB per reader (nginx without proxy buffering holds one
-/// 4-8 KiB buffer). The cost on 64 KiB bodies is in benches/README.md.
-const READ_BUFFER: usize = 16 * 1024;
 
 /// Where a pooled connection goes: the upstream and whether it speaks TLS.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -64,13 +57,20 @@ pub enum Error {
     #[error("upstream TLS: {0}")]
     Tls(#[source] std::io::Error),
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Http(#[from] h1::Error),
+}
+
+/// What the upstream answered.
+pub enum Sent {
+    Response(Response<Returning>),
+    /// A 101: the connection is the tunnel's and never goes back to the pool.
+    Switched(Response<()>, h1::Upgraded),
 }
 
 /// A connection and what it has served: closed at `upstream-keepalive-requests` or
 /// `upstream-keepalive-time`, as nginx closes them.
 struct Conn {
-    sender: SendRequest<Body>,
+    h1: h1::Conn,
     born: Instant,
     served: u32,
 }
@@ -103,10 +103,10 @@ impl IdleSet {
         }
     }
 
-    fn retain(&mut self, keep: impl Fn(&Idle) -> bool) {
+    fn retain(&mut self, mut keep: impl FnMut(&mut Idle) -> bool) {
         let mut total = 0;
         self.by_dest.retain(|_, list| {
-            list.retain(&keep);
+            list.retain_mut(&mut keep);
             total += list.len();
             !list.is_empty()
         });
@@ -138,41 +138,52 @@ impl Pool {
     }
 
     /// Sends `req` on an idle connection to `dest` or a new one (within `connect_timeout`).
-    /// The returned [`Checkin`] gives the connection back once the response body has been
-    /// read to its end.
+    /// A response's body ([`Returning`]) gives the connection back once read to its end.
     pub async fn send(
         self: &Arc<Self>,
         dest: &Dest,
         connect_timeout: Duration,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Checkin), Error> {
-        let mut req = req;
-        while let Some(mut conn) = self.checkout(dest) {
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.checkin_for(dest, conn))),
-                // Not written: the connection closed before the request went out, so it can
-                // go on another connection safely.
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(e.into_error().into()),
-                },
+    ) -> Result<Sent, Error> {
+        let (parts, body) = req.into_parts();
+        let mut out = h1::Outgoing::new(&parts, body)?;
+        while let Some(conn) = self.checkout(dest) {
+            let (born, served) = (conn.born, conn.served);
+            match conn.h1.exchange(&mut out).await {
+                Ok(answer) => return Ok(self.sent(dest, answer, born, served)),
+                // The upstream closed the kept-alive connection as it was reused, before any
+                // answer: a request that can be repeated goes on another connection, as nginx
+                // retries on a cached connection.
+                Err(failed) if failed.stale => continue,
+                Err(failed) => return Err(failed.error.into()),
             }
         }
-        // Boxed: connecting (TCP, TLS, handshake) is the rare path, and inline its state would
-        // be copied with every request's future.
-        let sender = Box::pin(self.connect(dest, connect_timeout)).await?;
-        let mut conn = Conn {
-            sender,
-            born: Instant::now(),
-            served: 0,
-        };
-        let resp = conn.sender.send_request(req).await?;
-        Ok((resp, self.checkin_for(dest, conn)))
+        // Boxed: connecting (TCP, TLS) is the rare path, and inline its state would be copied
+        // with every request's future.
+        let conn = Box::pin(self.connect(dest, connect_timeout)).await?;
+        match conn.exchange(&mut out).await {
+            Ok(answer) => Ok(self.sent(dest, answer, Instant::now(), 0)),
+            Err(failed) => Err(failed.error.into()),
+        }
     }
 
-    /// The most recently used connection to `dest` that is ready for a request; expired and
-    /// closed ones are dropped. One whose driver has not yet taken up the end of its last
-    /// response (another thread may be running it) stays for a later request.
+    fn sent(self: &Arc<Self>, dest: &Dest, answer: h1::Answer, born: Instant, served: u32) -> Sent {
+        match answer {
+            h1::Answer::Switched(head, upgraded) => Sent::Switched(head, upgraded),
+            h1::Answer::Response(resp) => Sent::Response(resp.map(|body| Returning {
+                body,
+                checkin: Some(Checkin {
+                    pool: Arc::downgrade(self),
+                    dest: dest.clone(),
+                    born,
+                    served: served.saturating_add(1),
+                }),
+            })),
+        }
+    }
+
+    /// The most recently used connection to `dest` that the upstream has not closed; expired
+    /// and closed ones are dropped.
     fn checkout(&self, dest: &Dest) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let set = &mut *idle;
@@ -182,13 +193,10 @@ impl Pool {
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            let entry = &list[i];
-            if entry.conn.sender.is_closed() || self.expired(entry, now) {
-                list.remove(i);
-                set.total -= 1;
-            } else if entry.conn.sender.is_ready() {
-                found = Some(list.remove(i).conn);
-                set.total -= 1;
+            let mut entry = list.remove(i);
+            set.total -= 1;
+            if !self.expired(&entry, now) && entry.conn.h1.is_open() {
+                found = Some(entry.conn);
                 break;
             }
         }
@@ -202,19 +210,9 @@ impl Pool {
         now.duration_since(entry.since) >= self.settings.keepalive_timeout
     }
 
-    fn checkin_for(self: &Arc<Self>, dest: &Dest, conn: Conn) -> Checkin {
-        let mut conn = conn;
-        conn.served = conn.served.saturating_add(1);
-        Checkin {
-            pool: Arc::downgrade(self),
-            dest: dest.clone(),
-            conn,
-        }
-    }
-
     fn checkin(&self, dest: Dest, conn: Conn) {
         let max = self.settings.keepalive_connections as usize;
-        if max == 0 || conn.sender.is_closed() || self.worn_out(&conn) {
+        if max == 0 || self.worn_out(&conn) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -238,10 +236,10 @@ impl Pool {
     fn sweep_now(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|e| !e.conn.sender.is_closed() && !self.expired(e, now));
+        idle.retain(|e| !self.expired(e, now) && e.conn.h1.is_open());
     }
 
-    async fn connect(&self, dest: &Dest, timeout: Duration) -> Result<SendRequest<Body>, Error> {
+    async fn connect(&self, dest: &Dest, timeout: Duration) -> Result<h1::Conn, Error> {
         let tcp = tokio::time::timeout(timeout, tcp_connect(&dest.addr))
             .await
             .map_err(|_| Error::ConnectTimeout)??;
@@ -253,9 +251,9 @@ impl Pool {
                 .await
                 .map_err(|_| Error::ConnectTimeout)?
                 .map_err(Error::Tls)?;
-            handshake(TokioIo::new(tls)).await
+            Ok(h1::Conn::new(h1::Stream::Right(Box::new(tls))))
         } else {
-            handshake(TokioIo::new(tcp)).await
+            Ok(h1::Conn::new(h1::Stream::Left(tcp)))
         }
     }
 
@@ -297,24 +295,6 @@ fn server_name(addr: &Addr) -> Result<rustls::pki_types::ServerName<'static>, Er
     }
 }
 
-/// An HTTP/1 client connection on `io`, its driver spawned on this worker's runtime.
-async fn handshake<T>(io: T) -> Result<SendRequest<Body>, Error>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = Builder::new()
-        .max_buf_size(READ_BUFFER)
-        .handshake(io)
-        .await?;
-    // Upgrades: a WebSocket's 101 hands the connection to the tunnel.
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
-}
-
 async fn sweep(pool: Weak<Pool>) {
     let every = match pool.upgrade() {
         Some(p) => (p.settings.keepalive_timeout / 2)
@@ -332,49 +312,41 @@ async fn sweep(pool: Weak<Pool>) {
 
 /// A connection lent to one request: back to its pool when the response body is read to its
 /// end, closed if the body is dropped before (HTTP/1 cannot skip the rest of a response).
-pub struct Checkin {
+struct Checkin {
     pool: Weak<Pool>,
     dest: Dest,
-    conn: Conn,
-}
-
-impl Checkin {
-    fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.checkin(self.dest, self.conn);
-        }
-    }
+    born: Instant,
+    served: u32,
 }
 
 /// A response body that returns its connection to the pool when it ends.
 pub struct Returning {
-    body: Incoming,
+    body: h1::ResponseBody,
     checkin: Option<Checkin>,
 }
 
 impl Returning {
-    pub fn new(body: Incoming, checkin: Checkin) -> Self {
-        Self {
-            body,
-            checkin: Some(checkin),
-        }
-    }
-
     fn ended(&mut self) {
-        if let Some(c) = self.checkin.take() {
-            c.give_back();
+        let Some(c) = self.checkin.take() else { return };
+        if let (Some(h1), Some(pool)) = (self.body.take_reusable(), c.pool.upgrade()) {
+            let conn = Conn {
+                h1,
+                born: c.born,
+                served: c.served,
+            };
+            pool.checkin(c.dest, conn);
         }
     }
 }
 
 impl HttpBody for Returning {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h1::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h1::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.ended(),
@@ -454,10 +426,17 @@ mod tests {
             .unwrap()
     }
 
+    fn response(sent: Result<Sent, Error>) -> Response<Returning> {
+        match sent {
+            Ok(Sent::Response(r)) => r,
+            Ok(Sent::Switched(..)) => panic!("unexpected 101"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     async fn fetch(pool: &Arc<Pool>, dest: &Dest) -> Bytes {
-        let (resp, checkin) = pool.send(dest, CONNECT, get()).await.unwrap();
-        let body = Returning::new(resp.into_body(), checkin);
-        body.collect().await.unwrap().to_bytes()
+        let resp = response(pool.send(dest, CONNECT, get()).await);
+        resp.into_body().collect().await.unwrap().to_bytes()
     }
 
     #[tokio::test]
@@ -491,10 +470,10 @@ mod tests {
         let (addr, _) = server().await;
         let pool = Pool::new(settings());
         let dest = Dest::new(&Upstream::Addr(addr), false);
-        let (resp, checkin) = pool.send(&dest, CONNECT, get()).await.unwrap();
+        let resp = response(pool.send(&dest, CONNECT, get()).await);
         // The head has arrived; the body may or may not be complete yet: only an ended body
         // gives the connection back.
-        let body = Returning::new(resp.into_body(), checkin);
+        let body = resp.into_body();
         let ended = body.is_end_stream();
         drop(body);
         assert_eq!(pool.idle_count(), usize::from(ended));
@@ -514,11 +493,8 @@ mod tests {
             pool.send(&dest, CONNECT, get()),
             pool.send(&dest, CONNECT, get())
         );
-        for (resp, checkin) in [a.unwrap(), b.unwrap(), c.unwrap()] {
-            Returning::new(resp.into_body(), checkin)
-                .collect()
-                .await
-                .unwrap();
+        for sent in [a, b, c] {
+            response(sent).into_body().collect().await.unwrap();
         }
         assert_eq!(pool.idle_count(), 2);
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -543,6 +519,45 @@ mod tests {
         // went.
         assert_eq!(pool.idle_count(), 2);
         assert!(pool.checkout(&db).is_none());
+    }
+
+    /// Answers the first request on each connection, then reads the next one and closes
+    /// without a word, as an upstream whose keep-alive timer fired at that moment.
+    async fn closing_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                    let _ = s.write_all(reply).await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    #[tokio::test]
+    async fn a_repeatable_request_goes_again_when_a_reused_connection_closes() {
+        let (addr, conns) = closing_server().await;
+        let pool = Pool::new(settings());
+        let dest = Dest::new(&Upstream::Addr(addr), false);
+        for _ in 0..3 {
+            assert_eq!(fetch(&pool, &dest).await, "hello");
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // A POST is not repeated: nginx does not resend a non-idempotent request either.
+        let post = Request::post("/")
+            .header("host", "a.test")
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap();
+        assert!(pool.send(&dest, CONNECT, post).await.is_err());
     }
 
     #[tokio::test]
