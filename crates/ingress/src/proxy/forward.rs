@@ -221,14 +221,14 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
 }
 
-/// Whether the Connection field lists `token`.
+/// Whether the Connection field lists `token` (read as bytes: a value with other bytes in it
+/// still names its tokens).
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Removes hop-by-hop headers (and those named in Connection); keeps Upgrade for WebSockets.

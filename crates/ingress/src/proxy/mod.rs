@@ -465,10 +465,12 @@ fn tunnel(
         if let Ok(c) = client.await {
             let mut c = hyper_util::rt::TokioIo::new(c);
             let mut u = upstream.io;
-            if tokio::io::AsyncWriteExt::write_all(&mut c, &upstream.read_ahead)
-                .await
-                .is_ok()
-            {
+            let ahead = async {
+                tokio::io::AsyncWriteExt::write_all(&mut c, &upstream.read_ahead).await?;
+                // A protocol where the server speaks first must not wait in rustls's buffer.
+                tokio::io::AsyncWriteExt::flush(&mut c).await
+            };
+            if ahead.await.is_ok() {
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
             }
         }

@@ -229,6 +229,7 @@ impl Conn {
                 decode,
                 keep_alive: keep_alive && writable,
                 upload,
+                upload_error: None,
             },
         )))
     }
@@ -395,6 +396,11 @@ impl Upload {
             *left = left
                 .checked_sub(data.len() as u64)
                 .ok_or(Error::RequestLength)?;
+            // All that was promised: the body's end-of-stream (an HTTP/2 client may send it
+            // in a frame of its own, later) is not waited for.
+            if *left == 0 {
+                self.body = None;
+            }
         }
         if self.chunked {
             self.queue.push_back(chunk_size_line(data.len()));
@@ -457,9 +463,14 @@ fn chunk_size_line(size: usize) -> Bytes {
 /// A complete head at the front of `buf`, taken off it; `None` while it is incomplete.
 /// Header values share the head's bytes rather than being copied one by one.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(buf).map_err(Error::Parse)? {
+    // Uninitialised slots: 100 headers zeroed per response would cost more than parsing.
+    let mut headers = [std::mem::MaybeUninit::uninit(); MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config
+        .parse_response_with_uninit_headers(&mut parsed, buf, &mut headers)
+        .map_err(Error::Parse)?
+    {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return Ok(None),
     };
@@ -473,12 +484,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
         Version::HTTP_11
     };
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // Offsets into the head; u32 as the head is bounded by the read buffer.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
         let name = h.name.as_ptr() as usize - base;
         let value = h.value.as_ptr() as usize - base;
-        *span = (name, name + h.name.len(), value, value + h.value.len());
+        let at = [name, name + h.name.len(), value, value + h.value.len()];
+        *span = at.map(|a| u32::try_from(a).unwrap_or(u32::MAX));
     }
     let reason = parsed
         .reason
@@ -486,9 +499,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
     let head = buf.split_to(len).freeze();
     let mut map = HeaderMap::with_capacity(count);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| Error::Framing("invalid header name"))?;
+    for span in &spans[..count] {
+        let [ns, ne, vs, ve] = span.map(|a| a as usize);
+        let (Some(name), Some(_)) = (head.get(ns..ne), head.get(vs..ve)) else {
+            return Err(Error::HeadTooLarge);
+        };
+        let name =
+            HeaderName::from_bytes(name).map_err(|_| Error::Framing("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| Error::Framing("invalid header value"))?;
         map.append(name, value);
@@ -546,28 +563,23 @@ fn only_chunked(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Content-Length, which may repeat (in fields or a list) only with the same value.
+/// Content-Length: one field of digits. nginx refuses a repeated one ("duplicate header
+/// line"), and passed on as a list it would reach the client unnormalised.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
-    let mut found = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| Error::Framing("invalid Content-Length"))?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(Error::Framing("invalid Content-Length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| Error::Framing("invalid Content-Length"))?;
-            if found.is_some_and(|f| f != n) {
-                return Err(Error::Framing("conflicting Content-Length"));
-            }
-            found = Some(n);
-        }
+    let mut all = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (value, None) = (all.next(), all.next()) else {
+        return Err(Error::Framing("more than one Content-Length"));
+    };
+    let Some(value) = value else { return Ok(None) };
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(Error::Framing("invalid Content-Length"));
     }
-    Ok(found)
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .map(Some)
+        .ok_or(Error::Framing("invalid Content-Length"))
 }
 
 enum Decode {
@@ -594,6 +606,9 @@ pub struct ResponseBody {
     decode: Decode,
     keep_alive: bool,
     upload: Option<Upload>,
+    /// The upload failed after the head: the upstream waits for a body that will not come,
+    /// so the response ends with this error (nginx closes both connections).
+    upload_error: Option<Error>,
 }
 
 impl ResponseBody {
@@ -606,17 +621,20 @@ impl ResponseBody {
         if fit { self.conn.take() } else { None }
     }
 
-    /// Moves the unfinished upload on; a failure stops it and the connection's reuse, not
-    /// the response.
+    /// Moves the unfinished upload on. The upstream closing its reading side is not an error
+    /// of the response (it may have answered without reading); anything else is.
     fn poll_upload(&mut self, cx: &mut Context<'_>) {
         let (Some(upload), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) else {
             return;
         };
         match upload.poll(&mut conn.io, cx) {
             Poll::Ready(Ok(())) => self.upload = None,
-            Poll::Ready(Err(_)) => {
+            Poll::Ready(Err(e)) => {
                 self.upload = None;
                 self.keep_alive = false;
+                if !matches!(e, Error::Io(_)) {
+                    self.upload_error = Some(e);
+                }
             }
             Poll::Pending => {}
         }
@@ -626,6 +644,10 @@ impl ResponseBody {
         loop {
             if !matches!(self.decode, Decode::Done) {
                 self.poll_upload(cx);
+            }
+            if let Some(e) = self.upload_error.take() {
+                self.conn = None;
+                return Poll::Ready(Some(Err(e)));
             }
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -653,7 +675,13 @@ impl ResponseBody {
                 }
                 Decode::Length(_) | Decode::Close => {}
             }
-            if ready!(conn.poll_fill(cx))? == 0 {
+            let read = match ready!(conn.poll_fill(cx)) {
+                // A TLS upstream that closes without close_notify ends a body delimited by
+                // the close all the same, as nginx takes it.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                r => r?,
+            };
+            if read == 0 {
                 if matches!(self.decode, Decode::Close) {
                     self.decode = Decode::Done;
                     self.keep_alive = false;
@@ -879,9 +907,11 @@ mod tests {
             done(f("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false)),
             (true, true)
         );
-        let (d, keep) = f("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n", false).unwrap();
+        let (d, keep) = f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false).unwrap();
         assert!(matches!(d, Decode::Length(5)) && keep);
-        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n", false).is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n", false).is_err());
+        let raw = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n";
+        assert!(f(raw, false).is_err(), "nginx refuses a duplicate");
         assert!(f("HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n", false).is_err());
         // Both, or a coding other than chunked alone: refused, as nginx refuses them.
         let raw = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n";
@@ -1116,6 +1146,44 @@ mod tests {
         mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
     ) -> impl futures::Stream<Item = Result<Frame<Bytes>, BoxError>> {
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_done_when_its_length_is_sent_without_waiting_for_its_end() {
+        let (conn, _server) = upstream(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        let body = http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed_unsync();
+        let req = http::Request::post("/")
+            .header("content-length", "3")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let mut out = Outgoing::new(&parts, body).unwrap();
+        let resp = exchange(conn, &mut out).await;
+        // `tx` is still open: the end of stream never came.
+        assert!(resp.into_body().take_reusable().is_some());
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_failing_after_the_head_fails_the_response() {
+        let (conn, _server) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let body = http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed_unsync();
+        let req = http::Request::post("/").body(()).unwrap();
+        let (parts, ()) = req.into_parts();
+        let mut out = Outgoing::new(&parts, body).unwrap();
+        let resp = exchange(conn, &mut out).await;
+        tx.send(Err("client went away".into())).await.unwrap();
+        let mut body = resp.into_body();
+        assert!(matches!(
+            body.frame().await,
+            Some(Err(Error::RequestBody(_)))
+        ));
+        assert!(body.take_reusable().is_none());
     }
 
     #[tokio::test]

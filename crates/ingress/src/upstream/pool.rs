@@ -147,14 +147,15 @@ impl Pool {
     ) -> Result<Sent, Error> {
         let (parts, body) = req.into_parts();
         let mut out = h1::Outgoing::new(&parts, body)?;
-        while let Some(conn) = self.checkout(dest) {
+        if let Some(conn) = self.checkout(dest) {
             let (born, served) = (conn.born, conn.served);
             match conn.h1.exchange(&mut out).await {
                 Ok(answer) => return Ok(self.sent(dest, answer, born, served)),
                 // The upstream closed the kept-alive connection as it was reused, before any
-                // answer: a request that can be repeated goes on another connection, as nginx
-                // retries on a cached connection.
-                Err(failed) if failed.stale => continue,
+                // answer: a request that can be repeated goes again, as nginx retries on a
+                // cached connection; once, on a new connection, so that an upstream that drops
+                // every connection it reads this request on does not get it from each idle one.
+                Err(failed) if failed.stale => {}
                 Err(failed) => return Err(failed.error.into()),
             }
         }
