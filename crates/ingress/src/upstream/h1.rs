@@ -944,8 +944,14 @@ mod tests {
         assert!(!f(raw, false).unwrap().1, "close wins");
     }
 
-    /// A server that reads one request head, then writes `reply` in the pieces given.
-    async fn upstream(pieces: Vec<&'static [u8]>) -> (Conn, tokio::task::JoinHandle<Vec<u8>>) {
+    /// A connection to a server that reads one request head, then hands the stream and all
+    /// it read to `serve`.
+    async fn upstream_with<F, Fut, T>(serve: F) -> (Conn, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(TcpStream, Vec<u8>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
@@ -956,14 +962,22 @@ mod tests {
                 let n = s.read(&mut buf).await.unwrap();
                 seen.extend_from_slice(&buf[..n]);
             }
+            serve(s, seen).await
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        (Conn::new(Stream::Left(tcp)), server)
+    }
+
+    /// A server that reads one request head, then writes the pieces given.
+    async fn upstream(pieces: Vec<&'static [u8]>) -> (Conn, tokio::task::JoinHandle<Vec<u8>>) {
+        upstream_with(|mut s, seen| async move {
             for p in pieces {
                 s.write_all(p).await.unwrap();
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             seen
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        (Conn::new(Stream::Left(tcp)), server)
+        })
+        .await
     }
 
     fn request(method: Method, body: Body) -> Outgoing {
@@ -1088,48 +1102,52 @@ mod tests {
         assert!(head("HTTP/1.1 200 OK\r\n\r\n").extensions().is_empty());
     }
 
-    /// A server that answers at once, then echoes what it reads until the client stops.
+    /// A server that answers at once, then echoes the 6 body bytes as they come.
     async fn echoing_upstream() -> (Conn, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                seen.extend_from_slice(&buf[..n]);
-            }
+        upstream_with(|mut s, seen| async move {
             let at = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n";
             s.write_all(reply).await.unwrap();
             let mut echoed = seen.len() - at;
             s.write_all(&seen[at..]).await.unwrap();
+            let mut buf = [0u8; 64];
             while echoed < 6 {
                 let n = s.read(&mut buf).await.unwrap();
                 s.write_all(&buf[..n]).await.unwrap();
                 echoed += n;
             }
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        (Conn::new(Stream::Left(tcp)), server)
+        })
+        .await
+    }
+
+    type Frames = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+    /// A POST whose body is fed through the returned sender, `first` already in it.
+    async fn streamed_post(
+        length: Option<&str>,
+        first: Option<&'static [u8]>,
+    ) -> (Outgoing, Frames) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        if let Some(first) = first {
+            tx.send(Ok(Frame::data(Bytes::from_static(first))))
+                .await
+                .unwrap();
+        }
+        let frames = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+        let mut req = http::Request::post("/");
+        if let Some(length) = length {
+            req = req.header("content-length", length);
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        (Outgoing::new(&parts, body).unwrap(), tx)
     }
 
     #[tokio::test]
     async fn the_body_goes_on_after_the_head_arrives() {
         let (conn, server) = echoing_upstream().await;
         // The second half of the body comes only once the head is out.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
-            .await
-            .unwrap();
-        let body = http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed_unsync();
-        let req = http::Request::post("/")
-            .header("content-length", "6")
-            .body(())
-            .unwrap();
-        let (parts, ()) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body).unwrap();
+        let (mut out, tx) = streamed_post(Some("6"), Some(b"abc")).await;
         let resp = exchange(conn, &mut out).await;
         tx.send(Ok(Frame::data(Bytes::from_static(b"def"))))
             .await
@@ -1142,26 +1160,10 @@ mod tests {
         server.await.unwrap();
     }
 
-    fn tokio_stream_of(
-        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
-    ) -> impl futures::Stream<Item = Result<Frame<Bytes>, BoxError>> {
-        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-    }
-
     #[tokio::test]
     async fn a_body_is_done_when_its_length_is_sent_without_waiting_for_its_end() {
         let (conn, _server) = upstream(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
-            .await
-            .unwrap();
-        let body = http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed_unsync();
-        let req = http::Request::post("/")
-            .header("content-length", "3")
-            .body(())
-            .unwrap();
-        let (parts, ()) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body).unwrap();
+        let (mut out, tx) = streamed_post(Some("3"), Some(b"abc")).await;
         let resp = exchange(conn, &mut out).await;
         // `tx` is still open: the end of stream never came.
         assert!(resp.into_body().take_reusable().is_some());
@@ -1171,11 +1173,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_body_failing_after_the_head_fails_the_response() {
         let (conn, _server) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]).await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
-        let body = http_body_util::StreamBody::new(tokio_stream_of(rx)).boxed_unsync();
-        let req = http::Request::post("/").body(()).unwrap();
-        let (parts, ()) = req.into_parts();
-        let mut out = Outgoing::new(&parts, body).unwrap();
+        let (mut out, tx) = streamed_post(None, None).await;
         let resp = exchange(conn, &mut out).await;
         tx.send(Err("client went away".into())).await.unwrap();
         let mut body = resp.into_body();

@@ -393,30 +393,38 @@ mod tests {
         }
     }
 
-    /// A keep-alive HTTP/1 server answering `hello` to every request; counts connections.
-    async fn server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    const HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+
+    /// A server running `serve` on each connection; counts connections.
+    async fn counting_server<F, Fut>(serve: F) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = conns.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
+            while let Ok((s, _)) = listener.accept().await {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            return;
-                        }
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                        if s.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(s));
             }
         });
         (addr, conns)
+    }
+
+    /// A keep-alive HTTP/1 server answering `hello` to every request.
+    async fn server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        counting_server(|mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(HELLO).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     fn get() -> Request<Body> {
@@ -525,23 +533,13 @@ mod tests {
     /// Answers the first request on each connection, then reads the next one and closes
     /// without a word, as an upstream whose keep-alive timer fired at that moment.
     async fn closing_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let _ = s.read(&mut buf).await;
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                    let _ = s.write_all(reply).await;
-                    let _ = s.read(&mut buf).await;
-                });
-            }
-        });
-        (addr, conns)
+        counting_server(|mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(HELLO).await;
+            let _ = s.read(&mut buf).await;
+        })
+        .await
     }
 
     #[tokio::test]
