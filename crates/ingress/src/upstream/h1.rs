@@ -498,8 +498,22 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
         .filter(|r| Some(*r) != status.canonical_reason())
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
-    for span in &spans[..count] {
+    let map = header_map(&head, &spans[..count])?;
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = map;
+    // The upstream's own reason phrase reaches the client, as nginx passes its status line.
+    if let Some(reason) = reason {
+        resp.extensions_mut().insert(reason);
+    }
+    Ok(Some(resp))
+}
+
+/// The header fields at `spans` (name and value offsets) of `head`, values sharing its bytes.
+fn header_map(head: &Bytes, spans: &[[u32; 4]]) -> Result<HeaderMap, Error> {
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for span in spans {
         let [ns, ne, vs, ve] = span.map(|a| a as usize);
         let (Some(name), Some(_)) = (head.get(ns..ne), head.get(vs..ve)) else {
             return Err(Error::HeadTooLarge);
@@ -510,15 +524,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
             .map_err(|_| Error::Framing("invalid header value"))?;
         map.append(name, value);
     }
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    *resp.headers_mut() = map;
-    // The upstream's own reason phrase reaches the client, as nginx passes its status line.
-    if let Some(reason) = reason {
-        resp.extensions_mut().insert(reason);
-    }
-    Ok(Some(resp))
+    Ok(map)
 }
 
 /// How the body is delimited and whether the connection may carry another request after it.
@@ -730,21 +736,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
 fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, Error> {
     loop {
         match state {
-            Chunk::Size => {
-                let Some(end) = find_crlf(buf) else {
-                    if buf.len() > MAX_CHUNK_LINE {
-                        return Err(Error::Framing("chunk size line too long"));
-                    }
-                    return Ok(None);
-                };
-                let size = chunk_size(&buf[..end])?;
-                buf.advance(end + 2);
-                *state = if size == 0 {
-                    Chunk::Trailers(0)
-                } else {
-                    Chunk::Data(size)
-                };
-            }
+            Chunk::Size => match size_line(buf)? {
+                Some(next) => *state = next,
+                None => return Ok(None),
+            },
             Chunk::Data(left) => {
                 if buf.is_empty() {
                     return Ok(None);
@@ -766,26 +761,50 @@ fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, Error
                 *state = Chunk::Size;
             }
             Chunk::End => return Ok(None),
-            Chunk::Trailers(seen) => {
-                // Trailer fields are read and dropped, line by line, up to the empty line.
-                let Some(end) = find_crlf(buf) else {
-                    if *seen + buf.len() > MAX_TRAILERS {
-                        return Err(Error::Framing("trailers too large"));
-                    }
-                    return Ok(None);
-                };
-                *seen += end + 2;
-                if *seen > MAX_TRAILERS {
-                    return Err(Error::Framing("trailers too large"));
-                }
-                buf.advance(end + 2);
-                if end == 0 {
-                    *state = Chunk::End;
-                    return Ok(None);
-                }
-            }
+            Chunk::Trailers(seen) => match trailer_line(*seen, buf)? {
+                Some(next) => *state = next,
+                None => return Ok(None),
+            },
         }
     }
+}
+
+/// A chunk-size line taken off `buf`: the state it leads to, `None` while incomplete.
+fn size_line(buf: &mut BytesMut) -> Result<Option<Chunk>, Error> {
+    let Some(end) = find_crlf(buf) else {
+        if buf.len() > MAX_CHUNK_LINE {
+            return Err(Error::Framing("chunk size line too long"));
+        }
+        return Ok(None);
+    };
+    let size = chunk_size(&buf[..end])?;
+    buf.advance(end + 2);
+    Ok(Some(if size == 0 {
+        Chunk::Trailers(0)
+    } else {
+        Chunk::Data(size)
+    }))
+}
+
+/// One trailer line (after `seen` bytes of them) read and dropped, as nginx drops trailers;
+/// the empty line ends the message.
+fn trailer_line(seen: usize, buf: &mut BytesMut) -> Result<Option<Chunk>, Error> {
+    let Some(end) = find_crlf(buf) else {
+        if seen + buf.len() > MAX_TRAILERS {
+            return Err(Error::Framing("trailers too large"));
+        }
+        return Ok(None);
+    };
+    let seen = seen + end + 2;
+    if seen > MAX_TRAILERS {
+        return Err(Error::Framing("trailers too large"));
+    }
+    buf.advance(end + 2);
+    Ok(Some(if end == 0 {
+        Chunk::End
+    } else {
+        Chunk::Trailers(seen)
+    }))
 }
 
 impl HttpBody for ResponseBody {
