@@ -114,6 +114,20 @@ async fn routes_host_and_path_with_upstream_headers() {
     );
     let reply = raw_exchange_all(http, raw.as_bytes()).await;
     assert_eq!(reply.matches("HTTP/1.1 200").count(), 3, "{reply}");
+    // A Content-Length repeated with the same value is one length (RFC 9110 §8.6 lets a
+    // recipient take it as one; nginx refuses it): passed on once, never as two fields.
+    let raw = format!(
+        "POST /app HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"
+    );
+    let reply = raw_exchange(http, raw.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains(r#""body_len":3,"headers":{"content-length":"3","#), "{reply}");
+    // Different values are refused.
+    let raw = format!(
+        "POST /app HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+    );
+    let reply = raw_exchange(http, raw.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     let raw = format!("POST /app HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip\r\n\r\n");
     assert!(
         raw_exchange(http, raw.as_bytes())

@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::path_rules::{Match, normalize_host};
 use crate::ratelimit::{ConnLimiter, RateLimiter};
 use crate::snapshot::{Location, Snapshot, Target, Upstream};
-use crate::upstream::{PoolSettings, Upstreams, pool};
+use crate::upstream::{PoolSettings, Upstreams, h1, pool};
 use phases::{Ctx, Phase, Picked};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -176,7 +176,7 @@ impl Proxy {
         let started = Instant::now();
         let snap = self.snapshot.load_full();
         let method = req.method().clone();
-        if let Err(why) = check_host(req.version(), req.uri(), req.headers()) {
+        if let Err(why) = check_head(req.version(), req.uri(), req.headers()) {
             let location = snap.default_location.clone();
             let response = plain(StatusCode::BAD_REQUEST, why);
             return Ok(self.record(&method, "", &location, response, started));
@@ -405,9 +405,14 @@ impl Proxy {
                         "413 Request Entity Too Large\n",
                     ));
                 }
-                // A malformed request body (an invalid chunk size, say) is the client's error,
-                // as nginx answers it, not a failed upstream.
-                if progress.is_some_and(|p| p.client_failed()) {
+                // A malformed request body (an invalid chunk size, a length other than its
+                // Content-Length) is the client's error, as nginx answers it, not a failed
+                // upstream.
+                if matches!(
+                    e,
+                    UpstreamError::Pool(pool::Error::Http(h1::Error::RequestLength))
+                ) || progress.is_some_and(|p| p.client_failed())
+                {
                     return Err(plain(StatusCode::BAD_REQUEST, "400 Bad Request\n"));
                 }
                 Err(plain(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"))
@@ -423,7 +428,7 @@ impl Proxy {
 /// The upstream's answer: a response, or a 101 with the connection it switched.
 enum Upstreamed {
     Response(Response<Body>),
-    Switched(Response<()>, crate::upstream::h1::Upgraded),
+    Switched(Response<()>, h1::Upgraded),
 }
 
 /// Why the upstream call failed (either client).
@@ -456,11 +461,7 @@ fn limited_body(
 /// A WebSocket (or other upgrade): once the client has the 101, both connections are joined,
 /// the bytes the upstream sent after its 101 first. The tunnel keeps the client connection's
 /// slot (`guard`) until it ends.
-fn tunnel(
-    upstream: crate::upstream::h1::Upgraded,
-    client: hyper::upgrade::OnUpgrade,
-    guard: Option<Arc<InFlight>>,
-) {
+fn tunnel(upstream: h1::Upgraded, client: hyper::upgrade::OnUpgrade, guard: Option<Arc<InFlight>>) {
     tokio::spawn(async move {
         if let Ok(c) = client.await {
             let mut c = hyper_util::rt::TokioIo::new(c);
@@ -517,8 +518,14 @@ fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
 }
 
 /// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host field or with
-/// more than one (nginx does).
-fn check_host(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+/// more than one (nginx does). A repeated Content-Length is refused too: hyper's HTTP/1 server
+/// has already folded equal repeats into one (RFC 9110 §8.6) and refused others, but HTTP/2
+/// fields arrive as sent, and two would be two lengths upstream.
+fn check_head(version: http::Version, uri: &Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if lengths.next().is_some() && lengths.next().is_some() {
+        return Err("400 Bad Request: more than one Content-Length field\n");
+    }
     // Userinfo (`user:pass@host`) has no place in a request's authority (RFC 9110 §4.2.4,
     // RFC 9113 §8.3.1); nginx refuses it. Accepted, it would split routing (the part after
     // the last `:`) from what the upstream is told.
@@ -684,17 +691,28 @@ mod tests {
     fn http11_needs_exactly_one_host() {
         let origin: Uri = "/a".parse().unwrap();
         let v11 = http::Version::HTTP_11;
-        assert!(check_host(v11, &origin, &headers(&["a.test"])).is_ok());
-        assert!(check_host(v11, &origin, &headers(&[])).is_err());
-        assert!(check_host(v11, &origin, &headers(&["a.test", "b.test"])).is_err());
+        assert!(check_head(v11, &origin, &headers(&["a.test"])).is_ok());
+        assert!(check_head(v11, &origin, &headers(&[])).is_err());
+        assert!(check_head(v11, &origin, &headers(&["a.test", "b.test"])).is_err());
         // HTTP/1.0 may leave Host out; absolute-form names the host itself.
-        assert!(check_host(http::Version::HTTP_10, &origin, &headers(&[])).is_ok());
+        assert!(check_head(http::Version::HTTP_10, &origin, &headers(&[])).is_ok());
         let absolute: Uri = "http://a.test/a".parse().unwrap();
-        assert!(check_host(v11, &absolute, &headers(&[])).is_ok());
+        assert!(check_head(v11, &absolute, &headers(&[])).is_ok());
         let userinfo: Uri = "http://public.test:x@admin.test/".parse().unwrap();
-        assert!(check_host(v11, &userinfo, &headers(&["public.test"])).is_err());
-        assert!(check_host(http::Version::HTTP_2, &userinfo, &headers(&[])).is_err());
-        assert!(check_host(http::Version::HTTP_2, &absolute, &headers(&[])).is_ok());
+        assert!(check_head(v11, &userinfo, &headers(&["public.test"])).is_err());
+        assert!(check_head(http::Version::HTTP_2, &userinfo, &headers(&[])).is_err());
+        assert!(check_head(http::Version::HTTP_2, &absolute, &headers(&[])).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_content_length_is_refused_even_when_equal() {
+        let origin: Uri = "/a".parse().unwrap();
+        let mut h = headers(&["a.test"]);
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert!(check_head(http::Version::HTTP_11, &origin, &h).is_ok());
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert!(check_head(http::Version::HTTP_11, &origin, &h).is_err());
+        assert!(check_head(http::Version::HTTP_2, &origin, &h).is_err());
     }
 
     #[test]
