@@ -121,7 +121,10 @@ async fn routes_host_and_path_with_upstream_headers() {
     );
     let reply = raw_exchange(http, raw.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(reply.contains(r#""body_len":3,"headers":{"content-length":"3","#), "{reply}");
+    assert!(
+        reply.contains(r#""body_len":3,"headers":{"content-length":"3","#),
+        "{reply}"
+    );
     // Different values are refused.
     let raw = format!(
         "POST /app HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
