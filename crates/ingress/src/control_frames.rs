@@ -124,6 +124,15 @@ impl<IO> ControlFrames<IO> {
     }
 }
 
+/// Writes pass through: the batching layer above reaches the TLS session beneath.
+impl<IO: crate::batched_writes::TlsSession> crate::batched_writes::TlsSession
+    for ControlFrames<IO>
+{
+    fn session(&mut self) -> &mut rustls::ServerConnection {
+        self.inner.session()
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for ControlFrames<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::batched_writes::Batched;
 use crate::control_frames::ControlFrames;
 use crate::framing::{Scanned, Verdicts};
 use crate::keepalive::{self, Finishing, Lent, Outcome, Parkable, Requests, Socket, Tracker};
@@ -157,7 +158,9 @@ async fn tls_connection(
     };
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         let flood = CancellationToken::new();
-        let io = TokioIo::new(ControlFrames::new(tls_stream, flood.clone()));
+        // Flushes wait for the connection's next poll: the answers of every stream made ready
+        // meanwhile go out in one write.
+        let io = TokioIo::new(Batched::new(ControlFrames::new(tls_stream, flood.clone())));
         let builder = h2_builder(cfg);
         let conn = until_drained!(
             builder.serve_connection_with_upgrades(io, sessions.service.clone()),
