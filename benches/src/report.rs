@@ -491,14 +491,32 @@ impl Results {
     /// for haproxy the floor table says the rest).
     fn cpu_why(&self, scenario: &str, peer: PeerKind) -> Option<String> {
         let ours = self.profile(scenario, PeerKind::IngressController)?;
-        let mut why = format!("ours: {}", ours.line(3));
+        let figures = |k: PeerKind| {
+            let s = self.throughput.iter().find(|s| s.id == scenario)?;
+            s.get(k)
+        };
+        let mut why = String::new();
+        // A proxy that idles part of the run while spending less CPU per request than the
+        // peer is held back by its load generator (which shares the other CPU with the
+        // backend), not by its own work.
+        if let (Some(a), Some(b)) = (figures(PeerKind::IngressController), figures(peer))
+            && a.cpu_cores.median < 0.85
+            && a.cpu_us_per_request.median < b.cpu_us_per_request.median
+        {
+            let _ = write!(
+                why,
+                "not CPU-bound: ours busy {:.2} cores (the load generator's CPU is the limit) at \
+                 {:.2}× {}'s CPU per request; ",
+                a.cpu_cores.median,
+                a.cpu_us_per_request.median / b.cpu_us_per_request.median.max(f64::MIN_POSITIVE),
+                peer.name()
+            );
+        }
+        let _ = write!(why, "ours: {}", ours.line(3));
         if let Some(p) = self.profile(scenario, PeerKind::Nginx) {
             let _ = write!(why, "; nginx: kernel {:.0} %", p.kernel_percent());
         }
-        let cpu = |k: PeerKind| {
-            let s = self.throughput.iter().find(|s| s.id == scenario)?;
-            s.get(k).map(|p| p.cpu_us_per_request.median)
-        };
+        let cpu = |k: PeerKind| figures(k).map(|p| p.cpu_us_per_request.median);
         if let (Some(a), Some(b)) = (cpu(PeerKind::IngressController), cpu(peer)) {
             let _ = write!(
                 why,
@@ -946,6 +964,40 @@ mod tests {
         };
         no_direct.compute_floor();
         assert_eq!(no_direct.peers[0].vs_floor, None);
+    }
+
+    #[test]
+    fn a_proxy_held_back_by_its_load_generator_is_named_so() {
+        let figures = |kind, cpu_us, cores| PeerFigures {
+            cpu_cores: Stat::of(&[cores]),
+            ..peer(kind, cpu_us)
+        };
+        let mut r = Results {
+            profiles: vec![crate::profile::Profile {
+                scenario: "tls-new-conn-1k".into(),
+                peer: PeerKind::IngressController.name().into(),
+                ..Default::default()
+            }],
+            throughput: vec![Scenario {
+                id: "tls-new-conn-1k".into(),
+                peers: vec![
+                    figures(PeerKind::IngressController, 330.0, 0.66),
+                    figures(PeerKind::Nginx, 400.0, 0.92),
+                ],
+                ..Scenario::default()
+            }],
+            ..Results::default()
+        };
+        let why = r.cpu_why("tls-new-conn-1k", PeerKind::Nginx).unwrap();
+        assert!(
+            why.starts_with("not CPU-bound: ours busy 0.66 cores"),
+            "{why}"
+        );
+        assert!(why.contains("0.82× nginx's CPU per request"), "{why}");
+        // Busy, or dearer per request: the profile alone explains it.
+        r.throughput[0].peers[0].cpu_cores = Stat::of(&[0.95]);
+        let why = r.cpu_why("tls-new-conn-1k", PeerKind::Nginx).unwrap();
+        assert!(why.starts_with("ours: "), "{why}");
     }
 
     #[test]
