@@ -54,6 +54,10 @@ pub fn quantile(samples: &[f64], q: f64) -> f64 {
     s[rank - 1]
 }
 
+/// Below this many cores busy, a proxy pinned to one CPU spent a sixth of the run waiting for
+/// its clients: its load generator, not its own work, set the pace.
+const LOADGEN_BOUND_CORES: f64 = 0.85;
+
 /// One peer's figures in one scenario.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PeerFigures {
@@ -500,7 +504,7 @@ impl Results {
         // peer is held back by its load generator (which shares the other CPU with the
         // backend), not by its own work.
         if let (Some(a), Some(b)) = (figures(PeerKind::IngressController), figures(peer))
-            && a.cpu_cores.median < 0.85
+            && a.cpu_cores.median < LOADGEN_BOUND_CORES
             && a.cpu_us_per_request.median < b.cpu_us_per_request.median
         {
             let _ = write!(

@@ -5,7 +5,7 @@
 pub mod annotations;
 pub mod app;
 pub mod auth;
-pub mod batched_writes;
+pub(crate) mod batched_writes;
 pub mod cli;
 pub mod config;
 pub mod control_frames;
