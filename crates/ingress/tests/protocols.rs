@@ -145,6 +145,26 @@ async fn http2_clients_and_grpc_backends() {
     assert_eq!(j["backend"], "web");
     assert_eq!(j["headers"]["host"], host.as_str());
 
+    // A client that negotiated h2 but speaks HTTP/1 is served as HTTP/1 (its writes are not
+    // held back for HTTP/2's batching), and the connection closes after it as asked.
+    let mut tls = integration_tests::http::tls_connect(https, &host, h2_client_config())
+        .await
+        .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let raw = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(raw.as_bytes()).await.expect("write");
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, tls.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains(r#""backend":"web""#), "{reply}");
+
     // gRPC: HTTP/2 end to end, trailers passed through.
     let ghost = format!("grpc.{host}");
     eventually("grpc host served", WAIT, || async {
