@@ -173,6 +173,19 @@ impl Conn {
         )
     }
 
+    /// Gives back the read buffer (up to 16 KiB) of a connection that sits idle; the next
+    /// read allocates again. nginx's idle upstream keep-alive connections hold no buffer.
+    pub fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Writes the request and reads the response head. A request body is written while the
     /// head is awaited, and after it, so an upstream that answers early (a 413, say) or
     /// streams its answer to an upload is heard.

@@ -233,11 +233,18 @@ impl Pool {
             || conn.born.elapsed() >= self.settings.keepalive_time
     }
 
-    /// Drops expired and closed connections, and destinations left with none.
+    /// Drops expired and closed connections, and destinations left with none; those kept give
+    /// back their read buffers (a connection idle through a sweep is not busy).
     fn sweep_now(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|e| !self.expired(e, now) && e.conn.h1.is_open());
+        idle.retain(|e| {
+            let keep = !self.expired(e, now) && e.conn.h1.is_open();
+            if keep {
+                e.conn.h1.release_buffer();
+            }
+            keep
+        });
     }
 
     async fn connect(&self, dest: &Dest, timeout: Duration) -> Result<h1::Conn, Error> {
@@ -509,6 +516,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         pool.sweep_now();
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_gives_back_idle_read_buffers() {
+        let (addr, _) = server().await;
+        let pool = Pool::new(settings());
+        let dest = Dest::new(&Upstream::Addr(addr), false);
+        assert_eq!(fetch(&pool, &dest).await, "hello");
+        let capacity = |pool: &Pool| {
+            let idle = pool.idle.lock().unwrap();
+            idle.by_dest[&dest][0].conn.h1.buffer_capacity()
+        };
+        assert!(capacity(&pool) > 0);
+        pool.sweep_now();
+        assert_eq!(capacity(&pool), 0);
+        // Still fit for the next request, on the same connection.
+        assert_eq!(fetch(&pool, &dest).await, "hello");
+        assert_eq!(pool.idle_count(), 1);
     }
 
     #[tokio::test]
