@@ -157,16 +157,16 @@ impl Conn {
     }
 
     /// Whether an idle connection can take a request: the upstream has neither closed it nor
-    /// sent anything unasked. Costs no system call unless the socket became readable. (When
-    /// the task's cooperative budget is spent, a closed one passes: the stale retry covers
-    /// that.)
-    pub fn is_open(&mut self) -> bool {
+    /// sent anything unasked. Costs no system call unless the socket became readable; when it
+    /// becomes readable later, `waker` is woken. (When the task's cooperative budget is spent,
+    /// a closed one passes: the stale retry covers that.)
+    pub fn is_open(&mut self, waker: &Waker) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let mut probe = [0u8; 16];
         let mut rb = ReadBuf::new(&mut probe);
-        let mut cx = Context::from_waker(Waker::noop());
+        let mut cx = Context::from_waker(waker);
         matches!(
             Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
             Poll::Pending

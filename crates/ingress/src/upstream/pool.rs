@@ -1,13 +1,15 @@
 //! One worker's HTTP/1 upstream keep-alive pool (nginx's `upstream { keepalive N; }`) of
 //! [`h1`] connections: a checkout is a lock no other thread takes, a pop and a check that the
 //! upstream has not closed it; the connection goes back when its response body ends. No task,
-//! channel or timer per request or per connection.
+//! channel or timer per request or per connection: one sweeper per pool closes the idle
+//! connections that expired or that the upstream closed (woken by their sockets, as nginx closes
+//! a cached connection on its read event).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -118,6 +120,24 @@ pub struct Pool {
     idle: Mutex<IdleSet>,
     settings: PoolSettings,
     tls: Arc<rustls::ClientConfig>,
+    /// Registered with every idle connection's socket: wakes the sweeper when one becomes
+    /// readable (closed by the upstream, or sent something unasked).
+    watch: Arc<Watch>,
+    watcher: Waker,
+}
+
+/// What an idle connection's readable event wakes.
+#[derive(Default)]
+struct Watch(tokio::sync::Notify);
+
+impl Wake for Watch {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
 }
 
 impl Pool {
@@ -126,10 +146,13 @@ impl Pool {
     pub fn new(settings: PoolSettings) -> Arc<Self> {
         let mut tls = super::upstream_tls_config();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let watch = Arc::new(Watch::default());
         let pool = Arc::new(Self {
             idle: Mutex::new(IdleSet::default()),
             settings,
             tls: Arc::new(tls),
+            watcher: Waker::from(watch.clone()),
+            watch,
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep(Arc::downgrade(&pool)));
@@ -196,7 +219,8 @@ impl Pool {
             i -= 1;
             let mut entry = list.remove(i);
             set.total -= 1;
-            if !self.expired(&entry, now) && entry.conn.h1.is_open() {
+            // The connection leaves the pool: its readable event need wake nobody now.
+            if !self.expired(&entry, now) && entry.conn.h1.is_open(Waker::noop()) {
                 found = Some(entry.conn);
                 break;
             }
@@ -211,9 +235,9 @@ impl Pool {
         now.duration_since(entry.since) >= self.settings.keepalive_timeout
     }
 
-    fn checkin(&self, dest: Dest, conn: Conn) {
+    fn checkin(&self, dest: Dest, mut conn: Conn) {
         let max = self.settings.keepalive_connections as usize;
-        if max == 0 || self.worn_out(&conn) {
+        if max == 0 || self.worn_out(&conn) || !conn.h1.is_open(&self.watcher) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -239,7 +263,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|e| {
-            let keep = !self.expired(e, now) && e.conn.h1.is_open();
+            let keep = !self.expired(e, now) && e.conn.h1.is_open(&self.watcher);
             if keep {
                 e.conn.h1.release_buffer();
             }
@@ -304,13 +328,19 @@ fn server_name(addr: &Addr) -> Result<rustls::pki_types::ServerName<'static>, Er
 }
 
 async fn sweep(pool: Weak<Pool>) {
-    let every = match pool.upgrade() {
-        Some(p) => (p.settings.keepalive_timeout / 2)
-            .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+    let (every, watch) = match pool.upgrade() {
+        Some(p) => (
+            (p.settings.keepalive_timeout / 2)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            p.watch.clone(),
+        ),
         None => return,
     };
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = watch.0.notified() => {}
+        }
         match pool.upgrade() {
             Some(p) => p.sweep_now(),
             None => return,
@@ -515,6 +545,25 @@ mod tests {
         assert_eq!(pool.idle_count(), 2);
         tokio::time::sleep(Duration::from_millis(60)).await;
         pool.sweep_now();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closes_is_closed_at_once() {
+        // Answers once, then closes the idle connection.
+        let (addr, _) = counting_server(|mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(HELLO).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await;
+        let pool = Pool::new(settings());
+        let dest = Dest::new(&Upstream::Addr(addr), false);
+        assert_eq!(fetch(&pool, &dest).await, "hello");
+        assert_eq!(pool.idle_count(), 1);
+        // Well before the first timed sweep (30 s here).
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(pool.idle_count(), 0);
     }
 
