@@ -155,13 +155,15 @@ async fn http2_clients_and_grpc_backends() {
     tls.write_all(raw.as_bytes()).await.expect("write");
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
-    while let Ok(Ok(n)) = tokio::time::timeout(WAIT, tls.read(&mut buf)).await {
-        if n == 0 {
-            break;
+    let closed = loop {
+        match tokio::time::timeout(WAIT, tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => reply.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
         }
-        reply.extend_from_slice(&buf[..n]);
-    }
+    };
     let reply = String::from_utf8_lossy(&reply);
+    assert!(closed, "the connection stayed open: {reply}");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains(r#""backend":"web""#), "{reply}");
 

@@ -19,7 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
@@ -156,21 +156,24 @@ impl Conn {
         }
     }
 
-    /// Whether an idle connection can take a request: the upstream has neither closed it nor
-    /// sent anything unasked. Costs no system call unless the socket became readable; when it
-    /// becomes readable later, `waker` is woken. (When the task's cooperative budget is spent,
-    /// a closed one passes: the stale retry covers that.)
-    pub fn is_open(&mut self, waker: &Waker) -> bool {
+    /// Whether an idle connection can take a request: nothing has arrived on its socket since
+    /// its response ended. nginx closes a cached connection on any byte, so a close, data sent
+    /// unasked, or a TLS record (a session ticket, an alert) all retire it. A peek at the TCP
+    /// socket: no system call unless it became readable, and `waker` is woken when it does
+    /// later. (When the task's cooperative budget is spent, a closed one passes: the stale
+    /// retry covers that.)
+    pub fn is_open(&self, waker: &Waker) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 16];
+        let tcp = match &self.io {
+            Either::Left(tcp) => tcp,
+            Either::Right(tls) => tls.get_ref().0,
+        };
+        let mut probe = [0u8; 1];
         let mut rb = ReadBuf::new(&mut probe);
-        let mut cx = Context::from_waker(waker);
-        matches!(
-            Pin::new(&mut self.io).poll_read(&mut cx, &mut rb),
-            Poll::Pending
-        )
+        tcp.poll_peek(&mut Context::from_waker(waker), &mut rb)
+            .is_pending()
     }
 
     /// Gives back the read buffer (up to 16 KiB) of a connection that sits idle; the next

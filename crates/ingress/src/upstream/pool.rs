@@ -120,11 +120,22 @@ pub struct Pool {
     idle: Mutex<IdleSet>,
     settings: PoolSettings,
     tls: Arc<rustls::ClientConfig>,
+    /// What the sweeper waits on besides its timer.
+    watch: Arc<Watch>,
     /// Registered with every idle connection's socket: wakes the sweeper when one becomes
     /// readable (closed by the upstream, or sent something unasked).
-    watch: Arc<Watch>,
     watcher: Waker,
 }
+
+impl Drop for Pool {
+    /// The sweeper ends at once rather than at its next timer.
+    fn drop(&mut self) {
+        self.watch.0.notify_one();
+    }
+}
+
+/// How long an idle connection keeps its read buffer.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// What an idle connection's readable event wakes.
 #[derive(Default)]
@@ -217,7 +228,7 @@ impl Pool {
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            let mut entry = list.remove(i);
+            let entry = list.remove(i);
             set.total -= 1;
             // The connection leaves the pool: its readable event need wake nobody now.
             if !self.expired(&entry, now) && entry.conn.h1.is_open(Waker::noop()) {
@@ -235,7 +246,7 @@ impl Pool {
         now.duration_since(entry.since) >= self.settings.keepalive_timeout
     }
 
-    fn checkin(&self, dest: Dest, mut conn: Conn) {
+    fn checkin(&self, dest: Dest, conn: Conn) {
         let max = self.settings.keepalive_connections as usize;
         if max == 0 || self.worn_out(&conn) || !conn.h1.is_open(&self.watcher) {
             return;
@@ -257,14 +268,15 @@ impl Pool {
             || conn.born.elapsed() >= self.settings.keepalive_time
     }
 
-    /// Drops expired and closed connections, and destinations left with none; those kept give
-    /// back their read buffers (a connection idle through a sweep is not busy).
+    /// Drops expired and closed connections, and destinations left with none; those idle for
+    /// a second or more give back their read buffers (a sweep may come microseconds after a
+    /// busy connection's checkin, woken by another connection's close).
     fn sweep_now(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|e| {
             let keep = !self.expired(e, now) && e.conn.h1.is_open(&self.watcher);
-            if keep {
+            if keep && now.duration_since(e.since) >= RELEASE_AFTER {
                 e.conn.h1.release_buffer();
             }
             keep
@@ -337,6 +349,7 @@ async fn sweep(pool: Weak<Pool>) {
         None => return,
     };
     loop {
+        // A wake starts the timer over: every sweep checks expiry, whatever woke it.
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = watch.0.notified() => {}
@@ -568,6 +581,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_connection_that_receives_anything_is_retired() {
+        // Answers once, then sends a stray byte and keeps the connection open (as a TLS
+        // upstream's late session ticket would arrive).
+        let (addr, _) = counting_server(|mut s| async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(HELLO).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = s.write_all(b"x").await;
+            let _ = s.read(&mut buf).await;
+        })
+        .await;
+        let pool = Pool::new(settings());
+        let dest = Dest::new(&Upstream::Addr(addr), false);
+        assert_eq!(fetch(&pool, &dest).await, "hello");
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
     async fn a_sweep_gives_back_idle_read_buffers() {
         let (addr, _) = server().await;
         let pool = Pool::new(settings());
@@ -578,6 +612,10 @@ mod tests {
             idle.by_dest[&dest][0].conn.h1.buffer_capacity()
         };
         assert!(capacity(&pool) > 0);
+        // Just put back: a sweep woken by another connection leaves it alone.
+        pool.sweep_now();
+        assert!(capacity(&pool) > 0);
+        tokio::time::sleep(RELEASE_AFTER).await;
         pool.sweep_now();
         assert_eq!(capacity(&pool), 0);
         // Still fit for the next request, on the same connection.
