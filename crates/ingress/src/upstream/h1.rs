@@ -162,13 +162,24 @@ impl Conn {
     /// socket: no system call unless it became readable, and `waker` is woken when it does
     /// later. (When the task's cooperative budget is spent, a closed one passes: the stale
     /// retry covers that.)
-    pub fn is_open(&self, waker: &Waker) -> bool {
+    pub fn is_open(&mut self, waker: &Waker) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let tcp = match &self.io {
-            Either::Left(tcp) => tcp,
-            Either::Right(tls) => tls.get_ref().0,
+        let tcp = match &mut self.io {
+            Either::Left(tcp) => &*tcp,
+            Either::Right(tls) => {
+                // Bytes rustls already took off the socket are unasked too: plaintext past
+                // the response's end, or a record it failed on.
+                let (tcp, session) = tls.get_mut();
+                if session
+                    .process_new_packets()
+                    .map_or(true, |state| state.plaintext_bytes_to_read() > 0)
+                {
+                    return false;
+                }
+                &*tcp
+            }
         };
         let mut probe = [0u8; 1];
         let mut rb = ReadBuf::new(&mut probe);
@@ -861,6 +872,59 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads what the socket holds into rustls without decrypting it for anyone.
+    struct TryRead<'a>(&'a TcpStream);
+
+    impl io::Read for TryRead<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.try_read(buf)
+        }
+    }
+
+    #[tokio::test]
+    async fn plaintext_rustls_holds_past_the_response_retires_a_tls_connection() {
+        let cert = crate::tls_store::fake_certificate().unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(std::sync::Arc::new(rustls::sign::SingleCertAndKey::from(
+            (*cert.key).clone(),
+        )));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+            let mut tls = acceptor.accept(s).await.unwrap();
+            tls.write_all(b"unasked").await.unwrap();
+            tls.flush().await.unwrap();
+            // Held open: only the bytes, no close.
+            let mut buf = [0u8; 16];
+            let _ = tls.read(&mut buf).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("ingress.local").unwrap();
+        let client = std::sync::Arc::new(kube_common::tls::insecure_client_config());
+        let tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut conn = Conn::new(Either::Right(Box::new(tls)));
+        let Either::Right(tls) = &mut conn.io else {
+            unreachable!()
+        };
+        let (tcp, session) = tls.get_mut();
+        // Session tickets and the bytes all in the socket, then all in rustls.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        while session.read_tls(&mut TryRead(tcp)).is_ok_and(|n| n > 0) {}
+        // The socket is empty now; the bytes wait in rustls.
+        assert!(!conn.is_open(Waker::noop()));
+        upstream.abort();
+    }
 
     fn head(raw: &str) -> Response<()> {
         let mut buf = BytesMut::from(raw.as_bytes());

@@ -228,7 +228,7 @@ impl Pool {
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            let entry = list.remove(i);
+            let mut entry = list.remove(i);
             set.total -= 1;
             // The connection leaves the pool: its readable event need wake nobody now.
             if !self.expired(&entry, now) && entry.conn.h1.is_open(Waker::noop()) {
@@ -246,7 +246,7 @@ impl Pool {
         now.duration_since(entry.since) >= self.settings.keepalive_timeout
     }
 
-    fn checkin(&self, dest: Dest, conn: Conn) {
+    fn checkin(&self, dest: Dest, mut conn: Conn) {
         let max = self.settings.keepalive_connections as usize;
         if max == 0 || self.worn_out(&conn) || !conn.h1.is_open(&self.watcher) {
             return;
