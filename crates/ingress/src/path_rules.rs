@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use regex::Regex;
 
+use crate::FastMap;
+
 /// Ingress `pathType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PathKind {
@@ -48,7 +50,7 @@ pub struct PathRule<T> {
 /// The paths of one host (one nginx `server`).
 #[derive(Clone, Debug)]
 pub struct HostRules<T> {
-    exact: HashMap<String, usize>,
+    exact: FastMap<String, usize>,
     /// (match prefix, element-wise?, rule index), longest first.
     prefixes: Vec<(String, bool, usize)>,
     /// Regex mode: (regex, rule index), longest path first.
@@ -142,7 +144,7 @@ impl<T> HostRules<T> {
         cache: &mut RegexCache,
     ) -> (Self, Vec<BadRegex>) {
         let mut host = HostRules {
-            exact: HashMap::new(),
+            exact: FastMap::default(),
             prefixes: Vec::new(),
             regexes: None,
             rules: Vec::new(),
@@ -271,9 +273,9 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// All servers: exact hosts, one-label wildcards, and the catch-all.
 #[derive(Clone, Debug)]
 pub struct Router<T> {
-    hosts: HashMap<Arc<str>, Arc<HostRules<T>>>,
+    hosts: FastMap<Arc<str>, Arc<HostRules<T>>>,
     /// Keyed by the suffix after `*.`.
-    wildcards: HashMap<Arc<str>, Arc<HostRules<T>>>,
+    wildcards: FastMap<Arc<str>, Arc<HostRules<T>>>,
     catch_all: Arc<HostRules<T>>,
 }
 
@@ -293,8 +295,8 @@ impl<T> Router<T> {
         hosts: impl ExactSizeIterator<Item = (Arc<str>, Arc<HostRules<T>>)>,
         catch_all: Arc<HostRules<T>>,
     ) -> Self {
-        let mut exact = HashMap::with_capacity(hosts.len());
-        let mut wildcards = HashMap::new();
+        let mut exact = FastMap::with_capacity_and_hasher(hosts.len(), Default::default());
+        let mut wildcards = FastMap::default();
         for (host, rules) in hosts {
             match host.strip_prefix("*.") {
                 Some(suffix) => {

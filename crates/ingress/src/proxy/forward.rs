@@ -100,6 +100,9 @@ fn bad_target() -> http::Response<super::Body> {
     plain(StatusCode::BAD_REQUEST, "bad request URI\n")
 }
 
+/// How many fields [`request_headers`] may add.
+const FORWARDED_FIELDS: usize = 10;
+
 /// The request headers as ingress-nginx sets them for the upstream.
 pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_id: HeaderValue) {
     let (cfg, conn) = (ctx.cfg, ctx.conn);
@@ -114,6 +117,9 @@ pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_
     let xff = forwarded_for(cfg, conn, &parts.headers);
     let (proto, port) = forwarded_proto_port(cfg.use_forwarded_headers, conn, &parts.headers);
     let headers = &mut parts.headers;
+    // Room for the fields set below, made at once: a map sized for the client's few fields
+    // would otherwise grow (and rehash) twice.
+    let _ = headers.try_reserve(FORWARDED_FIELDS);
     if let Some(xff) = headers.get(&X_FORWARDED_FOR).cloned() {
         headers.insert(X_ORIGINAL_FORWARDED_FOR, xff);
     }
@@ -231,37 +237,57 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// The hop-by-hop fields (RFC 9110 §7.6.1), and those HTTP/1.0 clients still send.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+const CONNECTION_BIT: u8 = 1;
+const UPGRADE_BIT: u8 = 1 << 1;
+
 /// Removes hop-by-hop headers (and those named in Connection); keeps Upgrade for WebSockets.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Connection usually names nothing beyond itself: no list is built then.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(keep_upgrade && name == header::UPGRADE) {
-                headers.remove(name);
-            }
+    // One pass over the names present, then removals only of those: most messages carry
+    // none, and a removal hashes its name even when it is absent.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+    if present & CONNECTION_BIT != 0 {
+        remove_named_in_connection(headers);
+    }
+    if keep_upgrade {
+        present &= !UPGRADE_BIT;
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The fields Connection names (other than the hop-by-hop ones, removed or kept above).
+fn remove_named_in_connection(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !HOP_BY_HOP.contains(n))
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
 }
 
@@ -283,6 +309,45 @@ mod tests {
         assert_eq!(t("/v1?a=b", Some("x=1")), "/v1?a=b&x=1");
         assert_eq!(t("/v1?", Some("x=1")), "/v1");
         assert_eq!(t("/v1?a=b?", Some("x=1")), "/v1?a=b");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_removed() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let sent = [
+            ("connection", "close, X-Private"),
+            ("connection", "keep-alive"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "2"),
+        ];
+        let mut h = headers(&sent);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, headers(&[("x-kept", "2")]));
+        let mut h = headers(&sent);
+        strip_hop_by_hop(&mut h, true);
+        let upgraded = [
+            ("upgrade", "websocket"),
+            ("x-kept", "2"),
+            ("connection", "upgrade"),
+        ];
+        assert_eq!(h, headers(&upgraded));
+        let mut h = headers(&[("x-kept", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, headers(&[("x-kept", "2")]));
     }
 
     #[test]

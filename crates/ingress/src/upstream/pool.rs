@@ -5,7 +5,6 @@
 //! connections that expired or that the upstream closed (woken by their sockets, as nginx closes
 //! a cached connection on its read event).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -19,6 +18,7 @@ use tokio::net::TcpStream;
 
 use super::PoolSettings;
 use super::h1;
+use crate::FastMap;
 use crate::proxy::Body;
 use crate::snapshot::Upstream;
 
@@ -86,7 +86,7 @@ struct Idle {
 /// bounds them all together, as nginx's one balancer upstream does.
 #[derive(Default)]
 struct IdleSet {
-    by_dest: HashMap<Dest, Vec<Idle>>,
+    by_dest: FastMap<Dest, Vec<Idle>>,
     total: usize,
 }
 
