@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -101,7 +102,7 @@ impl Scanner {
                             return;
                         }
                         // Common case: the whole head arrived in one read; parse it in place.
-                        if let Some(end) = find(data, b"\r\n\r\n").map(|i| i + 4) {
+                        if let Some(end) = find_head_end(data).map(|i| i + 4) {
                             let (head, rest) = data.split_at(end);
                             self.state = self.after_head(head);
                             data = rest;
@@ -111,7 +112,7 @@ impl Scanner {
                     let start = buf.len().saturating_sub(3);
                     let take = data.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
                     buf.extend_from_slice(&data[..take]);
-                    let Some(end) = find(&buf[start..], b"\r\n\r\n").map(|i| start + i + 4) else {
+                    let Some(end) = find_head_end(&buf[start..]).map(|i| start + i + 4) else {
                         data = &data[take..];
                         if buf.len() > MAX_HEAD {
                             self.state = State::Stopped;
@@ -189,11 +190,14 @@ impl Scanner {
     }
 
     fn after_head(&mut self, head: &[u8]) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
+        // Uninitialised, as hyper parses: filling 128 empty headers first cost more than
+        // parsing a small head.
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let parsed = req.parse_with_uninit_headers(head, &mut headers);
         // httparse (hyper's parser) also ends a head at "\n\n" or "\r\n\n": then it ends
         // before the "\r\n\r\n" found here, and the two would disagree on where the body starts.
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()) {
+        if !matches!(parsed, Ok(httparse::Status::Complete(n)) if n == head.len()) {
             return State::Stopped;
         }
         self.blank = false;
@@ -229,8 +233,12 @@ impl Scanner {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Where the first CRLFCRLF starts. Found from the line feeds: a head has a few lines, and a
+/// one-shot substring search costs more to set up than that.
+fn find_head_end(data: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', data)
+        .find(|&i| i >= 3 && data[i - 3..=i] == *b"\r\n\r\n")
+        .map(|i| i - 3)
 }
 
 /// An I/O stream whose incoming bytes are followed by a [`Scanner`].
@@ -313,6 +321,19 @@ mod tests {
             out.push(x);
         }
         out
+    }
+
+    #[test]
+    fn a_head_ends_at_the_first_crlf_crlf() {
+        assert_eq!(
+            find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\r\n\r\n"),
+            Some(23)
+        );
+        assert_eq!(find_head_end(b"\r\n\r\n"), Some(0));
+        assert_eq!(find_head_end(b"\n\r\n\r\n"), Some(1));
+        for none in [&b""[..], b"\n", b"\r\n\r", b"a\n\n", b"a\r\n\n\r\n"] {
+            assert_eq!(find_head_end(none), None, "{none:?}");
+        }
     }
 
     #[test]

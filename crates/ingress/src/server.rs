@@ -111,7 +111,7 @@ async fn connection(
         http1: http1_builder(&cfg),
         service: RequestService {
             proxy,
-            conn: ConnInfo::new(remote, local, tls.is_some(), worker),
+            conn: Arc::new(ConnInfo::new(remote, local, tls.is_some(), worker)),
             activity: activity.clone(),
             framing: verdicts.clone(),
             requests: requests.tracker(),
@@ -312,7 +312,7 @@ fn http1_builder(cfg: &crate::config::Config) -> hyper::server::conn::http1::Bui
 #[derive(Clone)]
 struct RequestService {
     proxy: Arc<Proxy>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     activity: Arc<Activity>,
     framing: Arc<Verdicts>,
     requests: Tracker,

@@ -171,7 +171,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: Arc<ConnInfo>,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let snap = self.snapshot.load_full();
@@ -186,7 +186,7 @@ impl Proxy {
             .unwrap_or_default();
         let (location, rewrite) = route(&snap, &host, req.uri().path());
         let response = self
-            .serve(req, conn, &snap, &host, &location, rewrite)
+            .serve(req, &conn, &snap, &host, &location, rewrite)
             .await;
         Ok(self.record(&method, &host, &location, response, started))
     }
@@ -236,14 +236,14 @@ impl Proxy {
     async fn serve(
         &self,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         snap: &Snapshot,
         host: &str,
         location: &Location,
         rewrite: Option<String>,
     ) -> Response<Body> {
         let ctx = Ctx::new(
-            &conn,
+            conn,
             &snap.config,
             location,
             host,
@@ -582,8 +582,15 @@ fn redirect(code: u16, location: &str) -> Response<Body> {
 
 /// Unique request IDs without a syscall per request: a random per-process prefix + a counter.
 struct RequestIds {
-    prefix: u64,
+    /// The random half, as hex digits once: only the counter is written per request.
+    prefix: [u8; 16],
     counter: AtomicU64,
+}
+
+/// 16 lowercase hex digits written in place (no formatting machinery per request).
+fn hex16(word: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    std::array::from_fn(|j| HEX[((word >> (60 - 4 * j)) & 0xf) as usize])
 }
 
 impl RequestIds {
@@ -596,21 +603,16 @@ impl RequestIds {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         Self {
-            prefix: u64::from_le_bytes(seed) ^ nanos,
+            prefix: hex16(u64::from_le_bytes(seed) ^ nanos),
             counter: AtomicU64::new(0),
         }
     }
 
     fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        // 32 lowercase hex digits written in place (no formatting machinery per request).
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut buf = [0u8; 32];
-        for (i, word) in [self.prefix, n].into_iter().enumerate() {
-            for j in 0..16 {
-                buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
-            }
-        }
+        buf[..16].copy_from_slice(&self.prefix);
+        buf[16..].copy_from_slice(&hex16(n));
         HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
     }
 }
@@ -632,6 +634,21 @@ mod tests {
             add_headers: Arc::default(),
             metrics: crate::metrics::SeriesCache::default(),
         }
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_a_random_half_then_a_counter() {
+        let ids = RequestIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        );
+        assert_eq!(a[..16], b[..16]);
+        assert_eq!(&a[16..], "0000000000000000");
+        assert_eq!(&b[16..], "0000000000000001");
     }
 
     #[test]
