@@ -24,7 +24,7 @@ use kube_common::idle::InFlight;
 use crate::annotations::BackendProtocol;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::path_rules::{Match, normalize_host};
-use crate::ratelimit::{ConnLimiter, RateLimiter};
+use crate::ratelimit::{ConnLimiter, ConnSlot, RateLimiter};
 use crate::snapshot::{Location, Snapshot, Target, Upstream};
 use crate::upstream::{PoolSettings, Upstreams, h1, pool};
 use phases::{Ctx, Phase, Picked};
@@ -167,7 +167,9 @@ impl Proxy {
         self.snapshot.load_full()
     }
 
-    /// Handles one request; never fails (errors become 4xx/5xx responses).
+    /// Handles one request; never fails (errors become 4xx/5xx responses). The phases before
+    /// the upstream call run without awaiting: the request is held by this one future, not
+    /// moved down a chain of them.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -185,9 +187,20 @@ impl Proxy {
             .map(normalize_host)
             .unwrap_or_default();
         let (location, rewrite) = route(&snap, &host, req.uri().path());
-        let response = self
-            .serve(req, &conn, &snap, &host, &location, rewrite)
-            .await;
+        let ctx = Ctx::new(
+            &conn,
+            &snap.config,
+            &location,
+            &host,
+            req.headers(),
+            self.https_port,
+        );
+        let response = match self.before_upstream(&ctx, req, rewrite) {
+            Err(answer) => answer,
+            Ok((_slot, outgoing)) => match self.call(&ctx, outgoing).await {
+                Ok(r) | Err(r) => r,
+            },
+        };
         Ok(self.record(&method, &host, &location, response, started))
     }
 
@@ -232,44 +245,33 @@ impl Proxy {
         Response::from_parts(parts, metered.boxed_unsync())
     }
 
-    /// The phases in nginx's order, then the upstream call.
-    async fn serve(
+    /// The phases in nginx's order, then the request as the upstream is to get it. The
+    /// `limit-connections` slot is held until the response is produced.
+    // The `Err` is the answer itself (as in `phases`): handed back once, not propagated.
+    #[allow(clippy::result_large_err)]
+    fn before_upstream(
         &self,
+        ctx: &Ctx<'_>,
         req: Request<Incoming>,
-        conn: &ConnInfo,
-        snap: &Snapshot,
-        host: &str,
-        location: &Location,
         rewrite: Option<String>,
-    ) -> Response<Body> {
-        let ctx = Ctx::new(
-            conn,
-            &snap.config,
-            location,
-            host,
-            req.headers(),
-            self.https_port,
-        );
-        let answered = async {
-            phases::rewrite(&ctx, &req)?;
-            let _slot = phases::limits(&ctx, &self.limits)?;
-            phases::access(&ctx, req.headers())?;
-            let picked = phases::content(&ctx, &req)?;
-            self.call(&ctx, req, picked, rewrite).await
-        };
-        match answered.await {
-            Ok(r) | Err(r) => r,
-        }
+    ) -> Phase<(Option<ConnSlot>, Outgoing)> {
+        phases::rewrite(ctx, &req)?;
+        let slot = phases::limits(ctx, &self.limits)?;
+        phases::access(ctx, req.headers())?;
+        let picked = phases::content(ctx, &req)?;
+        Ok((slot, self.outgoing(ctx, req, picked, rewrite)?))
     }
 
-    /// Sends the request upstream and rewrites the response for the client.
-    async fn call(
+    /// The upstream's request: hop-by-hop fields removed, forwarded fields set, the target
+    /// rewritten, the body capped and watched.
+    #[allow(clippy::result_large_err)]
+    fn outgoing(
         &self,
         ctx: &Ctx<'_>,
         req: Request<Incoming>,
         picked: Picked,
         rewrite: Option<String>,
-    ) -> Phase<Response<Body>> {
+    ) -> Phase<Outgoing> {
         let ann = &ctx.location.annotations;
         let mut req = req;
         let upgrade = forward::is_upgrade(req.headers());
@@ -305,7 +307,30 @@ impl Proxy {
         forward::request_headers(ctx, &mut parts, upgrade, request_id);
         forward::target(&mut parts, rewrite, authority.as_deref().map(|a| (tls, a)))?;
         let (body, progress) = limited_body(body, phases::body_limit(ctx));
-        let out = Request::from_parts(parts, body);
+        Ok(Outgoing {
+            req: Request::from_parts(parts, body),
+            picked,
+            tls,
+            grpc,
+            client_upgrade,
+            tunnel_guard,
+            origin,
+            progress,
+        })
+    }
+
+    /// Sends the request upstream and rewrites the response for the client.
+    async fn call(&self, ctx: &Ctx<'_>, outgoing: Outgoing) -> Phase<Response<Body>> {
+        let Outgoing {
+            req: out,
+            picked,
+            tls,
+            grpc,
+            client_upgrade,
+            tunnel_guard,
+            origin,
+            progress,
+        } = outgoing;
         let sending = self.send(ctx, out, &picked.upstream, tls, grpc);
         // Pinned where it is: the timeout and select around it then move a pointer, not the
         // request's whole state.
@@ -429,6 +454,21 @@ impl Proxy {
 enum Upstreamed {
     Response(Response<Body>),
     Switched(Response<()>, h1::Upgraded),
+}
+
+/// The request as the upstream is to get it, and what the answer needs from the client's.
+struct Outgoing {
+    req: Request<Body>,
+    picked: Picked,
+    tls: bool,
+    grpc: bool,
+    /// The client's side of an upgrade it asked for.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The connection's in-flight mark, kept by a tunnel for its life.
+    tunnel_guard: Option<Arc<InFlight>>,
+    /// The client's Origin, when CORS answers it.
+    origin: Option<String>,
+    progress: Option<Arc<crate::send_timeout::Progress>>,
 }
 
 /// Why the upstream call failed (either client).
