@@ -334,6 +334,29 @@ mod tests {
         for none in [&b""[..], b"\n", b"\r\n\r", b"a\n\n", b"a\r\n\n\r\n"] {
             assert_eq!(find_head_end(none), None, "{none:?}");
         }
+        // Every string of CR, LF and another byte up to 8 long, against a plain search.
+        let naive = |d: &[u8]| d.windows(4).position(|w| w == b"\r\n\r\n");
+        let mut data = Vec::new();
+        for len in 0..=8u32 {
+            for n in 0..3usize.pow(len) {
+                data.clear();
+                data.extend((0..len).map(|i| b"\r\na"[n / 3usize.pow(i) % 3]));
+                assert_eq!(find_head_end(&data), naive(&data), "{data:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_with_more_fields_than_followed_stops_the_scanner() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            head.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut s = Scanner::new(Arc::new(Verdicts::default()));
+        s.feed(&head);
+        assert!(matches!(s.state, State::Stopped));
+        assert!(!s.between_requests());
     }
 
     #[test]

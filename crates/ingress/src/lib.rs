@@ -31,7 +31,9 @@ pub mod webhook;
 pub mod workers;
 
 /// The maps read on every request (routes by host and path, idle upstream connections by
-/// destination): foldhash, seeded per process, instead of SipHash, which cost about a thousand
+/// destination): foldhash, randomly seeded, instead of SipHash, which cost about a thousand
 /// instructions per proxied request. Their keys come from configuration; a client's Host is
-/// only looked up, never inserted, so it cannot grow a chain.
+/// only looked up, never inserted, so it cannot grow a chain. Maps keyed by what a client
+/// chooses (the rate limiters' client addresses, which X-Forwarded-For can set) stay on
+/// SipHash.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -120,10 +120,12 @@ pub fn request_headers(ctx: &Ctx<'_>, parts: &mut Parts, upgrade: bool, request_
     // Room for the fields set below, made at once: a map sized for the client's few fields
     // would otherwise grow (and rehash) twice.
     let _ = headers.try_reserve(FORWARDED_FIELDS);
-    if let Some(xff) = headers.get(&X_FORWARDED_FOR).cloned() {
+    let original_xff = headers.get(&X_FORWARDED_FOR).cloned();
+    strip_hop_by_hop(headers, upgrade);
+    // After the strip: a client naming it in Connection does not take it away.
+    if let Some(xff) = original_xff {
         headers.insert(X_ORIGINAL_FORWARDED_FOR, xff);
     }
-    strip_hop_by_hop(headers, upgrade);
     headers.remove(PROXY);
     match &ctx.location.annotations.upstream_vhost {
         Some(vhost) => set(headers, header::HOST, vhost),
@@ -238,7 +240,7 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// The hop-by-hop fields (RFC 9110 §7.6.1), and those HTTP/1.0 clients still send.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     header::UPGRADE,
     KEEP_ALIVE,
@@ -249,6 +251,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 const CONNECTION_BIT: u8 = 1;
 const UPGRADE_BIT: u8 = 1 << 1;
+const HOP_COUNT: usize = 7;
+// One bit per name in a `u8`.
+const _: () = assert!(HOP_COUNT <= 8);
 
 /// Removes hop-by-hop headers (and those named in Connection); keeps Upgrade for WebSockets.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -276,7 +281,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The fields Connection names (other than the hop-by-hop ones, removed or kept above).
+/// The fields Connection names, other than the hop-by-hop ones (the caller removes or keeps
+/// those).
 fn remove_named_in_connection(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -348,6 +354,21 @@ mod tests {
         let mut h = headers(&[("x-kept", "2")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, headers(&[("x-kept", "2")]));
+        // Tokens in any case; a value that is not text names nothing.
+        let mut h = headers(&[
+            ("connection", "Upgrade, X-Private"),
+            ("upgrade", "websocket"),
+            ("x-private", "1"),
+        ]);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-kept\xff").unwrap(),
+        );
+        h.append("x-kept", "2".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h, headers(&upgraded));
+        assert_eq!(HOP_BY_HOP[0], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[1], header::UPGRADE);
     }
 
     #[test]

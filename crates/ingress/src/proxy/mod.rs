@@ -197,7 +197,7 @@ impl Proxy {
         );
         let response = match self.before_upstream(&ctx, req, rewrite) {
             Err(answer) => answer,
-            Ok((_slot, outgoing)) => match self.call(&ctx, outgoing).await {
+            Ok(outgoing) => match self.call(&ctx, outgoing).await {
                 Ok(r) | Err(r) => r,
             },
         };
@@ -245,8 +245,7 @@ impl Proxy {
         Response::from_parts(parts, metered.boxed_unsync())
     }
 
-    /// The phases in nginx's order, then the request as the upstream is to get it. The
-    /// `limit-connections` slot is held until the response is produced.
+    /// The phases in nginx's order, then the request as the upstream is to get it.
     // The `Err` is the answer itself (as in `phases`): handed back once, not propagated.
     #[allow(clippy::result_large_err)]
     fn before_upstream(
@@ -254,12 +253,14 @@ impl Proxy {
         ctx: &Ctx<'_>,
         req: Request<Incoming>,
         rewrite: Option<String>,
-    ) -> Phase<(Option<ConnSlot>, Outgoing)> {
+    ) -> Phase<Outgoing> {
         phases::rewrite(ctx, &req)?;
         let slot = phases::limits(ctx, &self.limits)?;
         phases::access(ctx, req.headers())?;
         let picked = phases::content(ctx, &req)?;
-        Ok((slot, self.outgoing(ctx, req, picked, rewrite)?))
+        let mut outgoing = self.outgoing(ctx, req, picked, rewrite)?;
+        outgoing.slot = slot;
+        Ok(outgoing)
     }
 
     /// The upstream's request: hop-by-hop fields removed, forwarded fields set, the target
@@ -316,6 +317,7 @@ impl Proxy {
             tunnel_guard,
             origin,
             progress,
+            slot: None,
         })
     }
 
@@ -330,6 +332,7 @@ impl Proxy {
             tunnel_guard,
             origin,
             progress,
+            slot: _slot,
         } = outgoing;
         let sending = self.send(ctx, out, &picked.upstream, tls, grpc);
         // Pinned where it is: the timeout and select around it then move a pointer, not the
@@ -469,6 +472,8 @@ struct Outgoing {
     /// The client's Origin, when CORS answers it.
     origin: Option<String>,
     progress: Option<Arc<crate::send_timeout::Progress>>,
+    /// The `limit-connections` slot, held until the response is produced.
+    slot: Option<ConnSlot>,
 }
 
 /// Why the upstream call failed (either client).

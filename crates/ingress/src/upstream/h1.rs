@@ -539,7 +539,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, Error> {
 
 /// The header fields at `spans` (name and value offsets) of `head`, values sharing its bytes.
 fn header_map(head: &Bytes, spans: &[[u32; 4]]) -> Result<HeaderMap, Error> {
-    let mut map = HeaderMap::with_capacity(spans.len());
+    // One more than the upstream sent: the proxy adds HSTS to answers over TLS, and a map
+    // sized exactly would grow (rehashing every field) for it.
+    let mut map = HeaderMap::with_capacity(spans.len() + 1);
     for span in spans {
         let [ns, ne, vs, ve] = span.map(|a| a as usize);
         let (Some(name), Some(_)) = (head.get(ns..ne), head.get(vs..ve)) else {
