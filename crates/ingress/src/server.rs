@@ -126,7 +126,7 @@ async fn connection(
     match tls {
         None => {
             let io = Scanned::new(Tracked::new(stream, activity.clone()), verdicts);
-            http1_connection(io, &sessions, &requests, &idle).await;
+            http1_connection(Socket::new(io), &sessions, &requests, &idle).await;
         }
         // Boxed: a TLS connection's state (rustls's, kilobytes) would otherwise size every
         // connection's task, plain and idle ones included.
@@ -172,7 +172,7 @@ async fn tls_connection(
         // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener. Only HTTP/1
         // carries Content-Length/Transfer-Encoding framing.
         let io = Scanned::new(tls_stream, verdicts);
-        http1_connection(io, sessions, requests, idle).await;
+        http1_connection(Socket::new(io), sessions, requests, idle).await;
     }
 }
 
@@ -208,12 +208,17 @@ struct Idle<'a> {
 
 /// An HTTP/1 connection: a hyper connection serves it while requests are under way; between
 /// requests only the socket is kept (see [`keepalive`]), until the next request's bytes, the
-/// keep-alive timeout or the drain.
-async fn http1_connection<S>(io: S, sessions: &Sessions, requests: &Requests, idle: &Idle<'_>)
-where
+/// keep-alive timeout or the drain. The socket comes shared already, and the serving state is
+/// boxed: an idle connection's task keeps room only for what waiting needs (the task's future
+/// 1,064 -> 824 bytes; 2.8 -> 2.4 KiB per idle connection in the `idle` scenario).
+async fn http1_connection<S>(
+    socket: Socket<S>,
+    sessions: &Sessions,
+    requests: &Requests,
+    idle: &Idle<'_>,
+) where
     S: Parkable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let socket = Socket::new(io);
     // One deadline for the connection's life, not one per request.
     let timeout = async {
         if idle.keep_alive.is_zero() {
@@ -224,14 +229,15 @@ where
     };
     let mut timeout = std::pin::pin!(timeout);
     loop {
+        let serving = Box::pin(keepalive::until_parked(
+            sessions.http1(socket.lend()),
+            &socket,
+            requests,
+            idle.activity,
+            keepalive::GRACE,
+        ));
         let outcome = tokio::select! {
-            o = keepalive::until_parked(
-                sessions.http1(socket.lend()),
-                &socket,
-                requests,
-                idle.activity,
-                keepalive::GRACE,
-            ) => o,
+            o = serving => o,
             () = &mut timeout => return,
         };
         if outcome == Outcome::Ended {
