@@ -209,8 +209,8 @@ struct Idle<'a> {
 /// An HTTP/1 connection: a hyper connection serves it while requests are under way; between
 /// requests only the socket is kept (see [`keepalive`]), until the next request's bytes, the
 /// keep-alive timeout or the drain. The socket comes shared already, and the serving state is
-/// boxed: an idle connection's task keeps room only for what waiting needs (the task's future
-/// 1,064 -> 824 bytes; 2.8 -> 2.4 KiB per idle connection in the `idle` scenario).
+/// boxed while a session runs: a connection parked between requests keeps room only for what
+/// waiting needs (benches/README.md, change 13).
 async fn http1_connection<S>(
     socket: Socket<S>,
     sessions: &Sessions,

@@ -321,32 +321,23 @@ impl Proxy {
         })
     }
 
-    /// Sends the request upstream and rewrites the response for the client.
+    /// Sends the request upstream and rewrites the response for the client. What `outgoing`
+    /// still holds when this returns (the `limit-connections` slot) is dropped then.
     async fn call(&self, ctx: &Ctx<'_>, outgoing: Outgoing) -> Phase<Response<Body>> {
-        let Outgoing {
-            req: out,
-            picked,
-            tls,
-            grpc,
-            client_upgrade,
-            tunnel_guard,
-            origin,
-            progress,
-            slot: _slot,
-        } = outgoing;
-        let sending = self.send(ctx, out, &picked.upstream, tls, grpc);
+        let o = outgoing;
+        let sending = self.send(ctx, o.req, &o.picked.upstream, o.tls, o.grpc);
         // Pinned where it is: the timeout and select around it then move a pointer, not the
         // request's whole state.
         let sending = std::pin::pin!(sending);
         let resp = match self
-            .await_upstream(ctx, sending, progress.as_deref(), &picked.upstream)
+            .await_upstream(ctx, sending, o.progress.as_deref(), &o.picked.upstream)
             .await?
         {
             Upstreamed::Response(r) => r,
             Upstreamed::Switched(head, upstream) => {
                 let (parts, ()) = head.into_parts();
-                if let Some(client_upgrade) = client_upgrade {
-                    tunnel(upstream, client_upgrade, tunnel_guard);
+                if let Some(client_upgrade) = o.client_upgrade {
+                    tunnel(upstream, client_upgrade, o.tunnel_guard);
                 }
                 // A 101 the client did not ask for goes to it as is; the connection closes.
                 return Ok(Response::from_parts(parts, empty()));
@@ -356,8 +347,8 @@ impl Proxy {
         forward::response_headers(
             ctx,
             &mut rparts.headers,
-            origin.as_deref(),
-            picked.set_cookie,
+            o.origin.as_deref(),
+            o.picked.set_cookie,
         );
         Ok(Response::from_parts(rparts, rbody))
     }
