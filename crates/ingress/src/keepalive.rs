@@ -490,6 +490,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_busy_for_longer_than_the_grace_is_parked_only_once_idle() {
+        // Requests 30 ms apart for longer than the grace: the session's first deadline is
+        // moved on, not taken as idleness.
+        let grace = Duration::from_millis(400);
+        let (addr, parked, _tx) = server(grace).await;
+        let mut c = Client::connect(addr).await;
+        for _ in 0..16 {
+            c.send(GET).await;
+            assert_eq!(c.response().await, "0");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(parked.load(Ordering::SeqCst), 0);
+        parked_reaches(&parked, 1).await;
+        c.send(GET).await;
+        assert_eq!(c.response().await, "0");
+    }
+
+    #[tokio::test]
     async fn a_response_still_streaming_keeps_its_connection() {
         let (addr, parked, tx) = server(GRACE).await;
         let mut c = Client::connect(addr).await;
