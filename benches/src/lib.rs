@@ -62,6 +62,8 @@ pub struct Programs {
     pub backend: PathBuf,
     /// `Err(reason)` when the pingora peer could not be built: it is then reported as skipped.
     pub pingora: Result<PathBuf, String>,
+    /// `floor-proxy`, the floor peers' binary (built with the harness).
+    pub floor: PathBuf,
     pub nginx: PathBuf,
     pub haproxy: PathBuf,
     pub wrk: PathBuf,
@@ -197,6 +199,19 @@ struct Def {
     description: &'static str,
     path: &'static str,
     kind: Kind,
+}
+
+impl Def {
+    /// Plain HTTP/1.1 on kept-alive connections: all the floor proxies serve.
+    fn plain_keep_alive(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Wrk {
+                tls: false,
+                close: false
+            }
+        )
+    }
 }
 
 const SCENARIOS: &[Def] = &[
@@ -613,8 +628,8 @@ fn note_peers<'p>(results: &mut Results, peers: impl IntoIterator<Item = &'p Pee
 }
 
 impl Runner<'_> {
-    /// nginx, haproxy, pingora (when it could be built) and direct, freshly started and
-    /// serving.
+    /// nginx, haproxy, pingora (when it could be built), the floor proxies and direct, freshly
+    /// started and serving.
     async fn start_others(&self, results: &mut Results) -> Result<Vec<Peer>, Error> {
         let p = &self.opts.programs;
         let mut others = vec![
@@ -627,6 +642,9 @@ impl Runner<'_> {
                 results.skipped.push(("pingora".into(), why.clone()));
             }
             Err(_) => {}
+        }
+        for kind in [PeerKind::FloorEpoll, PeerKind::FloorIoUring] {
+            others.push(peers::floor(&self.shared, &p.floor, &self.backend, kind)?);
         }
         others.push(Peer::direct(&self.backend));
         for peer in &mut others {
@@ -643,8 +661,9 @@ impl Runner<'_> {
         let count = self.opts.idle_connections;
         let mut others = self.start_others(results).await?;
         let mut peers = chosen(self.opts, env, &mut others);
-        // The backend is no proxy: direct has no figure here.
-        peers.retain(|p| p.kind != PeerKind::Direct);
+        // The backend is no proxy: direct has no figure here; nor have the floor proxies,
+        // which keep their buffers per connection by design.
+        peers.retain(|p| p.kind != PeerKind::Direct && !p.kind.is_floor());
         note_peers(results, peers.iter().map(|p| &**p));
         for peer in peers {
             eprintln!(
@@ -745,6 +764,9 @@ impl Runner<'_> {
         for round in 0..opts.rounds {
             for (si, def) in scenarios.iter().enumerate() {
                 for (pi, peer) in all.iter_mut().enumerate() {
+                    if peer.kind.is_floor() && !def.plain_keep_alive() {
+                        continue;
+                    }
                     eprintln!(
                         "    round {}/{} {:<16} {}",
                         round + 1,
@@ -777,6 +799,7 @@ impl Runner<'_> {
                     peers: all
                         .iter()
                         .enumerate()
+                        .filter(|(pi, _)| !samples[si][*pi].is_empty())
                         .map(|(pi, peer)| figures(peer, &samples[si][pi], |s| s.load.rps))
                         .collect(),
                     floor_us_per_request: None,
@@ -821,7 +844,11 @@ impl Runner<'_> {
     ) -> Result<Vec<Scenario>, Error> {
         let mut lat: Vec<Vec<Sample>> = (0..all.len()).map(|_| Vec::new()).collect();
         for round in 0..self.opts.rounds {
+            // The floor proxies measure throughput only.
             for (pi, peer) in all.iter_mut().enumerate() {
+                if peer.kind.is_floor() {
+                    continue;
+                }
                 eprintln!(
                     "    round {}/{} latency@{rate:.0}/s  {}",
                     round + 1,
@@ -919,6 +946,7 @@ fn latency_scenarios(all: &[&mut Peer], lat: &[Vec<Sample>], rate: f64) -> Vec<S
             peers: all
                 .iter()
                 .enumerate()
+                .filter(|(pi, _)| !lat[*pi].is_empty())
                 .map(|(pi, peer)| figures(peer, &lat[pi], pick))
                 .collect(),
             floor_us_per_request: None,

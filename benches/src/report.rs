@@ -528,6 +528,25 @@ impl Results {
                 peer.name()
             );
         }
+        // The floor proxies say how far any proxy could get in this run and harness.
+        let floor = |k: PeerKind| {
+            let f = figures(k)?;
+            let r = match peer {
+                PeerKind::Nginx => f.vs_nginx,
+                _ => f.vs_haproxy,
+            };
+            Some((r?, f.cpu_cores.median))
+        };
+        if let (Some((e, ec)), Some((u, uc))) =
+            (floor(PeerKind::FloorEpoll), floor(PeerKind::FloorIoUring))
+        {
+            let _ = write!(
+                why,
+                "; a proxy that only forwards the bytes reaches {e:.2}× {} on epoll ({ec:.2} \
+                 cores busy), {u:.2}× on io_uring ({uc:.2})",
+                peer.name()
+            );
+        }
         Some(why)
     }
 
@@ -1002,6 +1021,44 @@ mod tests {
         r.throughput[0].peers[0].cpu_cores = Stat::of(&[0.95]);
         let why = r.cpu_why("tls-new-conn-1k", PeerKind::Nginx).unwrap();
         assert!(why.starts_with("ours: "), "{why}");
+    }
+
+    #[test]
+    fn a_miss_names_how_far_forwarding_alone_gets() {
+        let figures = |kind, rps, cores| PeerFigures {
+            value: Stat::of(&[rps]),
+            cpu_cores: Stat::of(&[cores]),
+            ..peer(kind, 20.0)
+        };
+        let mut s = Scenario {
+            id: "h1-1k".into(),
+            peers: vec![
+                figures(PeerKind::IngressController, 80.0, 0.98),
+                figures(PeerKind::Nginx, 100.0, 0.95),
+                figures(PeerKind::Haproxy, 100.0, 0.95),
+                figures(PeerKind::FloorEpoll, 104.0, 0.85),
+                figures(PeerKind::FloorIoUring, 106.0, 0.82),
+            ],
+            ..Scenario::default()
+        };
+        s.compute_ratios();
+        let r = Results {
+            profiles: vec![crate::profile::Profile {
+                scenario: "h1-1k".into(),
+                peer: PeerKind::IngressController.name().into(),
+                ..Default::default()
+            }],
+            throughput: vec![s],
+            ..Results::default()
+        };
+        let why = r.cpu_why("h1-1k", PeerKind::Nginx).unwrap();
+        assert!(
+            why.ends_with(
+                "a proxy that only forwards the bytes reaches 1.04× nginx on epoll (0.85 cores \
+                 busy), 1.06× on io_uring (0.82)"
+            ),
+            "{why}"
+        );
     }
 
     #[test]

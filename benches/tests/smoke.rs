@@ -25,6 +25,7 @@ async fn every_scenario_produces_figures() {
     let programs = Programs {
         ingress_controller: ingress_controller(),
         backend: PathBuf::from(env!("CARGO_BIN_EXE_bench-backend")),
+        floor: PathBuf::from(env!("CARGO_BIN_EXE_floor-proxy")),
         // Cached outside the repository: after the first build this is a freshness check.
         pingora: Ok(benches::build_pingora(&workspace_root()).unwrap_or_else(|e| panic!("{e}"))),
         nginx: tool("nginx"),
@@ -56,6 +57,19 @@ async fn every_scenario_produces_figures() {
                 s.id,
                 kind.name()
             );
+        }
+    }
+    // The floor proxies serve plain HTTP/1 only, and must have served it.
+    for s in results
+        .throughput
+        .iter()
+        .filter(|s| s.id.starts_with("h1-"))
+    {
+        for kind in [PeerKind::FloorEpoll, PeerKind::FloorIoUring] {
+            let p = s
+                .get(kind)
+                .unwrap_or_else(|| panic!("{} has no {} figures", s.id, kind.name()));
+            assert!(p.value.median > 0.0 && p.errors == 0, "{} {p:?}", s.id);
         }
     }
     for r in &results.resources {

@@ -74,9 +74,14 @@ fn main() -> Result<()> {
         .parent()
         .map(|d| d.join("bench-backend"))
         .context("bench-backend path")?;
+    let floor = exe
+        .parent()
+        .map(|d| d.join("floor-proxy"))
+        .context("floor-proxy path")?;
     let programs = Programs {
         ingress_controller: args.ingress_controller.clone(),
         backend,
+        floor,
         pingora: match &args.pingora {
             Some(p) => Ok(p.clone()),
             None => {
