@@ -38,43 +38,6 @@ pub struct Idle {
     pub held_memory: procfs::MemorySplit,
 }
 
-/// Where the body of a response ends, once its head is complete.
-enum Framing {
-    /// The whole response is this many bytes (head included).
-    Length(usize),
-    /// Chunked: it ends with the last chunk and an empty trailer.
-    Chunked,
-}
-
-/// The framing of the response at the start of `buf`, or `None` while its head is incomplete
-/// or unreadable.
-fn framing(buf: &[u8]) -> Option<Framing> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(head) = resp.parse(buf).ok()? else {
-        return None;
-    };
-    let value = |name: &str| {
-        resp.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    if value("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        return Some(Framing::Chunked);
-    }
-    let length = value("content-length").and_then(|v| v.trim().parse::<usize>().ok())?;
-    Some(Framing::Length(head + length))
-}
-
-fn complete(buf: &[u8]) -> bool {
-    match framing(buf) {
-        Some(Framing::Length(total)) => buf.len() >= total,
-        Some(Framing::Chunked) => buf.ends_with(b"0\r\n\r\n"),
-        None => false,
-    }
-}
-
 /// One keep-alive GET of [`PATH`] on a new connection; the connection is returned open once the
 /// whole answer has arrived (the peer then holds an idle keep-alive connection).
 pub async fn open_one(addr: SocketAddr) -> Option<TcpStream> {
@@ -83,7 +46,7 @@ pub async fn open_one(addr: SocketAddr) -> Option<TcpStream> {
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = [0u8; 4096];
     let mut got = Vec::new();
-    while !complete(&got) {
+    while !crate::http1::complete(&got) {
         let n = tokio::time::timeout(READ_LIMIT, s.read(&mut buf))
             .await
             .ok()?
@@ -150,20 +113,4 @@ pub fn raise_nofile() {
     l.current = l.maximum;
     // Best effort: with the lower limit the scenario reports fewer connections opened.
     let _ = setrlimit(Resource::Nofile, l);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_ends_by_length_or_last_chunk() {
-        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n";
-        assert!(!complete(head));
-        assert!(complete(&[&head[..], b"ok\n"].concat()));
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n";
-        assert!(!complete(chunked));
-        assert!(complete(&[&chunked[..], b"0\r\n\r\n"].concat()));
-        assert!(!complete(b"HTTP/1.1 200 OK\r\n"));
-    }
 }

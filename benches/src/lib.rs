@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod http1;
 pub mod idle;
 pub mod load;
 pub mod peers;
@@ -62,8 +63,8 @@ pub struct Programs {
     pub backend: PathBuf,
     /// `Err(reason)` when the pingora peer could not be built: it is then reported as skipped.
     pub pingora: Result<PathBuf, String>,
-    /// `floor-proxy`, the floor peers' binary (built with the harness).
-    pub floor: PathBuf,
+    /// `bare-proxy`, the bare peers' binary (built with the harness).
+    pub bare: PathBuf,
     pub nginx: PathBuf,
     pub haproxy: PathBuf,
     pub wrk: PathBuf,
@@ -155,6 +156,13 @@ impl Options {
             .is_none_or(|o| o.iter().any(|s| s == id))
     }
 
+    /// Whether the peer `kind` takes part (`--only`).
+    pub fn chosen(&self, kind: PeerKind) -> bool {
+        self.only_peers
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == kind.name()))
+    }
+
     /// Fails on a scenario id that names nothing (a typo would otherwise run nothing quietly).
     fn check(&self) -> Result<(), Error> {
         let known = scenario_ids();
@@ -201,8 +209,13 @@ struct Def {
     kind: Kind,
 }
 
+/// Whether the bare proxies take part in throughput scenario `id`.
+pub fn bare_scenario(id: &str) -> bool {
+    SCENARIOS.iter().any(|d| d.id == id && d.plain_keep_alive())
+}
+
 impl Def {
-    /// Plain HTTP/1.1 on kept-alive connections: all the floor proxies serve.
+    /// Plain HTTP/1.1 on kept-alive connections: all the bare proxies serve.
     fn plain_keep_alive(&self) -> bool {
         matches!(
             self.kind,
@@ -611,9 +624,7 @@ fn chosen<'p>(
     let mut all: Vec<&mut Peer> = std::iter::once(&mut env.peer)
         .chain(others.iter_mut())
         .collect();
-    if let Some(only) = &opts.only_peers {
-        all.retain(|p| only.iter().any(|o| o == p.kind.name()));
-    }
+    all.retain(|p| opts.chosen(p.kind));
     all
 }
 
@@ -628,9 +639,13 @@ fn note_peers<'p>(results: &mut Results, peers: impl IntoIterator<Item = &'p Pee
 }
 
 impl Runner<'_> {
-    /// nginx, haproxy, pingora (when it could be built), the floor proxies and direct, freshly
-    /// started and serving.
-    async fn start_others(&self, results: &mut Results) -> Result<Vec<Peer>, Error> {
+    /// nginx, haproxy, pingora (when it could be built), the bare proxies (`with_bare`, when
+    /// chosen and when they start) and direct, freshly started and serving.
+    async fn start_others(
+        &self,
+        results: &mut Results,
+        with_bare: bool,
+    ) -> Result<Vec<Peer>, Error> {
         let p = &self.opts.programs;
         let mut others = vec![
             peers::nginx(&self.shared, &p.nginx, &self.backend)?,
@@ -643,14 +658,37 @@ impl Runner<'_> {
             }
             Err(_) => {}
         }
-        for kind in [PeerKind::FloorEpoll, PeerKind::FloorIoUring] {
-            others.push(peers::floor(&self.shared, &p.floor, &self.backend, kind)?);
-        }
-        others.push(Peer::direct(&self.backend));
         for peer in &mut others {
             wait_serving(peer).await?;
         }
+        if with_bare {
+            for kind in [PeerKind::BareEpoll, PeerKind::BareIoUring] {
+                if self.opts.chosen(kind) {
+                    others.extend(self.start_bare(kind, results).await);
+                }
+            }
+        }
+        others.push(Peer::direct(&self.backend));
         Ok(others)
+    }
+
+    /// A bare proxy, serving; or `None`, and the reason recorded as skipped (io_uring, for
+    /// one, may be refused by the kernel or a seccomp profile).
+    async fn start_bare(&self, kind: PeerKind, results: &mut Results) -> Option<Peer> {
+        let p = &self.opts.programs;
+        let started = match peers::bare(&self.shared, &p.bare, &self.backend, kind) {
+            Ok(mut peer) => wait_serving(&mut peer).await.map(|()| peer),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(peer) => Some(peer),
+            Err(e) => {
+                if !results.skipped.iter().any(|(n, _)| n == kind.name()) {
+                    results.skipped.push((kind.name().into(), e.to_string()));
+                }
+                None
+            }
+        }
     }
 
     /// Idle keep-alive connections against every proxy, each in a fresh process (allocations
@@ -659,11 +697,11 @@ impl Runner<'_> {
     /// for it anyway).
     async fn idle_phase(&self, env: &mut IngressEnv, results: &mut Results) -> Result<(), Error> {
         let count = self.opts.idle_connections;
-        let mut others = self.start_others(results).await?;
+        // The bare proxies keep their buffers per connection by design: no idle figure.
+        let mut others = self.start_others(results, false).await?;
         let mut peers = chosen(self.opts, env, &mut others);
-        // The backend is no proxy: direct has no figure here; nor have the floor proxies,
-        // which keep their buffers per connection by design.
-        peers.retain(|p| p.kind != PeerKind::Direct && !p.kind.is_floor());
+        // The backend is no proxy: direct has no figure here.
+        peers.retain(|p| p.kind != PeerKind::Direct);
         note_peers(results, peers.iter().map(|p| &**p));
         for peer in peers {
             eprintln!(
@@ -699,7 +737,7 @@ impl Runner<'_> {
     /// Throughput rounds, then fixed-rate latency, against fresh peers; memory and CPU over
     /// both. The other proxies are stopped at the end so the edit phases have the machine.
     async fn load_phases(&self, env: &mut IngressEnv, results: &mut Results) -> Result<(), Error> {
-        let mut others = self.start_others(results).await?;
+        let mut others = self.start_others(results, true).await?;
         let mut all = chosen(self.opts, env, &mut others);
         note_peers(results, all.iter().map(|p| &**p));
         let start: Vec<procfs::ProcStats> = all.iter().map(|p| procfs::stats(p.pid)).collect();
@@ -764,7 +802,7 @@ impl Runner<'_> {
         for round in 0..opts.rounds {
             for (si, def) in scenarios.iter().enumerate() {
                 for (pi, peer) in all.iter_mut().enumerate() {
-                    if peer.kind.is_floor() && !def.plain_keep_alive() {
+                    if peer.kind.is_bare() && !def.plain_keep_alive() {
                         continue;
                     }
                     eprintln!(
@@ -844,9 +882,9 @@ impl Runner<'_> {
     ) -> Result<Vec<Scenario>, Error> {
         let mut lat: Vec<Vec<Sample>> = (0..all.len()).map(|_| Vec::new()).collect();
         for round in 0..self.opts.rounds {
-            // The floor proxies measure throughput only.
+            // The bare proxies measure throughput only.
             for (pi, peer) in all.iter_mut().enumerate() {
-                if peer.kind.is_floor() {
+                if peer.kind.is_bare() {
                     continue;
                 }
                 eprintln!(

@@ -21,10 +21,10 @@ pub enum PeerKind {
     Nginx,
     Haproxy,
     Pingora,
-    /// `floor-proxy` on epoll: forwarding bytes and nothing else (plain HTTP/1 only).
-    FloorEpoll,
-    /// `floor-proxy` on io_uring (COOP_TASKRUN), the same code.
-    FloorIoUring,
+    /// `bare-proxy` on epoll: forwarding bytes and nothing else (plain HTTP/1 only).
+    BareEpoll,
+    /// `bare-proxy` on io_uring (COOP_TASKRUN), the same code.
+    BareIoUring,
     Direct,
 }
 
@@ -35,16 +35,16 @@ impl PeerKind {
             PeerKind::Nginx => "nginx",
             PeerKind::Haproxy => "haproxy",
             PeerKind::Pingora => "pingora",
-            PeerKind::FloorEpoll => "floor-epoll",
-            PeerKind::FloorIoUring => "floor-io-uring",
+            PeerKind::BareEpoll => "bare-epoll",
+            PeerKind::BareIoUring => "bare-io-uring",
             PeerKind::Direct => "direct",
         }
     }
 
-    /// The floor proxies: measured only where they can serve (plain HTTP/1 with keep-alive),
+    /// The bare proxies: measured only where they can serve (plain HTTP/1 with keep-alive),
     /// as the least any proxy spends there, not as proxies to compare features with.
-    pub fn is_floor(self) -> bool {
-        matches!(self, PeerKind::FloorEpoll | PeerKind::FloorIoUring)
+    pub fn is_bare(self) -> bool {
+        matches!(self, PeerKind::BareEpoll | PeerKind::BareIoUring)
     }
 }
 
@@ -435,31 +435,36 @@ pub fn pingora(shared: &Shared, program: &Path, backend: &Backend) -> Result<Pee
     )
 }
 
-/// `floor-proxy` (src/bin/floor-proxy.rs) with the driver of `kind`, a thread per worker: the cost of
-/// moving a request and its response through a proxy with nothing else done, on epoll or on
-/// io_uring.
-pub fn floor(
+/// `bare-proxy` (src/bin/bare-proxy.rs) with the driver of `kind`, a thread per worker: the
+/// cost of moving a request and its response through a proxy with nothing else done, on epoll
+/// or on io_uring.
+pub fn bare(
     shared: &Shared,
     program: &Path,
     backend: &Backend,
     kind: PeerKind,
 ) -> Result<Peer, Error> {
     let http = loopback(free_port()?);
-    let driver = match kind {
-        PeerKind::FloorIoUring => ["--driver=uring", "--uring-setup=coop"],
-        _ => ["--driver=epoll", "--uring-setup=none"],
+    let (driver, version) = match kind {
+        PeerKind::BareEpoll => (vec!["--driver=epoll"], "bare-proxy (monoio 0.2, epoll)"),
+        PeerKind::BareIoUring => (
+            vec!["--driver=uring", "--uring-setup=coop"],
+            "bare-proxy (monoio 0.2, io_uring with COOP_TASKRUN)",
+        ),
+        other => {
+            return Err(Error::Peer {
+                peer: other.name().into(),
+                message: "not a bare proxy".into(),
+            });
+        }
     };
     let mut args = vec![
         format!("--listen={http}"),
         format!("--backend={}", backend.plain),
         format!("--threads={}", shared.workers),
     ];
-    args.extend(driver.map(String::from));
+    args.extend(driver.into_iter().map(String::from));
     let process = shared.spawn(kind.name(), program, &args, &[])?;
-    let version = format!(
-        "floor-proxy (monoio 0.2, {})",
-        &driver[0]["--driver=".len()..]
-    );
     // No TLS listener: the harness measures it only on plain HTTP/1.
-    Peer::new(kind, http, http, process, version)
+    Peer::new(kind, http, http, process, version.into())
 }

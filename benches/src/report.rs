@@ -494,12 +494,11 @@ impl Results {
     /// Our profile of `scenario`, and the kernel's share in the peer's (nginx is profiled;
     /// for haproxy the floor table says the rest).
     fn cpu_why(&self, scenario: &str, peer: PeerKind) -> Option<String> {
-        let ours = self.profile(scenario, PeerKind::IngressController)?;
         let figures = |k: PeerKind| {
             let s = self.throughput.iter().find(|s| s.id == scenario)?;
             s.get(k)
         };
-        let mut why = String::new();
+        let mut why = Vec::new();
         // A proxy that idles part of the run while spending less CPU per request than the
         // peer is held back by its load generator (which shares the other CPU with the
         // backend), not by its own work.
@@ -507,47 +506,51 @@ impl Results {
             && a.cpu_cores.median < LOADGEN_BOUND_CORES
             && a.cpu_us_per_request.median < b.cpu_us_per_request.median
         {
-            let _ = write!(
-                why,
+            why.push(format!(
                 "not CPU-bound: ours busy {:.2} cores (the load generator's CPU is the limit) at \
-                 {:.2}× {}'s CPU per request; ",
+                 {:.2}× {}'s CPU per request",
                 a.cpu_cores.median,
                 a.cpu_us_per_request.median / b.cpu_us_per_request.median.max(f64::MIN_POSITIVE),
                 peer.name()
-            );
+            ));
         }
-        let _ = write!(why, "ours: {}", ours.line(3));
+        if let Some(ours) = self.profile(scenario, PeerKind::IngressController) {
+            why.push(format!("ours: {}", ours.line(3)));
+        }
         if let Some(p) = self.profile(scenario, PeerKind::Nginx) {
-            let _ = write!(why, "; nginx: kernel {:.0} %", p.kernel_percent());
+            why.push(format!("nginx: kernel {:.0} %", p.kernel_percent()));
         }
         let cpu = |k: PeerKind| figures(k).map(|p| p.cpu_us_per_request.median);
         if let (Some(a), Some(b)) = (cpu(PeerKind::IngressController), cpu(peer)) {
-            let _ = write!(
-                why,
-                "; CPU per request {a:.1} µs against {}'s {b:.1}",
+            why.push(format!(
+                "CPU per request {a:.1} µs against {}'s {b:.1}",
                 peer.name()
-            );
+            ));
         }
-        // The floor proxies say how far any proxy could get in this run and harness.
-        let floor = |k: PeerKind| {
-            let f = figures(k)?;
-            let r = match peer {
-                PeerKind::Nginx => f.vs_nginx,
-                _ => f.vs_haproxy,
-            };
-            Some((r?, f.cpu_cores.median))
-        };
-        if let (Some((e, ec)), Some((u, uc))) =
-            (floor(PeerKind::FloorEpoll), floor(PeerKind::FloorIoUring))
-        {
-            let _ = write!(
-                why,
-                "; a proxy that only forwards the bytes reaches {e:.2}× {} on epoll ({ec:.2} \
-                 cores busy), {u:.2}× on io_uring ({uc:.2})",
-                peer.name()
-            );
+        // The bare proxies say how far forwarding alone got in this run and harness.
+        let bare: Vec<String> = [PeerKind::BareEpoll, PeerKind::BareIoUring]
+            .into_iter()
+            .filter_map(|k| {
+                let f = figures(k)?;
+                let r = match peer {
+                    PeerKind::Nginx => f.vs_nginx,
+                    _ => f.vs_haproxy,
+                }?;
+                Some(format!(
+                    "{}: {r:.2}× at {:.2} cores busy",
+                    k.name(),
+                    f.cpu_cores.median
+                ))
+            })
+            .collect();
+        if !bare.is_empty() {
+            why.push(format!(
+                "forwarding alone against {}: {}",
+                peer.name(),
+                bare.join(", ")
+            ));
         }
-        Some(why)
+        (!why.is_empty()).then(|| why.join("; "))
     }
 
     /// Where the fixed rate sits against our own saturation rate.
@@ -823,15 +826,16 @@ impl Results {
 
     /// Each peer's CPU per request against the floor, one row per throughput scenario.
     fn floor_md(&self, o: &mut String) {
-        let Some(first) = self.throughput.first() else {
+        if self.throughput.is_empty() {
             return;
-        };
-        let proxies: Vec<&str> = first
-            .peers
-            .iter()
-            .map(|p| p.peer.as_str())
-            .filter(|p| *p != PeerKind::Direct.name())
-            .collect();
+        }
+        // Every peer of any scenario, in first-seen order (the bare proxies run only some).
+        let mut proxies: Vec<&str> = Vec::new();
+        for p in self.throughput.iter().flat_map(|s| &s.peers) {
+            if p.peer != PeerKind::Direct.name() && !proxies.contains(&p.peer.as_str()) {
+                proxies.push(&p.peer);
+            }
+        }
         let _ = writeln!(
             o,
             "\n## CPU per request against the floor\n\nThe floor is twice the direct backend's CPU µs per request in the same scenario and run (a proxy does the backend's server-side work plus the client side of the same exchange). Each cell: the proxy's CPU µs/req (× floor).\n"
@@ -1024,7 +1028,7 @@ mod tests {
     }
 
     #[test]
-    fn a_miss_names_how_far_forwarding_alone_gets() {
+    fn a_miss_says_how_far_forwarding_alone_got() {
         let figures = |kind, rps, cores| PeerFigures {
             value: Stat::of(&[rps]),
             cpu_cores: Stat::of(&[cores]),
@@ -1036,8 +1040,8 @@ mod tests {
                 figures(PeerKind::IngressController, 80.0, 0.98),
                 figures(PeerKind::Nginx, 100.0, 0.95),
                 figures(PeerKind::Haproxy, 100.0, 0.95),
-                figures(PeerKind::FloorEpoll, 104.0, 0.85),
-                figures(PeerKind::FloorIoUring, 106.0, 0.82),
+                figures(PeerKind::BareEpoll, 104.0, 0.85),
+                figures(PeerKind::BareIoUring, 106.0, 0.82),
             ],
             ..Scenario::default()
         };
@@ -1054,11 +1058,18 @@ mod tests {
         let why = r.cpu_why("h1-1k", PeerKind::Nginx).unwrap();
         assert!(
             why.ends_with(
-                "a proxy that only forwards the bytes reaches 1.04× nginx on epoll (0.85 cores \
-                 busy), 1.06× on io_uring (0.82)"
+                "forwarding alone against nginx: bare-epoll: 1.04× at 0.85 cores busy, \
+                 bare-io-uring: 1.06× at 0.82 cores busy"
             ),
             "{why}"
         );
+        // Without profiles (--no-profile), the figures still explain the miss.
+        let r = Results {
+            profiles: Vec::new(),
+            ..r
+        };
+        let why = r.cpu_why("h1-1k", PeerKind::Nginx).unwrap();
+        assert!(why.starts_with("CPU per request 20.0 µs"), "{why}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ async fn every_scenario_produces_figures() {
     let programs = Programs {
         ingress_controller: ingress_controller(),
         backend: PathBuf::from(env!("CARGO_BIN_EXE_bench-backend")),
-        floor: PathBuf::from(env!("CARGO_BIN_EXE_floor-proxy")),
+        bare: PathBuf::from(env!("CARGO_BIN_EXE_bare-proxy")),
         // Cached outside the repository: after the first build this is a freshness check.
         pingora: Ok(benches::build_pingora(&workspace_root()).unwrap_or_else(|e| panic!("{e}"))),
         nginx: tool("nginx"),
@@ -59,17 +59,22 @@ async fn every_scenario_produces_figures() {
             );
         }
     }
-    // The floor proxies serve plain HTTP/1 only, and must have served it.
-    for s in results
-        .throughput
-        .iter()
-        .filter(|s| s.id.starts_with("h1-"))
-    {
-        for kind in [PeerKind::FloorEpoll, PeerKind::FloorIoUring] {
-            let p = s
-                .get(kind)
-                .unwrap_or_else(|| panic!("{} has no {} figures", s.id, kind.name()));
-            assert!(p.value.median > 0.0 && p.errors == 0, "{} {p:?}", s.id);
+    // The bare proxies serve plain HTTP/1 on kept-alive connections, and nothing else.
+    for s in &results.throughput {
+        for kind in [PeerKind::BareEpoll, PeerKind::BareIoUring] {
+            match (benches::bare_scenario(&s.id), s.get(kind)) {
+                (true, Some(p)) => assert!(
+                    p.value.median > 0.0 && p.errors == 0 && p.non_2xx == 0,
+                    "{} {p:?}",
+                    s.id
+                ),
+                (true, None) => panic!("{} has no {} figures", s.id, kind.name()),
+                (false, Some(_)) => panic!("{} measured {}", s.id, kind.name()),
+                (false, None) => {}
+            }
+            for l in &results.latency {
+                assert!(l.get(kind).is_none(), "{} measured {}", l.id, kind.name());
+            }
         }
     }
     for r in &results.resources {

@@ -74,14 +74,14 @@ fn main() -> Result<()> {
         .parent()
         .map(|d| d.join("bench-backend"))
         .context("bench-backend path")?;
-    let floor = exe
+    let bare = exe
         .parent()
-        .map(|d| d.join("floor-proxy"))
-        .context("floor-proxy path")?;
+        .map(|d| d.join("bare-proxy"))
+        .context("bare-proxy path")?;
     let programs = Programs {
         ingress_controller: args.ingress_controller.clone(),
         backend,
-        floor,
+        bare,
         pingora: match &args.pingora {
             Some(p) => Ok(p.clone()),
             None => {
