@@ -163,21 +163,30 @@ impl Options {
             .is_none_or(|o| o.iter().any(|p| p == kind.name()))
     }
 
-    /// Fails on a scenario id that names nothing (a typo would otherwise run nothing quietly).
+    /// Fails on a scenario id or peer name that names nothing (a typo would otherwise run
+    /// nothing quietly).
     fn check(&self) -> Result<(), Error> {
-        let known = scenario_ids();
-        let unknown = self
-            .only_scenarios
+        let unknown = |given: &Option<Vec<String>>, known: &[&str], what: &str| match given
             .iter()
             .flatten()
-            .find(|id| !known.contains(&id.as_str()));
-        match unknown {
-            Some(id) => Err(Error::Options(format!(
-                "unknown scenario {id:?}; known: {}",
+            .find(|g| !known.contains(&g.as_str()))
+        {
+            Some(g) => Err(Error::Options(format!(
+                "unknown {what} {g:?}; known: {}",
                 known.join(", ")
             ))),
             None => Ok(()),
-        }
+        };
+        unknown(&self.only_scenarios, &scenario_ids(), "scenario")?;
+        let peers: Vec<&str> = PeerKind::ALL.iter().map(|k| k.name()).collect();
+        unknown(&self.only_peers, &peers, "peer")
+    }
+
+    /// Whether a throughput scenario the bare proxies serve is selected.
+    fn bare_selected(&self) -> bool {
+        SCENARIOS
+            .iter()
+            .any(|d| d.plain_keep_alive() && self.selected(d.id))
     }
 }
 
@@ -615,6 +624,22 @@ async fn wait_serving(peer: &mut Peer) -> Result<(), Error> {
     })
 }
 
+/// As [`wait_serving`], but fails as soon as the peer has exited (a bare proxy whose io_uring
+/// was refused ends at once).
+async fn wait_serving_while_running(peer: &mut Peer) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        peer.check_running()?;
+        if let Ok((200, _)) = probe::get(peer.http, HOST, "/1k").await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return wait_serving(peer).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Our peer first, then the others, in the same order every time; `--only` narrows it.
 fn chosen<'p>(
     opts: &Options,
@@ -677,7 +702,7 @@ impl Runner<'_> {
     async fn start_bare(&self, kind: PeerKind, results: &mut Results) -> Option<Peer> {
         let p = &self.opts.programs;
         let started = match peers::bare(&self.shared, &p.bare, &self.backend, kind) {
-            Ok(mut peer) => wait_serving(&mut peer).await.map(|()| peer),
+            Ok(mut peer) => wait_serving_while_running(&mut peer).await.map(|()| peer),
             Err(e) => Err(e),
         };
         match started {
@@ -737,7 +762,9 @@ impl Runner<'_> {
     /// Throughput rounds, then fixed-rate latency, against fresh peers; memory and CPU over
     /// both. The other proxies are stopped at the end so the edit phases have the machine.
     async fn load_phases(&self, env: &mut IngressEnv, results: &mut Results) -> Result<(), Error> {
-        let mut others = self.start_others(results, true).await?;
+        let mut others = self
+            .start_others(results, self.opts.bare_selected())
+            .await?;
         let mut all = chosen(self.opts, env, &mut others);
         note_peers(results, all.iter().map(|p| &**p));
         let start: Vec<procfs::ProcStats> = all.iter().map(|p| procfs::stats(p.pid)).collect();
@@ -1038,3 +1065,51 @@ pub fn oha_path() -> PathBuf {
 }
 
 pub use integration_tests::bench_peers::build_pingora;
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn options() -> Options {
+        let p = PathBuf::new;
+        Options::smoke(Programs {
+            ingress_controller: p(),
+            backend: p(),
+            pingora: Ok(p()),
+            bare: p(),
+            nginx: p(),
+            haproxy: p(),
+            wrk: p(),
+            h2load: p(),
+            oha: p(),
+        })
+    }
+
+    #[test]
+    fn unknown_scenarios_and_peers_are_refused() {
+        let mut o = options();
+        assert!(o.check().is_ok());
+        o.only_peers = Some(vec!["nginx".into(), "bare-io-uring".into()]);
+        assert!(o.check().is_ok());
+        assert!(o.chosen(PeerKind::BareIoUring) && !o.chosen(PeerKind::BareEpoll));
+        o.only_peers = Some(vec!["floor-epoll".into()]);
+        let e = o.check().unwrap_err().to_string();
+        assert!(e.contains("unknown peer \"floor-epoll\""), "{e}");
+        o.only_peers = None;
+        o.only_scenarios = Some(vec!["h1-2k".into()]);
+        assert!(o.check().is_err());
+    }
+
+    #[test]
+    fn bare_proxies_start_only_for_their_scenarios() {
+        let mut o = options();
+        assert!(o.bare_selected());
+        o.only_scenarios = Some(vec!["tls-1k".into(), LATENCY.into()]);
+        assert!(!o.bare_selected());
+        o.only_scenarios = Some(vec!["h1-64k".into()]);
+        assert!(o.bare_selected());
+        assert!(bare_scenario("h1-1k") && !bare_scenario("tls-new-conn-1k"));
+    }
+}

@@ -29,6 +29,16 @@ pub enum PeerKind {
 }
 
 impl PeerKind {
+    pub const ALL: [PeerKind; 7] = [
+        PeerKind::IngressController,
+        PeerKind::Nginx,
+        PeerKind::Haproxy,
+        PeerKind::Pingora,
+        PeerKind::BareEpoll,
+        PeerKind::BareIoUring,
+        PeerKind::Direct,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             PeerKind::IngressController => "ingress-controller",

@@ -3,13 +3,14 @@
 //! upstream connection, read the answer by its Content-Length and write it back), on monoio
 //! runtimes with either io_uring or epoll (mio) underneath. The same code on both drivers
 //! measures what io_uring itself buys on this kernel, for issue 12's question whether an
-//! io_uring runtime could move the floor (benches/README.md, change 14). Not a proxy: no
-//! routing, no header rewriting, GET without a body only; anything else closes the connection.
+//! io_uring runtime would lower what a proxy costs per request (benches/README.md, change 14).
+//! Not a proxy: no routing, no header rewriting, GET without a body only; anything else closes
+//! the connection.
 
 use std::io;
 use std::net::SocketAddr;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use benches::http1::{Framing, framing};
 use clap::{Parser, ValueEnum};
 use monoio::buf::IoBufMut;
@@ -50,7 +51,9 @@ fn main() -> Result<()> {
         let (driver, setup) = (args.driver, args.uring_setup.clone());
         let (listen, backend, failed) = (args.listen, args.backend, failed.clone());
         std::thread::spawn(move || {
-            let _ = failed.send(worker(driver, &setup, listen, backend));
+            // monoio does not catch a task's panic: it ends the thread, and so the process.
+            let served = std::panic::catch_unwind(|| worker(driver, &setup, listen, backend));
+            let _ = failed.send(served.unwrap_or_else(|_| Err(anyhow!("a worker panicked"))));
         });
     }
     drop(failed);
@@ -96,11 +99,10 @@ async fn serve(listen: SocketAddr, backend: SocketAddr) -> Result<()> {
     // monoio binds with SO_REUSEPORT by default: one listener per thread.
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     loop {
-        // A failed accept (an aborted connection, no descriptors left) loses one client only.
         let client = match listener.accept().await {
             Ok((client, _)) => client,
             Err(e) => {
-                eprintln!("accept: {e}");
+                accept_failed(e)?;
                 continue;
             }
         };
@@ -114,9 +116,30 @@ async fn serve(listen: SocketAddr, backend: SocketAddr) -> Result<()> {
     }
 }
 
-/// A client closing its connection at the end of a load run is no failure.
+/// An accept that failed for one connection (aborted, or out of descriptors or memory for a
+/// moment) loses that client only; any other failure ends the worker.
+fn accept_failed(e: io::Error) -> Result<()> {
+    use rustix::io::Errno;
+    match Errno::from_io_error(&e) {
+        Some(Errno::CONNABORTED | Errno::INTR) => Ok(()),
+        Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM) => {
+            eprintln!("accept: {e}");
+            // Blocking this worker briefly is the point: nothing can be accepted meanwhile.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            Ok(())
+        }
+        _ => Err(e).context("accept"),
+    }
+}
+
+/// What the client's side of a connection failed with: a client closing its connection at
+/// the end of a load run is no failure.
+#[derive(Debug, thiserror::Error)]
+#[error("client: {0}")]
+struct ClientIo(io::Error);
+
 fn client_went_away(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>().is_some_and(|e| {
+    e.downcast_ref::<ClientIo>().is_some_and(|ClientIo(e)| {
         matches!(
             e.kind(),
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
@@ -132,47 +155,67 @@ async fn connection(mut client: TcpStream, backend: SocketAddr) -> Result<()> {
     let mut req = Vec::with_capacity(4096);
     let mut resp = Vec::with_capacity(8192);
     loop {
-        let Some(head) = read_until(&mut client, &mut req, MAX_HEAD, request_len).await? else {
+        let Some(head) = read_until(&mut client, &mut req, MAX_HEAD, request_len)
+            .await
+            .map_err(|e| match e {
+                ReadError::Io(e) => anyhow::Error::new(ClientIo(e)),
+                ReadError::Message(e) => e.context("request"),
+            })?
+        else {
             return Ok(());
         };
         let rest = req.split_off(head);
         let (r, sent) = upstream.write_all(req).await;
-        r?;
+        r.context("upstream write")?;
         req = sent;
         req.clear();
         req.extend_from_slice(&rest);
 
         let whole = read_until(&mut upstream, &mut resp, MAX_RESPONSE, response_len)
-            .await?
+            .await
+            .map_err(|e| match e {
+                ReadError::Io(e) => anyhow::Error::new(e).context("upstream read"),
+                ReadError::Message(e) => e.context("response"),
+            })?
             .context("upstream closed")?;
         if resp.len() > whole {
             bail!("upstream sent bytes past its response");
         }
         let (r, sent) = client.write_all(resp).await;
-        r?;
+        r.map_err(ClientIo)?;
         resp = sent;
         resp.clear();
     }
 }
 
+/// Why a message could not be read: the socket, or the message itself.
+enum ReadError {
+    Io(io::Error),
+    Message(anyhow::Error),
+}
+
 /// Reads into `buf` until `complete` says how long the message is and it is all there (None:
-/// the peer closed before sending anything). `complete` sees only what is new since its last
-/// answer of `None`, so a long body is not parsed again at every read.
+/// the peer closed before sending anything). `complete` is called on the whole buffer until it
+/// gives a length, then not again: a long body is not parsed at every read.
 async fn read_until(
     io: &mut TcpStream,
     buf: &mut Vec<u8>,
     limit: usize,
     complete: impl Fn(&[u8]) -> Result<Option<usize>>,
-) -> Result<Option<usize>> {
+) -> Result<Option<usize>, ReadError> {
     let mut known = None;
     loop {
         if known.is_none() {
-            known = complete(buf)?;
+            known = complete(buf).map_err(ReadError::Message)?;
         }
         match known {
-            Some(n) if n > limit => bail!("message of {n} bytes, over {limit}"),
+            Some(n) if n > limit => {
+                return Err(ReadError::Message(anyhow!("{n} bytes, over {limit}")));
+            }
             Some(n) if buf.len() >= n => return Ok(Some(n)),
-            None if buf.len() > limit => bail!("head over {limit} bytes"),
+            None if buf.len() > limit => {
+                return Err(ReadError::Message(anyhow!("head over {limit} bytes")));
+            }
             _ => {}
         }
         if buf.capacity() - buf.len() < 4096 {
@@ -181,11 +224,11 @@ async fn read_until(
         let (len, cap) = (buf.len(), buf.capacity());
         let (r, back) = io.read(std::mem::take(buf).slice_mut(len..cap)).await;
         *buf = back.into_inner();
-        if r? == 0 {
+        if r.map_err(ReadError::Io)? == 0 {
             if buf.is_empty() {
                 return Ok(None);
             }
-            bail!("peer closed mid-message");
+            return Err(ReadError::Message(anyhow!("peer closed mid-message")));
         }
     }
 }
@@ -210,10 +253,10 @@ fn request_len(b: &[u8]) -> Result<Option<usize>> {
 /// The length of the whole response (head and Content-Length body), once its head is in.
 fn response_len(b: &[u8]) -> Result<Option<usize>> {
     match framing(b) {
-        Some(Framing::Length(n)) => Ok(Some(n)),
-        Some(Framing::Chunked) => bail!("a chunked response (only Content-Length is forwarded)"),
-        // An incomplete head (or an unreadable one, which the bench backend never sends).
-        None => Ok(None),
+        Framing::Incomplete => Ok(None),
+        Framing::Length(n) => Ok(Some(n)),
+        Framing::Chunked => bail!("chunked (only Content-Length is forwarded)"),
+        Framing::Unframed => bail!("no length known from its head"),
     }
 }
 
@@ -232,5 +275,7 @@ mod tests {
         assert!(request_len(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
         assert!(response_len(chunked).is_err());
+        assert!(response_len(b"HTTP/1.1 204 No Content\r\n\r\n").is_err());
+        assert_eq!(response_len(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
     }
 }
