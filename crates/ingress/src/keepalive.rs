@@ -481,12 +481,17 @@ mod tests {
     async fn a_connection_busy_within_the_grace_keeps_its_hyper_connection() {
         let (addr, parked, _tx) = server(Duration::from_secs(60)).await;
         let mut c = Client::connect(addr).await;
-        for _ in 0..5 {
+        requests_30ms_apart(&mut c, 5).await;
+        assert_eq!(parked.load(Ordering::SeqCst), 0);
+    }
+
+    /// `n` requests, each answered, 30 ms apart.
+    async fn requests_30ms_apart(c: &mut Client, n: usize) {
+        for _ in 0..n {
             c.send(GET).await;
             assert_eq!(c.response().await, "0");
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        assert_eq!(parked.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
@@ -496,11 +501,7 @@ mod tests {
         let grace = Duration::from_millis(400);
         let (addr, parked, _tx) = server(grace).await;
         let mut c = Client::connect(addr).await;
-        for _ in 0..16 {
-            c.send(GET).await;
-            assert_eq!(c.response().await, "0");
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+        requests_30ms_apart(&mut c, 16).await;
         assert_eq!(parked.load(Ordering::SeqCst), 0);
         parked_reaches(&parked, 1).await;
         c.send(GET).await;
