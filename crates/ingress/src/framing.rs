@@ -262,6 +262,11 @@ impl<S> Scanned<S> {
     pub fn scanner(&self) -> &Scanner {
         &self.scanner
     }
+
+    /// The I/O underneath, once no request is partly read.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {

@@ -5,12 +5,13 @@
 //! connection's whole life. Here hyper serves a connection only while requests are under way.
 //! Once the connection is idle (no request open, every response handed to the socket, every
 //! byte read so far part of a finished request) the hyper connection is dropped and only the
-//! socket is kept, waiting to become readable; the next request's bytes start a new hyper
-//! connection on the same socket. An upgraded connection keeps its socket through hyper as
-//! before.
+//! socket is kept, parked without a task ([`crate::parked`]) until it becomes readable; the
+//! next request's bytes start a new hyper connection on the same socket. An upgraded
+//! connection keeps its socket through hyper as before.
 //!
-//! Timeouts are nginx's: an idle connection is closed after `keep-alive` (75 s; hyper's header
-//! timer used to close it at `client-header-timeout`, 60 s), and once the next request's
+//! Timeouts are nginx's: an idle connection is closed after `keep-alive` (75 s, to within a
+//! second; hyper's header timer used to close it at `client-header-timeout`, 60 s), on drain
+//! at once (TLS: close_notify first), and once the next request's
 //! first bytes arrive, hyper's header timer (`client-header-timeout`) runs. A connection that
 //! has not sent its first request yet stays with hyper, under that header timer.
 
@@ -70,6 +71,11 @@ impl Requests {
 pub struct Tracker(Weak<AtomicBool>);
 
 impl Tracker {
+    /// For connections that are never parked (HTTP/2).
+    pub fn none() -> Self {
+        Self(Weak::new())
+    }
+
     pub fn start(&self) -> Busy {
         let requests = self.0.upgrade();
         if let Some(r) = &requests {
@@ -145,6 +151,17 @@ impl<S> Socket<S> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The I/O back, once no hyper connection holds it.
+    pub fn into_inner(self) -> Option<S> {
+        let shared = Arc::try_unwrap(self.0).ok()?;
+        Some(
+            shared
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .io,
+        )
+    }
+
     /// The I/O for the next hyper connection.
     pub fn lend(&self) -> Lent<S> {
         let mut shared = self.lock();
@@ -162,15 +179,9 @@ impl<S: Parkable> Socket<S> {
     }
 
     /// Resolves once the socket has bytes (or an end) to read.
-    pub async fn readable(&self) -> io::Result<()> {
+    #[cfg(test)]
+    async fn readable(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.lock().io.socket().poll_read_ready(cx)).await
-    }
-}
-
-impl<S: AsyncWrite + Unpin> Socket<S> {
-    /// Closes the write side as hyper would (TLS: close_notify first).
-    pub async fn shutdown(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| Pin::new(&mut self.lock().io).poll_shutdown(cx)).await
     }
 }
 

@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod ingress_class;
 pub mod keepalive;
 pub mod metrics;
+pub mod parked;
 pub mod path_rules;
 pub mod proxy;
 pub mod ratelimit;

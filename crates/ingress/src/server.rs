@@ -1,6 +1,7 @@
 //! Listeners: accept, terminate TLS where configured, and hand each request to the proxy.
 //! Plain HTTP speaks HTTP/1.1 (as nginx on port 80); TLS negotiates h2 or http/1.1 by ALPN.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use kube_common::idle::{Activity, Tracked};
-use kube_common::serve::{Accepted, Limits, accept_loop, tls_handshake};
-use tokio::io::{AsyncRead, AsyncWrite};
+use kube_common::serve::{Accepted, Limits, Slot, accept_loop, tls_handshake};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -19,6 +20,7 @@ use crate::batched_writes::Batched;
 use crate::control_frames::ControlFrames;
 use crate::framing::{Scanned, Verdicts};
 use crate::keepalive::{self, Finishing, Lent, Outcome, Parkable, Requests, Socket, Tracker};
+use crate::parked::{Lot, Sleeper};
 use crate::proxy::{ConnInfo, Proxy, plain};
 
 /// ingress-nginx's `max-worker-connections` default: connections one worker's listener keeps
@@ -31,8 +33,16 @@ const DRAIN: Duration = Duration::from_secs(240);
 /// idle one closed by the drain its TLS close_notify.
 const FLOOD_LINGER: Duration = Duration::from_secs(1);
 
+/// What every connection of one listener shares.
+struct Listener {
+    proxy: Arc<Proxy>,
+    worker: usize,
+    tls: bool,
+}
+
 /// Accepts until `shutdown` (kube-common's accept loop), then lets open connections finish the
-/// requests they have in progress.
+/// requests they have in progress. HTTP/1 connections idle between requests wait in the
+/// listener's [`Lot`] without a task.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
@@ -44,11 +54,27 @@ pub async fn serve(
         max_connections: MAX_CONNECTIONS,
         drain: DRAIN,
     };
-    let name = if tls.is_some() { "https" } else { "http" };
-    accept_loop(name, listener, limits, shutdown, move |a| {
-        connection(a, tls.clone(), proxy.clone(), worker)
-    })
-    .await
+    let shared = Arc::new(Listener {
+        proxy,
+        worker,
+        tls: tls.is_some(),
+    });
+    match tls {
+        None => {
+            let lot = Lot::new(MAX_CONNECTIONS);
+            accept_loop("http", listener, limits, shutdown, move |a| {
+                plain_connection(a, shared.clone(), lot.clone())
+            })
+            .await
+        }
+        Some(config) => {
+            let lot = Lot::new(MAX_CONNECTIONS);
+            accept_loop("https", listener, limits, shutdown, move |a| {
+                tls_connection(a, config.clone(), shared.clone(), lot.clone())
+            })
+            .await
+        }
+    }
 }
 
 // On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
@@ -88,91 +114,250 @@ macro_rules! until_drained {
     }};
 }
 
-async fn connection(
+/// A plain connection: HTTP/1.1, as nginx on port 80.
+async fn plain_connection(a: Accepted, shared: Arc<Listener>, lot: Lot<Asleep<Plain>>) {
+    let Accepted {
+        stream,
+        remote,
+        drain,
+        slot,
+    } = a;
+    let _ = stream.set_nodelay(true);
+    let conn = Asleep {
+        idle: stream,
+        drain,
+        slot,
+        shared,
+    };
+    conn.serve(lot, Some(remote)).await;
+}
+
+/// TLS, then HTTP/2 or HTTP/1 as negotiated.
+async fn tls_connection(
     a: Accepted,
-    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
-    proxy: Arc<Proxy>,
-    worker: usize,
+    config: Arc<ArcSwap<rustls::ServerConfig>>,
+    shared: Arc<Listener>,
+    lot: Lot<Asleep<Tls>>,
 ) {
     let Accepted {
         stream,
         remote,
         drain,
+        slot,
     } = a;
     let _ = stream.set_nodelay(true);
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
-    let cfg = proxy.snapshot().config.clone();
     let activity = Arc::new(Activity::default());
-    let verdicts = Arc::new(Verdicts::default());
-    let requests = Requests::default();
-    let sessions = Sessions {
-        http1: http1_builder(&cfg),
-        service: RequestService {
-            proxy,
-            conn: Arc::new(ConnInfo::new(remote, local, tls.is_some(), worker)),
-            activity: activity.clone(),
-            framing: verdicts.clone(),
-            requests: requests.tracker(),
-        },
-        drain: drain.clone(),
-    };
-    let idle = Idle {
-        activity: &activity,
-        keep_alive: cfg.keep_alive,
-        drain: &drain,
-    };
-    match tls {
-        None => {
-            let io = Scanned::new(Tracked::new(stream, activity.clone()), verdicts);
-            http1_connection(Socket::new(io), &sessions, &requests, &idle).await;
-        }
-        // Boxed: a TLS connection's state (rustls's, kilobytes) would otherwise size every
-        // connection's task, plain and idle ones included.
-        Some(config) => {
-            let tracked = Tracked::new(stream, activity.clone());
-            let tls = tls_connection(
-                tracked, &config, &cfg, &sessions, &requests, &idle, verdicts,
-            );
-            Box::pin(tls).await;
-        }
-    }
-    activity.requests_done().await;
-}
-
-/// TLS, then HTTP/2 or HTTP/1 as negotiated.
-async fn tls_connection(
-    tracked: Tracked<TcpStream>,
-    config: &ArcSwap<rustls::ServerConfig>,
-    cfg: &crate::config::Config,
-    sessions: &Sessions,
-    requests: &Requests,
-    idle: &Idle<'_>,
-    verdicts: Arc<Verdicts>,
-) {
     // The current settings (ssl-protocols, use-http2) for each new connection.
     let acceptor = TlsAcceptor::from(config.load_full());
+    let tracked = Tracked::new(stream, activity.clone());
     let Some(tls_stream) = tls_handshake(&acceptor, tracked).await else {
         return;
     };
-    if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let conn = Asleep {
+        idle: (Box::new(tls_stream), activity),
+        drain,
+        slot,
+        shared,
+    };
+    if h2 {
+        Box::pin(conn.h2(remote)).await;
+    } else {
+        // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener.
+        conn.serve(lot, Some(remote)).await;
+    }
+}
+
+type Plain = Tracked<TcpStream>;
+type Tls = Box<TlsStream<Tracked<TcpStream>>>;
+
+/// A client connection's I/O below HTTP: plain TCP, or TLS over it.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// What the connection keeps while parked.
+    type Idle: Send + 'static;
+    fn tcp(&self) -> &TcpStream;
+    fn idle_tcp(idle: &Self::Idle) -> &TcpStream;
+    /// Back to serving: the I/O and the activity record it reports to.
+    fn resume(idle: Self::Idle) -> (Self, Arc<Activity>);
+    fn park(self, activity: Arc<Activity>) -> Self::Idle;
+}
+
+/// Parked, a plain connection is its socket alone; activity is recorded afresh.
+impl ClientIo for Plain {
+    type Idle = TcpStream;
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref()
+    }
+    fn idle_tcp(idle: &TcpStream) -> &TcpStream {
+        idle
+    }
+    fn resume(idle: TcpStream) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity::default());
+        (Tracked::new(idle, activity.clone()), activity)
+    }
+    fn park(self, _: Arc<Activity>) -> TcpStream {
+        self.into_inner()
+    }
+}
+
+/// A TLS connection keeps its session (boxed) and the activity record underneath it.
+impl ClientIo for Tls {
+    type Idle = (Self, Arc<Activity>);
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.get_ref()
+    }
+    fn idle_tcp(idle: &Self::Idle) -> &TcpStream {
+        idle.0.tcp()
+    }
+    fn resume(idle: Self::Idle) -> (Self, Arc<Activity>) {
+        idle
+    }
+    fn park(self, activity: Arc<Activity>) -> Self::Idle {
+        (self, activity)
+    }
+}
+
+/// A client connection as it is kept between requests: its socket (and TLS state, no HTTP
+/// buffers) and its place under the connection bound. What a session needs beyond this is
+/// built again when the next request's bytes arrive.
+struct Asleep<S: ClientIo> {
+    idle: S::Idle,
+    drain: CancellationToken,
+    slot: Slot,
+    shared: Arc<Listener>,
+}
+
+impl<S: ClientIo> Asleep<S> {
+    /// Serves HTTP/1 until the connection ends or is parked in `lot`. `remote` is the client's
+    /// address when known (a parked connection asks its socket again).
+    async fn serve(self, lot: Lot<Self>, remote: Option<std::net::SocketAddr>) {
+        let mut conn = self;
+        let mut remote = remote;
+        loop {
+            let Some((idle, deadline)) = conn.session(remote.take()).await else {
+                return;
+            };
+            let drain = idle.drain.clone();
+            match lot.park(idle, deadline, &drain) {
+                Ok(_) => return,
+                Err(readable) => conn = readable,
+            }
+        }
+    }
+
+    /// One session: hyper serves the connection until it ends (`None`) or is idle between
+    /// requests (see [`keepalive`]); then the connection and its keep-alive deadline.
+    async fn session(
+        self,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Option<(Self, tokio::time::Instant)> {
+        let Asleep {
+            idle,
+            drain,
+            slot,
+            shared,
+        } = self;
+        let (io, activity) = S::resume(idle);
+        let cfg = shared.proxy.snapshot().config.clone();
+        let local = io.tcp().local_addr().ok()?;
+        let remote = match remote {
+            Some(r) => r,
+            None => io.tcp().peer_addr().ok()?,
+        };
+        let verdicts = Arc::new(Verdicts::default());
+        let requests = Requests::default();
+        let sessions = Sessions {
+            http1: http1_builder(&cfg),
+            service: shared.service(remote, local, &activity, &verdicts, requests.tracker()),
+            drain: drain.clone(),
+        };
+        let socket = Socket::new(Scanned::new(io, verdicts));
+        let parked =
+            http1_connection(&socket, &sessions, &requests, &activity, cfg.keep_alive).await;
+        drop(sessions);
+        let io = match socket.into_inner() {
+            Some(scanned) if parked && !cfg.keep_alive.is_zero() => scanned.into_inner(),
+            _ => {
+                // An upgraded connection's tunnel keeps the slot until it ends.
+                activity.requests_done().await;
+                drop(slot);
+                return None;
+            }
+        };
+        let deadline = activity.last_active() + cfg.keep_alive;
+        let conn = Asleep {
+            idle: io.park(activity),
+            drain,
+            slot,
+            shared,
+        };
+        Some((conn, deadline))
+    }
+}
+
+impl Asleep<Tls> {
+    /// HTTP/2, until the connection ends or has been idle for `keep-alive`.
+    async fn h2(self, remote: std::net::SocketAddr) {
+        let Asleep {
+            idle: (io, activity),
+            drain,
+            slot,
+            shared,
+        } = self;
+        let cfg = shared.proxy.snapshot().config.clone();
+        let Ok(local) = io.tcp().local_addr() else {
+            return;
+        };
+        let service = shared.service(remote, local, &activity, &Arc::default(), Tracker::none());
         let flood = CancellationToken::new();
         // Flushes wait for the connection's next poll: the answers of every stream made ready
         // meanwhile go out in one write.
-        let io = TokioIo::new(Batched::new(ControlFrames::new(tls_stream, flood.clone())));
-        let builder = h2_builder(cfg);
+        let io = TokioIo::new(Batched::new(ControlFrames::new(*io, flood.clone())));
+        let builder = h2_builder(&cfg);
         let conn = until_drained!(
-            builder.serve_connection_with_upgrades(io, sessions.service.clone()),
-            sessions.drain.clone(),
+            builder.serve_connection_with_upgrades(io, service),
+            drain,
             Some(flood)
         );
-        until_idle(conn, idle.activity, idle.keep_alive).await;
-    } else {
-        // No ALPN or http/1.1: HTTP/1, as nginx decides on a TLS listener. Only HTTP/1
-        // carries Content-Length/Transfer-Encoding framing.
-        let io = Scanned::new(tls_stream, verdicts);
-        http1_connection(Socket::new(io), sessions, requests, idle).await;
+        until_idle(conn, &activity, cfg.keep_alive).await;
+        activity.requests_done().await;
+        drop(slot);
+    }
+}
+
+impl<S: ClientIo> Sleeper for Asleep<S> {
+    fn socket(&self) -> &TcpStream {
+        S::idle_tcp(&self.idle)
+    }
+
+    fn wake(self, lot: Lot<Self>) -> impl Future<Output = ()> + Send + 'static {
+        self.serve(lot, None)
+    }
+
+    async fn close(self) {
+        // As hyper closes an idle connection on graceful shutdown.
+        let (mut io, _) = S::resume(self.idle);
+        let _ = tokio::time::timeout(FLOOD_LINGER, io.shutdown()).await;
+    }
+}
+
+impl Listener {
+    /// The service for one session's requests.
+    fn service(
+        &self,
+        remote: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+        activity: &Arc<Activity>,
+        framing: &Arc<Verdicts>,
+        requests: Tracker,
+    ) -> RequestService {
+        RequestService {
+            proxy: self.proxy.clone(),
+            conn: Arc::new(ConnInfo::new(remote, local, self.tls, self.worker)),
+            activity: activity.clone(),
+            framing: framing.clone(),
+            requests,
+        }
     }
 }
 
@@ -198,88 +383,47 @@ impl Sessions {
     }
 }
 
-/// What ends an idle HTTP/1 connection.
-struct Idle<'a> {
-    activity: &'a Activity,
-    /// `keep-alive` (nginx's `keepalive_timeout`); zero turns keep-alive off.
-    keep_alive: Duration,
-    drain: &'a CancellationToken,
-}
-
-/// An HTTP/1 connection: a hyper connection serves it while requests are under way; between
-/// requests only the socket is kept (see [`keepalive`]), until the next request's bytes, the
-/// keep-alive timeout or the drain. The socket comes shared already, and the serving state is
-/// boxed while a session runs: a connection parked between requests keeps room only for what
-/// waiting needs (benches/README.md, change 13).
+/// Serves an HTTP/1 connection with one hyper connection until it ends (false), has been idle
+/// for `keep_alive` (false: it is closed) or is idle between requests (true: see
+/// [`keepalive`]).
 async fn http1_connection<S>(
-    socket: Socket<S>,
+    socket: &Socket<S>,
     sessions: &Sessions,
     requests: &Requests,
-    idle: &Idle<'_>,
-) where
+    activity: &Activity,
+    keep_alive: Duration,
+) -> bool
+where
     S: Parkable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // One deadline for the connection's life, not one per request.
     let timeout = async {
-        if idle.keep_alive.is_zero() {
+        if keep_alive.is_zero() {
             std::future::pending().await
         } else {
-            idle.activity.idle_for(idle.keep_alive).await
+            activity.idle_for(keep_alive).await
         }
     };
-    let mut timeout = std::pin::pin!(timeout);
-    loop {
-        let serving = Box::pin(keepalive::until_parked(
-            sessions.http1(socket.lend()),
-            &socket,
-            requests,
-            idle.activity,
-            keepalive::GRACE,
-        ));
-        let outcome = tokio::select! {
-            o = serving => o,
-            () = &mut timeout => return,
-        };
-        if outcome == Outcome::Ended {
-            return;
-        }
-        tokio::select! {
-            // A request already waiting is served (and answered with `Connection: close`
-            // when draining), as a busy connection's is.
-            biased;
-            r = socket.readable() => {
-                if r.is_err() {
-                    return;
-                }
-            }
-            () = idle.drain.cancelled() => {
-                // As hyper closes an idle connection on graceful shutdown.
-                let _ = tokio::time::timeout(FLOOD_LINGER, socket.shutdown()).await;
-                return;
-            }
-            () = &mut timeout => return,
-        }
+    let serving = keepalive::until_parked(
+        sessions.http1(socket.lend()),
+        socket,
+        requests,
+        activity,
+        keepalive::GRACE,
+    );
+    tokio::select! {
+        o = serving => o == Outcome::Parked,
+        () = timeout => false,
     }
 }
 
-/// HTTP/1 over plain TCP.
-impl Parkable for Scanned<Tracked<TcpStream>> {
+/// HTTP/1 over plain TCP, or over TLS: waiting on the TCP socket is enough there, as hyper's
+/// last read left no decrypted bytes behind.
+impl<S: ClientIo> Parkable for Scanned<S> {
     fn between_requests(&self) -> bool {
         self.scanner().between_requests()
     }
     fn socket(&self) -> &TcpStream {
-        self.get_ref().get_ref()
-    }
-}
-
-/// HTTP/1 over TLS. Waiting on the TCP socket is enough: hyper's last read left no decrypted
-/// bytes behind.
-impl Parkable for Scanned<TlsStream<Tracked<TcpStream>>> {
-    fn between_requests(&self) -> bool {
-        self.scanner().between_requests()
-    }
-    fn socket(&self) -> &TcpStream {
-        self.get_ref().get_ref().0.get_ref()
+        self.get_ref().tcp()
     }
 }
 

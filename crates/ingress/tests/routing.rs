@@ -225,6 +225,53 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
     }
 }
 
+/// Shutdown closes keep-alive connections waiting between requests (parked without a task)
+/// at once, plain and TLS, as nginx closes its idle connections when it stops; the drain does
+/// not wait for their keep-alive timeout.
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections() {
+    let mut env = env("drain-idle", &[]).await;
+    let host = serve_web(&env).await;
+    let plain = tokio::net::TcpStream::connect(env.running.http)
+        .await
+        .expect("connect");
+    let tls = integration_tests::http::tls_connect(
+        env.running.https,
+        &host,
+        ingress::upstream::upstream_tls_config(),
+    )
+    .await
+    .expect("TLS");
+    let mut senders = vec![
+        http1_client(hyper_util::rt::TokioIo::new(plain)).await,
+        http1_client(hyper_util::rt::TokioIo::new(tls)).await,
+    ];
+    for sender in &mut senders {
+        let req = http::Request::get("/")
+            .header("host", host.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body");
+    }
+    // Idle for longer than the grace: both are parked.
+    tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
+    env.shutdown.cancel();
+    eventually("idle connections closed by the proxy", WAIT, || async {
+        senders.iter().all(|s| s.is_closed())
+    })
+    .await;
+    for server in std::mem::take(&mut env.running.servers) {
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("drained")
+            .expect("server task");
+    }
+}
+
 /// `--shutdown-grace-period` (ingress-nginx's flag): after the signal, new connections are still
 /// served for the grace period while `/readyz` fails; then the listeners close.
 #[tokio::test]

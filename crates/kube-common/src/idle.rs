@@ -102,6 +102,10 @@ impl<S> Tracked<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {

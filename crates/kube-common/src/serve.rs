@@ -95,6 +95,16 @@ pub struct Accepted {
     pub remote: SocketAddr,
     /// Cancelled when the server starts draining: finish the request in progress, then close.
     pub drain: CancellationToken,
+    /// The connection's place under the bound: keep it while the connection is open (the
+    /// drain waits for every place to come back). A handler may keep it beyond its own future,
+    /// as the ingress proxy does for connections it holds idle without a task.
+    pub slot: Slot,
+}
+
+/// One open connection's place under [`Limits::max_connections`]; dropping it frees the place.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Accepts on `listener` until `shutdown`, each connection handled by `handle` on its own task;
@@ -211,15 +221,12 @@ fn spawn_connection<H, Fut>(
     H: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let conn = handle(Accepted {
+    tokio::spawn(handle(Accepted {
         stream,
         remote,
         drain: drain.clone(),
-    });
-    // A combinator, not `async move { conn.await; drop(slot) }`: an async block keeps room for
-    // the moved future twice (before and after its first poll), doubling every connection's
-    // task; idle keep-alive connections are mostly that task.
-    tokio::spawn(futures::FutureExt::map(conn, move |()| drop(slot)));
+        slot: Slot { _permit: slot },
+    }));
 }
 
 /// The TLS handshake with [`TLS_HANDSHAKE_TIMEOUT`]; `None` if it failed or took too long.
@@ -327,11 +334,18 @@ pub async fn serve_plain<F, B>(
     accept_loop(name, listener, Limits::default(), shutdown, move |a| {
         let answer = answer.clone();
         async move {
-            serve_http(a.stream, IDLE_TIMEOUT, &a.drain, move |req| {
+            let Accepted {
+                stream,
+                drain,
+                slot,
+                ..
+            } = a;
+            serve_http(stream, IDLE_TIMEOUT, &drain, move |req| {
                 let response = answer(&req);
                 async move { response }
             })
-            .await
+            .await;
+            drop(slot);
         }
     })
     .await
@@ -357,11 +371,18 @@ pub async fn serve_https<F, Fut, B>(
     accept_loop(name, listener, Limits::default(), shutdown, move |a| {
         let (acceptor, service) = (acceptor.clone(), service.clone());
         async move {
+            let Accepted {
+                stream,
+                drain,
+                slot,
+                ..
+            } = a;
             // Fails while no certificate is loaded yet; the apiserver retries.
-            let Some(tls) = tls_handshake(&acceptor, a.stream).await else {
+            let Some(tls) = tls_handshake(&acceptor, stream).await else {
                 return;
             };
-            serve_http(tls, POOLED_CLIENT_IDLE_TIMEOUT, &a.drain, service).await;
+            serve_http(tls, POOLED_CLIENT_IDLE_TIMEOUT, &drain, service).await;
+            drop(slot);
         }
     })
     .await

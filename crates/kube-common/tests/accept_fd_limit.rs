@@ -80,9 +80,12 @@ async fn accept_survives_running_out_of_file_descriptors() {
         move |a: Accepted| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move {
-                let mut s = a.stream;
+                let Accepted {
+                    mut stream, slot, ..
+                } = a;
                 let mut buf = [0u8; 1];
-                let _ = s.read(&mut buf).await;
+                let _ = stream.read(&mut buf).await;
+                drop(slot);
             }
         },
     ));
