@@ -51,6 +51,12 @@ pub trait Parkable {
 pub struct Requests(Arc<AtomicBool>);
 
 impl Requests {
+    /// For a connection woken from parking: its first request is behind it, so it is parked
+    /// again once idle even if what woke it was no request (a TLS record without data).
+    pub fn resumed() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
     /// The handle the connection's service keeps: a weak one, so that the service itself is
     /// not counted as a request under way.
     pub fn tracker(&self) -> Tracker {
@@ -333,6 +339,14 @@ mod tests {
     async fn server(
         grace: Duration,
     ) -> (std::net::SocketAddr, Arc<AtomicUsize>, mpsc::Sender<Bytes>) {
+        server_with(grace, Requests::default).await
+    }
+
+    /// [`server`], its connection's requests tracked from `requests`.
+    async fn server_with(
+        grace: Duration,
+        requests: fn() -> Requests,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>, mpsc::Sender<Bytes>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let parked = Arc::new(AtomicUsize::new(0));
@@ -344,7 +358,7 @@ mod tests {
             let activity = Arc::new(Activity::default());
             let stream = kube_common::idle::Tracked::new(stream, activity.clone());
             let socket = Socket::new(Scanned::new(stream, Arc::default()));
-            let requests = Requests::default();
+            let requests = requests();
             let svc = {
                 let tracker = requests.tracker();
                 service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -469,6 +483,16 @@ mod tests {
         c.send(GET).await;
         assert_eq!(c.response().await, "0");
         parked_reaches(&parked, 1).await;
+    }
+
+    #[tokio::test]
+    async fn a_woken_connection_is_parked_again_without_a_request() {
+        // Woken by a TLS record without data, say: it does not stay with hyper.
+        let (addr, parked, _tx) = server_with(GRACE, Requests::resumed).await;
+        let mut c = Client::connect(addr).await;
+        parked_reaches(&parked, 1).await;
+        c.send(GET).await;
+        assert_eq!(c.response().await, "0");
     }
 
     #[tokio::test]

@@ -69,15 +69,6 @@ struct Entry<C> {
     generation: u32,
 }
 
-/// What parking did with a connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Parking {
-    /// Parked, or closed because the server drains or the socket failed.
-    Done,
-    /// Already readable: serve it now.
-    Readable,
-}
-
 impl<C: Sleeper> Lot<C> {
     /// A lot for up to `capacity` connections at a time (more still fit).
     pub fn new(capacity: usize) -> Self {
@@ -96,12 +87,9 @@ impl<C: Sleeper> Lot<C> {
 
     /// Parks `conn` until its socket is readable, `deadline` passes (it is closed) or `drain`
     /// (it is closed with [`Sleeper::close`]). A connection already readable is handed back.
-    pub fn park(
-        &self,
-        conn: C,
-        deadline: Instant,
-        drain: &CancellationToken,
-    ) -> Result<Parking, C> {
+    /// The lot watches the `drain` of its first park: every connection of one listener
+    /// shares it.
+    pub fn park(&self, conn: C, deadline: Instant, drain: &CancellationToken) -> Result<(), C> {
         let mut state = self.lock();
         if !state.running {
             state.running = true;
@@ -120,20 +108,24 @@ impl<C: Sleeper> Lot<C> {
         match poll_read_ready(conn.socket(), &waker) {
             Poll::Ready(Ok(())) => return Err(conn),
             // The runtime is going away.
-            Poll::Ready(Err(_)) => return Ok(Parking::Done),
+            Poll::Ready(Err(_)) => {
+                drop(state);
+                drop(conn);
+                return Ok(());
+            }
             Poll::Pending => {}
         }
         if state.draining || drain.is_cancelled() {
             drop(state);
             tokio::spawn(conn.close());
-            return Ok(Parking::Done);
+            return Ok(());
         }
         state.parked.insert(Entry {
             conn,
             deadline,
             generation,
         });
-        Ok(Parking::Done)
+        Ok(())
     }
 
     /// How many connections are parked.
@@ -200,13 +192,15 @@ impl<C: Sleeper> Lot<C> {
                 .map(|key| state.parked.remove(key).conn)
                 .collect()
         };
-        // Outside the lock: dropping a socket drops the token its readiness held.
+        // Closed outside the lock: the sockets' deregistration is no work for the critical
+        // section.
         drop(expired);
     }
 }
 
-/// Registers `waker` for the socket's read readiness. Outside tokio's cooperative budget: an
-/// exhausted budget would wake the token at once instead of registering it.
+/// Registers `waker` for the socket's read readiness. Outside tokio's cooperative budget: with
+/// the budget spent, tokio would not register the waker but wake it, resuming the connection
+/// for nothing.
 fn poll_read_ready(socket: &TcpStream, waker: &Waker) -> Poll<io::Result<()>> {
     let mut cx = Context::from_waker(waker);
     let mut ready =
@@ -300,7 +294,7 @@ mod tests {
             drain: drain.clone(),
         };
         let parking = lot.park(conn, Instant::now() + deadline, &drain);
-        assert_eq!(parking.ok(), Some(Parking::Done));
+        assert!(parking.is_ok());
         assert_eq!(lot.len(), 1);
         (lot, client, counts, drain)
     }
@@ -382,7 +376,7 @@ mod tests {
         assert_eq!(counts.closed.load(Ordering::SeqCst), 1);
         assert_eq!(lot.len(), 0);
         // A connection parking once the drain has begun is closed at once.
-        let (_lot2, _client2, counts2, _d) = parked(Duration::from_secs(60)).await;
+        let counts2 = Arc::new(Counts::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _c = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -394,7 +388,7 @@ mod tests {
             drain: drain.clone(),
         };
         let parking = lot.park(conn, Instant::now() + Duration::from_secs(60), &drain);
-        assert_eq!(parking.ok(), Some(Parking::Done));
+        assert!(parking.is_ok());
         assert_eq!(lot.len(), 0);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(counts2.closed.load(Ordering::SeqCst), 1);
@@ -402,7 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_token_does_not_wake_the_next_entry_in_its_slot() {
-        let (lot, _client, counts, drain) = parked(Duration::from_secs(60)).await;
+        let (lot, _client, counts, _drain) = parked(Duration::from_secs(60)).await;
         // A token for slot 0 from an earlier generation.
         let stale = Arc::new(Token {
             lot: Arc::downgrade(&lot.0),
@@ -413,6 +407,5 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(counts.woken.load(Ordering::SeqCst), 0);
         assert_eq!(lot.len(), 1);
-        drop(drain);
     }
 }

@@ -40,8 +40,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The proxy worker serving the connection: its upstream pool is used.
     pub worker: usize,
-    /// The peer's address and our port as header values, formatted once per connection
-    /// rather than per request.
+    /// The peer's address and our port as header values, formatted once per session (the
+    /// requests between two idle spells of a connection) rather than per request.
     remote_ip: HeaderValue,
     local_port: HeaderValue,
 }
