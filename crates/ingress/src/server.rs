@@ -114,8 +114,8 @@ macro_rules! until_drained {
     }};
 }
 
-/// A plain connection: HTTP/1.1, as nginx on port 80.
-async fn plain_connection(a: Accepted, shared: Arc<Listener>, lot: Lot<Asleep<Plain>>) {
+/// An accepted connection's parts, Nagle's algorithm off.
+fn opened(a: Accepted) -> (TcpStream, std::net::SocketAddr, CancellationToken, Slot) {
     let Accepted {
         stream,
         remote,
@@ -123,6 +123,12 @@ async fn plain_connection(a: Accepted, shared: Arc<Listener>, lot: Lot<Asleep<Pl
         slot,
     } = a;
     let _ = stream.set_nodelay(true);
+    (stream, remote, drain, slot)
+}
+
+/// A plain connection: HTTP/1.1, as nginx on port 80.
+async fn plain_connection(a: Accepted, shared: Arc<Listener>, lot: Lot<Asleep<Plain>>) {
+    let (stream, remote, drain, slot) = opened(a);
     let conn = Asleep {
         idle: stream,
         drain,
@@ -139,13 +145,7 @@ async fn tls_connection(
     shared: Arc<Listener>,
     lot: Lot<Asleep<Tls>>,
 ) {
-    let Accepted {
-        stream,
-        remote,
-        drain,
-        slot,
-    } = a;
-    let _ = stream.set_nodelay(true);
+    let (stream, remote, drain, slot) = opened(a);
     let activity = Arc::new(Activity::default());
     // The current settings (ssl-protocols, use-http2) for each new connection.
     let acceptor = TlsAcceptor::from(config.load_full());

@@ -311,13 +311,7 @@ async fn keep_alive_connections_are_served_after_idling_plain_and_tls() {
     .await;
     let plain = TcpStream::connect(env.running.http).await.expect("connect");
     requests_after_idling(TokioIo::new(plain), &host, 3).await;
-    let tls = integration_tests::http::tls_connect(
-        env.running.https,
-        &host,
-        ingress::upstream::upstream_tls_config(),
-    )
-    .await
-    .expect("TLS");
+    let tls = tls_any_cert(env.running.https, &host).await;
     requests_after_idling(TokioIo::new(tls), &host, 3).await;
 }
 

@@ -235,13 +235,7 @@ async fn shutdown_closes_idle_keep_alive_connections() {
     let plain = tokio::net::TcpStream::connect(env.running.http)
         .await
         .expect("connect");
-    let tls = integration_tests::http::tls_connect(
-        env.running.https,
-        &host,
-        ingress::upstream::upstream_tls_config(),
-    )
-    .await
-    .expect("TLS");
+    let tls = tls_any_cert(env.running.https, &host).await;
     let mut senders = vec![
         http1_client(hyper_util::rt::TokioIo::new(plain)).await,
         http1_client(hyper_util::rt::TokioIo::new(tls)).await,

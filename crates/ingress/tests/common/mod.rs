@@ -313,6 +313,16 @@ where
     }
 }
 
+/// A TLS connection for `host` that accepts any certificate (HTTP/1: no ALPN).
+pub async fn tls_any_cert(
+    addr: SocketAddr,
+    host: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    integration_tests::http::tls_connect(addr, host, ingress::upstream::upstream_tls_config())
+        .await
+        .expect("TLS")
+}
+
 /// An HTTP/1 client connection over `io`, its connection task spawned.
 pub async fn http1_client<I>(io: I) -> hyper::client::conn::http1::SendRequest<Full<Bytes>>
 where
