@@ -361,6 +361,8 @@ mod tests {
         assert_eq!(n, 0);
         assert_eq!(lot.len(), 0);
         assert_eq!(counts.woken.load(Ordering::SeqCst), 0);
+        // Gone, not kept alive by its waker: with it goes its place under the bound.
+        assert_eq!(Arc::strong_count(&counts), 1);
     }
 
     #[tokio::test]
