@@ -32,6 +32,9 @@ pub struct Config {
     pub proxy_send_timeout: Duration,
     pub client_header_timeout: Duration,
     pub keep_alive: Duration,
+    /// Requests one client connection serves before it is closed (HTTP/1: `Connection:
+    /// close` on the last; HTTP/2: GOAWAY), nginx's `keepalive_requests`.
+    pub keep_alive_requests: u32,
     pub upstream_keepalive_connections: u32,
     pub upstream_keepalive_timeout: Duration,
     /// Requests one upstream connection serves before it is closed.
@@ -74,6 +77,7 @@ impl Default for Config {
             proxy_send_timeout: Duration::from_secs(60),
             client_header_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(75),
+            keep_alive_requests: 1000,
             upstream_keepalive_connections: 320,
             upstream_keepalive_timeout: Duration::from_secs(60),
             upstream_keepalive_requests: 10_000,
@@ -188,6 +192,7 @@ impl Config {
             "proxy-send-timeout" => self.proxy_send_timeout = parse_seconds(k, v)?,
             "client-header-timeout" => self.client_header_timeout = parse_seconds(k, v)?,
             "keep-alive" => self.keep_alive = parse_seconds(k, v)?,
+            "keep-alive-requests" => self.keep_alive_requests = parse_u32(k, v)?,
             "upstream-keepalive-connections" => {
                 self.upstream_keepalive_connections = parse_u32(k, v)?
             }

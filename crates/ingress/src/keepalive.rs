@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 
@@ -45,16 +45,17 @@ pub trait Parkable {
     fn socket(&self) -> &TcpStream;
 }
 
-/// A connection's requests: whether one has started, and which are under way (each holds a
-/// [`Busy`] from its head until hyper has taken its whole response body).
+/// A connection's requests: how many have started (upstream's `keep-alive-requests` counts
+/// them), and which are under way (each holds a [`Busy`] from its head until hyper has taken
+/// its whole response body).
 #[derive(Debug, Default)]
-pub struct Requests(Arc<AtomicBool>);
+pub struct Requests(Arc<AtomicU32>);
 
 impl Requests {
-    /// For a connection woken from parking: its first request is behind it, so it is parked
-    /// again once idle even if what woke it was no request (a TLS record without data).
-    pub fn resumed() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+    /// For a connection woken from parking, `served` requests behind it (at least one): it is
+    /// parked again once idle even if what woke it was no request (a TLS record without data).
+    pub fn resumed(served: u32) -> Self {
+        Self(Arc::new(AtomicU32::new(served.max(1))))
     }
 
     /// The handle the connection's service keeps: a weak one, so that the service itself is
@@ -63,40 +64,42 @@ impl Requests {
         Tracker(Arc::downgrade(&self.0))
     }
 
+    /// How many requests have started on the connection.
+    pub fn count(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
     fn none(&self) -> bool {
         Arc::strong_count(&self.0) == 1
     }
 
     fn started(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.count() > 0
     }
 }
 
 /// Starts [`Busy`] marks for one connection's requests.
 #[derive(Clone, Debug)]
-pub struct Tracker(Weak<AtomicBool>);
+pub struct Tracker(Weak<AtomicU32>);
 
 impl Tracker {
-    /// For connections that are never parked (HTTP/2).
-    pub fn none() -> Self {
-        Self(Weak::new())
-    }
-
-    pub fn start(&self) -> Busy {
+    /// Marks a request under way; with its number on the connection (from 1).
+    pub fn start(&self) -> (Busy, u32) {
         let requests = self.0.upgrade();
-        if let Some(r) = &requests {
-            r.store(true, Ordering::Relaxed);
-        }
-        Busy {
+        let nth = requests
+            .as_ref()
+            .map_or(0, |r| r.fetch_add(1, Ordering::Relaxed).saturating_add(1));
+        let busy = Busy {
             _requests: requests,
-        }
+        };
+        (busy, nth)
     }
 }
 
 /// One request under way.
 #[derive(Debug)]
 pub struct Busy {
-    _requests: Option<Arc<AtomicBool>>,
+    _requests: Option<Arc<AtomicU32>>,
 }
 
 /// A response body that keeps its connection [`Busy`] until hyper drops it.
@@ -362,7 +365,7 @@ mod tests {
             let svc = {
                 let tracker = requests.tracker();
                 service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let busy = tracker.start();
+                    let (busy, _) = tracker.start();
                     let slow = slow.clone();
                     async move {
                         let body: TestBody = if req.uri().path() == "/slow" {
@@ -488,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn a_woken_connection_is_parked_again_without_a_request() {
         // Woken by a TLS record without data, say: it does not stay with hyper.
-        let (addr, parked, _tx) = server_with(GRACE, Requests::resumed).await;
+        let (addr, parked, _tx) = server_with(GRACE, || Requests::resumed(1)).await;
         let mut c = Client::connect(addr).await;
         parked_reaches(&parked, 1).await;
         c.send(GET).await;

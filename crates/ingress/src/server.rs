@@ -131,6 +131,7 @@ async fn plain_connection(a: Accepted, shared: Arc<Listener>, lot: Lot<Asleep<Pl
     let (stream, remote, drain, slot) = opened(a);
     let conn = Asleep {
         idle: stream,
+        served: 0,
         drain,
         slot,
         shared,
@@ -156,6 +157,7 @@ async fn tls_connection(
     let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let conn = Asleep {
         idle: (Box::new(tls_stream), activity),
+        served: 0,
         drain,
         slot,
         shared,
@@ -222,6 +224,8 @@ impl ClientIo for Tls {
 /// built again when the next request's bytes arrive.
 struct Asleep<S: ClientIo> {
     idle: S::Idle,
+    /// Requests served so far (`keep-alive-requests`).
+    served: u32,
     drain: CancellationToken,
     slot: Slot,
     shared: Arc<Listener>,
@@ -251,6 +255,7 @@ impl<S: ClientIo> Asleep<S> {
     ) -> Option<(Self, tokio::time::Instant)> {
         let Asleep {
             idle,
+            served,
             drain,
             slot,
             shared,
@@ -260,14 +265,23 @@ impl<S: ClientIo> Asleep<S> {
         // A parked connection keeps no addresses (two system calls per wake-up, against 0.2 KiB
         // per idle connection); one whose peer has gone (ENOTCONN) is closed here.
         let local = io.tcp().local_addr().ok()?;
-        let (remote, requests) = match remote {
-            Some(r) => (r, Requests::default()),
-            None => (io.tcp().peer_addr().ok()?, Requests::resumed()),
+        let remote = match remote {
+            Some(r) => r,
+            None => io.tcp().peer_addr().ok()?,
+        };
+        let requests = match served {
+            0 => Requests::default(),
+            n => Requests::resumed(n),
         };
         let verdicts = Arc::new(Verdicts::default());
+        let last = LastRequest {
+            after: cfg.keep_alive_requests,
+            goaway: None,
+        };
+        let service = shared.service(remote, local, &activity, &verdicts, &requests, last);
         let sessions = Sessions {
             http1: http1_builder(&cfg),
-            service: shared.service(remote, local, &activity, &verdicts, requests.tracker()),
+            service,
             drain: drain.clone(),
         };
         let socket = Socket::new(Scanned::new(io, verdicts));
@@ -285,6 +299,7 @@ impl<S: ClientIo> Asleep<S> {
         let deadline = activity.last_active() + cfg.keep_alive;
         let conn = Asleep {
             idle: io.into_idle(activity),
+            served: requests.count(),
             drain,
             slot,
             shared,
@@ -301,12 +316,21 @@ impl Asleep<Tls> {
             drain,
             slot,
             shared,
+            ..
         } = self;
         let cfg = shared.proxy.snapshot().config.clone();
         let Ok(local) = io.tcp().local_addr() else {
             return;
         };
-        let service = shared.service(remote, local, &activity, &Arc::default(), Tracker::none());
+        let requests = Requests::default();
+        // `keep-alive-requests` ends the connection as the drain does (GOAWAY, streams under
+        // way finish).
+        let goaway = drain.child_token();
+        let last = LastRequest {
+            after: cfg.keep_alive_requests,
+            goaway: Some(goaway.clone()),
+        };
+        let service = shared.service(remote, local, &activity, &Arc::default(), &requests, last);
         let flood = CancellationToken::new();
         // Flushes wait for the connection's next poll: the answers of every stream made ready
         // meanwhile go out in one write.
@@ -314,7 +338,7 @@ impl Asleep<Tls> {
         let builder = h2_builder(&cfg);
         let conn = until_drained!(
             builder.serve_connection_with_upgrades(io, service),
-            drain,
+            goaway,
             Some(flood)
         );
         until_idle(conn, &activity, cfg.keep_alive).await;
@@ -347,14 +371,16 @@ impl Listener {
         local: std::net::SocketAddr,
         activity: &Arc<Activity>,
         framing: &Arc<Verdicts>,
-        requests: Tracker,
+        requests: &Requests,
+        last: LastRequest,
     ) -> RequestService {
         RequestService {
             proxy: self.proxy.clone(),
             conn: Arc::new(ConnInfo::new(remote, local, self.tls, self.worker)),
             activity: activity.clone(),
             framing: framing.clone(),
-            requests,
+            requests: requests.tracker(),
+            last,
         }
     }
 }
@@ -464,6 +490,16 @@ struct RequestService {
     activity: Arc<Activity>,
     framing: Arc<Verdicts>,
     requests: Tracker,
+    last: LastRequest,
+}
+
+/// `keep-alive-requests`: the connection's last request, and how it ends the connection.
+#[derive(Clone)]
+struct LastRequest {
+    /// The number of the last request.
+    after: u32,
+    /// HTTP/2: cancelled to send GOAWAY. HTTP/1 answers the last with `Connection: close`.
+    goaway: Option<CancellationToken>,
 }
 
 type Response = hyper::Response<Finishing<crate::proxy::Body>>;
@@ -489,7 +525,13 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RequestS
         let conflict = req.version() <= http::Version::HTTP_11 && self.framing.next();
         let proxy = self.proxy.clone();
         let conn = self.conn.clone();
-        let busy = self.requests.start();
+        let (busy, nth) = self.requests.start();
+        let last = nth >= self.last.after;
+        if last && let Some(goaway) = &self.last.goaway {
+            goaway.cancel();
+        }
+        // An upgrade's 101 keeps its connection, for the tunnel.
+        let close = last && req.version() <= http::Version::HTTP_11;
         Box::pin(async move {
             let response = if conflict {
                 plain(
@@ -501,6 +543,13 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RequestS
                 response
             };
             drop(guard);
+            let mut response = response;
+            if close && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Ok(response.map(|body| Finishing::new(body, busy)))
         })
     }

@@ -315,6 +315,73 @@ async fn keep_alive_connections_are_served_after_idling_plain_and_tls() {
     requests_after_idling(TokioIo::new(tls), &host, 3).await;
 }
 
+/// `keep-alive-requests` (nginx's `keepalive_requests`): the last request a client connection
+/// serves. HTTP/1 answers it with `Connection: close` and closes, the count going on across
+/// idle spells (the connection parked between them); HTTP/2 sends GOAWAY.
+#[tokio::test]
+async fn keep_alive_requests_ends_client_connections() {
+    let flag = controller_configmap("kar", json!({"keep-alive-requests": "3"})).await;
+    let env = env("kar", &[&flag]).await;
+    let b = backend("kar").await;
+    service(&env.client, &env.ns, "kar", &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress("kar", &host, "/", "Prefix", "kar"),
+    )
+    .await;
+    eventually("route", WAIT, || async {
+        get(env.running.http, &host, "/").await.status == 200
+    })
+    .await;
+
+    let plain = TcpStream::connect(env.running.http).await.expect("connect");
+    let mut sender = http1_client(TokioIo::new(plain)).await;
+    for i in 1..=3 {
+        // Longer than the grace: parked between requests.
+        tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
+        let req = Request::get("/")
+            .header("host", host.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        let close = resp
+            .headers()
+            .get("connection")
+            .map(|v| v.as_bytes().to_vec());
+        assert_eq!(close.is_some(), i == 3, "request {i}: {close:?}");
+        resp.into_body().collect().await.expect("body");
+    }
+    eventually("HTTP/1 connection closed", WAIT, || async {
+        sender.is_closed()
+    })
+    .await;
+
+    let tls = integration_tests::http::tls_connect(env.running.https, &host, h2_client_config())
+        .await
+        .expect("tls");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get(format!("https://{host}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = h2.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.expect("body");
+    }
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("HTTP/2 connection ended by GOAWAY")
+        .expect("connection task")
+        .expect("a clean end");
+}
+
 /// An HTTPS backend with a self-signed certificate (nginx does not verify upstreams by default).
 async fn https_backend() -> std::net::SocketAddr {
     let key = rcgen::KeyPair::generate().expect("key");
