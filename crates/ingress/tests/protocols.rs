@@ -296,19 +296,7 @@ where
 #[tokio::test]
 async fn keep_alive_connections_are_served_after_idling_plain_and_tls() {
     let env = env("idle", &[]).await;
-    let b = backend("idle").await;
-    service(&env.client, &env.ns, "idle", &[b], &[]).await;
-    let host = format!("{}.example", env.ns);
-    apply_ingress(
-        &env.client,
-        &env.ns,
-        simple_ingress("idle", &host, "/", "Prefix", "idle"),
-    )
-    .await;
-    eventually("route", WAIT, || async {
-        get(env.running.http, &host, "/").await.status == 200
-    })
-    .await;
+    let host = serve_backend(&env, "idle").await;
     let plain = TcpStream::connect(env.running.http).await.expect("connect");
     requests_after_idling(TokioIo::new(plain), &host, 3).await;
     let tls = tls_any_cert(env.running.https, &host).await;
@@ -322,19 +310,7 @@ async fn keep_alive_connections_are_served_after_idling_plain_and_tls() {
 async fn keep_alive_requests_ends_client_connections() {
     let flag = controller_configmap("kar", json!({"keep-alive-requests": "3"})).await;
     let env = env("kar", &[&flag]).await;
-    let b = backend("kar").await;
-    service(&env.client, &env.ns, "kar", &[b], &[]).await;
-    let host = format!("{}.example", env.ns);
-    apply_ingress(
-        &env.client,
-        &env.ns,
-        simple_ingress("kar", &host, "/", "Prefix", "kar"),
-    )
-    .await;
-    eventually("route", WAIT, || async {
-        get(env.running.http, &host, "/").await.status == 200
-    })
-    .await;
+    let host = serve_backend(&env, "kar").await;
 
     let plain = TcpStream::connect(env.running.http).await.expect("connect");
     let mut sender = http1_client(TokioIo::new(plain)).await;

@@ -178,31 +178,12 @@ async fn metric_labels_a_client_controls_stay_bounded() {
     assert!(m.contains("method=\"UNKNOWN\""), "{m}");
 }
 
-/// An echo backend "web" behind `<ns>.example/`, served: returns the host.
-async fn serve_web(env: &Env) -> String {
-    let b = backend("web").await;
-    service(&env.client, &env.ns, "web", &[b], &[]).await;
-    let host = format!("{}.example", env.ns);
-    apply_ingress(
-        &env.client,
-        &env.ns,
-        simple_ingress("web", &host, "/", "Prefix", "web"),
-    )
-    .await;
-    let http = env.running.http;
-    eventually("served", WAIT, || async {
-        get(http, &host, "/").await.status == 200
-    })
-    .await;
-    host
-}
-
 /// Shutdown: the listeners close at once (a second instance can take the port), requests in
 /// flight still complete, and the servers end when their connections have drained.
 #[tokio::test]
 async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
     let mut env = env("drain", &[]).await;
-    let host = serve_web(&env).await;
+    let host = serve_backend(&env, "web").await;
     let http = env.running.http;
     let in_flight = tokio::spawn({
         let host = host.clone();
@@ -231,7 +212,7 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
 #[tokio::test]
 async fn shutdown_closes_idle_keep_alive_connections() {
     let mut env = env("drain-idle", &[]).await;
-    let host = serve_web(&env).await;
+    let host = serve_backend(&env, "web").await;
     let plain = tokio::net::TcpStream::connect(env.running.http)
         .await
         .expect("connect");
@@ -271,7 +252,7 @@ async fn shutdown_closes_idle_keep_alive_connections() {
 #[tokio::test]
 async fn shutdown_grace_period_keeps_serving_while_not_ready() {
     let env = env("grace", &["--shutdown-grace-period=2"]).await;
-    let host = serve_web(&env).await;
+    let host = serve_backend(&env, "web").await;
     let (http, health) = (env.running.http, env.running.health);
     assert_eq!(get(health, "health", "/readyz").await.status, 200);
     env.shutdown.cancel();
@@ -297,7 +278,7 @@ async fn shutdown_grace_period_keeps_serving_while_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_takes_over_the_ports_without_a_failed_request() {
     let mut first = env("handover", &["--shutdown-grace-period=1"]).await;
-    let host = serve_web(&first).await;
+    let host = serve_backend(&first, "web").await;
     let (http, https) = (first.running.http, first.running.https);
     // A connection to the first instance (the only one yet), for a request in flight when it
     // is told to stop.

@@ -313,6 +313,25 @@ where
     }
 }
 
+/// An echo backend `name` behind `<ns>.example/`, served: returns the host.
+pub async fn serve_backend(env: &Env, name: &'static str) -> String {
+    let b = backend(name).await;
+    service(&env.client, &env.ns, name, &[b], &[]).await;
+    let host = format!("{}.example", env.ns);
+    apply_ingress(
+        &env.client,
+        &env.ns,
+        simple_ingress(name, &host, "/", "Prefix", name),
+    )
+    .await;
+    let http = env.running.http;
+    eventually("served", Duration::from_secs(20), || async {
+        get(http, &host, "/").await.status == 200
+    })
+    .await;
+    host
+}
+
 /// A TLS connection for `host` that accepts any certificate (HTTP/1: no ALPN).
 pub async fn tls_any_cert(
     addr: SocketAddr,
