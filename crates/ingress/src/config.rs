@@ -311,9 +311,12 @@ mod tests {
             ("hsts-preload", "true"),
             ("upstream-keepalive-requests", "100"),
             ("upstream-keepalive-time", "30m"),
+            ("keep-alive-requests", "50"),
         ])
         .expect("valid");
         assert_eq!(p.config.upstream_keepalive_requests, 100);
+        assert_eq!(p.config.keep_alive_requests, 50);
+        assert_eq!(Config::default().keep_alive_requests, 1000);
         assert_eq!(p.config.upstream_keepalive_time, Duration::from_secs(1800));
         assert_eq!(p.config.worker_processes, Some(3));
         assert_eq!(p.config.workers(), 3);

@@ -78,7 +78,8 @@ pub async fn serve(
 }
 
 // On drain hyper finishes the request in progress and closes: HTTP/1 answers it with
-// `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY.
+// `Connection: close` (an idle connection closes at once), HTTP/2 sends GOAWAY. HTTP/2's
+// `keep-alive-requests` ends a connection through the same token (a child of the drain).
 // A connection that spent its control-frame budget (`control_frames`) gets GOAWAY the same
 // way, then at most FLOOD_LINGER to finish: nothing more is read from it.
 macro_rules! until_drained {
@@ -275,7 +276,7 @@ impl<S: ClientIo> Asleep<S> {
         };
         let verdicts = Arc::new(Verdicts::default());
         let last = LastRequest {
-            after: cfg.keep_alive_requests,
+            limit: cfg.keep_alive_requests,
             goaway: None,
         };
         let service = shared.service(remote, local, &activity, &verdicts, &requests, last);
@@ -327,7 +328,7 @@ impl Asleep<Tls> {
         // way finish).
         let goaway = drain.child_token();
         let last = LastRequest {
-            after: cfg.keep_alive_requests,
+            limit: cfg.keep_alive_requests,
             goaway: Some(goaway.clone()),
         };
         let service = shared.service(remote, local, &activity, &Arc::default(), &requests, last);
@@ -497,8 +498,10 @@ struct RequestService {
 #[derive(Clone)]
 struct LastRequest {
     /// The number of the last request.
-    after: u32,
-    /// HTTP/2: cancelled to send GOAWAY. HTTP/1 answers the last with `Connection: close`.
+    limit: u32,
+    /// HTTP/2: cancelled to send GOAWAY. The limit is soft there, as in hyper's graceful
+    /// shutdown: streams the client opens before it has acknowledged the GOAWAY are served.
+    /// HTTP/1 answers the last request with `Connection: close`.
     goaway: Option<CancellationToken>,
 }
 
@@ -526,12 +529,12 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RequestS
         let proxy = self.proxy.clone();
         let conn = self.conn.clone();
         let (busy, nth) = self.requests.start();
-        let last = nth >= self.last.after;
+        let last = nth >= self.last.limit;
         if last && let Some(goaway) = &self.last.goaway {
             goaway.cancel();
         }
-        // An upgrade's 101 keeps its connection, for the tunnel.
         let close = last && req.version() <= http::Version::HTTP_11;
+        let http10 = req.version() == http::Version::HTTP_10;
         Box::pin(async move {
             let response = if conflict {
                 plain(
@@ -544,11 +547,16 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for RequestS
             };
             drop(guard);
             let mut response = response;
+            // An upgrade's 101 keeps its connection, for the tunnel.
             if close && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
+                // hyper would add `keep-alive` for an HTTP/1.0 client that asked for it.
+                if http10 {
+                    *response.version_mut() = http::Version::HTTP_10;
+                }
             }
             Ok(response.map(|body| Finishing::new(body, busy)))
         })

@@ -315,7 +315,7 @@ async fn keep_alive_requests_ends_client_connections() {
     let plain = TcpStream::connect(env.running.http).await.expect("connect");
     let mut sender = http1_client(TokioIo::new(plain)).await;
     for i in 1..=3 {
-        // Longer than the grace: parked between requests.
+        // Longer than the grace: parked before requests 2 and 3.
         tokio::time::sleep(ingress::keepalive::GRACE * 10).await;
         let req = Request::get("/")
             .header("host", host.as_str())
@@ -327,13 +327,22 @@ async fn keep_alive_requests_ends_client_connections() {
             .headers()
             .get("connection")
             .map(|v| v.as_bytes().to_vec());
-        assert_eq!(close.is_some(), i == 3, "request {i}: {close:?}");
+        let expected = (i == 3).then(|| b"close".to_vec());
+        assert_eq!(close, expected, "request {i}");
         resp.into_body().collect().await.expect("body");
     }
     eventually("HTTP/1 connection closed", WAIT, || async {
         sender.is_closed()
     })
     .await;
+
+    // HTTP/1.0 keep-alive, pipelined: the third answer closes, without a `keep-alive` token.
+    let one = format!("GET / HTTP/1.0\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n");
+    let all = raw_exchange_all(env.running.http, one.repeat(4).as_bytes()).await;
+    let heads = response_heads(&all);
+    assert_eq!(heads.len(), 3, "{all}");
+    assert!(heads[2].contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(!heads[2].contains("keep-alive"), "{all}");
 
     let tls = integration_tests::http::tls_connect(env.running.https, &host, h2_client_config())
         .await
@@ -356,6 +365,23 @@ async fn keep_alive_requests_ends_client_connections() {
         .expect("HTTP/2 connection ended by GOAWAY")
         .expect("connection task")
         .expect("a clean end");
+}
+
+/// The heads (lowercased) of the responses in `all`, each followed by its Content-Length body.
+fn response_heads(all: &str) -> Vec<String> {
+    let mut heads = Vec::new();
+    let mut rest = all;
+    while let Some(end) = rest.find("\r\n\r\n") {
+        let head = rest[..end + 2].to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        rest = rest.get(end + 4 + length..).unwrap_or("");
+        heads.push(head);
+    }
+    heads
 }
 
 /// An HTTPS backend with a self-signed certificate (nginx does not verify upstreams by default).
