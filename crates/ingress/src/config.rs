@@ -25,6 +25,9 @@ pub struct Config {
     pub ssl_protocols: Vec<String>,
     pub ssl_reject_handshake: bool,
     pub use_http2: bool,
+    /// Streams one HTTP/2 client connection may have open at once (`http2-max-concurrent-streams`,
+    /// nginx's `http2_max_concurrent_streams`); hyper's own default is 200.
+    pub http2_max_concurrent_streams: u32,
     /// None: unlimited.
     pub proxy_body_size: Option<u64>,
     pub proxy_connect_timeout: Duration,
@@ -71,6 +74,7 @@ impl Default for Config {
             ssl_protocols: vec!["TLSv1.2".into(), "TLSv1.3".into()],
             ssl_reject_handshake: false,
             use_http2: true,
+            http2_max_concurrent_streams: 128,
             proxy_body_size: Some(1 << 20),
             proxy_connect_timeout: Duration::from_secs(5),
             proxy_read_timeout: Duration::from_secs(60),
@@ -121,6 +125,11 @@ const NGINX_ONLY: &[&str] = &[
     "proxy-buffering",
     "proxy-request-buffering",
     "client-body-buffer-size",
+    // Deprecated upstream and obsolete since nginx 1.19.7, which ignores them:
+    // `large-client-header-buffers` and `keep-alive-requests` apply to HTTP/2 instead.
+    "http2-max-field-size",
+    "http2-max-header-size",
+    "http2-max-requests",
 ];
 
 impl Config {
@@ -186,6 +195,12 @@ impl Config {
             }
             "ssl-reject-handshake" => self.ssl_reject_handshake = parse_bool(k, v)?,
             "use-http2" => self.use_http2 = parse_bool(k, v)?,
+            "http2-max-concurrent-streams" => {
+                self.http2_max_concurrent_streams = match parse_u32(k, v)? {
+                    0 => return Err(err(k, v, "expected at least 1 stream")),
+                    n => n,
+                }
+            }
             "proxy-body-size" => self.proxy_body_size = parse_size(k, v)?,
             "proxy-connect-timeout" => self.proxy_connect_timeout = parse_seconds(k, v)?,
             "proxy-read-timeout" => self.proxy_read_timeout = parse_seconds(k, v)?,
@@ -350,5 +365,26 @@ mod tests {
         let errs = parse(&[("ssl-protocols", "TLSv1"), ("limit-req-status-code", "200")])
             .expect_err("invalid");
         assert_eq!(errs.len(), 2);
+    }
+
+    #[test]
+    fn http2_keys() {
+        assert_eq!(Config::default().http2_max_concurrent_streams, 128);
+        let p = parse(&[
+            ("http2-max-concurrent-streams", "16"),
+            // Deprecated upstream, ignored by nginx since 1.19.7: accepted, not unknown.
+            ("http2-max-field-size", "4k"),
+            ("http2-max-header-size", "16k"),
+            ("http2-max-requests", "10"),
+        ])
+        .expect("valid");
+        assert_eq!(p.config.http2_max_concurrent_streams, 16);
+        assert!(p.unknown.is_empty(), "{:?}", p.unknown);
+        for bad in ["0", "-1", "many"] {
+            assert!(
+                parse(&[("http2-max-concurrent-streams", bad)]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

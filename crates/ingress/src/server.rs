@@ -463,7 +463,14 @@ fn h2_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
         .max_buf_size(cfg.max_header_bytes.max(8192))
         // keep-alive: 0 turns keep-alive off, as in nginx.
         .keep_alive(!cfg.keep_alive.is_zero());
-    builder.http2().timer(TokioTimer::new());
+    // nginx's limits (benches/README.md compares the other settings): the streams a client
+    // may have open, and the request head's size, which `large-client-header-buffers` bounds
+    // for HTTP/2 as for HTTP/1 (hyper's defaults: 200 streams, 16 KiB).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 

@@ -367,6 +367,53 @@ async fn keep_alive_requests_ends_client_connections() {
         .expect("a clean end");
 }
 
+/// `http2-max-concurrent-streams` is what the proxy advertises (nginx's
+/// `http2_max_concurrent_streams`, 128 by default; hyper's would be 200), and
+/// `large-client-header-buffers` bounds an HTTP/2 request's headers as it bounds HTTP/1's.
+#[tokio::test]
+async fn http2_settings_follow_the_configmap() {
+    let flag = controller_configmap(
+        "h2s",
+        json!({"http2-max-concurrent-streams": "7", "large-client-header-buffers": "4 16k"}),
+    )
+    .await;
+    let env = env("h2s", &[&flag]).await;
+    let host = serve_backend(&env, "h2s").await;
+    let tls = integration_tests::http::tls_connect(env.running.https, &host, h2_client_config())
+        .await
+        .expect("tls");
+    let (h2, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    // 40 KiB of headers: over hyper's 16 KiB default, under the 64 KiB configured.
+    let big = "x".repeat(40 * 1024);
+    let mut h2 = h2.ready().await.expect("ready");
+    let get = |value: &str| {
+        Request::get(format!("https://{host}/"))
+            .header("x-big", value)
+            .body(())
+            .expect("request")
+    };
+    let (answer, _) = h2.send_request(get(&big), true).expect("sent");
+    let answer = tokio::time::timeout(WAIT, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    assert_eq!(answer.status(), 200);
+    // The server's SETTINGS came before its first answer.
+    assert_eq!(h2.current_max_send_streams(), 7);
+
+    // Over the configured size: refused, as HTTP/1 refuses it.
+    let mut h2 = h2.ready().await.expect("ready");
+    let refused = match h2.send_request(get(&"x".repeat(70 * 1024)), true) {
+        Ok((answer, _)) => match tokio::time::timeout(WAIT, answer).await.expect("in time") {
+            Ok(r) => r.status() != 200,
+            Err(_) => true,
+        },
+        Err(_) => true,
+    };
+    assert!(refused, "a 70 KiB head was proxied");
+}
+
 /// The heads (lowercased) of the responses in `all`, each followed by its Content-Length body.
 fn response_heads(all: &str) -> Vec<String> {
     let mut heads = Vec::new();
