@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use integration_tests::kube::Cluster;
 use integration_tests::pki::{Leaf, TestCa};
 use integration_tests::process::free_port;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
@@ -24,6 +24,8 @@ use crate::{probe, procfs};
 const MANAGER: &str = "homecluster-bench";
 const SECRET: &str = "bench-tls";
 const SERVICE: &str = "backend";
+/// The controller's ConfigMap, named as upstream's (`--configmap`).
+const CONFIGMAP: &str = "ingress-nginx-controller";
 /// Host of the Ingress that the edit measurements change.
 pub const PROBE_HOST: &str = "probe.bench.test";
 /// Creates in flight at once when filling the cluster: enough that 11,000 objects take well
@@ -44,6 +46,8 @@ pub struct IngressEnv {
     tls_fillers: usize,
     /// Path generation of the probe Ingress.
     generation: usize,
+    /// `--configmap`, when settings differ from the defaults.
+    configmap: Option<String>,
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, obj: Value) -> Result<K, Error>
@@ -92,13 +96,14 @@ fn tls_secret(name: &str, leaf: &Leaf) -> Value {
         "stringData": {"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem}})
 }
 
-/// Creates the objects, starts `program` (the ingress-controller binary) and waits until it
-/// serves the benchmark host.
+/// Creates the objects, starts `program` (the ingress-controller binary) with `settings` in its
+/// ConfigMap (none: upstream's defaults) and waits until it serves the benchmark host.
 pub async fn start(
     cluster: &Cluster,
     shared: &Shared,
     program: &Path,
     backend: SocketAddr,
+    settings: &[(&str, &str)],
 ) -> Result<IngressEnv, Error> {
     let client = cluster.client().await?;
     let ns = cluster.namespace("bench").await?;
@@ -142,8 +147,25 @@ pub async fn start(
     )
     .await?;
 
+    let configmap = if settings.is_empty() {
+        None
+    } else {
+        let data: serde_json::Map<String, Value> = settings
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
+            .collect();
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": CONFIGMAP}, "data": data});
+        apply(
+            &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+            CONFIGMAP,
+            cm,
+        )
+        .await?;
+        Some(format!("{ns}/{CONFIGMAP}"))
+    };
     let kubeconfig = cluster.kubeconfig_path().to_path_buf();
-    let peer = spawn_controller(shared, program, &kubeconfig, &ns).await?;
+    let peer = spawn_controller(shared, program, &kubeconfig, &ns, configmap.as_deref()).await?;
     Ok(IngressEnv {
         client,
         ns,
@@ -153,6 +175,7 @@ pub async fn start(
         fillers: 0,
         tls_fillers: 0,
         generation: 0,
+        configmap,
     })
 }
 
@@ -162,10 +185,11 @@ async fn spawn_controller(
     program: &Path,
     kubeconfig: &Path,
     ns: &str,
+    configmap: Option<&str>,
 ) -> Result<Peer, Error> {
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let https = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let args = vec![
+    let mut args = vec![
         format!("--kubeconfig={}", kubeconfig.display()),
         "--bind-address=127.0.0.1".into(),
         format!("--http-port={}", http.port()),
@@ -176,6 +200,7 @@ async fn spawn_controller(
         format!("--default-ssl-certificate={ns}/{SECRET}"),
         "--log-level=warn".into(),
     ];
+    args.extend(configmap.map(|c| format!("--configmap={c}")));
     let process = shared.spawn("ingress-controller", program, &args, &[])?;
     // The file says which build ran (`xtask bench` passes the image's, symbols kept).
     let cwd = std::env::current_dir().unwrap_or_default();
@@ -363,7 +388,14 @@ impl IngressEnv {
     /// waiting until it serves the benchmark host.
     pub async fn restart(&mut self, shared: &Shared) -> Result<(), Error> {
         self.peer.stop();
-        self.peer = spawn_controller(shared, &self.program, &self.kubeconfig, &self.ns).await?;
+        self.peer = spawn_controller(
+            shared,
+            &self.program,
+            &self.kubeconfig,
+            &self.ns,
+            self.configmap.as_deref(),
+        )
+        .await?;
         Ok(())
     }
 

@@ -191,6 +191,11 @@ impl Options {
 }
 
 /// The phases besides the throughput scenarios, by the id `--scenarios` selects them with.
+/// Our controller's ConfigMap in the proxy benchmark: what differs from upstream's defaults,
+/// as in nginx's configuration here (`peers.rs`). `keep-alive-requests` (1000 by default)
+/// would end h2load's connections, which do not reconnect, after that many streams.
+const OURS_SETTINGS: &[(&str, &str)] = &[("keep-alive-requests", "1000000")];
+
 pub const IDLE: &str = "idle";
 pub const LATENCY: &str = "latency";
 pub const PROPAGATION: &str = "propagation";
@@ -508,7 +513,14 @@ pub async fn run(opts: &Options) -> Result<Results, Error> {
     let p = &opts.programs;
     let backend = start_backend(&shared, &p.backend, split.as_ref(), workers).await?;
     let cluster = Cluster::start(ClusterOptions::default()).await?;
-    let mut env = cluster::start(&cluster, &shared, &p.ingress_controller, backend.plain).await?;
+    let mut env = cluster::start(
+        &cluster,
+        &shared,
+        &p.ingress_controller,
+        backend.plain,
+        OURS_SETTINGS,
+    )
+    .await?;
     let tools = Tools {
         wrk: p.wrk.clone(),
         h2load: p.h2load.clone(),

