@@ -190,12 +190,12 @@ impl Options {
     }
 }
 
-/// The phases besides the throughput scenarios, by the id `--scenarios` selects them with.
 /// Our controller's ConfigMap in the proxy benchmark: what differs from upstream's defaults,
 /// as in nginx's configuration here (`peers.rs`). `keep-alive-requests` (1000 by default)
 /// would end h2load's connections, which do not reconnect, after that many streams.
 const OURS_SETTINGS: &[(&str, &str)] = &[("keep-alive-requests", "1000000")];
 
+/// The phases besides the throughput scenarios, by the id `--scenarios` selects them with.
 pub const IDLE: &str = "idle";
 pub const LATENCY: &str = "latency";
 pub const PROPAGATION: &str = "propagation";

@@ -47,7 +47,7 @@ async fn ours_holds_where_it_must() {
 
     for (peer, attack, seen, cost) in r.h2.iter().filter(|(p, ..)| p == OURS) {
         // Every attack ends the offending connection (the control-frame floods by our budget,
-        // with GOAWAY); a slow reader is bounded by memory (below) and `proxy-send-timeout`.
+        // with GOAWAY); a slow reader's connection stays, bounded in memory (below).
         assert!(
             seen.closed || *attack == Attack::SlowReadStreams,
             "{peer} {}: connection not closed: {seen:?}\n{md}",
@@ -60,9 +60,13 @@ async fn ours_holds_where_it_must() {
                 attack.id()
             );
         }
-        // A reader that never reads: what each stream queues is bounded (hyper's default
-        // send buffer grew this case by 56 MiB; 16 KiB per stream, by 8).
+        // A reader that never reads: what each of its 128 streams holds is bounded, about
+        // 64 KiB (hyper's default send buffer grew this case by 56 MiB; 16 KiB, by 8).
         let bound = if *attack == Attack::SlowReadStreams {
+            assert!(
+                seen.responses >= 128,
+                "slow-read-streams: answers not started: {seen:?}\n{md}"
+            );
             24.0
         } else {
             64.0

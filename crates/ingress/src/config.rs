@@ -195,12 +195,8 @@ impl Config {
             }
             "ssl-reject-handshake" => self.ssl_reject_handshake = parse_bool(k, v)?,
             "use-http2" => self.use_http2 = parse_bool(k, v)?,
-            "http2-max-concurrent-streams" => {
-                self.http2_max_concurrent_streams = match parse_u32(k, v)? {
-                    0 => return Err(err(k, v, "expected at least 1 stream")),
-                    n => n,
-                }
-            }
+            // 0 refuses every stream, as nginx's 0 does.
+            "http2-max-concurrent-streams" => self.http2_max_concurrent_streams = parse_u32(k, v)?,
             "proxy-body-size" => self.proxy_body_size = parse_size(k, v)?,
             "proxy-connect-timeout" => self.proxy_connect_timeout = parse_seconds(k, v)?,
             "proxy-read-timeout" => self.proxy_read_timeout = parse_seconds(k, v)?,
@@ -380,7 +376,7 @@ mod tests {
         .expect("valid");
         assert_eq!(p.config.http2_max_concurrent_streams, 16);
         assert!(p.unknown.is_empty(), "{:?}", p.unknown);
-        for bad in ["0", "-1", "many"] {
+        for bad in ["-1", "many"] {
             assert!(
                 parse(&[("http2-max-concurrent-streams", bad)]).is_err(),
                 "{bad}"

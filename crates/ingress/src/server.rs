@@ -452,10 +452,12 @@ impl<S: ClientIo> Parkable for Scanned<S> {
     }
 }
 
-/// Answer bytes one HTTP/2 stream queues beyond what the connection has written: the
-/// upstream's read buffer, one body chunk. hyper's default, 400 KiB, let one client that opens
-/// 128 streams of large answers and reads nothing pin 56 MiB (16 KiB: 8 MiB; nginx 2 MiB), and
-/// h2-64k is as fast with 16 KiB (benches/README.md, change 16).
+/// Answer bytes one HTTP/2 stream queues beyond what the connection has written, as much as
+/// one upstream read (`READ_BUFFER`). A stream a client does not read then holds about 64 KiB:
+/// this, hyper's overshoot by one chunk and the chunk it holds, and the upstream's read buffer.
+/// hyper's default, 400 KiB, let one client that opens 128 streams of large answers and reads
+/// nothing pin 56 MiB (16 KiB: 8 MiB; nginx 2 MiB), and h2-64k is as fast with 16 KiB
+/// (benches/README.md, change 16).
 const H2_SEND_BUFFER: usize = 16 * 1024;
 
 /// The TLS listener's builder for connections that negotiated h2 (ALPN); its HTTP/1 settings
